@@ -1,0 +1,318 @@
+//! Wiring: build every listener's TLS state, bind, spawn the accept loops
+//! and the certificate tasks, and tear it all down within the drain bound.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cert::{self, CertError, LocalCa};
+use crate::config::{CertSource, Config, ListenerConfig, Mode};
+use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
+use crate::shutdown::{Drain, DrainOutcome};
+use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
+
+/// Why sheath could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    #[error("listener `{listener}`: cannot bind {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listener `{listener}`: certificate: {source}")]
+    Cert {
+        listener: String,
+        #[source]
+        source: CertError,
+    },
+    #[error("local CA: {0}")]
+    LocalCa(#[source] CertError),
+    #[error("listener `{listener}`: TLS configuration: {source}")]
+    Tls {
+        listener: String,
+        #[source]
+        source: rustls::Error,
+    },
+}
+
+/// How the process ended, for `main` to turn into an exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShutdownOutcome {
+    /// Every connection finished within the drain timeout.
+    Drained,
+    /// The drain timeout cut connections that were still open.
+    DrainTimedOut { remaining: usize },
+}
+
+/// A listener as seen from outside: for tests, logs and the admin side.
+#[derive(Debug, Clone)]
+pub struct ListenerHandle {
+    pub name: String,
+    pub local_addr: SocketAddr,
+    pub stats: Arc<ListenerStats>,
+    pub resolver: Arc<CertResolver>,
+}
+
+/// A started sheath.
+#[derive(Debug)]
+pub struct Running {
+    listeners: Vec<ListenerHandle>,
+    stop_accepting: CancellationToken,
+    stop_background: CancellationToken,
+    drain: Drain,
+    drain_timeout: Duration,
+    accept_loops: Vec<JoinHandle<()>>,
+    local_ca: Option<Arc<LocalCa>>,
+}
+
+impl Running {
+    pub fn listeners(&self) -> &[ListenerHandle] {
+        &self.listeners
+    }
+
+    /// The bound address of a listener (useful with port 0).
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listener(name).map(|l| l.local_addr)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerHandle> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Connections open right now, across listeners.
+    pub fn active_connections(&self) -> u64 {
+        self.listeners
+            .iter()
+            .map(|l| l.stats.active.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// The local CA, when any listener uses it.
+    pub fn local_ca(&self) -> Option<&LocalCa> {
+        self.local_ca.as_deref()
+    }
+
+    /// Stop accepting (new connections are refused), then drain in-flight
+    /// connections for at most the drain timeout.
+    pub async fn shutdown(self) -> ShutdownOutcome {
+        self.stop_accepting.cancel();
+        // The accept loops drop their sockets when they return; waiting for
+        // them makes "refused from now on" true before draining starts.
+        for handle in self.accept_loops {
+            let _ = handle.await;
+        }
+        self.stop_background.cancel();
+        tracing::info!(timeout = ?self.drain_timeout, "draining connections");
+        match self.drain.run(self.drain_timeout).await {
+            DrainOutcome::Drained => ShutdownOutcome::Drained,
+            DrainOutcome::TimedOut { remaining } => {
+                tracing::warn!(remaining, "drain timeout expired; connections were cut");
+                ShutdownOutcome::DrainTimedOut { remaining }
+            }
+        }
+    }
+}
+
+/// Build TLS state, bind every listener and start serving.
+///
+/// Everything that can fail (certificates, binds) is done before the first
+/// connection is accepted, so a bad start fails as a whole.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let needs_local_ca = config
+        .listeners
+        .iter()
+        .any(|l| matches!(l.cert, CertSource::LocalCa { .. }));
+    let local_ca = if needs_local_ca {
+        let dir = config.state_dir.clone();
+        let ca = tokio::task::spawn_blocking(move || LocalCa::load_or_create(&dir))
+            .await
+            .expect("local CA task panicked")
+            .map_err(StartError::LocalCa)?;
+        tracing::info!(
+            cert = %ca.cert_path().display(),
+            sha256 = %ca.info().sha256,
+            "local CA ready"
+        );
+        Some(Arc::new(ca))
+    } else {
+        None
+    };
+
+    let mut prepared = Vec::with_capacity(config.listeners.len());
+    for listener in &config.listeners {
+        let state = build_state(listener, local_ca.as_deref())?;
+        let socket = proxy::bind(listener.bind).map_err(|source| StartError::Bind {
+            listener: listener.name.clone(),
+            addr: listener.bind,
+            source,
+        })?;
+        prepared.push((socket, state));
+    }
+
+    let stop_accepting = CancellationToken::new();
+    let stop_background = CancellationToken::new();
+    let drain = Drain::new();
+    let mut listeners = Vec::new();
+    let mut accept_loops = Vec::new();
+    for (socket, state) in prepared {
+        let stats = Arc::new(ListenerStats::default());
+        let resolver = Arc::clone(&state.resolver);
+        let config = Arc::clone(&state.config);
+        let listener = Listener::new(socket, state, Arc::clone(&stats)).map_err(|source| {
+            StartError::Bind {
+                listener: config.name.clone(),
+                addr: config.bind,
+                source,
+            }
+        })?;
+        tracing::info!(
+            listener = %listener.name,
+            addr = %listener.local_addr,
+            upstream = %config.upstream,
+            mode = %config.mode,
+            "listening"
+        );
+        listeners.push(ListenerHandle {
+            name: listener.name.clone(),
+            local_addr: listener.local_addr,
+            stats,
+            resolver: Arc::clone(&resolver),
+        });
+        if let (CertSource::LocalCa { names, lifetime }, Some(ca)) = (&config.cert, &local_ca) {
+            tokio::spawn(renew_local_leaf(
+                config.name.clone(),
+                names.clone(),
+                *lifetime,
+                Arc::clone(ca),
+                resolver,
+                stop_background.clone(),
+            ));
+        }
+        accept_loops.push(tokio::spawn(
+            listener.run(stop_accepting.clone(), drain.clone()),
+        ));
+    }
+
+    Ok(Running {
+        listeners,
+        stop_accepting,
+        stop_background,
+        drain,
+        drain_timeout: config.drain_timeout,
+        accept_loops,
+        local_ca,
+    })
+}
+
+/// Run until SIGTERM or SIGINT, then drain. A second signal during the
+/// drain returns at once with `None`: the operator asked twice.
+pub async fn run_until_signal(running: Running) -> Option<ShutdownOutcome> {
+    match crate::shutdown::signal().await {
+        Ok(sig) => tracing::info!(signal = sig, "shutting down"),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for signals; shutting down");
+        }
+    }
+    tokio::select! {
+        outcome = running.shutdown() => Some(outcome),
+        sig = crate::shutdown::signal() => {
+            tracing::warn!(signal = sig.unwrap_or("?"), "second signal: exiting without finishing the drain");
+            None
+        }
+    }
+}
+
+fn build_state(
+    listener: &ListenerConfig,
+    local_ca: Option<&LocalCa>,
+) -> Result<Arc<ListenerState>, StartError> {
+    let cert_err = |source| StartError::Cert {
+        listener: listener.name.clone(),
+        source,
+    };
+    let (key, info) = match &listener.cert {
+        CertSource::Files { cert, key } => cert::files::load(cert, key).map_err(cert_err)?,
+        CertSource::LocalCa { names, lifetime } => {
+            let ca = local_ca.expect("local CA loaded when a listener needs it");
+            let leaf = ca.issue(names, *lifetime).map_err(cert_err)?;
+            (leaf.certified, leaf.info)
+        }
+    };
+    tracing::info!(
+        listener = %listener.name,
+        serial = %info.serial,
+        names = ?info.names,
+        not_after = %humantime::format_rfc3339_seconds(info.not_after),
+        "certificate loaded"
+    );
+    let resolver = Arc::new(CertResolver::new(key, info));
+    let alpn: &[&[u8]] = match listener.mode {
+        Mode::Http => &[ALPN_H2, ALPN_HTTP11],
+        Mode::Tcp => &[],
+    };
+    let tls = tls::server_config(resolver.clone(), alpn).map_err(|source| StartError::Tls {
+        listener: listener.name.clone(),
+        source,
+    })?;
+    let http = (listener.mode == Mode::Http).then(|| UpstreamClient::new(listener));
+    Ok(Arc::new(ListenerState {
+        config: Arc::new(listener.clone()),
+        tls,
+        resolver,
+        http,
+    }))
+}
+
+/// Keep a local-CA leaf fresh: re-issue at 2/3 of its lifetime and swap it
+/// in. The local CA is in-process, so a failure can only be local (for
+/// example entropy or a bug); it is retried with capped backoff while the
+/// current leaf keeps serving.
+async fn renew_local_leaf(
+    listener: String,
+    names: Vec<String>,
+    lifetime: Duration,
+    ca: Arc<LocalCa>,
+    resolver: Arc<CertResolver>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let current = resolver.current();
+        let renew_at = current.info.not_before + current.info.lifetime() * 2 / 3;
+        let wait = renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match ca.issue(&names, lifetime) {
+            Ok(leaf) => {
+                tracing::info!(
+                    listener = %listener,
+                    serial = %leaf.info.serial,
+                    old_serial = %current.info.serial,
+                    not_after = %humantime::format_rfc3339_seconds(leaf.info.not_after),
+                    "renewed local CA certificate"
+                );
+                resolver.swap(leaf.certified, leaf.info);
+                backoff = Duration::from_secs(1);
+            }
+            Err(e) => {
+                tracing::error!(listener = %listener, error = %e, retry_in = ?backoff, "local CA renewal failed; the current certificate keeps serving");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(300));
+            }
+        }
+    }
+}

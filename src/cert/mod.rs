@@ -1,0 +1,127 @@
+//! Certificate material: loading and checking it, sheath's local CA, and
+//! writing state atomically.
+//!
+//! Whatever the source, material becomes a rustls [`CertifiedKey`] only
+//! after it has been checked: the chain parses, the key matches the leaf and
+//! the leaf is within its validity period. Half-valid material never reaches
+//! the resolver.
+
+pub mod files;
+pub mod inspect;
+pub mod local_ca;
+pub mod store;
+
+pub use inspect::CertInfo;
+pub use local_ca::LocalCa;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Why certificate material was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: no PEM certificate found", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("{}: no PEM private key found", path.display())]
+    NoKey { path: PathBuf },
+    #[error("{what}: malformed PEM: {reason}")]
+    Pem { what: String, reason: String },
+    #[error("{what}: cannot parse certificate: {reason}")]
+    Parse { what: String, reason: String },
+    #[error("{what}: private key does not match the certificate")]
+    KeyMismatch { what: String },
+    #[error("{what}: unusable private key: {reason}")]
+    BadKey { what: String, reason: String },
+    #[error("{what}: certificate expired at {not_after}")]
+    Expired { what: String, not_after: String },
+    #[error("{what}: certificate not valid before {not_before}")]
+    NotYetValid { what: String, not_before: String },
+    #[error(
+        "local CA in {} is corrupt ({reason}); refusing to start rather than silently replacing the CA clients trust. Restore it from a backup, or remove the directory to create a new CA",
+        dir.display()
+    )]
+    CorruptCa { dir: PathBuf, reason: String },
+    #[error("issuing certificate: {0}")]
+    Issue(#[from] rcgen::Error),
+}
+
+/// Parse every certificate in a PEM text.
+pub fn parse_chain_pem(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CertError::Pem {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Parse the first private key (PKCS#8, SEC1 or PKCS#1) in a PEM text.
+pub fn parse_key_pem(what: &str, pem: &[u8]) -> Result<Option<PrivateKeyDer<'static>>, CertError> {
+    use rustls_pki_types::pem::{self, PemObject};
+    match PrivateKeyDer::from_pem_slice(pem) {
+        Ok(key) => Ok(Some(key)),
+        Err(pem::Error::NoItemsFound) => Ok(None),
+        Err(e) => Err(CertError::Pem {
+            what: what.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// Check a chain and key and turn them into something rustls can serve.
+///
+/// `what` names the material in errors (usually the file path).
+pub fn certified_key(
+    what: &str,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<(Arc<CertifiedKey>, CertInfo), CertError> {
+    let leaf = chain.first().ok_or_else(|| CertError::Parse {
+        what: what.to_string(),
+        reason: "empty certificate chain".into(),
+    })?;
+    let info = CertInfo::from_der(leaf).map_err(|reason| CertError::Parse {
+        what: what.to_string(),
+        reason,
+    })?;
+    for (i, intermediate) in chain.iter().enumerate().skip(1) {
+        CertInfo::from_der(intermediate).map_err(|reason| CertError::Parse {
+            what: what.to_string(),
+            reason: format!("chain certificate #{i}: {reason}"),
+        })?;
+    }
+    info.check_validity_now(what)?;
+    let provider = rustls::crypto::aws_lc_rs::default_provider();
+    let signing_key =
+        provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| CertError::BadKey {
+                what: what.to_string(),
+                reason: e.to_string(),
+            })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    // An unknown answer (a key type that cannot report its public key) is an
+    // error here: sheath only serves what it could check.
+    certified.keys_match().map_err(|_| CertError::KeyMismatch {
+        what: what.to_string(),
+    })?;
+    Ok((Arc::new(certified), info))
+}

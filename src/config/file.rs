@@ -1,0 +1,105 @@
+//! The configuration file exactly as written: serde types with
+//! `deny_unknown_fields`, and spans kept on every value that the validation
+//! stage may reject, so its errors can point at a line.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::{ConfigError, Mode, Origin};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub global: GlobalFile,
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<Spanned<ListenerFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalFile {
+    pub state_dir: Option<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: Option<Spanned<String>>,
+    pub bind: Spanned<String>,
+    pub upstream: Spanned<String>,
+    #[serde(default)]
+    pub allow_remote_upstream: bool,
+    #[serde(default)]
+    pub mode: Mode,
+    pub max_connections: Option<Spanned<usize>>,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+    pub cert: Option<Spanned<CertFile>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsFile {
+    #[serde(default, with = "humantime_serde")]
+    pub handshake: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub connect: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub upstream_response: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub header_read: Option<Duration>,
+}
+
+/// One flat table for every source; which keys belong to which source is a
+/// validation rule, so the error can say "`cert` needs source = \"files\""
+/// instead of serde's generic untagged-enum message.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertFile {
+    pub source: Option<Spanned<String>>,
+    pub names: Option<Spanned<Vec<String>>>,
+    #[serde(default, with = "humantime_serde")]
+    pub lifetime: Option<Duration>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+}
+
+/// Parse TOML text into the raw file types, turning serde errors into
+/// messages with the file, line and dotted key.
+pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let key = err.path().to_string();
+        let inner = err.into_inner();
+        let (line, column) = inner
+            .span()
+            .map(|span| line_col(text, span.start))
+            .unwrap_or((1, 1));
+        ConfigError::Invalid {
+            origin: Origin::File {
+                path: path.to_path_buf(),
+                line,
+                column,
+            },
+            key: if key == "." { String::new() } else { key },
+            message: inner.message().trim_end().to_string(),
+        }
+    })
+}
+
+/// 1-based line and column of a byte offset.
+pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}

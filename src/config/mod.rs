@@ -1,0 +1,294 @@
+//! Configuration: raw TOML (`file`) → validated [`Config`] (`validate`).
+//!
+//! The two stages keep serde concerns (field names, defaults, unknown keys)
+//! apart from the rules sheath enforces (loopback upstreams, sane limits).
+//! Every error names where the offending value came from: a file with line
+//! and column, or the command-line flag / environment variable.
+
+mod file;
+mod validate;
+
+pub use file::FileConfig;
+pub use validate::{
+    parse_bind, parse_names, parse_upstream, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
+};
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A validated configuration, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this configuration was read from, if any.
+    pub path: Option<PathBuf>,
+    /// Where sheath keeps its local CA and other persistent state.
+    pub state_dir: PathBuf,
+    /// Upper bound on how long shutdown waits for in-flight connections.
+    pub drain_timeout: Duration,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+/// One TLS listener and the upstream it fronts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: SocketAddr,
+    pub upstream: Upstream,
+    pub mode: Mode,
+    /// Connections served at once; further clients wait in the kernel's
+    /// accept queue until a slot frees.
+    pub max_connections: usize,
+    pub timeouts: Timeouts,
+    pub cert: CertSource,
+}
+
+/// Where a listener sends decrypted traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or IP literal, without brackets.
+    pub host: String,
+    pub port: u16,
+    /// True when the host is a loopback literal or `localhost`.
+    pub loopback: bool,
+}
+
+impl Upstream {
+    /// `host:port`, with IPv6 literals bracketed, as used in URIs.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.authority())
+    }
+}
+
+/// How decrypted traffic is relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Byte-for-byte relay of the decrypted stream (L4).
+    Tcp,
+    /// HTTP/1.1 and HTTP/2 termination with a pooled HTTP/1.1 upstream (L7).
+    #[default]
+    Http,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        })
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "tcp" => Ok(Mode::Tcp),
+            "http" => Ok(Mode::Http),
+            other => Err(format!("unknown mode `{other}`, expected `tcp` or `http`")),
+        }
+    }
+}
+
+/// Every phase of a connection has a bound; nothing waits forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// ClientHello plus the whole TLS handshake, as one deadline.
+    pub handshake: Duration,
+    /// No byte in either direction for this long closes the connection.
+    pub idle: Duration,
+    /// Establishing the TCP connection to the upstream.
+    pub connect: Duration,
+    /// HTTP mode: from sending a request upstream to its response head.
+    pub upstream_response: Duration,
+    /// HTTP/1 mode: reading a complete request head from the client.
+    pub header_read: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(60),
+            header_read: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Where a listener's certificate comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CertSource {
+    /// Issued by sheath's own local CA, kept in the state directory.
+    LocalCa {
+        names: Vec<String>,
+        lifetime: Duration,
+    },
+    /// A PEM chain (leaf first) and a PEM private key.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+impl CertSource {
+    pub fn default_local_ca() -> Self {
+        CertSource::LocalCa {
+            names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            lifetime: DEFAULT_LOCAL_CA_LIFETIME,
+        }
+    }
+}
+
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+
+/// Where a configuration value came from, for error messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    File {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    /// A command-line flag (and its environment variable).
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File { path, line, column } => {
+                write!(f, "{}:{line}:{column}", path.display())
+            }
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// A configuration that cannot be used, and exactly why.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{origin}: {}{message}", key_prefix(.key))]
+    Invalid {
+        origin: Origin,
+        /// Dotted path of the offending key, e.g. `listener[0].upstream`.
+        key: String,
+        message: String,
+    },
+}
+
+fn key_prefix(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
+impl ConfigError {
+    pub fn origin(&self) -> Option<&Origin> {
+        match self {
+            ConfigError::Invalid { origin, .. } => Some(origin),
+            ConfigError::Read { .. } => None,
+        }
+    }
+}
+
+impl Config {
+    /// Read, parse and validate a TOML configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(path, &text)
+    }
+
+    /// Parse and validate TOML text; `path` is used for messages and to
+    /// resolve relative file paths.
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw = file::parse(path, text)?;
+        validate::validate(path, text, raw)
+    }
+
+    pub fn listener(&self, name: &str) -> Option<&ListenerConfig> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+}
+
+/// The state directory used when none is configured: `$XDG_STATE_HOME/sheath`,
+/// then `~/.local/state/sheath`, then `/var/lib/sheath` (containers, where
+/// `HOME` is usually unset or `/`).
+pub fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("sheath");
+    }
+    match std::env::var_os("HOME").filter(|h| !h.is_empty() && h != "/") {
+        Some(home) => PathBuf::from(home).join(".local/state/sheath"),
+        None => PathBuf::from("/var/lib/sheath"),
+    }
+}
+
+impl Config {
+    /// The effective settings, defaults filled in, as TOML that `run
+    /// --config` would accept back.
+    pub fn render(&self) -> String {
+        use std::fmt::Write as _;
+        let dur = |d: Duration| humantime::format_duration(d).to_string();
+        let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut out = String::new();
+        let _ = writeln!(out, "[global]");
+        let _ = writeln!(out, "state_dir = {}", q(&self.state_dir.to_string_lossy()));
+        let _ = writeln!(out, "drain_timeout = {}", q(&dur(self.drain_timeout)));
+        for l in &self.listeners {
+            let _ = writeln!(out, "\n[[listener]]");
+            let _ = writeln!(out, "name = {}", q(&l.name));
+            let _ = writeln!(out, "bind = {}", q(&l.bind.to_string()));
+            let _ = writeln!(out, "upstream = {}", q(&l.upstream.authority()));
+            let _ = writeln!(out, "allow_remote_upstream = {}", !l.upstream.loopback);
+            let _ = writeln!(out, "mode = {}", q(&l.mode.to_string()));
+            let _ = writeln!(out, "max_connections = {}", l.max_connections);
+            let t = &l.timeouts;
+            let _ = writeln!(out, "\n[listener.timeouts]");
+            let _ = writeln!(out, "handshake = {}", q(&dur(t.handshake)));
+            let _ = writeln!(out, "idle = {}", q(&dur(t.idle)));
+            let _ = writeln!(out, "connect = {}", q(&dur(t.connect)));
+            let _ = writeln!(out, "upstream_response = {}", q(&dur(t.upstream_response)));
+            let _ = writeln!(out, "header_read = {}", q(&dur(t.header_read)));
+            let _ = writeln!(out, "\n[listener.cert]");
+            match &l.cert {
+                CertSource::LocalCa { names, lifetime } => {
+                    let _ = writeln!(out, "source = \"local_ca\"");
+                    let names: Vec<String> = names.iter().map(|n| q(n)).collect();
+                    let _ = writeln!(out, "names = [{}]", names.join(", "));
+                    let _ = writeln!(out, "lifetime = {}", q(&dur(*lifetime)));
+                }
+                CertSource::Files { cert, key } => {
+                    let _ = writeln!(out, "source = \"files\"");
+                    let _ = writeln!(out, "cert = {}", q(&cert.to_string_lossy()));
+                    let _ = writeln!(out, "key = {}", q(&key.to_string_lossy()));
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,168 @@
+//! The `sheath` binary: arguments → logging → crypto provider → runtime →
+//! the library. Only this file decides exit codes.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sheath::cli::{CaCommand, Cli, Command, ConfigArgs, DemoArgs};
+use sheath::config::{self, CertSource, Config, ListenerConfig, Mode, Timeouts};
+use sheath::{app, cert::LocalCa, ShutdownOutcome};
+
+/// Exit status for an unusable configuration, as distinct from a failure
+/// at run time.
+const EXIT_CONFIG: u8 = 2;
+/// Exit status when a second signal cut the drain short.
+const EXIT_FORCED: u8 = 130;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    sheath::logging::init(cli.log_format, &cli.log_level);
+    sheath::install_crypto_provider();
+
+    match &cli.command {
+        Command::Check(args) => check(args, &cli),
+        Command::Ca(CaCommand::Export(args)) => {
+            let state_dir = match (&cli.state_dir, &args.config) {
+                (Some(dir), _) => dir.clone(),
+                (None, Some(path)) => match Config::load(path) {
+                    Ok(c) => c.state_dir,
+                    Err(e) => return report(&e, EXIT_CONFIG),
+                },
+                (None, None) => config::default_state_dir(),
+            };
+            match LocalCa::load_or_create(&state_dir) {
+                Ok(ca) => {
+                    print!("{}", ca.cert_pem());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => report(&e, 1),
+            }
+        }
+        Command::Run(args) => match args.to_config(cli.state_dir.as_ref()) {
+            Ok(config) => serve(&cli, config, false),
+            Err(e) => report(&e, EXIT_CONFIG),
+        },
+        Command::Demo(args) => match demo_config(args, &cli) {
+            Ok(config) => serve(&cli, config, true),
+            Err(e) => report(&e, EXIT_CONFIG),
+        },
+    }
+}
+
+fn check(args: &ConfigArgs, cli: &Cli) -> ExitCode {
+    match args.to_config(cli.state_dir.as_ref()) {
+        Ok(config) => {
+            print!("{}", config.render());
+            eprintln!(
+                "configuration OK: {} listener(s){}",
+                config.listeners.len(),
+                config
+                    .path
+                    .as_ref()
+                    .map(|p| format!(" in {}", p.display()))
+                    .unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => report(&e, EXIT_CONFIG),
+    }
+}
+
+fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError> {
+    let bind =
+        config::parse_bind(&args.listen).map_err(|message| config::ConfigError::Invalid {
+            origin: config::Origin::Flag("--listen"),
+            key: String::new(),
+            message,
+        })?;
+    Ok(Config {
+        path: None,
+        state_dir: cli
+            .state_dir
+            .clone()
+            .unwrap_or_else(config::default_state_dir),
+        drain_timeout: Duration::from_secs(5),
+        listeners: vec![ListenerConfig {
+            name: "demo".into(),
+            bind,
+            // Replaced by the backend's real address once it is bound.
+            upstream: config::parse_upstream("127.0.0.1:1", false).expect("valid literal"),
+            mode: Mode::Http,
+            max_connections: config::DEFAULT_MAX_CONNECTIONS,
+            timeouts: Timeouts::default(),
+            cert: CertSource::default_local_ca(),
+        }],
+    })
+}
+
+fn serve(cli: &Cli, mut config: Config, demo: bool) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all().thread_name("sheath-worker");
+    if let Some(n) = cli.workers {
+        builder.worker_threads(n.into());
+    }
+    let runtime = match builder.build() {
+        Ok(rt) => rt,
+        Err(e) => return report(&e, 1),
+    };
+    let code = runtime.block_on(async move {
+        if demo {
+            let backend = match sheath::demo::start_backend().await {
+                Ok(addr) => addr,
+                Err(e) => return report(&e, 1),
+            };
+            config.listeners[0].upstream =
+                config::parse_upstream(&backend.to_string(), false).expect("loopback address");
+        }
+        let running = match app::start(config).await {
+            Ok(r) => r,
+            Err(e) => return report(&e, 1),
+        };
+        if demo {
+            print_demo_banner(&running);
+        }
+        match app::run_until_signal(running).await {
+            Some(ShutdownOutcome::Drained) => ExitCode::SUCCESS,
+            Some(ShutdownOutcome::DrainTimedOut { .. }) => ExitCode::FAILURE,
+            None => ExitCode::from(EXIT_FORCED),
+        }
+    });
+    // Blocking DNS lookups cannot be interrupted; do not wait on them.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    code
+}
+
+fn print_demo_banner(running: &app::Running) {
+    let addr = running.addr("demo").expect("demo listener");
+    let ca = running
+        .local_ca()
+        .map(|ca| ca.cert_path().display().to_string())
+        .unwrap_or_default();
+    let host = if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        "localhost".to_string()
+    } else {
+        addr.ip().to_string()
+    };
+    let url = format!("https://{host}:{}/", addr.port());
+    println!("sheath demo: TLS on {addr} in front of a built-in plaintext backend");
+    println!("local CA root: {ca}");
+    println!();
+    println!("Try it:");
+    println!("  curl --cacert {ca} {url}");
+    println!();
+    println!("Stop with Ctrl-C.");
+}
+
+/// Print an error with its whole chain of causes.
+fn report(error: &dyn std::error::Error, code: u8) -> ExitCode {
+    let mut message = format!("sheath: error: {error}");
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    eprintln!("{message}");
+    ExitCode::from(code)
+}

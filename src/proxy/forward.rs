@@ -1,0 +1,182 @@
+//! Headers between client and upstream: hop-by-hop removal and the
+//! `X-Forwarded-*` / `Forwarded` family.
+//!
+//! The forwarding headers are always *replaced*, never appended to: sheath
+//! is the first proxy that can vouch for the client's address, so whatever
+//! the client claims in those headers is discarded.
+
+use std::net::{IpAddr, SocketAddr};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Headers that describe one hop (RFC 9110 §7.6.1) and never travel on.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Does the `Connection` header carry `token`?
+pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Remove hop-by-hop headers, including those the `Connection` header names.
+/// With `keep_upgrade`, the `Upgrade` header and `Connection: upgrade` are
+/// re-added so a protocol switch can pass through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrade = if keep_upgrade {
+        headers.get(UPGRADE).cloned()
+    } else {
+        None
+    };
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(UPGRADE, upgrade);
+    }
+}
+
+/// Replace the forwarding headers with what sheath knows first-hand.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
+    for name in [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &X_FORWARDED_PORT,
+        &X_REAL_IP,
+        &FORWARDED,
+    ] {
+        headers.remove(name);
+    }
+    let ip = canonical_ip(peer.ip());
+    headers.insert(X_FORWARDED_FOR.clone(), header_value(&ip.to_string()));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
+    let mut forwarded = match ip {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        // RFC 7239 §6: IPv6 addresses are bracketed and therefore quoted.
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    };
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST.clone(), header_value(host));
+        forwarded.push_str(";host=");
+        forwarded.push_str(&quote(host));
+    }
+    forwarded.push_str(";proto=https");
+    headers.insert(FORWARDED.clone(), header_value(&forwarded));
+}
+
+/// IPv4 clients on a dual-stack socket show up as `::ffff:a.b.c.d`.
+fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+fn header_value(s: &str) -> HeaderValue {
+    // Inputs are IP addresses and values taken from valid header values,
+    // so this cannot fail; fall back to an empty value rather than panic.
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_replaces_client_claims() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
+        h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
+        h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
+        set_forwarded(&mut h, "[::1]:5000".parse().unwrap(), Some("app:8443"));
+        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "app:8443");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[::1]\";host=\"app:8443\";proto=https"
+        );
+        assert!(h.get("x-real-ip").is_none());
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn mapped_ipv4_is_unmapped() {
+        let mut h = HeaderMap::new();
+        set_forwarded(&mut h, "[::ffff:192.0.2.7]:1".parse().unwrap(), None);
+        assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=https");
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn upgrade_survives_when_asked() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", HeaderValue::from_static("Upgrade"));
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert!(connection_has(&h, "upgrade"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+}

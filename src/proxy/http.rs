@@ -1,0 +1,376 @@
+//! HTTP mode: HTTP/1.1 or HTTP/2 towards the client (chosen by ALPN),
+//! pooled keep-alive HTTP/1.1 towards the upstream.
+//!
+//! Bodies stream in both directions and are never buffered whole. WebSocket
+//! and other `Upgrade` requests become a byte tunnel once the upstream
+//! answers 101. Upstream failures are answered by sheath itself: 502 when
+//! the upstream refuses or cannot be reached, 504 when it is too slow.
+
+use std::convert::Infallible;
+use std::error::Error as _;
+use std::io;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
+
+use super::forward;
+use super::io::{Activity, Side, Tracked};
+use super::ConnInfo;
+use crate::config::{ListenerConfig, Upstream};
+use crate::tls::ALPN_H2;
+
+/// Response bodies: the upstream's, streamed, or a short one of sheath's own.
+pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Largest HTTP/1 request head accepted from a client.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Concurrent HTTP/2 streams per client connection.
+const MAX_H2_STREAMS: u32 = 256;
+
+/// A pooled HTTP/1.1 client for one upstream.
+#[derive(Debug, Clone)]
+pub struct UpstreamClient {
+    client: Client<HttpConnector, Incoming>,
+    /// `http://host:port`, the prefix of every upstream URI.
+    base: String,
+}
+
+impl UpstreamClient {
+    pub fn new(config: &ListenerConfig) -> UpstreamClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.timeouts.connect));
+        connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .http1_preserve_header_case(false)
+            .build(connector);
+        UpstreamClient {
+            client,
+            base: format!("http://{}", upstream_authority(&config.upstream)),
+        }
+    }
+}
+
+fn upstream_authority(upstream: &Upstream) -> String {
+    upstream.authority()
+}
+
+/// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
+pub async fn serve(stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSemaphorePermit) {
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+    let config = Arc::clone(&conn.listener.config);
+    let activity = Activity::new();
+    let io = TokioIo::new(Tracked::new(stream, activity.clone(), Side::Client));
+    let ctx = Arc::new(RequestCtx {
+        conn: conn.clone(),
+        activity: activity.clone(),
+        // An upgraded connection outlives the HTTP connection future, so the
+        // tunnel keeps the slot too.
+        permit: Arc::new(permit),
+    });
+    let service = service_fn(move |req| {
+        let ctx = Arc::clone(&ctx);
+        async move { Ok::<_, Infallible>(proxy(req, ctx).await) }
+    });
+    let result = if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
+            .max_header_list_size(MAX_HEADER_BYTES as u32);
+        drive(
+            builder.serve_connection(io, service),
+            &conn,
+            &activity,
+            &config,
+        )
+        .await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.timeouts.header_read)
+            .max_buf_size(MAX_HEADER_BYTES);
+        drive(
+            builder.serve_connection(io, service).with_upgrades(),
+            &conn,
+            &activity,
+            &config,
+        )
+        .await
+    };
+    if let Err(reason) = result {
+        tracing::debug!(listener = %config.name, peer = %conn.peer, reason, "HTTP connection ended");
+    }
+}
+
+/// The two connection kinds sheath serves, as far as draining goes.
+trait GracefulConnection: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S, E> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, ProxyBody>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// Run a connection future with graceful shutdown, idle and abort handling.
+async fn drive<C: GracefulConnection>(
+    conn_future: C,
+    conn: &ConnInfo,
+    activity: &Activity,
+    config: &ListenerConfig,
+) -> Result<(), String> {
+    let mut conn_future = pin!(conn_future);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn_future.as_mut() => return r.map_err(|e| e.to_string()),
+            _ = conn.drain.graceful.cancelled(), if !draining => {
+                // HTTP/1: close after the response in flight; HTTP/2: GOAWAY,
+                // letting open streams finish.
+                draining = true;
+                conn_future.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle(config.timeouts.idle) => return Err("idle timeout".into()),
+            _ = conn.drain.abort.cancelled() => return Err("drain timeout".into()),
+        }
+    }
+}
+
+struct RequestCtx {
+    conn: ConnInfo,
+    activity: Arc<Activity>,
+    permit: Arc<OwnedSemaphorePermit>,
+}
+
+async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBody> {
+    let started = Instant::now();
+    let listener = &ctx.conn.listener;
+    let config = &listener.config;
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let version = req.version();
+
+    let response = match forward_request(req, &ctx).await {
+        Ok(resp) => resp,
+        Err(failure) => failure.response(&config.upstream),
+    };
+    tracing::info!(
+        listener = %config.name,
+        peer = %ctx.conn.peer,
+        method = %method,
+        path = %path,
+        version = ?version,
+        status = response.status().as_u16(),
+        duration_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    response
+}
+
+/// Why a request got an answer from sheath instead of the upstream.
+#[derive(Debug)]
+enum Failure {
+    Refused,
+    Unreachable(String),
+    ConnectTimeout,
+    ResponseTimeout,
+    BadRequest(&'static str),
+}
+
+impl Failure {
+    fn response(&self, upstream: &Upstream) -> Response<ProxyBody> {
+        let (status, text) = match self {
+            Failure::Refused => (
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {upstream} refused the connection"),
+            ),
+            Failure::Unreachable(reason) => (
+                StatusCode::BAD_GATEWAY,
+                format!("upstream {upstream} failed: {reason}"),
+            ),
+            Failure::ConnectTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream {upstream} did not accept the connection in time"),
+            ),
+            Failure::ResponseTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("upstream {upstream} did not respond in time"),
+            ),
+            Failure::BadRequest(reason) => (StatusCode::BAD_REQUEST, (*reason).to_string()),
+        };
+        tracing::warn!(upstream = %upstream, status = status.as_u16(), reason = %text, "answering for the upstream");
+        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
+            "{} {}: {text}\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )))));
+        *resp.status_mut() = status;
+        resp.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}
+
+async fn forward_request(
+    mut req: Request<Incoming>,
+    ctx: &RequestCtx,
+) -> Result<Response<ProxyBody>, Failure> {
+    let listener = &ctx.conn.listener;
+    let config = &listener.config;
+    let Some(client) = &listener.http else {
+        return Err(Failure::Unreachable(
+            "no HTTP client for this listener".into(),
+        ));
+    };
+
+    // Only HTTP/1.1 can switch protocols this way; HTTP/2 has no Upgrade.
+    let upgrading = req.version() == Version::HTTP_11
+        && req.headers().contains_key(http::header::UPGRADE)
+        && forward::connection_has(req.headers(), "upgrade");
+    let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
+
+    // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
+    let host = match req.headers().get(HOST) {
+        Some(h) => h.to_str().ok().map(str::to_owned),
+        None => req.uri().authority().map(|a| a.as_str().to_owned()),
+    };
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    if !path_and_query.starts_with('/') {
+        // CONNECT and asterisk-form requests are not proxied.
+        return Err(Failure::BadRequest(
+            "only origin-form request targets are proxied",
+        ));
+    }
+    let uri: Uri = format!("{}{}", client.base, path_and_query)
+        .parse()
+        .map_err(|_| Failure::BadRequest("malformed request target"))?;
+
+    let (parts, body) = req.into_parts();
+    let mut upstream_req = Request::new(body);
+    *upstream_req.method_mut() = parts.method;
+    *upstream_req.uri_mut() = uri;
+    *upstream_req.version_mut() = Version::HTTP_11;
+    *upstream_req.headers_mut() = parts.headers;
+    let headers = upstream_req.headers_mut();
+    forward::strip_hop_by_hop(headers, upgrading);
+    if let Some(host) = &host {
+        if !headers.contains_key(HOST) {
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(HOST, v);
+            }
+        }
+    }
+    forward::set_forwarded(headers, ctx.conn.peer, host.as_deref());
+
+    let timeouts = config.timeouts;
+    let mut resp = match tokio::time::timeout(
+        timeouts.upstream_response,
+        client.client.request(upstream_req),
+    )
+    .await
+    {
+        Err(_) => return Err(Failure::ResponseTimeout),
+        Ok(Err(e)) => return Err(classify(&e)),
+        Ok(Ok(resp)) => resp,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(client_upgrade) = client_upgrade {
+            let upstream_upgrade = hyper::upgrade::on(&mut resp);
+            let conn = ctx.conn.clone();
+            let activity = Arc::clone(&ctx.activity);
+            let permit = Arc::clone(&ctx.permit);
+            ctx.conn.drain.tracker.spawn(async move {
+                let _permit = permit;
+                tunnel(client_upgrade, upstream_upgrade, conn, activity).await;
+            });
+        }
+        forward::strip_hop_by_hop(resp.headers_mut(), true);
+    } else {
+        forward::strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    Ok(resp.map(Either::Left))
+}
+
+fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
+    let mut source = error.source();
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::ConnectionRefused => Failure::Refused,
+                io::ErrorKind::TimedOut => Failure::ConnectTimeout,
+                _ => Failure::Unreachable(io.to_string()),
+            };
+        }
+        source = e.source();
+    }
+    Failure::Unreachable(error.to_string())
+}
+
+/// Relay bytes between an upgraded client connection and the upstream.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    conn: ConnInfo,
+    activity: Arc<Activity>,
+) {
+    let config = &conn.listener.config;
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::debug!(listener = %config.name, peer = %conn.peer, error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let mut client = TokioIo::new(client);
+    let mut upstream = TokioIo::new(upstream);
+    let outcome = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => if r.is_ok() { "closed" } else { "error" },
+        _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+        _ = conn.drain.abort.cancelled() => "drain_timeout",
+    };
+    tracing::info!(listener = %config.name, peer = %conn.peer, outcome, "upgraded connection closed");
+}

@@ -1,0 +1,187 @@
+//! Binding and the accept loop.
+//!
+//! A connection slot (semaphore permit) is taken *before* `accept`, so when
+//! the listener is full new clients wait in the kernel's accept queue
+//! instead of being accepted and starved. Every connection runs in its own
+//! task, tracked for the drain; the handshake happens there, never in the
+//! accept loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::{ConnInfo, ListenerState};
+use crate::config::Mode;
+use crate::shutdown::Drain;
+use crate::tls;
+
+/// Counters of one listener.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    pub accepted: AtomicU64,
+    pub active: AtomicU64,
+    pub handshake_failures: AtomicU64,
+}
+
+/// A bound listener and its swappable state.
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub local_addr: SocketAddr,
+    pub state: Arc<ArcSwap<ListenerState>>,
+    pub stats: Arc<ListenerStats>,
+    socket: TcpListener,
+    limit: Arc<Semaphore>,
+}
+
+/// Bind a listening socket. `SO_REUSEADDR` lets a restarted sheath bind
+/// while old connections sit in TIME_WAIT.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only; bind 0.0.0.0 in a second listener for v4.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+impl Listener {
+    pub fn new(
+        socket: TcpListener,
+        state: Arc<ListenerState>,
+        stats: Arc<ListenerStats>,
+    ) -> io::Result<Listener> {
+        let local_addr = socket.local_addr()?;
+        let limit = Arc::new(Semaphore::new(state.config.max_connections));
+        Ok(Listener {
+            name: state.config.name.clone(),
+            local_addr,
+            state: Arc::new(ArcSwap::new(state)),
+            stats,
+            socket,
+            limit,
+        })
+    }
+
+    /// Accept until `stop` fires, then close the socket so that new
+    /// connections are refused while existing ones drain.
+    pub async fn run(self, stop: CancellationToken, drain: Drain) {
+        let mut backoff = Duration::ZERO;
+        loop {
+            let permit = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                permit = Arc::clone(&self.limit).acquire_owned() => match permit {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                r = self.socket.accept() => r,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    backoff = Duration::ZERO;
+                    self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let state = self.state.load_full();
+                    let stats = Arc::clone(&self.stats);
+                    let conn_drain = drain.clone();
+                    drain
+                        .tracker
+                        .spawn(handle(tcp, peer, state, stats, permit, conn_drain));
+                }
+                Err(e) if is_connection_error(&e) => {
+                    // The client gave up before we accepted; nothing to fix.
+                    tracing::debug!(listener = %self.name, error = %e, "accept: connection error");
+                }
+                Err(e) => {
+                    // Out of fds or memory: back off instead of spinning, and
+                    // keep going, because closing connections frees them.
+                    backoff =
+                        (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                    tracing::error!(listener = %self.name, error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                }
+            }
+        }
+        tracing::debug!(listener = %self.name, addr = %self.local_addr, "stopped accepting");
+    }
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Decrements the active gauge however the connection task ends.
+struct ActiveGuard(Arc<ListenerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn handle(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ListenerState>,
+    stats: Arc<ListenerStats>,
+    permit: OwnedSemaphorePermit,
+    drain: Drain,
+) {
+    stats.active.fetch_add(1, Ordering::Relaxed);
+    let _active = ActiveGuard(Arc::clone(&stats));
+    let _ = tcp.set_nodelay(true);
+    let config = &state.config;
+    let handshake = tokio::select! {
+        r = tls::accept(tcp, |_| Arc::clone(&state.tls), config.timeouts.handshake) => r,
+        _ = drain.abort.cancelled() => return,
+    };
+    let accepted = match handshake {
+        Ok(a) => a,
+        Err(e) => {
+            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                listener = %config.name,
+                peer = %peer,
+                sni = e.sni().unwrap_or("-"),
+                reason = e.reason(),
+                error = %e,
+                "TLS handshake failed"
+            );
+            return;
+        }
+    };
+    let conn = ConnInfo {
+        listener: Arc::clone(&state),
+        peer,
+        sni: accepted.sni,
+        drain,
+    };
+    match config.mode {
+        Mode::Tcp => super::tcp::relay(accepted.stream, conn, permit).await,
+        Mode::Http => super::http::serve(accepted.stream, conn, permit).await,
+    }
+}

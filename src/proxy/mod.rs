@@ -1,0 +1,44 @@
+//! The data path: accept a connection, terminate TLS, relay to the upstream.
+//!
+//! `listener` owns accepting and limits; `tcp` and `http` own the two relay
+//! modes; `forward` owns the headers that tell the backend about the client.
+
+pub mod forward;
+pub mod http;
+pub mod io;
+pub mod listener;
+pub mod tcp;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+
+use crate::config::ListenerConfig;
+use crate::shutdown::Drain;
+use crate::tls::CertResolver;
+
+pub use listener::{bind, Listener, ListenerStats};
+
+/// Everything a connection needs from its listener, as one snapshot.
+///
+/// A listener holds its current state in an `ArcSwap`; each connection loads
+/// it once when accepted and keeps that snapshot for its whole life, so
+/// changed settings apply to new connections without disturbing old ones.
+#[derive(Debug)]
+pub struct ListenerState {
+    pub config: Arc<ListenerConfig>,
+    pub tls: Arc<ServerConfig>,
+    pub resolver: Arc<CertResolver>,
+    /// Pooled upstream client, in HTTP mode.
+    pub http: Option<http::UpstreamClient>,
+}
+
+/// One accepted, TLS-terminated client connection.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub listener: Arc<ListenerState>,
+    pub peer: SocketAddr,
+    pub sni: Option<String>,
+    pub drain: Drain,
+}

@@ -1,0 +1,65 @@
+//! TCP (L4) mode: a byte-exact relay between the decrypted client stream
+//! and the upstream.
+//!
+//! End of stream travels both ways independently: a client's close_notify
+//! becomes a FIN towards the upstream, an upstream FIN becomes close_notify
+//! plus FIN towards the client, and the other direction keeps flowing until
+//! it ends too (half-close).
+
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::server::TlsStream;
+
+use super::io::{Activity, Side, Tracked};
+use super::ConnInfo;
+
+/// TLS records carry at most 16 KiB; matching buffers avoid split records.
+const BUF: usize = 16 * 1024;
+
+pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedSemaphorePermit) {
+    let started = Instant::now();
+    let config = &conn.listener.config;
+    let upstream = &config.upstream;
+    let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
+    let upstream_stream = match tokio::time::timeout(config.timeouts.connect, connect).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, error = %e, "upstream connect failed");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, timeout = ?config.timeouts.connect, "upstream connect timed out");
+            return;
+        }
+    };
+    let _ = upstream_stream.set_nodelay(true);
+
+    let activity = Activity::new();
+    let mut client = Tracked::new(client, activity.clone(), Side::Client);
+    let mut upstream_io = Tracked::new(upstream_stream, activity.clone(), Side::Upstream);
+    let outcome = tokio::select! {
+        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream_io, BUF, BUF) => match r {
+            Ok(_) => "closed",
+            Err(e) => {
+                tracing::debug!(listener = %config.name, peer = %conn.peer, error = %e, "relay error");
+                "error"
+            }
+        },
+        _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+        _ = conn.drain.abort.cancelled() => "drain_timeout",
+    };
+    let (bytes_in, bytes_out) = activity.totals();
+    tracing::info!(
+        listener = %config.name,
+        peer = %conn.peer,
+        sni = conn.sni.as_deref().unwrap_or("-"),
+        upstream = %upstream,
+        bytes_in,
+        bytes_out,
+        duration_ms = started.elapsed().as_millis() as u64,
+        outcome,
+        "connection"
+    );
+}

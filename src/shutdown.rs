@@ -1,0 +1,64 @@
+//! Shutdown: signals, and a drain that is always bounded.
+//!
+//! One [`Drain`] is shared by every connection task. `graceful` asks
+//! connections to finish what they are doing (HTTP/1 closes after the
+//! current response, HTTP/2 sends GOAWAY, TCP streams run to their end);
+//! `abort` cuts whatever is still open when the drain timeout expires.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The cancellation tree and task tracker for connections.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    pub graceful: CancellationToken,
+    pub abort: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// Every connection finished on its own.
+    Drained,
+    /// The timeout expired with this many connection tasks still running;
+    /// they were aborted.
+    TimedOut { remaining: usize },
+}
+
+impl Drain {
+    pub fn new() -> Self {
+        Drain::default()
+    }
+
+    /// Ask every connection to finish, and wait at most `timeout`.
+    pub async fn run(&self, timeout: Duration) -> DrainOutcome {
+        self.graceful.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(timeout, self.tracker.wait())
+            .await
+            .is_ok()
+        {
+            return DrainOutcome::Drained;
+        }
+        let remaining = self.tracker.len();
+        self.abort.cancel();
+        // Aborted tasks only need to drop their sockets; give them a moment
+        // so the process exits with its connections closed, not reset.
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.tracker.wait()).await;
+        DrainOutcome::TimedOut { remaining }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT, returning the signal's name.
+pub async fn signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

@@ -1,0 +1,10 @@
+//! TLS termination: the server configuration policy, the lock-free
+//! certificate resolver, and the handshake under one deadline.
+
+pub mod handshake;
+pub mod resolver;
+pub mod server_config;
+
+pub use handshake::{accept, HandshakeError};
+pub use resolver::CertResolver;
+pub use server_config::{server_config, ALPN_H2, ALPN_HTTP11};
