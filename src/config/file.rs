@@ -77,7 +77,7 @@ pub struct CertFile {
 pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     let de = toml::Deserializer::new(text);
     serde_path_to_error::deserialize(de).map_err(|err| {
-        let key = err.path().to_string();
+        let key = dotted_key(err.path());
         let inner = err.into_inner();
         let (line, column) = inner
             .span()
@@ -89,7 +89,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> 
                 line,
                 column,
             },
-            key: if key == "." { String::new() } else { key },
+            key,
             message: inner.message().trim_end().to_string(),
         }
     })
@@ -102,4 +102,25 @@ pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, column)
+}
+
+/// `listener[0].timeouts.idle`, without the internal segments that
+/// `Spanned` adds to the path.
+fn dotted_key(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } if key.starts_with("$__serde_spanned") => {}
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => {}
+        }
+    }
+    out
 }

@@ -1,0 +1,146 @@
+//! Real plaintext backends on 127.0.0.1:0.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, Response};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+type Body = BoxBody<Bytes, std::io::Error>;
+
+/// TCP echo: echoes every byte, and half-closes its side once the client
+/// half-closed, so a relay that does not propagate EOF hangs the test.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// An address where nothing listens.
+pub async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    addr
+}
+
+/// An HTTP/1.1 backend with a few routes:
+/// - `/headers`: the request head, one `name: value` per line
+/// - `/echo`: streams the request body back as it arrives
+/// - `/slow?ms=N`: answers after N milliseconds
+/// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
+/// - anything else: `ok`
+pub async fn http() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(route))
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn full(text: impl Into<Bytes>) -> Body {
+    Full::new(text.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn query(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
+    req.uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let body = match req.uri().path() {
+        "/headers" => {
+            let mut text = format!("{} {} {:?}\n", req.method(), req.uri(), req.version());
+            for (name, value) in req.headers() {
+                text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
+            }
+            full(text)
+        }
+        "/echo" => req.into_body().map_err(std::io::Error::other).boxed(),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(query(&req, "ms", 1000))).await;
+            full("slow ok")
+        }
+        "/drip" => {
+            let chunks = query(&req, "chunks", 10);
+            let size = query(&req, "size", 1024) as usize;
+            let ms = query(&req, "ms", 10);
+            let stream = futures_util::stream::unfold(0u64, move |i| async move {
+                if i == chunks {
+                    return None;
+                }
+                if i > 0 {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                let frame = Frame::data(Bytes::from(vec![b'x'; size]));
+                Some((Ok::<_, std::io::Error>(frame), i + 1))
+            });
+            BodyExt::boxed(StreamBody::new(stream))
+        }
+        _ => full("ok"),
+    };
+    Ok(Response::new(body))
+}
+
+/// A WebSocket echo server.
+pub async fn websocket_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if msg.is_text() || msg.is_binary() {
+                        let _ = ws.send(msg).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Read from a stream until EOF.
+pub async fn read_to_end<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    r.read_to_end(&mut buf).await?;
+    Ok(buf)
+}

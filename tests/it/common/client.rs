@@ -1,0 +1,114 @@
+//! TLS and HTTP clients that talk to the proxy the way real clients do.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+pub fn client_config(roots: Arc<RootCertStore>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
+    sheath::install_crypto_provider();
+    let mut config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// TLS-connect to `addr` as `localhost`.
+pub async fn connect(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+}
+
+/// An HTTP/1.1 sender over a fresh TLS connection.
+pub async fn h1(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+) -> hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
+> {
+    let tls = connect(addr, client_config(roots, &[b"http/1.1"]))
+        .await
+        .expect("TLS connect");
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    sender
+}
+
+/// An HTTP/2 sender over a fresh TLS connection (ALPN h2 is asserted).
+pub async fn h2(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+) -> hyper::client::conn::http2::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
+> {
+    let tls = connect(addr, client_config(roots, &[b"h2"]))
+        .await
+        .expect("TLS connect");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+pub fn empty() -> http_body_util::combinators::BoxBody<Bytes, hyper::Error> {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+/// A GET request for `path` with Host `localhost`.
+pub fn get(path: &str) -> Request<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+    Request::get(path)
+        .header("host", "localhost")
+        .body(empty())
+        .unwrap()
+}
+
+/// Same as [`get`] in the absolute form HTTP/2 uses for :authority.
+pub fn get_h2(path: &str) -> Request<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+    Request::get(format!("https://localhost{path}"))
+        .body(empty())
+        .unwrap()
+}
+
+pub async fn body_text(resp: Response<Incoming>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+/// Parse the `/headers` backend answer into (name, value) pairs.
+pub fn parse_headers(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}

@@ -1,0 +1,254 @@
+//! HTTP mode: HTTP/1.1 and HTTP/2 by ALPN, streaming bodies, WebSocket,
+//! forwarding headers, and sheath's own 502/504 answers.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::client::{self, body_text, get, get_h2, header, parse_headers};
+use crate::common::{backend, pki, within, Proxy, TestPki};
+
+async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"http\"\n{extra}\n{}",
+        pki::files_cert_toml(&files)
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+#[tokio::test]
+async fn http1_get_reaches_backend_with_forwarding_headers() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut sender = client::h1(proxy.addr("web"), pki.roots()).await;
+    let req = Request::get("/headers?a=1")
+        .header("host", "app.example:8443")
+        // Forged by the client: must never reach the backend.
+        .header("x-forwarded-for", "6.6.6.6")
+        .header("x-forwarded-proto", "http")
+        .header("x-forwarded-host", "evil.example")
+        .header("forwarded", "for=6.6.6.6")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "must not pass")
+        .body(client::empty())
+        .unwrap();
+    let resp = within("response", sender.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = body_text(resp).await;
+    assert!(text.starts_with("GET /headers?a=1 HTTP/1.1"), "{text}");
+    let h = parse_headers(&text);
+    assert_eq!(header(&h, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(header(&h, "x-forwarded-proto"), ["https"]);
+    assert_eq!(header(&h, "x-forwarded-host"), ["app.example:8443"]);
+    assert_eq!(
+        header(&h, "forwarded"),
+        ["for=127.0.0.1;host=\"app.example:8443\";proto=https"]
+    );
+    assert_eq!(header(&h, "host"), ["app.example:8443"]);
+    assert!(header(&h, "x-hop").is_empty(), "{text}");
+
+    // Keep-alive: a second request on the same client connection.
+    let resp = sender.send_request(get("/")).await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+}
+
+#[tokio::test]
+async fn http2_get_is_forwarded_as_http1_with_host() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut sender = client::h2(proxy.addr("web"), pki.roots()).await;
+    // Several concurrent streams on one connection.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        tasks.push(sender.send_request(get_h2("/headers")));
+    }
+    for task in tasks {
+        let resp = within("h2 response", task).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let text = body_text(resp).await;
+        assert!(text.starts_with("GET /headers HTTP/1.1"), "{text}");
+        let h = parse_headers(&text);
+        assert_eq!(header(&h, "host"), ["localhost"]);
+        assert_eq!(header(&h, "x-forwarded-proto"), ["https"]);
+    }
+}
+
+/// The request body must flow to the backend while the client is still
+/// sending, and the response back while the backend is still answering:
+/// the client waits for the echo of each chunk before sending the next, so
+/// a proxy that buffered either body would deadlock here.
+async fn streaming_echo(h2: bool) {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+    let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
+    let (uri, host) = if h2 {
+        ("https://localhost/echo", None)
+    } else {
+        ("/echo", Some("localhost"))
+    };
+    let mut builder = Request::post(uri);
+    if let Some(host) = host {
+        builder = builder.header("host", host);
+    }
+    let req = builder.body(body).unwrap();
+    let resp = if h2 {
+        let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+        within("response head", s.send_request(req)).await.unwrap()
+    } else {
+        let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+        // hyper's h1 client only sends the head once the body starts.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"chunk-0;"))))
+            .await
+            .unwrap();
+        let resp = within("response head", s.send_request(req)).await.unwrap();
+        let mut body = resp.into_body();
+        let frame = within("first echo", body.frame()).await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), &b"chunk-0;"[..]);
+        return finish_echo(tx, body, 1).await;
+    };
+    assert_eq!(resp.status(), StatusCode::OK);
+    finish_echo(tx, resp.into_body(), 0).await
+}
+
+async fn finish_echo(
+    tx: tokio::sync::mpsc::Sender<Result<Frame<Bytes>, hyper::Error>>,
+    mut body: hyper::body::Incoming,
+    start: usize,
+) {
+    for i in start..20 {
+        let chunk = format!("chunk-{i};").repeat(100);
+        tx.send(Ok(Frame::data(Bytes::from(chunk.clone()))))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        while got.len() < chunk.len() {
+            let frame = within("echo of the chunk just sent", body.frame())
+                .await
+                .expect("body continues")
+                .unwrap();
+            if let Ok(data) = frame.into_data() {
+                got.extend_from_slice(&data);
+            }
+        }
+        assert_eq!(got, chunk.as_bytes());
+    }
+    drop(tx);
+    // The end of the stream may come as an empty frame before `None`.
+    while let Some(frame) = within("end of body", body.frame()).await {
+        let frame = frame.unwrap();
+        assert!(
+            frame.data_ref().is_none_or(|d| d.is_empty()),
+            "data after the last chunk"
+        );
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
+async fn http1_streaming_post_is_not_buffered() {
+    streaming_echo(false).await;
+}
+
+#[tokio::test]
+async fn http2_streaming_post_is_not_buffered() {
+    streaming_echo(true).await;
+}
+
+#[tokio::test]
+async fn websocket_upgrade_echoes() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::websocket_echo().await, "").await;
+    let tls = client::connect(
+        proxy.addr("web"),
+        client::client_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut ws, resp) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async("wss://localhost/ws", tls),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    for i in 0..50 {
+        let text = format!("message {i}");
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = within("echo", ws.next()).await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    let big = crate::common::random_bytes(256 * 1024);
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let echoed = within("binary echo", ws.next()).await.unwrap().unwrap();
+    assert_eq!(&echoed.into_data()[..], &big[..]);
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn upstream_refusing_gives_502_with_reason() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::closed_port().await, "").await;
+    for h2 in [false, true] {
+        let resp = if h2 {
+            let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+            within("502", s.send_request(get_h2("/"))).await.unwrap()
+        } else {
+            let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+            within("502", s.send_request(get("/"))).await.unwrap()
+        };
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()["content-type"], "text/plain; charset=utf-8");
+        let text = body_text(resp).await;
+        assert!(text.contains("refused the connection"), "{text}");
+    }
+}
+
+#[tokio::test]
+async fn slow_upstream_gives_504_and_the_next_request_works() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(
+        &pki,
+        backend::http().await,
+        "[listener.timeouts]\nupstream_response = \"300ms\"\n",
+    )
+    .await;
+    let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("504", s.send_request(get("/slow?ms=3000")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(body_text(resp).await.contains("did not respond in time"));
+    let resp = within("fast request", s.send_request(get("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn large_download_streams_completely() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within(
+        "download",
+        s.send_request(get_h2("/drip?chunks=256&size=65536&ms=0")),
+    )
+    .await
+    .unwrap();
+    let body = within("body", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 256 * 65536);
+}

@@ -1,0 +1,135 @@
+//! Handshake deadline and connection limit.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::{backend, client, eventually, pki, within, Proxy, TestPki};
+
+async fn proxy(pki: &TestPki, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{extra}\n{}",
+        backend::tcp_echo().await,
+        pki::files_cert_toml(&files)
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+async fn echo_roundtrip(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) {
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", stream.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[tokio::test]
+async fn stalled_handshake_times_out_and_frees_its_slot_while_others_are_served() {
+    let pki = TestPki::new();
+    let proxy = proxy(
+        &pki,
+        "max_connections = 2\n[listener.timeouts]\nhandshake = \"500ms\"\n",
+    )
+    .await;
+    let addr = proxy.addr("tcp");
+
+    // A slowloris: connects, sends half a record header, then nothing.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled.write_all(&[0x16, 0x03]).await.unwrap();
+    let opened = Instant::now();
+
+    // While it stalls, a real client is served: the accept loop is free.
+    let config = client::client_config(pki.roots(), &[]);
+    let mut good = client::connect(addr, config.clone()).await.unwrap();
+    echo_roundtrip(&mut good).await;
+    assert!(opened.elapsed() < Duration::from_millis(500));
+
+    // The stalled socket is closed by the proxy at the deadline.
+    let mut rest = Vec::new();
+    let _ = within("stalled socket closed", stalled.read_to_end(&mut rest)).await;
+    let waited = opened.elapsed();
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(5),
+        "closed after {waited:?}"
+    );
+
+    // Its slot is free again: with max_connections = 2 and `good` still
+    // open, one more client fits.
+    let mut second = within("slot freed", client::connect(addr, config))
+        .await
+        .unwrap();
+    echo_roundtrip(&mut second).await;
+    let failures = proxy
+        .running()
+        .listener("tcp")
+        .unwrap()
+        .stats
+        .handshake_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(failures, 1);
+}
+
+#[tokio::test]
+async fn connection_limit_holds_and_releases() {
+    let pki = TestPki::new();
+    let proxy = proxy(&pki, "max_connections = 2\n").await;
+    let addr = proxy.addr("tcp");
+    let config = client::client_config(pki.roots(), &[]);
+
+    let mut first = client::connect(addr, config.clone()).await.unwrap();
+    echo_roundtrip(&mut first).await;
+    let mut second = client::connect(addr, config.clone()).await.unwrap();
+    echo_roundtrip(&mut second).await;
+
+    // The third client's TCP connect succeeds (kernel queue) but its
+    // handshake cannot complete while the listener is full.
+    let third = tokio::spawn(client::connect(addr, config.clone()));
+    let blocked = tokio::time::timeout(Duration::from_millis(700), async {
+        loop {
+            if third.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        blocked.is_err(),
+        "third connection was served past the limit"
+    );
+    assert_eq!(proxy.running().active_connections(), 2);
+
+    // Closing one connection lets the third in.
+    first.shutdown().await.unwrap();
+    drop(first);
+    let mut third = within("third handshake after a slot frees", third)
+        .await
+        .unwrap()
+        .unwrap();
+    echo_roundtrip(&mut third).await;
+    drop(second);
+    drop(third);
+    eventually("gauge returns to zero", || {
+        proxy.running().active_connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn garbage_instead_of_client_hello_is_rejected_without_harm() {
+    let pki = TestPki::new();
+    let proxy = proxy(&pki, "").await;
+    let addr = proxy.addr("tcp");
+    let mut junk = TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = within("junk connection closed", junk.read_to_end(&mut rest)).await;
+    let mut good = client::connect(addr, client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    echo_roundtrip(&mut good).await;
+}

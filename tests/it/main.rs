@@ -1,0 +1,13 @@
+//! Integration tests: the real proxy, in-process on 127.0.0.1:0 (or the
+//! real binary for process-level behaviour), with certificates generated per
+//! test and real backends and clients.
+
+mod common;
+
+mod config;
+mod http;
+mod limits;
+mod local_ca;
+mod process;
+mod shutdown;
+mod tcp;

@@ -1,0 +1,124 @@
+//! TCP (L4) mode: byte-exact relay and half-close in both directions.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::common::{backend, client, pki, within, Proxy, TestPki};
+
+async fn tcp_proxy(pki: &TestPki, upstream: std::net::SocketAddr, extra: &str) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n{extra}\n{}",
+        pki::files_cert_toml(&files)
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+#[tokio::test]
+async fn relays_megabytes_byte_exact_and_propagates_client_half_close() {
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, backend::tcp_echo().await, "").await;
+    let tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    let payload = crate::common::random_bytes(8 * 1024 * 1024 + 17);
+    let (mut r, mut w) = tokio::io::split(tls);
+    let sent = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        // close_notify: the echo backend only ends its side after seeing EOF,
+        // so reaching EOF below proves the half-close went through.
+        w.shutdown().await.unwrap();
+        w
+    });
+    let received = within("echoed payload and EOF", backend::read_to_end(&mut r))
+        .await
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(received.len(), payload.len());
+    assert_eq!(
+        crate::common::sha256(&received),
+        crate::common::sha256(&payload)
+    );
+}
+
+#[tokio::test]
+async fn upstream_half_close_reaches_client_and_client_can_keep_sending() {
+    // A backend that says hello, closes its sending side, then reports
+    // whatever it still receives.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        s.write_all(b"hello").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        let _ = tx.send(rest);
+    });
+
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, upstream, "").await;
+    let mut tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    within("upstream EOF", tls.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello");
+    // The other direction is still open after the upstream's FIN.
+    tls.write_all(b"after your eof").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let rest = within("backend receives data after its own FIN", rx)
+        .await
+        .unwrap();
+    assert_eq!(rest, b"after your eof");
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(
+        &pki,
+        backend::tcp_echo().await,
+        "[listener.timeouts]\nidle = \"300ms\"\n",
+    )
+    .await;
+    let mut tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // Say nothing: the proxy must close the connection on its own.
+    let _ = within("idle close", tls.read_to_end(&mut rest)).await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    assert!(rest.is_empty());
+    crate::common::eventually("active gauge back to zero", || {
+        proxy.running().active_connections() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn upstream_down_closes_the_client_connection() {
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, backend::closed_port().await, "").await;
+    let mut tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = within(
+        "close after failed upstream connect",
+        tls.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(rest.is_empty());
+}
