@@ -4,13 +4,17 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cert::{self, CertError, LocalCa};
-use crate::config::{CertSource, Config, ListenerConfig, Mode};
+use crate::cert::acme::AcmeIssuer;
+use crate::cert::manager::Source;
+use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
+use crate::config::{AcmeChallenge, CertSource, Config, ListenerConfig, Mode};
 use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome};
 use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
@@ -58,6 +62,14 @@ pub struct ListenerHandle {
     pub local_addr: SocketAddr,
     pub stats: Arc<ListenerStats>,
     pub resolver: Arc<CertResolver>,
+    pub cert_status: Arc<ArcSwap<CertStatus>>,
+}
+
+impl ListenerHandle {
+    /// A snapshot of this listener's certificate status.
+    pub fn cert_status(&self) -> Arc<CertStatus> {
+        self.cert_status.load_full()
+    }
 }
 
 /// A started sheath.
@@ -145,15 +157,84 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         None
     };
 
+    let challenges = Challenges::new();
     let mut prepared = Vec::with_capacity(config.listeners.len());
+    let mut http01_binds = Vec::new();
     for listener in &config.listeners {
-        let state = build_state(listener, local_ca.as_deref())?;
+        let resolver = Arc::new(CertResolver::empty());
+        let (source, acme_tls) = match &listener.cert {
+            CertSource::LocalCa { names, lifetime } => (
+                Source::LocalCa {
+                    ca: Arc::clone(local_ca.as_ref().expect("local CA loaded when needed")),
+                    names: names.clone(),
+                    lifetime: *lifetime,
+                },
+                None,
+            ),
+            CertSource::Files { cert, key } => (
+                Source::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+                None,
+            ),
+            CertSource::Acme(acme) => {
+                if let Some(bind) = acme.http01_bind {
+                    if !http01_binds.contains(&bind) {
+                        http01_binds.push(bind);
+                    }
+                }
+                let acme_tls = (acme.challenge == AcmeChallenge::TlsAlpn01)
+                    .then(|| challenges.server_config());
+                (
+                    Source::Acme(Arc::new(AcmeIssuer::new(
+                        &listener.name,
+                        acme,
+                        &config.state_dir,
+                        Arc::clone(&challenges),
+                    ))),
+                    acme_tls,
+                )
+            }
+        };
+        let manager = CertManager::new(
+            listener.name.clone(),
+            source,
+            listener.cert_policy.clone(),
+            Arc::clone(&resolver),
+        );
+        // Whatever can be had without the network is served from the
+        // first connection; an ACME listener without a cached certificate
+        // starts empty and is not ready until its first issuance.
+        match manager.initial() {
+            Ok(Some(material)) => manager.install(material, "startup"),
+            Ok(None) => tracing::info!(
+                listener = %listener.name,
+                "no certificate yet; handshakes fail until the first issuance"
+            ),
+            Err(source) => {
+                return Err(StartError::Cert {
+                    listener: listener.name.clone(),
+                    source,
+                })
+            }
+        }
+        let state = build_state(listener, resolver, acme_tls)?;
         let socket = proxy::bind(listener.bind).map_err(|source| StartError::Bind {
             listener: listener.name.clone(),
             addr: listener.bind,
             source,
         })?;
-        prepared.push((socket, state));
+        prepared.push((socket, state, manager));
+    }
+    let mut http01_sockets = Vec::new();
+    for bind in http01_binds {
+        let socket = proxy::bind(bind).map_err(|source| StartError::Bind {
+            listener: "http-01".into(),
+            addr: bind,
+            source,
+        })?;
+        http01_sockets.push(socket);
     }
 
     let stop_accepting = CancellationToken::new();
@@ -161,7 +242,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let drain = Drain::new();
     let mut listeners = Vec::new();
     let mut accept_loops = Vec::new();
-    for (socket, state) in prepared {
+    for socket in http01_sockets {
+        tracing::info!(addr = ?socket.local_addr().ok(), "HTTP-01 challenge listener");
+        tokio::spawn(cert::http01::serve(
+            socket,
+            Arc::clone(&challenges),
+            stop_background.clone(),
+        ));
+    }
+    for (socket, state, manager) in prepared {
         let stats = Arc::new(ListenerStats::default());
         let resolver = Arc::clone(&state.resolver);
         let config = Arc::clone(&state.config);
@@ -184,17 +273,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             local_addr: listener.local_addr,
             stats,
             resolver: Arc::clone(&resolver),
+            cert_status: manager.status(),
         });
-        if let (CertSource::LocalCa { names, lifetime }, Some(ca)) = (&config.cert, &local_ca) {
-            tokio::spawn(renew_local_leaf(
-                config.name.clone(),
-                names.clone(),
-                *lifetime,
-                Arc::clone(ca),
-                resolver,
-                stop_background.clone(),
-            ));
-        }
+        tokio::spawn(manager.run(stop_background.clone()));
         accept_loops.push(tokio::spawn(
             listener.run(stop_accepting.clone(), drain.clone()),
         ));
@@ -231,28 +312,9 @@ pub async fn run_until_signal(running: Running) -> Option<ShutdownOutcome> {
 
 fn build_state(
     listener: &ListenerConfig,
-    local_ca: Option<&LocalCa>,
+    resolver: Arc<CertResolver>,
+    acme_tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<Arc<ListenerState>, StartError> {
-    let cert_err = |source| StartError::Cert {
-        listener: listener.name.clone(),
-        source,
-    };
-    let (key, info) = match &listener.cert {
-        CertSource::Files { cert, key } => cert::files::load(cert, key).map_err(cert_err)?,
-        CertSource::LocalCa { names, lifetime } => {
-            let ca = local_ca.expect("local CA loaded when a listener needs it");
-            let leaf = ca.issue(names, *lifetime).map_err(cert_err)?;
-            (leaf.certified, leaf.info)
-        }
-    };
-    tracing::info!(
-        listener = %listener.name,
-        serial = %info.serial,
-        names = ?info.names,
-        not_after = %humantime::format_rfc3339_seconds(info.not_after),
-        "certificate loaded"
-    );
-    let resolver = Arc::new(CertResolver::new(key, info));
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
         Mode::Tcp => &[],
@@ -265,54 +327,8 @@ fn build_state(
     Ok(Arc::new(ListenerState {
         config: Arc::new(listener.clone()),
         tls,
+        acme_tls,
         resolver,
         http,
     }))
-}
-
-/// Keep a local-CA leaf fresh: re-issue at 2/3 of its lifetime and swap it
-/// in. The local CA is in-process, so a failure can only be local (for
-/// example entropy or a bug); it is retried with capped backoff while the
-/// current leaf keeps serving.
-async fn renew_local_leaf(
-    listener: String,
-    names: Vec<String>,
-    lifetime: Duration,
-    ca: Arc<LocalCa>,
-    resolver: Arc<CertResolver>,
-    stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        let current = resolver.current();
-        let renew_at = current.info.not_before + current.info.lifetime() * 2 / 3;
-        let wait = renew_at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        match ca.issue(&names, lifetime) {
-            Ok(leaf) => {
-                tracing::info!(
-                    listener = %listener,
-                    serial = %leaf.info.serial,
-                    old_serial = %current.info.serial,
-                    not_after = %humantime::format_rfc3339_seconds(leaf.info.not_after),
-                    "renewed local CA certificate"
-                );
-                resolver.swap(leaf.certified, leaf.info);
-                backoff = Duration::from_secs(1);
-            }
-            Err(e) => {
-                tracing::error!(listener = %listener, error = %e, retry_in = ?backoff, "local CA renewal failed; the current certificate keeps serving");
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(300));
-            }
-        }
-    }
 }

@@ -57,6 +57,21 @@ pub enum Command {
     /// Local CA operations.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Fetch a CA's root over TLS and save it if its SHA-256 fingerprint matches.
+    Bootstrap(BootstrapArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BootstrapArgs {
+    /// The CA's URL, e.g. https://ca.internal:9000
+    #[arg(long, env = "SHEATH_CA_URL")]
+    pub ca_url: String,
+    /// SHA-256 fingerprint of the root (hex, colons allowed).
+    #[arg(long, env = "SHEATH_CA_FINGERPRINT")]
+    pub fingerprint: String,
+    /// Write the root here (atomically) instead of printing it.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -202,7 +217,7 @@ impl SingleListener {
                 let names = if self.names.is_empty() {
                     match CertSource::default_local_ca() {
                         CertSource::LocalCa { names, .. } => names,
-                        CertSource::Files { .. } => unreachable!(),
+                        _ => unreachable!(),
                     }
                 } else {
                     parse_names(&self.names).map_err(|m| flag_error("--name", m))?
@@ -247,6 +262,7 @@ impl SingleListener {
                 max_connections,
                 timeouts,
                 cert,
+                cert_policy: Default::default(),
             }],
         })
     }

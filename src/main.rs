@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sheath::cli::{CaCommand, Cli, Command, ConfigArgs, DemoArgs};
+use sheath::cli::{BootstrapArgs, CaCommand, Cli, Command, ConfigArgs, DemoArgs};
 use sheath::config::{self, CertSource, Config, ListenerConfig, Mode, Timeouts};
 use sheath::{app, cert::LocalCa, ShutdownOutcome};
 
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
                 Err(e) => report(&e, 1),
             }
         }
+        Command::Bootstrap(args) => bootstrap(args),
         Command::Run(args) => match args.to_config(cli.state_dir.as_ref()) {
             Ok(config) => serve(&cli, config, false),
             Err(e) => report(&e, EXIT_CONFIG),
@@ -70,6 +71,49 @@ fn check(args: &ConfigArgs, cli: &Cli) -> ExitCode {
     }
 }
 
+fn bootstrap(args: &BootstrapArgs) -> ExitCode {
+    let fingerprint = match config::parse_fingerprint(&args.fingerprint) {
+        Ok(f) => f,
+        Err(message) => {
+            return report(
+                &config::ConfigError::Invalid {
+                    origin: config::Origin::Flag("--fingerprint"),
+                    key: String::new(),
+                    message,
+                },
+                EXIT_CONFIG,
+            )
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e, 1),
+    };
+    let pem = match runtime.block_on(sheath::cert::bootstrap::fetch_root(
+        &args.ca_url,
+        &fingerprint,
+    )) {
+        Ok(pem) => pem,
+        Err(e) => return report(&e, 1),
+    };
+    match &args.out {
+        Some(path) => {
+            if let Err(e) = sheath::cert::store::write_atomic(path, pem.as_bytes(), 0o644) {
+                return report(&e, 1);
+            }
+            eprintln!(
+                "root with SHA-256 {fingerprint} saved to {}",
+                path.display()
+            );
+        }
+        None => print!("{pem}"),
+    }
+    ExitCode::SUCCESS
+}
+
 fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError> {
     let bind =
         config::parse_bind(&args.listen).map_err(|message| config::ConfigError::Invalid {
@@ -93,6 +137,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             max_connections: config::DEFAULT_MAX_CONNECTIONS,
             timeouts: Timeouts::default(),
             cert: CertSource::default_local_ca(),
+            cert_policy: Default::default(),
         }],
     })
 }

@@ -1,16 +1,33 @@
-//! The `files` certificate source: a PEM chain and a PEM private key.
+//! The `files` certificate source: a PEM chain and a PEM private key,
+//! watched for changes.
+//!
+//! Change notifications (inotify) come from the files' directories, which is
+//! where atomic renames, Kubernetes' `..data` symlink swap and certbot's
+//! `live/` symlink updates show up. A periodic re-read (in the manager)
+//! covers filesystems that never notify. Whatever triggered it, a reload
+//! reads both files and accepts them only as a matching, valid pair.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
+use notify::{RecursiveMode, Watcher as _};
 use rustls::sign::CertifiedKey;
+use tokio::sync::mpsc;
 
+use super::manager::Material;
 use super::{certified_key, parse_chain_pem, parse_key_pem, CertError, CertInfo};
 
 /// Read and check a certificate chain and its key from disk.
 pub fn load(cert_path: &Path, key_path: &Path) -> Result<(Arc<CertifiedKey>, CertInfo), CertError> {
+    load_material(cert_path, key_path).map(|m| (m.certified, m.info))
+}
+
+/// Read and check a certificate chain and its key, keeping the PEM text.
+pub fn load_material(cert_path: &Path, key_path: &Path) -> Result<Material, CertError> {
     let read = |p: &Path| {
-        std::fs::read(p).map_err(|source| CertError::Read {
+        std::fs::read_to_string(p).map_err(|source| CertError::Read {
             path: p.to_path_buf(),
             source,
         })
@@ -18,16 +35,78 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<(Arc<CertifiedKey>, Cer
     let cert_pem = read(cert_path)?;
     let key_pem = read(key_path)?;
     let what = cert_path.display().to_string();
-    let chain = parse_chain_pem(&what, &cert_pem)?;
+    let chain = parse_chain_pem(&what, cert_pem.as_bytes())?;
     if chain.is_empty() {
         return Err(CertError::NoCertificate {
             path: cert_path.to_path_buf(),
         });
     }
-    let key = parse_key_pem(&key_path.display().to_string(), &key_pem)?.ok_or_else(|| {
-        CertError::NoKey {
-            path: key_path.to_path_buf(),
+    let key =
+        parse_key_pem(&key_path.display().to_string(), key_pem.as_bytes())?.ok_or_else(|| {
+            CertError::NoKey {
+                path: key_path.to_path_buf(),
+            }
+        })?;
+    let (certified, info) = certified_key(&what, chain, key)?;
+    Ok(Material {
+        certified,
+        info,
+        chain_pem: cert_pem,
+        key_pem,
+    })
+}
+
+/// Change notifications for the directories holding some files.
+#[derive(Debug)]
+pub struct Watcher {
+    events: mpsc::Receiver<()>,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Watcher {
+    /// Watch the directories of `paths`. If the platform refuses (no
+    /// inotify, watch limit reached), the watcher stays silent and polling
+    /// alone picks up changes.
+    pub fn new(paths: &[&Path]) -> Watcher {
+        let (tx, events) = mpsc::channel(1);
+        let dirs: HashSet<PathBuf> = paths
+            .iter()
+            .map(|p| p.parent().unwrap_or(Path::new(".")).to_path_buf())
+            .collect();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                // A full channel already means "something changed".
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| {
+            for dir in &dirs {
+                w.watch(dir, RecursiveMode::NonRecursive)?;
+            }
+            Ok(w)
+        });
+        let watcher = match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch certificate files; relying on polling");
+                None
+            }
+        };
+        Watcher {
+            events,
+            _watcher: watcher,
         }
-    })?;
-    certified_key(&what, chain, key)
+    }
+
+    /// Resolves when something changed in a watched directory.
+    pub async fn changed(&mut self) {
+        if self._watcher.is_none() || self.events.recv().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Wait until no change has been seen for `quiet`.
+    pub async fn settle(&mut self, quiet: Duration) {
+        while let Ok(Some(())) = tokio::time::timeout(quiet, self.events.recv()).await {}
+    }
 }

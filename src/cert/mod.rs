@@ -6,13 +6,23 @@
 //! the leaf is within its validity period. Half-valid material never reaches
 //! the resolver.
 
+pub mod acme;
+pub mod bootstrap;
+pub mod challenge;
+pub mod export;
 pub mod files;
+pub mod http01;
 pub mod inspect;
 pub mod local_ca;
+pub mod manager;
+pub mod renew;
 pub mod store;
 
+pub use challenge::Challenges;
 pub use inspect::CertInfo;
 pub use local_ca::LocalCa;
+pub use manager::{CertManager, Material};
+pub use renew::CertStatus;
 
 use std::path::PathBuf;
 use std::sync::Arc;

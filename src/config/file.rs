@@ -70,6 +70,31 @@ pub struct CertFile {
     pub lifetime: Option<Duration>,
     pub cert: Option<Spanned<String>>,
     pub key: Option<Spanned<String>>,
+    // acme
+    pub directory: Option<Spanned<String>>,
+    pub contact: Option<Vec<String>>,
+    pub challenge: Option<Spanned<String>>,
+    pub http01_bind: Option<Spanned<String>>,
+    pub ca_root: Option<Spanned<String>>,
+    pub ca_fingerprint: Option<Spanned<String>>,
+    pub eab_kid: Option<Spanned<String>>,
+    pub eab_hmac_key: Option<Spanned<String>>,
+    // every source
+    pub renew_ratio: Option<Spanned<f64>>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_min: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_max: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
+    pub export: Option<Spanned<ExportFile>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportFile {
+    pub dir: Spanned<String>,
+    pub on_renew: Option<String>,
 }
 
 /// Parse TOML text into the raw file types, turning serde errors into

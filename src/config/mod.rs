@@ -10,7 +10,8 @@ mod validate;
 
 pub use file::FileConfig;
 pub use validate::{
-    parse_bind, parse_names, parse_upstream, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
+    parse_bind, parse_fingerprint, parse_names, parse_upstream, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_LOCAL_CA_LIFETIME,
 };
 
 use std::fmt;
@@ -44,6 +45,7 @@ pub struct ListenerConfig {
     pub max_connections: usize,
     pub timeouts: Timeouts,
     pub cert: CertSource,
+    pub cert_policy: CertPolicy,
 }
 
 /// Where a listener sends decrypted traffic.
@@ -139,8 +141,102 @@ pub enum CertSource {
         names: Vec<String>,
         lifetime: Duration,
     },
-    /// A PEM chain (leaf first) and a PEM private key.
+    /// A PEM chain (leaf first) and a PEM private key, watched for changes.
     Files { cert: PathBuf, key: PathBuf },
+    /// Issued by an RFC 8555 (ACME) CA, challenges answered by sheath.
+    Acme(Box<AcmeConfig>),
+}
+
+impl CertSource {
+    /// The source's name as written in the config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CertSource::LocalCa { .. } => "local_ca",
+            CertSource::Files { .. } => "files",
+            CertSource::Acme(_) => "acme",
+        }
+    }
+}
+
+/// ACME issuance settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AcmeConfig {
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Names to request: DNS names or IP literals.
+    pub names: Vec<String>,
+    /// Account contacts, e.g. `mailto:ops@example.com`.
+    pub contact: Vec<String>,
+    pub challenge: AcmeChallenge,
+    /// Plain-HTTP listener for HTTP-01 (and redirects to https).
+    pub http01_bind: Option<SocketAddr>,
+    pub trust: AcmeTrust,
+    /// External account binding: key id and base64url HMAC key.
+    pub eab: Option<(String, String)>,
+}
+
+/// Which challenge sheath answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// On the listener's own TLS port (`acme-tls/1`), RFC 8737.
+    TlsAlpn01,
+    /// On the `http01_bind` listener, RFC 8555 §8.3.
+    Http01,
+}
+
+impl AcmeChallenge {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+            AcmeChallenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// How sheath trusts the ACME server's HTTPS certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AcmeTrust {
+    /// The system's root store.
+    System,
+    /// A PEM root file.
+    RootFile(PathBuf),
+    /// The SHA-256 fingerprint of the server's root, fetched and pinned on
+    /// first use (like `step ca bootstrap`).
+    Fingerprint(String),
+}
+
+/// How a listener's certificate is kept fresh and shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertPolicy {
+    /// Renew when this fraction of the lifetime has passed (default 2/3).
+    pub renew_ratio: f64,
+    /// First retry delay after a failed renewal; doubles up to `retry_max`.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    /// Files source: how often the files are re-read even without a
+    /// change notification (some volumes never send one).
+    pub poll_interval: Duration,
+    pub export: Option<ExportConfig>,
+}
+
+impl Default for CertPolicy {
+    fn default() -> Self {
+        CertPolicy {
+            renew_ratio: 2.0 / 3.0,
+            retry_min: Duration::from_secs(10),
+            retry_max: Duration::from_secs(3600),
+            poll_interval: Duration::from_secs(10),
+            export: None,
+        }
+    }
+}
+
+/// Write issued material to a directory after each renewal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportConfig {
+    pub dir: PathBuf,
+    /// Shell command run after each export.
+    pub on_renew: Option<String>,
 }
 
 impl CertSource {
@@ -286,6 +382,43 @@ impl Config {
                     let _ = writeln!(out, "source = \"files\"");
                     let _ = writeln!(out, "cert = {}", q(&cert.to_string_lossy()));
                     let _ = writeln!(out, "key = {}", q(&key.to_string_lossy()));
+                }
+                CertSource::Acme(acme) => {
+                    let _ = writeln!(out, "source = \"acme\"");
+                    let names: Vec<String> = acme.names.iter().map(|n| q(n)).collect();
+                    let _ = writeln!(out, "names = [{}]", names.join(", "));
+                    let _ = writeln!(out, "directory = {}", q(&acme.directory));
+                    let contact: Vec<String> = acme.contact.iter().map(|n| q(n)).collect();
+                    let _ = writeln!(out, "contact = [{}]", contact.join(", "));
+                    let _ = writeln!(out, "challenge = {}", q(acme.challenge.as_str()));
+                    if let Some(bind) = acme.http01_bind {
+                        let _ = writeln!(out, "http01_bind = {}", q(&bind.to_string()));
+                    }
+                    match &acme.trust {
+                        AcmeTrust::System => {}
+                        AcmeTrust::RootFile(p) => {
+                            let _ = writeln!(out, "ca_root = {}", q(&p.to_string_lossy()));
+                        }
+                        AcmeTrust::Fingerprint(f) => {
+                            let _ = writeln!(out, "ca_fingerprint = {}", q(f));
+                        }
+                    }
+                    if let Some((kid, _)) = &acme.eab {
+                        let _ = writeln!(out, "eab_kid = {}", q(kid));
+                        let _ = writeln!(out, "eab_hmac_key = \"<redacted>\"");
+                    }
+                }
+            }
+            let p = &l.cert_policy;
+            let _ = writeln!(out, "renew_ratio = {:.4}", p.renew_ratio);
+            let _ = writeln!(out, "retry_min = {}", q(&dur(p.retry_min)));
+            let _ = writeln!(out, "retry_max = {}", q(&dur(p.retry_max)));
+            let _ = writeln!(out, "poll_interval = {}", q(&dur(p.poll_interval)));
+            if let Some(export) = &p.export {
+                let _ = writeln!(out, "\n[listener.cert.export]");
+                let _ = writeln!(out, "dir = {}", q(&export.dir.to_string_lossy()));
+                if let Some(cmd) = &export.on_renew {
+                    let _ = writeln!(out, "on_renew = {}", q(cmd));
                 }
             }
         }

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{line_col, FileConfig, ListenerFile, TimeoutsFile};
+use super::file::{line_col, CertFile, FileConfig, ListenerFile, TimeoutsFile};
 use super::{
-    default_state_dir, CertSource, Config, ConfigError, ListenerConfig, Origin, Timeouts, Upstream,
-    DEFAULT_MAX_CONNECTIONS,
+    default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, CertPolicy, CertSource, Config,
+    ConfigError, ExportConfig, ListenerConfig, Origin, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -156,75 +156,7 @@ fn validate_listener(
         )
     })?;
 
-    let cert = match raw.cert {
-        None => CertSource::default_local_ca(),
-        Some(spanned) => {
-            let table = loc.at(&spanned);
-            let cert = spanned.into_inner();
-            let source = cert
-                .source
-                .as_ref()
-                .map_or("local_ca", |s| s.get_ref().as_str());
-            match source {
-                "local_ca" => {
-                    if let Some(c) = cert.cert.as_ref().or(cert.key.as_ref()) {
-                        return Err(invalid(
-                            loc.at(c),
-                            key("cert"),
-                            "`cert` and `key` need source = \"files\"",
-                        ));
-                    }
-                    let names = match &cert.names {
-                        Some(n) => parse_names(n.get_ref())
-                            .map_err(|m| invalid(loc.at(n), key("cert.names"), m))?,
-                        None => match CertSource::default_local_ca() {
-                            CertSource::LocalCa { names, .. } => names,
-                            CertSource::Files { .. } => unreachable!(),
-                        },
-                    };
-                    let lifetime = cert.lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
-                    if lifetime < Duration::from_secs(60) {
-                        return Err(invalid(
-                            table,
-                            key("cert.lifetime"),
-                            "must be at least 1 minute",
-                        ));
-                    }
-                    CertSource::LocalCa { names, lifetime }
-                }
-                "files" => {
-                    let (Some(c), Some(k)) = (&cert.cert, &cert.key) else {
-                        return Err(invalid(
-                            table,
-                            key("cert"),
-                            "source = \"files\" needs both `cert` (PEM chain) and `key` (PEM private key)",
-                        ));
-                    };
-                    if let Some(n) = &cert.names {
-                        return Err(invalid(
-                            loc.at(n),
-                            key("cert.names"),
-                            "`names` comes from the certificate itself with source = \"files\"",
-                        ));
-                    }
-                    CertSource::Files {
-                        cert: loc.resolve_path(c.get_ref()),
-                        key: loc.resolve_path(k.get_ref()),
-                    }
-                }
-                other => {
-                    let origin = cert.source.as_ref().map_or(table, |s| loc.at(s));
-                    return Err(invalid(
-                        origin,
-                        key("cert.source"),
-                        format!(
-                            "unknown certificate source `{other}`, expected `local_ca` or `files`"
-                        ),
-                    ));
-                }
-            }
-        }
-    };
+    let (cert, cert_policy) = validate_cert(loc, index, raw.cert)?;
 
     Ok(ListenerConfig {
         name,
@@ -234,7 +166,268 @@ fn validate_listener(
         max_connections,
         timeouts,
         cert,
+        cert_policy,
     })
+}
+
+fn validate_cert(
+    loc: &Locator<'_>,
+    index: usize,
+    raw: Option<Spanned<CertFile>>,
+) -> Result<(CertSource, CertPolicy), ConfigError> {
+    let key = |k: &str| format!("listener[{index}].cert.{k}");
+    let Some(spanned) = raw else {
+        return Ok((CertSource::default_local_ca(), CertPolicy::default()));
+    };
+    let table = loc.at(&spanned);
+    let cert = spanned.into_inner();
+    let source = cert
+        .source
+        .as_ref()
+        .map_or("local_ca", |s| s.get_ref().as_str());
+
+    // Keys that belong to one source only.
+    let only = |present: Option<Origin>, name: &str, wanted: &str| match present {
+        Some(origin) if source != wanted => Err(invalid(
+            origin,
+            key(name),
+            format!("`{name}` needs source = \"{wanted}\""),
+        )),
+        _ => Ok(()),
+    };
+    only(cert.cert.as_ref().map(|c| loc.at(c)), "cert", "files")?;
+    only(cert.key.as_ref().map(|c| loc.at(c)), "key", "files")?;
+    for (name, value) in [
+        ("directory", &cert.directory),
+        ("challenge", &cert.challenge),
+        ("http01_bind", &cert.http01_bind),
+        ("ca_root", &cert.ca_root),
+        ("ca_fingerprint", &cert.ca_fingerprint),
+        ("eab_kid", &cert.eab_kid),
+        ("eab_hmac_key", &cert.eab_hmac_key),
+    ] {
+        only(value.as_ref().map(|v| loc.at(v)), name, "acme")?;
+    }
+    if cert.lifetime.is_some() && source != "local_ca" {
+        return Err(invalid(
+            table,
+            key("lifetime"),
+            "`lifetime` needs source = \"local_ca\" (other sources' lifetimes are set by the issuer)",
+        ));
+    }
+
+    let names = |required: bool| -> Result<Option<Vec<String>>, ConfigError> {
+        match &cert.names {
+            Some(n) => parse_names(n.get_ref())
+                .map(Some)
+                .map_err(|m| invalid(loc.at(n), key("names"), m)),
+            None if required => Err(invalid(
+                table.clone(),
+                key("names"),
+                format!("source = \"{source}\" needs `names`"),
+            )),
+            None => Ok(None),
+        }
+    };
+
+    let source = match source {
+        "local_ca" => {
+            let names = names(false)?.unwrap_or_else(|| match CertSource::default_local_ca() {
+                CertSource::LocalCa { names, .. } => names,
+                _ => unreachable!(),
+            });
+            let lifetime = cert.lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
+            if lifetime < Duration::from_secs(60) {
+                return Err(invalid(table, key("lifetime"), "must be at least 1 minute"));
+            }
+            CertSource::LocalCa { names, lifetime }
+        }
+        "files" => {
+            let (Some(c), Some(k)) = (&cert.cert, &cert.key) else {
+                return Err(invalid(
+                    table,
+                    format!("listener[{index}].cert"),
+                    "source = \"files\" needs both `cert` (PEM chain) and `key` (PEM private key)",
+                ));
+            };
+            if let Some(n) = &cert.names {
+                return Err(invalid(
+                    loc.at(n),
+                    key("names"),
+                    "`names` comes from the certificate itself with source = \"files\"",
+                ));
+            }
+            CertSource::Files {
+                cert: loc.resolve_path(c.get_ref()),
+                key: loc.resolve_path(k.get_ref()),
+            }
+        }
+        "acme" => {
+            let names = names(true)?.unwrap_or_default();
+            let directory = cert.directory.as_ref().ok_or_else(|| {
+                invalid(
+                    table.clone(),
+                    key("directory"),
+                    "source = \"acme\" needs the CA's `directory` URL",
+                )
+            })?;
+            let url = directory.get_ref();
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    loc.at(directory),
+                    key("directory"),
+                    format!("`{url}` is not an https:// URL; ACME requires HTTPS"),
+                ));
+            }
+            let challenge = match cert.challenge.as_ref().map(|c| c.get_ref().as_str()) {
+                None | Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+                Some("http-01") => AcmeChallenge::Http01,
+                Some(other) => {
+                    return Err(invalid(
+                        loc.at(cert.challenge.as_ref().unwrap()),
+                        key("challenge"),
+                        format!("unknown challenge `{other}`, expected `tls-alpn-01` or `http-01`"),
+                    ))
+                }
+            };
+            let http01_bind = match &cert.http01_bind {
+                Some(b) => Some(
+                    parse_bind(b.get_ref())
+                        .map_err(|m| invalid(loc.at(b), key("http01_bind"), m))?,
+                ),
+                None => None,
+            };
+            if challenge == AcmeChallenge::Http01 && http01_bind.is_none() {
+                return Err(invalid(
+                    table,
+                    key("http01_bind"),
+                    "challenge = \"http-01\" needs `http01_bind`, e.g. \"0.0.0.0:80\"",
+                ));
+            }
+            let trust = match (&cert.ca_root, &cert.ca_fingerprint) {
+                (Some(_), Some(f)) => {
+                    return Err(invalid(
+                        loc.at(f),
+                        key("ca_fingerprint"),
+                        "give either `ca_root` or `ca_fingerprint`, not both",
+                    ))
+                }
+                (Some(r), None) => AcmeTrust::RootFile(loc.resolve_path(r.get_ref())),
+                (None, Some(f)) => AcmeTrust::Fingerprint(
+                    parse_fingerprint(f.get_ref())
+                        .map_err(|m| invalid(loc.at(f), key("ca_fingerprint"), m))?,
+                ),
+                (None, None) => AcmeTrust::System,
+            };
+            let eab = match (&cert.eab_kid, &cert.eab_hmac_key) {
+                (Some(k), Some(h)) => Some((k.get_ref().clone(), h.get_ref().clone())),
+                (None, None) => None,
+                (Some(k), None) => {
+                    return Err(invalid(
+                        loc.at(k),
+                        key("eab_hmac_key"),
+                        "`eab_kid` needs `eab_hmac_key`",
+                    ))
+                }
+                (None, Some(h)) => {
+                    return Err(invalid(
+                        loc.at(h),
+                        key("eab_kid"),
+                        "`eab_hmac_key` needs `eab_kid`",
+                    ))
+                }
+            };
+            CertSource::Acme(Box::new(AcmeConfig {
+                directory: url.clone(),
+                names,
+                contact: cert.contact.clone().unwrap_or_default(),
+                challenge,
+                http01_bind,
+                trust,
+                eab,
+            }))
+        }
+        other => {
+            let origin = cert.source.as_ref().map_or(table, |s| loc.at(s));
+            return Err(invalid(
+                origin,
+                key("source"),
+                format!(
+                    "unknown certificate source `{other}`, expected `local_ca`, `files` or `acme`"
+                ),
+            ));
+        }
+    };
+
+    let defaults = CertPolicy::default();
+    let renew_ratio = match &cert.renew_ratio {
+        Some(r) if !(0.1..=0.95).contains(r.get_ref()) => {
+            return Err(invalid(
+                loc.at(r),
+                key("renew_ratio"),
+                "must be between 0.1 and 0.95 of the certificate's lifetime",
+            ))
+        }
+        Some(r) => *r.get_ref(),
+        None => defaults.renew_ratio,
+    };
+    let retry_min = cert.retry_min.unwrap_or(defaults.retry_min);
+    let retry_max = cert.retry_max.unwrap_or(defaults.retry_max.max(retry_min));
+    if retry_min.is_zero() || retry_max < retry_min {
+        return Err(invalid(
+            table,
+            key("retry_min"),
+            "retry_min must be positive and not above retry_max",
+        ));
+    }
+    let poll_interval = cert.poll_interval.unwrap_or(defaults.poll_interval);
+    if poll_interval < Duration::from_millis(100) {
+        return Err(invalid(
+            table,
+            key("poll_interval"),
+            "must be at least 100ms",
+        ));
+    }
+    let export = match cert.export {
+        Some(e) => {
+            let origin = loc.at(&e);
+            let e = e.into_inner();
+            if e.dir.get_ref().is_empty() {
+                return Err(invalid(origin, key("export.dir"), "must not be empty"));
+            }
+            Some(ExportConfig {
+                dir: loc.resolve_path(e.dir.get_ref()),
+                on_renew: e.on_renew.filter(|c| !c.trim().is_empty()),
+            })
+        }
+        None => None,
+    };
+    Ok((
+        source,
+        CertPolicy {
+            renew_ratio,
+            retry_min,
+            retry_max,
+            poll_interval,
+            export,
+        },
+    ))
+}
+
+/// A SHA-256 fingerprint: 64 hex digits, colons and case ignored.
+pub fn parse_fingerprint(value: &str) -> Result<String, String> {
+    let hex: String = value
+        .chars()
+        .filter(|c| *c != ':')
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    if hex.len() == 64 && hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(format!(
+            "`{value}` is not a SHA-256 fingerprint (64 hex digits)"
+        ))
+    }
 }
 
 fn validate_timeouts(raw: &TimeoutsFile) -> Result<Timeouts, (&'static str, String)> {

@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnInfo, ListenerState};
+use crate::cert::challenge::{is_acme_tls_alpn, ACME_TLS_ALPN};
 use crate::config::Mode;
 use crate::shutdown::Drain;
 use crate::tls;
@@ -125,6 +126,17 @@ impl Listener {
     }
 }
 
+/// ACME validators get the challenge config; everyone else the listener's.
+fn pick_config(
+    state: &ListenerState,
+    hello: &rustls::server::ClientHello<'_>,
+) -> Arc<rustls::ServerConfig> {
+    match &state.acme_tls {
+        Some(acme) if is_acme_tls_alpn(hello) => Arc::clone(acme),
+        _ => Arc::clone(&state.tls),
+    }
+}
+
 fn is_connection_error(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -156,7 +168,7 @@ async fn handle(
     let _ = tcp.set_nodelay(true);
     let config = &state.config;
     let handshake = tokio::select! {
-        r = tls::accept(tcp, |_| Arc::clone(&state.tls), config.timeouts.handshake) => r,
+        r = tls::accept(tcp, |hello| pick_config(&state, hello), config.timeouts.handshake) => r,
         _ = drain.abort.cancelled() => return,
     };
     let accepted = match handshake {
@@ -174,6 +186,13 @@ async fn handle(
             return;
         }
     };
+    if accepted.stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
+        // A validator only needs to see the challenge certificate.
+        tracing::info!(listener = %config.name, peer = %peer, sni = accepted.sni.as_deref().unwrap_or("-"), "answered ACME TLS-ALPN-01 validation");
+        let mut stream = accepted.stream;
+        let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+        return;
+    }
     let conn = ConnInfo {
         listener: Arc::clone(&state),
         peer,

@@ -29,6 +29,9 @@ pub use listener::{bind, Listener, ListenerStats};
 pub struct ListenerState {
     pub config: Arc<ListenerConfig>,
     pub tls: Arc<ServerConfig>,
+    /// Server config for ACME TLS-ALPN-01 validation handshakes, on
+    /// listeners whose certificate comes from ACME.
+    pub acme_tls: Option<Arc<ServerConfig>>,
     pub resolver: Arc<CertResolver>,
     /// Pooled upstream client, in HTTP mode.
     pub http: Option<http::UpstreamClient>,

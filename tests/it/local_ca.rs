@@ -35,6 +35,7 @@ async fn local_ca_persists_across_restarts_with_the_same_fingerprint() {
         .unwrap()
         .resolver
         .current()
+        .unwrap()
         .info
         .serial
         .clone();
@@ -46,7 +47,13 @@ async fn local_ca_persists_across_restarts_with_the_same_fingerprint() {
         second.running().local_ca().unwrap().info().sha256,
         fingerprint
     );
-    let served = second.running().listener("tcp").unwrap().resolver.current();
+    let served = second
+        .running()
+        .listener("tcp")
+        .unwrap()
+        .resolver
+        .current()
+        .unwrap();
     assert_ne!(served.info.serial, first_serial, "a fresh leaf per start");
     assert_eq!(served.info.names, ["localhost", "127.0.0.1"]);
     let lifetime = served.info.lifetime();

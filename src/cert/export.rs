@@ -1,0 +1,59 @@
+//! Optional export of the served certificate for services that also need
+//! the files, and the `on_renew` hook.
+//!
+//! Files are written atomically (temp file, fsync, rename), the key with
+//! mode 0600 and before the chain, so a reader that sees the new chain
+//! finds the new key too. The hook runs after both are in place, with a
+//! bounded run time.
+
+use std::time::Duration;
+
+use super::manager::Material;
+use super::store::{self, PRIVATE, PUBLIC};
+use crate::config::ExportConfig;
+
+const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn export(listener: &str, config: &ExportConfig, material: &Material) {
+    let dir = config.dir.clone();
+    let chain = material.chain_pem.clone();
+    let key = material.key_pem.clone();
+    let written = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        std::fs::create_dir_all(&dir)?;
+        store::write_atomic(&dir.join("key.pem"), key.as_bytes(), PRIVATE)?;
+        store::write_atomic(&dir.join("fullchain.pem"), chain.as_bytes(), PUBLIC)?;
+        Ok(())
+    })
+    .await
+    .expect("export task panicked");
+    if let Err(e) = written {
+        tracing::error!(listener, dir = %config.dir.display(), error = %e, "certificate export failed");
+        return;
+    }
+    tracing::info!(listener, dir = %config.dir.display(), serial = %material.info.serial, "certificate exported");
+    let Some(command) = &config.on_renew else {
+        return;
+    };
+    let mut child = tokio::process::Command::new("sh");
+    child
+        .arg("-c")
+        .arg(command)
+        .env("SHEATH_LISTENER", listener)
+        .env("SHEATH_CERT_FILE", config.dir.join("fullchain.pem"))
+        .env("SHEATH_KEY_FILE", config.dir.join("key.pem"))
+        .env("SHEATH_CERT_SERIAL", &material.info.serial)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
+        Ok(Ok(status)) if status.success() => {
+            tracing::info!(listener, command, "on_renew hook succeeded")
+        }
+        Ok(Ok(status)) => {
+            tracing::error!(listener, command, %status, "on_renew hook failed")
+        }
+        Ok(Err(e)) => tracing::error!(listener, command, error = %e, "on_renew hook could not run"),
+        Err(_) => {
+            tracing::error!(listener, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
+        }
+    }
+}

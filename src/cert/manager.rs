@@ -1,0 +1,337 @@
+//! One task per listener keeps its certificate current.
+//!
+//! The task obtains material from the listener's source, validates it
+//! (chain parses, key matches, names covered, within validity) and only then
+//! publishes it to the resolver. A failure never touches what is being
+//! served: the old certificate keeps serving and the attempt is retried with
+//! capped exponential backoff, honouring the CA's `Retry-After`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rustls::sign::CertifiedKey;
+use tokio_util::sync::CancellationToken;
+
+use super::acme::AcmeIssuer;
+use super::renew::{self, Backoff, CertStatus};
+use super::{export, files, CertError, CertInfo, LocalCa};
+use crate::config::CertPolicy;
+use crate::tls::CertResolver;
+
+/// Validated certificate material, in every form the manager needs.
+#[derive(Debug, Clone)]
+pub struct Material {
+    pub certified: Arc<CertifiedKey>,
+    pub info: CertInfo,
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// Where a listener's certificates come from.
+#[derive(Debug)]
+pub enum Source {
+    LocalCa {
+        ca: Arc<LocalCa>,
+        names: Vec<String>,
+        lifetime: Duration,
+    },
+    Files {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    Acme(Arc<AcmeIssuer>),
+}
+
+impl Source {
+    fn kind(&self) -> &'static str {
+        match self {
+            Source::LocalCa { .. } => "local_ca",
+            Source::Files { .. } => "files",
+            Source::Acme(_) => "acme",
+        }
+    }
+}
+
+/// Why an attempt to get a new certificate failed, and when the issuer
+/// asked to be contacted again.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ObtainError {
+    pub message: String,
+    pub retry_after: Option<SystemTime>,
+}
+
+impl From<CertError> for ObtainError {
+    fn from(e: CertError) -> Self {
+        ObtainError {
+            message: e.to_string(),
+            retry_after: None,
+        }
+    }
+}
+
+/// Keeps one listener's certificate fresh.
+#[derive(Debug)]
+pub struct CertManager {
+    pub listener: String,
+    source: Source,
+    policy: CertPolicy,
+    resolver: Arc<CertResolver>,
+    status: Arc<ArcSwap<CertStatus>>,
+}
+
+impl CertManager {
+    pub fn new(
+        listener: String,
+        source: Source,
+        policy: CertPolicy,
+        resolver: Arc<CertResolver>,
+    ) -> Self {
+        let status = Arc::new(ArcSwap::from_pointee(CertStatus {
+            listener: listener.clone(),
+            source: source.kind(),
+            ..CertStatus::default()
+        }));
+        CertManager {
+            listener,
+            source,
+            policy,
+            resolver,
+            status,
+        }
+    }
+
+    /// A shared handle on this listener's certificate status.
+    pub fn status(&self) -> Arc<ArcSwap<CertStatus>> {
+        Arc::clone(&self.status)
+    }
+
+    /// The first certificate, from what is available without the network:
+    /// a local-CA issuance, the files, or a still-valid cached ACME
+    /// certificate. `Ok(None)` means "serve nothing until issued".
+    pub fn initial(&self) -> Result<Option<Material>, CertError> {
+        match &self.source {
+            Source::LocalCa {
+                ca,
+                names,
+                lifetime,
+            } => {
+                let leaf = ca.issue(names, *lifetime)?;
+                Ok(Some(Material {
+                    certified: leaf.certified,
+                    info: leaf.info,
+                    chain_pem: leaf.chain_pem,
+                    key_pem: leaf.key_pem,
+                }))
+            }
+            Source::Files { cert, key } => files::load_material(cert, key).map(Some),
+            Source::Acme(acme) => Ok(acme.cached()),
+        }
+    }
+
+    /// Publish validated material and record it.
+    pub fn install(&self, material: Material, why: &str) {
+        let old = self
+            .resolver
+            .swap(material.certified.clone(), material.info.clone());
+        let info = &material.info;
+        let renew_at = match self.source {
+            Source::Files { .. } => None,
+            _ => Some(renew::renew_at(info, self.policy.renew_ratio)),
+        };
+        tracing::info!(
+            listener = %self.listener,
+            source = self.source.kind(),
+            serial = %info.serial,
+            old_serial = old.as_ref().map_or("-", |o| o.info.serial.as_str()),
+            names = ?info.names,
+            not_after = %humantime::format_rfc3339_seconds(info.not_after),
+            renew_at = %renew_at.map_or("-".to_string(), |t| humantime::format_rfc3339_seconds(t).to_string()),
+            why,
+            "certificate installed"
+        );
+        let now = SystemTime::now();
+        let previous = self.status.load();
+        self.status.store(Arc::new(CertStatus {
+            current: Some(info.clone()),
+            renew_at,
+            last_success: Some(now),
+            consecutive_failures: 0,
+            next_retry: None,
+            installs: previous.installs + 1,
+            ..(**previous).clone()
+        }));
+        if let Some(export) = &self.policy.export {
+            let export = export.clone();
+            let listener = self.listener.clone();
+            tokio::spawn(async move {
+                export::export(&listener, &export, &material).await;
+            });
+        }
+    }
+
+    fn record_failure(&self, error: &str, next_retry: Option<SystemTime>) -> u32 {
+        let previous = self.status.load();
+        let failures = previous.consecutive_failures + 1;
+        self.status.store(Arc::new(CertStatus {
+            last_failure: Some(SystemTime::now()),
+            last_error: Some(error.to_string()),
+            consecutive_failures: failures,
+            next_retry,
+            ..(**previous).clone()
+        }));
+        failures
+    }
+
+    /// Keep the certificate fresh until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        match &self.source {
+            Source::Files { cert, key } => {
+                let (cert, key) = (cert.clone(), key.clone());
+                self.run_files(cert, key, stop).await
+            }
+            _ => self.run_issuer(stop).await,
+        }
+    }
+
+    async fn run_issuer(self, stop: CancellationToken) {
+        let mut backoff = Backoff::new(self.policy.retry_min, self.policy.retry_max);
+        let mut retry_at: Option<SystemTime> = None;
+        loop {
+            let status = self.status.load_full();
+            let due = match (retry_at, status.current.is_some(), status.renew_at) {
+                (Some(retry), _, _) => retry,
+                (None, false, _) => SystemTime::now(),
+                (None, true, Some(renew)) => renew,
+                (None, true, None) => SystemTime::now() + Duration::from_secs(3600),
+            };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = sleep_until(due) => {}
+                _ = self.resolver.stale() => {
+                    // A handshake saw an expired or missing certificate.
+                    // That overrides the renewal schedule, never a backoff.
+                    if retry_at.is_some_and(|t| t > SystemTime::now()) {
+                        continue;
+                    }
+                    tracing::info!(listener = %self.listener, "certificate expired or missing at handshake time; renewing now");
+                }
+            }
+            let attempt = match &self.source {
+                Source::LocalCa {
+                    ca,
+                    names,
+                    lifetime,
+                } => ca
+                    .issue(names, *lifetime)
+                    .map(|leaf| Material {
+                        certified: leaf.certified,
+                        info: leaf.info,
+                        chain_pem: leaf.chain_pem,
+                        key_pem: leaf.key_pem,
+                    })
+                    .map_err(ObtainError::from),
+                Source::Acme(acme) => tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = acme.obtain() => r,
+                },
+                Source::Files { .. } => unreachable!("files have their own loop"),
+            };
+            match attempt {
+                Ok(material) => {
+                    backoff.reset();
+                    retry_at = None;
+                    let why = if status.current.is_some() {
+                        "renewal"
+                    } else {
+                        "first issuance"
+                    };
+                    self.install(material, why);
+                }
+                Err(e) => {
+                    let delay = backoff.failed(e.retry_after);
+                    let next = SystemTime::now() + delay;
+                    retry_at = Some(next);
+                    let failures = self.record_failure(&e.message, Some(next));
+                    let current = self.resolver.current();
+                    tracing::error!(
+                        listener = %self.listener,
+                        source = self.source.kind(),
+                        error = %e.message,
+                        consecutive_failures = failures,
+                        retry_in = ?delay,
+                        serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                        serving_not_after = %current.as_ref().map_or("-".into(), |c| humantime::format_rfc3339_seconds(c.info.not_after).to_string()),
+                        "certificate renewal failed; the current certificate keeps serving"
+                    );
+                }
+            }
+        }
+    }
+
+    async fn run_files(self, cert: PathBuf, key: PathBuf, stop: CancellationToken) {
+        let mut watcher = files::Watcher::new(&[&cert, &key]);
+        let mut last_error: Option<String> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = watcher.changed() => {
+                    // Writers often replace files in several steps; wait
+                    // for a quiet moment before reading.
+                    watcher.settle(Duration::from_millis(250)).await;
+                }
+                _ = tokio::time::sleep(self.policy.poll_interval) => {}
+            }
+            let current = self.resolver.current();
+            let cert_path = cert.clone();
+            let key_path = key.clone();
+            let loaded =
+                tokio::task::spawn_blocking(move || files::load_material(&cert_path, &key_path))
+                    .await
+                    .expect("file loading panicked");
+            match loaded {
+                Ok(material) => {
+                    last_error = None;
+                    // Same certificate means same key: a pair whose key does
+                    // not match its certificate never loads.
+                    let unchanged = current
+                        .as_ref()
+                        .is_some_and(|c| c.info.sha256 == material.info.sha256);
+                    if !unchanged {
+                        self.install(material, "files changed");
+                    }
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    self.record_failure(&message, None);
+                    // The same broken state is seen on every poll; say it once.
+                    if last_error.as_deref() != Some(message.as_str()) {
+                        tracing::warn!(
+                            listener = %self.listener,
+                            error = %message,
+                            serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                            "certificate files not usable; the current certificate keeps serving"
+                        );
+                        last_error = Some(message);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sleep until a wall-clock time. Sleeping in bounded steps re-reads the
+/// clock, so a suspended machine does not oversleep a renewal.
+async fn sleep_until(when: SystemTime) {
+    loop {
+        let Ok(left) = when.duration_since(SystemTime::now()) else {
+            return;
+        };
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(Duration::from_secs(30))).await;
+    }
+}
