@@ -80,6 +80,9 @@ pub struct CertManager {
     policy: CertPolicy,
     resolver: Arc<CertResolver>,
     status: Arc<ArcSwap<CertStatus>>,
+    /// Files source: watching starts here, before the first load, so no
+    /// change between loading and the task's start can be missed.
+    watcher: Option<files::Watcher>,
 }
 
 impl CertManager {
@@ -94,12 +97,17 @@ impl CertManager {
             source: source.kind(),
             ..CertStatus::default()
         }));
+        let watcher = match &source {
+            Source::Files { cert, key } => Some(files::Watcher::new(&[cert, key])),
+            _ => None,
+        };
         CertManager {
             listener,
             source,
             policy,
             resolver,
             status,
+            watcher,
         }
     }
 
@@ -186,11 +194,15 @@ impl CertManager {
     }
 
     /// Keep the certificate fresh until `stop`.
-    pub async fn run(self, stop: CancellationToken) {
+    pub async fn run(mut self, stop: CancellationToken) {
         match &self.source {
             Source::Files { cert, key } => {
                 let (cert, key) = (cert.clone(), key.clone());
-                self.run_files(cert, key, stop).await
+                let watcher = self
+                    .watcher
+                    .take()
+                    .unwrap_or_else(|| files::Watcher::new(&[&cert, &key]));
+                self.run_files(cert, key, watcher, stop).await
             }
             _ => self.run_issuer(stop).await,
         }
@@ -271,8 +283,13 @@ impl CertManager {
         }
     }
 
-    async fn run_files(self, cert: PathBuf, key: PathBuf, stop: CancellationToken) {
-        let mut watcher = files::Watcher::new(&[&cert, &key]);
+    async fn run_files(
+        self,
+        cert: PathBuf,
+        key: PathBuf,
+        mut watcher: files::Watcher,
+        stop: CancellationToken,
+    ) {
         let mut last_error: Option<String> = None;
         loop {
             tokio::select! {

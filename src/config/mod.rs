@@ -410,7 +410,7 @@ impl Config {
                 }
             }
             let p = &l.cert_policy;
-            let _ = writeln!(out, "renew_ratio = {:.4}", p.renew_ratio);
+            let _ = writeln!(out, "renew_ratio = {}", p.renew_ratio);
             let _ = writeln!(out, "retry_min = {}", q(&dur(p.retry_min)));
             let _ = writeln!(out, "retry_max = {}", q(&dur(p.retry_max)));
             let _ = writeln!(out, "poll_interval = {}", q(&dur(p.poll_interval)));

@@ -237,8 +237,12 @@ fn validate_cert(
                 _ => unreachable!(),
             });
             let lifetime = cert.lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
-            if lifetime < Duration::from_secs(60) {
-                return Err(invalid(table, key("lifetime"), "must be at least 1 minute"));
+            if lifetime < Duration::from_secs(10) {
+                return Err(invalid(
+                    table,
+                    key("lifetime"),
+                    "must be at least 10 seconds",
+                ));
             }
             CertSource::LocalCa { names, lifetime }
         }

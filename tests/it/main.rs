@@ -4,10 +4,12 @@
 
 mod common;
 
+mod cert_files;
 mod config;
 mod http;
 mod limits;
 mod local_ca;
+mod pebble_smoke;
 mod process;
 mod shutdown;
 mod tcp;

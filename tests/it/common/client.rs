@@ -112,3 +112,19 @@ pub fn header<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
         .map(|(_, v)| v.as_str())
         .collect()
 }
+
+/// Handshake with `addr` and describe the certificate it served.
+pub async fn served_cert(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+) -> std::io::Result<sheath::cert::CertInfo> {
+    let tls = connect(addr, client_config(roots, &[])).await?;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .expect("server sent a certificate")
+        .clone();
+    Ok(sheath::cert::CertInfo::from_der(&leaf).expect("served certificate parses"))
+}

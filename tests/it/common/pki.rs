@@ -51,6 +51,17 @@ impl TestPki {
 
     /// A server certificate valid from now for `lifetime`.
     pub fn server_cert(&self, names: &[&str], lifetime: Duration) -> (String, String) {
+        let now = SystemTime::now();
+        self.server_cert_valid(names, now - Duration::from_secs(60), now + lifetime)
+    }
+
+    /// A server certificate with an explicit validity window.
+    pub fn server_cert_valid(
+        &self,
+        names: &[&str],
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> (String, String) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = names
@@ -62,9 +73,8 @@ impl TestPki {
             .collect();
         params.distinguished_name.push(DnType::CommonName, names[0]);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let now = SystemTime::now();
-        params.not_before = (now - Duration::from_secs(60)).into();
-        params.not_after = (now + lifetime).into();
+        params.not_before = not_before.into();
+        params.not_after = not_after.into();
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
         let cert = params.signed_by(&key, &issuer).unwrap();
         (cert.pem(), key.serialize_pem())
