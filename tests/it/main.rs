@@ -4,6 +4,7 @@
 
 mod common;
 
+mod acme;
 mod cert_files;
 mod config;
 mod http;

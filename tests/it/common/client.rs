@@ -34,6 +34,18 @@ pub async fn connect(
         .await
 }
 
+/// TLS-connect to `addr` sending `name` as SNI (and verifying it).
+pub async fn connect_as(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    TlsConnector::from(config)
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+}
+
 /// An HTTP/1.1 sender over a fresh TLS connection.
 pub async fn h1(
     addr: SocketAddr,

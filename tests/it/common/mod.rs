@@ -4,6 +4,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod pebble;
 pub mod pki;
 
 use std::future::Future;

@@ -1,0 +1,410 @@
+//! ACME end to end against Pebble: issuance over TLS-ALPN-01 and HTTP-01,
+//! renewal under load, restart reuse, outages with backoff, bootstrap by
+//! fingerprint with external account binding, export and hook.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::client::{client_config, connect_as};
+use crate::common::pebble::{free_port, Pebble, PebbleOptions};
+use crate::common::pki::roots_from_pem;
+use crate::common::{backend, within, Proxy};
+use sheath::cert::CertStatus;
+
+const NAME: &str = "app.test";
+
+struct Setup {
+    pebble: Pebble,
+    port: u16,
+}
+
+async fn pebble(
+    validity_secs: Option<u64>,
+    http: bool,
+    eab: Option<(&str, &str)>,
+    nonce_reject: u8,
+) -> Option<Setup> {
+    let port = free_port();
+    let other = free_port();
+    let opts = PebbleOptions {
+        // The validator connects where sheath listens.
+        tls_port: if http { other } else { port },
+        http_port: if http { port } else { other },
+        validity_secs,
+        eab: eab.map(|(k, v)| (k.to_string(), v.to_string())),
+        nonce_reject_percent: nonce_reject,
+    };
+    let pebble = Pebble::start(opts).await?;
+    Some(Setup { pebble, port })
+}
+
+fn listener_toml(setup: &Setup, upstream: std::net::SocketAddr, cert_extra: &str) -> String {
+    listener_toml_on(setup.port, setup, upstream, cert_extra)
+}
+
+fn listener_toml_on(
+    port: u16,
+    setup: &Setup,
+    upstream: std::net::SocketAddr,
+    cert_extra: &str,
+) -> String {
+    format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"acme\"\nnames = [\"{NAME}\"]\ndirectory = \"{dir}\"\ncontact = [\"mailto:ops@app.test\"]\nretry_min = \"200ms\"\nretry_max = \"2s\"\n{cert_extra}\n",
+        dir = setup.pebble.directory,
+    )
+}
+
+fn ca_root(setup: &Setup) -> String {
+    format!(
+        "ca_root = \"{}\"\n",
+        setup.pebble.api_root_pem_path.display()
+    )
+}
+
+async fn wait_installs(status: &arc_swap::ArcSwap<CertStatus>, n: u64, pebble: &Pebble) {
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        while status.load().installs < n {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if result.is_err() {
+        panic!(
+            "no certificate #{n}; status {:?}\n{}",
+            status.load(),
+            pebble.log_tail()
+        );
+    }
+}
+
+/// A handshake as `app.test`, verified against Pebble's issuing root, and
+/// an echo round trip through the proxy.
+async fn verified_roundtrip(addr: std::net::SocketAddr, root_pem: &str) -> std::io::Result<String> {
+    let config = client_config(roots_from_pem(root_pem), &[]);
+    let mut tls = connect_as(addr, config, NAME).await?;
+    tls.write_all(b"ping").await?;
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf).await?;
+    assert_eq!(&buf, b"ping");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    Ok(sheath::cert::CertInfo::from_der(&leaf).unwrap().serial)
+}
+
+#[tokio::test]
+async fn tls_alpn_01_issuance_then_renewal_without_failed_handshakes() {
+    let Some(setup) = pebble(Some(12), false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let proxy = Proxy::start(&listener_toml(
+        &setup,
+        upstream,
+        &format!("{}renew_ratio = 0.3\n", ca_root(&setup)),
+    ))
+    .await;
+    let handle = proxy.running().listener("l").unwrap();
+    let status = handle.cert_status.clone();
+    assert!(!status.load().valid_now(), "no certificate before issuance");
+    wait_installs(&status, 1, &setup.pebble).await;
+    let root = setup.pebble.issuing_root_pem().await;
+    let addr = proxy.addr("l");
+    let first = verified_roundtrip(addr, &root).await.unwrap();
+
+    // Clients keep connecting while the certificate is renewed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let ok = Arc::new(AtomicU64::new(0));
+    let client = {
+        let (stop, failed, ok, root) = (stop.clone(), failed.clone(), ok.clone(), root.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match verified_roundtrip(addr, &root).await {
+                    Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        })
+    };
+    wait_installs(&status, 2, &setup.pebble).await;
+    let second = verified_roundtrip(addr, &root).await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    client.await.unwrap();
+    assert_ne!(first, second, "renewal must bring a new serial");
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(ok.load(Ordering::Relaxed) > 0);
+    let s = status.load();
+    let current = s.current.as_ref().unwrap();
+    assert!(current.names.iter().any(|n| n == NAME));
+    assert!(s.renew_at.unwrap() < current.not_after);
+}
+
+#[tokio::test]
+async fn http_01_issuance_with_nonce_rejections_and_redirects() {
+    // 15% of nonces rejected: the client must retry badNonce.
+    let Some(setup) = pebble(None, true, None, 15).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let tls_port = free_port();
+    let toml = listener_toml_on(
+        tls_port,
+        &setup,
+        upstream,
+        &format!(
+            "{}challenge = \"http-01\"\nhttp01_bind = \"127.0.0.1:{}\"\n",
+            ca_root(&setup),
+            setup.port
+        ),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let root = setup.pebble.issuing_root_pem().await;
+    verified_roundtrip(proxy.addr("l"), &root).await.unwrap();
+
+    // Port 80 only answers challenges and redirects the rest to https.
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", setup.port))
+        .await
+        .unwrap();
+    plain
+        .write_all(b"GET /login?next=%2F HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    within("redirect", plain.read_to_string(&mut response))
+        .await
+        .unwrap();
+    assert!(response.starts_with("HTTP/1.1 301"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("location: https://app.test/login?next=%2f"),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
+    let Some(mut setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let toml = listener_toml(&setup, upstream, &ca_root(&setup));
+    let mut proxy = Proxy::start(&toml).await;
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let serial = status.load().current.as_ref().unwrap().serial.clone();
+    let root = setup.pebble.issuing_root_pem().await;
+    proxy.shutdown().await;
+
+    let state = proxy.dir.path().join("state/acme");
+    let account = find_file(&state, "account.json").expect("account saved");
+    let account_before = std::fs::read(&account).unwrap();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&account).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let key = find_file(&state, "key.pem").expect("certificate key saved");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // With the CA gone, a restart still serves the cached certificate at once.
+    setup.pebble.stop();
+    let proxy = Proxy::start_in(&toml, proxy.dir).await.unwrap();
+    let status = proxy.running().listener("l").unwrap().cert_status();
+    assert_eq!(status.installs, 1);
+    assert_eq!(status.current.as_ref().unwrap().serial, serial);
+    assert_eq!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert_eq!(
+        std::fs::read(&account).unwrap(),
+        account_before,
+        "account was replaced"
+    );
+}
+
+#[tokio::test]
+async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
+    let Some(mut setup) = pebble(Some(60), false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let proxy = Proxy::start(&listener_toml(
+        &setup,
+        upstream,
+        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
+    ))
+    .await;
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let serial = status.load().current.as_ref().unwrap().serial.clone();
+    let root = setup.pebble.issuing_root_pem().await;
+    setup.pebble.stop();
+
+    // Renewal is due after 6 s; watch the failures pile up with growing gaps.
+    let mut gaps = Vec::new();
+    let mut seen = 0;
+    within("three failed renewals", async {
+        while gaps.len() < 3 {
+            let s = status.load();
+            if s.consecutive_failures > seen {
+                seen = s.consecutive_failures;
+                let gap = s
+                    .next_retry
+                    .unwrap()
+                    .duration_since(s.last_failure.unwrap())
+                    .unwrap();
+                gaps.push(gap);
+                assert!(s.last_error.as_deref().is_some_and(|e| !e.is_empty()));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        gaps[1] > gaps[0] && gaps[2] > gaps[1],
+        "backoff does not grow: {gaps:?}"
+    );
+    assert_eq!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert_eq!(status.load().installs, 1);
+
+    // The CA comes back (with a new root and no memory of the account):
+    // sheath registers again and renews.
+    setup.pebble.restart().await;
+    wait_installs(&status, 2, &setup.pebble).await;
+    let new_root = setup.pebble.issuing_root_pem().await;
+    assert_ne!(
+        verified_roundtrip(proxy.addr("l"), &new_root)
+            .await
+            .unwrap(),
+        serial
+    );
+    assert_eq!(status.load().consecutive_failures, 0);
+}
+
+#[tokio::test]
+async fn bootstrap_by_fingerprint_with_external_account_binding_and_export() {
+    let kid = "kid-1";
+    let hmac = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let Some(setup) = pebble(None, false, Some((kid, hmac)), 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export");
+    let hook_log = dir.path().join("hook.log");
+    let extra = format!(
+        "ca_fingerprint = \"{}\"\neab_kid = \"{kid}\"\neab_hmac_key = \"{hmac}\"\n[listener.cert.export]\ndir = \"{}\"\non_renew = \"echo \\\"$SHEATH_LISTENER $SHEATH_CERT_SERIAL\\\" >> {}\"\n",
+        setup.pebble.api_ca_sha256,
+        export.display(),
+        hook_log.display()
+    );
+    let proxy = Proxy::start_in(&listener_toml(&setup, upstream, &extra), dir)
+        .await
+        .unwrap();
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let serial = status.load().current.as_ref().unwrap().serial.clone();
+
+    // The pinned root is the API CA whose fingerprint was configured.
+    let pinned = find_file(&proxy.dir.path().join("state/acme"), "root.pem").expect("root pinned");
+    assert_eq!(
+        std::fs::read_to_string(pinned).unwrap().trim(),
+        setup.pebble.api_root_pem.trim()
+    );
+
+    // Export and hook.
+    within("hook ran", async {
+        while !std::fs::read_to_string(&hook_log).is_ok_and(|l| l.contains(&serial)) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(&hook_log).unwrap().trim(),
+        format!("l {serial}")
+    );
+    let chain = std::fs::read_to_string(export.join("fullchain.pem")).unwrap();
+    let key_mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(export.join("key.pem"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(key_mode & 0o777, 0o600);
+    let exported =
+        sheath::cert::files::load(&export.join("fullchain.pem"), &export.join("key.pem")).unwrap();
+    assert_eq!(exported.1.serial, serial);
+    assert!(
+        chain.matches("BEGIN CERTIFICATE").count() >= 2,
+        "full chain exported"
+    );
+}
+
+#[tokio::test]
+async fn bootstrap_command_pins_only_a_matching_root() {
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_sheath");
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "bootstrap",
+            "--ca-url",
+            &setup.pebble.directory,
+            "--fingerprint",
+            &setup.pebble.api_ca_sha256,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        setup.pebble.api_root_pem.trim()
+    );
+
+    let wrong = "00".repeat(32);
+    let out = tokio::process::Command::new(bin)
+        .args([
+            "bootstrap",
+            "--ca-url",
+            &setup.pebble.directory,
+            "--fingerprint",
+            &wrong,
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("refusing to trust"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()? {
+        let path = entry.ok()?.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name) {
+                return Some(found);
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Some(path);
+        }
+    }
+    None
+}

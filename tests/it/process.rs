@@ -1,0 +1,582 @@
+//! The real `sheath` binary as a child process: exit codes, signals, the
+//! CLI and environment surface, and what an operator sees on stdout/stderr.
+//! In-process tests cannot cover these because `main.rs` alone decides exit
+//! codes and owns the signal handling.
+//!
+//! Every child is killed on drop, every wait is bounded, and every run gets
+//! its own state directory so no test sees another's local CA.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio_rustls::client::TlsStream;
+
+use crate::common::{self, backend, client, pki, within};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sheath");
+
+/// A `sheath` command with a clean environment for its own settings.
+fn sheath() -> Command {
+    let mut cmd = Command::new(BIN);
+    // A SHEATH_* or RUST_LOG in the developer's shell would silently change
+    // what the binary does (another state dir, a log filter that hides the
+    // "listening" line), so only what a test sets reaches the child.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("SHEATH_")) {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.env_remove("RUST_LOG");
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// A short-lived command's output, bounded by the test deadline.
+async fn output(what: &str, mut cmd: Command) -> std::process::Output {
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    within(what, cmd.output())
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {what}: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The value of a string field in one line of sheath's JSON log. Field
+/// values we look up (addresses, messages) never contain escaped quotes.
+fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let tag = format!("\"{key}\":\"");
+    let start = line.find(&tag)? + tag.len();
+    let len = line[start..].find('"')?;
+    Some(&line[start..start + len])
+}
+
+fn is_log(line: &str, message: &str) -> bool {
+    json_field(line, "message") == Some(message)
+}
+
+/// Lines read from a child's pipe as they arrive. The pipe is drained
+/// continuously so a chatty child never blocks on a full pipe.
+#[derive(Clone, Default)]
+struct Lines {
+    lines: Arc<Mutex<Vec<String>>>,
+    eof: Arc<AtomicBool>,
+}
+
+impl Lines {
+    fn collect(pipe: impl AsyncRead + Unpin + Send + 'static) -> Lines {
+        let lines = Lines::default();
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                sink.lines.lock().unwrap().push(line);
+            }
+            sink.eof.store(true, Ordering::SeqCst);
+        });
+        lines
+    }
+
+    fn find(&self, pred: &dyn Fn(&str) -> bool) -> Option<String> {
+        self.lines.lock().unwrap().iter().find(|l| pred(l)).cloned()
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+/// A running `sheath`, killed when dropped.
+struct Process {
+    child: Child,
+    pid: u32,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl Process {
+    fn spawn(mut cmd: Command) -> Process {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn sheath");
+        let pid = child.id().expect("a running child has a pid");
+        let stdout = Lines::collect(child.stdout.take().unwrap());
+        let stderr = Lines::collect(child.stderr.take().unwrap());
+        Process {
+            child,
+            pid,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Wait for a line matching `pred` on stdout (`on_stdout`) or stderr.
+    /// Fails fast, with the child's stderr, if sheath exits first.
+    async fn wait_line(
+        &mut self,
+        what: &str,
+        on_stdout: bool,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + common::DEADLINE;
+        loop {
+            let lines = if on_stdout {
+                &self.stdout
+            } else {
+                &self.stderr
+            };
+            if let Some(line) = lines.find(&pred) {
+                return line;
+            }
+            // Only give up on an exited child once both pipes hit EOF: its
+            // last lines may still be in flight when the exit is observed.
+            let exited = self.child.try_wait().expect("try_wait");
+            if let Some(status) = exited {
+                if self.stdout.eof.load(Ordering::SeqCst) && self.stderr.eof.load(Ordering::SeqCst)
+                {
+                    panic!(
+                        "sheath exited ({status}) before {what}\nstdout:\n{}\nstderr:\n{}",
+                        self.stdout.text(),
+                        self.stderr.text()
+                    );
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "timed out waiting for {what}\nstderr:\n{}",
+                    self.stderr.text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn wait_log(&mut self, message: &str) -> String {
+        self.wait_line(&format!("log {message:?}"), false, |l| is_log(l, message))
+            .await
+    }
+
+    /// The address from the "listening" log line (needs `--log-format json`).
+    async fn listening_addr(&mut self) -> SocketAddr {
+        let line = self.wait_log("listening").await;
+        json_field(&line, "addr")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no addr in {line}"))
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .args([format!("-{sig}"), self.pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{sig} {} failed", self.pid);
+    }
+
+    /// Wait at most `bound` for the exit, and return its code.
+    async fn exit_code(&mut self, bound: Duration) -> i32 {
+        let status: ExitStatus = match tokio::time::timeout(bound, self.child.wait()).await {
+            Ok(status) => status.expect("wait for sheath"),
+            Err(_) => panic!(
+                "sheath still running after {bound:?}\nstderr:\n{}",
+                self.stderr.text()
+            ),
+        };
+        status.code().unwrap_or_else(|| {
+            panic!(
+                "sheath ended by a signal, not an exit ({status})\nstderr:\n{}",
+                self.stderr.text()
+            )
+        })
+    }
+}
+
+fn ca_pem_path(state: &Path) -> std::path::PathBuf {
+    state.join("local-ca").join("ca.pem")
+}
+
+/// `sheath check --config <file>` with its own state dir.
+async fn check(config: &Path, state: &Path) -> std::process::Output {
+    let mut cmd = sheath();
+    cmd.arg("check")
+        .arg("--config")
+        .arg(config)
+        .arg("--state-dir")
+        .arg(state);
+    output("sheath check", cmd).await
+}
+
+#[tokio::test]
+async fn check_valid_config_prints_effective_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    // An explicit [global] keeps write_config from adding its own, so the
+    // drain timeout below is the file's value and not a fixture default.
+    let config = common::write_config(
+        dir.path(),
+        "[global]\ndrain_timeout = \"7s\"\n\n[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:8080\"\n",
+    );
+    let out = check(&config, &state).await;
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    // Values the file never mentions: only there if defaults are filled in.
+    for line in [
+        "max_connections = 4096",
+        "handshake = \"10s\"",
+        "idle = \"5m\"",
+        "mode = \"http\"",
+        "source = \"local_ca\"",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l == line),
+            "missing `{line}` in:\n{stdout}"
+        );
+    }
+    // Values the file or the flags set must win over the defaults.
+    assert!(stdout.contains("drain_timeout = \"7s\""), "{stdout}");
+    assert!(stdout.contains("name = \"web\""), "{stdout}");
+    assert!(
+        stdout.contains(&format!("state_dir = \"{}\"", state.display())),
+        "--state-dir must override the default:\n{stdout}"
+    );
+
+    // The effective settings are meant to be pasted back as a config file:
+    // checking them again must give the very same settings.
+    let again = dir.path().join("effective.toml");
+    std::fs::write(&again, &stdout).unwrap();
+    let out2 = check(&again, &state).await;
+    assert_eq!(
+        out2.status.code(),
+        Some(0),
+        "stderr: {}",
+        text(&out2.stderr)
+    );
+    assert_eq!(text(&out2.stdout), stdout);
+}
+
+#[tokio::test]
+async fn check_reports_file_line_and_key() {
+    // (config text, offending line's prefix, key, phrase)
+    let cases = [
+        (
+            "[[listener]]\nname = \"a\"\nupstream = \"127.0.0.1:8080\"\nbnd = \"127.0.0.1:0\"\n",
+            "bnd =",
+            "bnd",
+            "unknown field",
+        ),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"nonsense\"\nupstream = \"127.0.0.1:8080\"\n",
+            "bind =",
+            "key `listener[0].bind`",
+            "not a valid listen address",
+        ),
+        (
+            "[[listener]]\nname = \"a\"\nbind = \"127.0.0.1:0\"\n\n# the app\nupstream = \"192.0.2.10:80\"\n",
+            "upstream =",
+            "key `listener[0].upstream`",
+            "not a loopback address",
+        ),
+    ];
+    for (body, offending, key, phrase) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!("[global]\ndrain_timeout = \"5s\"\n\n{body}");
+        let line = toml
+            .lines()
+            .position(|l| l.starts_with(offending))
+            .expect("case names its offending line")
+            + 1;
+        let config = common::write_config(dir.path(), &toml);
+        let out = check(&config, &dir.path().join("state")).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{key}: stderr: {stderr}");
+        assert!(
+            out.stdout.is_empty(),
+            "{key}: no settings may be printed for an invalid config"
+        );
+        let location = format!("{}:{line}:", config.display());
+        assert!(stderr.starts_with("sheath: error: "), "{key}: {stderr}");
+        assert!(
+            stderr.contains(&location),
+            "{key}: want {location} in: {stderr}"
+        );
+        assert!(stderr.contains(key), "{key}: {stderr}");
+        assert!(
+            stderr.contains(phrase),
+            "{key}: want {phrase:?} in: {stderr}"
+        );
+    }
+}
+
+/// `sheath ca export` with the state dir passed as the command says.
+async fn ca_export(cmd: Command) -> String {
+    let out = output("sheath ca export", cmd).await;
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    text(&out.stdout)
+}
+
+#[tokio::test]
+async fn run_from_env_vars_only() {
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+    let mut cmd = sheath();
+    // No flags at all: the Compose/pod-spec shape.
+    cmd.arg("run")
+        .env("SHEATH_LISTEN", "127.0.0.1:0")
+        .env("SHEATH_UPSTREAM", upstream.to_string())
+        .env("SHEATH_MODE", "http")
+        .env("SHEATH_STATE_DIR", state.path())
+        .env("SHEATH_LOG_FORMAT", "json");
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+
+    let mut export = sheath();
+    export
+        .args(["ca", "export"])
+        .env("SHEATH_STATE_DIR", state.path());
+    let roots = pki::roots_from_pem(&ca_export(export).await);
+
+    let mut sender = within("TLS + HTTP/1.1 handshake", client::h1(addr, roots)).await;
+    let resp = within("GET /headers", sender.send_request(client::get("/headers")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = within("response body", client::body_text(resp)).await;
+    let headers = client::parse_headers(&body);
+    assert_eq!(
+        client::header(&headers, "x-forwarded-proto"),
+        ["https"],
+        "backend saw:\n{body}"
+    );
+    // An idle keep-alive connection must not hold up the drain.
+    drop(sender);
+
+    proxy.signal("TERM");
+    assert_eq!(proxy.exit_code(common::DEADLINE).await, 0);
+}
+
+#[tokio::test]
+async fn demo_prints_a_curl_line_that_works() {
+    if !common::require_tool("curl") {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let mut cmd = sheath();
+    cmd.args(["demo", "--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(state.path());
+    let mut demo = Process::spawn(cmd);
+    let line = demo
+        .wait_line("the curl line", true, |l| {
+            l.trim_start().starts_with("curl --cacert")
+        })
+        .await;
+
+    // Run exactly what the user is told to paste.
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let mut curl = Command::new(words[0]);
+    curl.args(&words[1..]).args(["-sS", "--max-time", "10"]);
+    let out = output("curl from the demo banner", curl).await;
+    assert!(
+        out.status.success(),
+        "`{line}` failed: {}",
+        text(&out.stderr)
+    );
+    let body = text(&out.stdout);
+    assert!(body.contains("Hello from the demo backend"), "{body}");
+
+    demo.signal("TERM");
+    assert_eq!(demo.exit_code(common::DEADLINE).await, 0);
+}
+
+#[tokio::test]
+async fn ca_export_is_stable_and_private() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let state = tempfile::tempdir().unwrap();
+    let export = || {
+        let mut cmd = sheath();
+        cmd.args(["ca", "export", "--state-dir"]).arg(state.path());
+        cmd
+    };
+    let first = ca_export(export()).await;
+    let second = ca_export(export()).await;
+    assert!(first.starts_with("-----BEGIN CERTIFICATE-----"), "{first}");
+    // A new root on every export would break every client that trusted the
+    // first one.
+    assert_eq!(first, second, "the CA must be created once and then reused");
+    assert_eq!(
+        std::fs::read_to_string(ca_pem_path(state.path())).unwrap(),
+        first
+    );
+    // The root must be usable as a trust anchor, not just PEM-shaped.
+    assert!(!pki::roots_from_pem(&first).is_empty());
+
+    let key = state.path().join("local-ca").join("ca.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "CA key mode is {mode:o}");
+}
+
+/// sheath in TCP mode in front of an echo backend, with one TLS connection
+/// through it that is proven live and then left open.
+async fn tcp_proxy_with_open_connection(
+    state: &Path,
+    drain_timeout: &str,
+) -> (Process, TlsStream<TcpStream>) {
+    let upstream = backend::tcp_echo().await;
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string(), "--mode", "tcp"])
+        .args(["--drain-timeout", drain_timeout, "--state-dir"])
+        .arg(state);
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+    let pem = std::fs::read_to_string(ca_pem_path(state)).unwrap();
+    // TCP listeners offer no ALPN, so the client must not require one.
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    let mut tls = within("TLS connect", client::connect(addr, config))
+        .await
+        .expect("TLS connect");
+    echo_round_trip(&mut tls, b"ping").await;
+    (proxy, tls)
+}
+
+async fn echo_round_trip(tls: &mut TlsStream<TcpStream>, msg: &[u8]) {
+    tls.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    within("echo through sheath", tls.read_exact(&mut buf))
+        .await
+        .expect("echo");
+    assert_eq!(buf, msg);
+}
+
+#[tokio::test]
+async fn second_signal_forces_exit() {
+    let state = tempfile::tempdir().unwrap();
+    let (mut proxy, mut tls) = tcp_proxy_with_open_connection(state.path(), "30s").await;
+
+    proxy.signal("TERM");
+    proxy.wait_log("draining connections").await;
+    // The drain keeps serving open streams, so only the second signal can
+    // explain an early exit.
+    echo_round_trip(&mut tls, b"still here").await;
+
+    proxy.signal("TERM");
+    let started = Instant::now();
+    assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, 130);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "forced exit took {:?}",
+        started.elapsed()
+    );
+    // The process is gone, so its end of the connection is too.
+    let mut buf = [0u8; 16];
+    let after = within("connection end after exit", tls.read(&mut buf)).await;
+    assert!(matches!(after, Ok(0) | Err(_)), "read {after:?}");
+}
+
+#[tokio::test]
+async fn drain_timeout_cuts_stuck_connection_and_exits_nonzero() {
+    let state = tempfile::tempdir().unwrap();
+    let (mut proxy, _tls) = tcp_proxy_with_open_connection(state.path(), "1s").await;
+
+    let started = Instant::now();
+    proxy.signal("TERM");
+    assert_eq!(proxy.exit_code(Duration::from_secs(10)).await, 1);
+    let took = started.elapsed();
+    // At least the drain timeout: the open stream was given its chance
+    // rather than cut at once; well under the 1s drain plus the bounded
+    // abort and runtime shutdown after it.
+    assert!(took >= Duration::from_secs(1), "exited after only {took:?}");
+    assert!(took < Duration::from_secs(5), "exit took {took:?}");
+    assert!(
+        proxy
+            .stderr
+            .find(&|l| is_log(l, "drain timeout expired; connections were cut"))
+            .is_some(),
+        "the log must say why the exit code is 1:\n{}",
+        proxy.stderr.text()
+    );
+}
+
+/// `openssl s_client` pinned to one protocol version: (success, output).
+async fn s_client(addr: SocketAddr, version: &str, ca: &Path) -> (bool, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_client", "-brief", "-connect", &addr.to_string()])
+        .args([version, "-servername", "localhost"])
+        // OpenSSL 3's default security level refuses TLS 1.1 itself; lower
+        // it so any refusal below comes from sheath.
+        .args(["-cipher", "DEFAULT:@SECLEVEL=0"])
+        .arg("-CAfile")
+        .arg(ca)
+        .arg("-verify_return_error");
+    let out = output(&format!("openssl s_client {version}"), cmd).await;
+    // -brief writes the session summary to stderr.
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    (out.status.success(), all)
+}
+
+#[tokio::test]
+async fn tls_versions_below_1_2_are_refused() {
+    if !common::require_tool("openssl") {
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string(), "--mode", "http"])
+        .arg("--state-dir")
+        .arg(state.path());
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+    let ca = ca_pem_path(state.path());
+
+    let (ok, out) = s_client(addr, "-tls1_1", &ca).await;
+    assert!(!ok, "TLS 1.1 handshake succeeded:\n{out}");
+    assert!(!out.contains("Protocol version: TLSv1.1"), "{out}");
+    // An alert from the server, as opposed to OpenSSL declining to send a
+    // TLS 1.1 hello at all (which would prove nothing about sheath).
+    assert!(
+        out.contains("alert"),
+        "refusal did not come from the server:\n{out}"
+    );
+
+    for (flag, version) in [("-tls1_2", "TLSv1.2"), ("-tls1_3", "TLSv1.3")] {
+        let (ok, out) = s_client(addr, flag, &ca).await;
+        assert!(ok, "{version} handshake failed:\n{out}");
+        assert!(
+            out.contains(&format!("Protocol version: {version}")),
+            "{out}"
+        );
+        assert!(out.contains("Verification: OK"), "{out}");
+    }
+
+    proxy.signal("TERM");
+    assert_eq!(proxy.exit_code(common::DEADLINE).await, 0);
+}
+
+#[tokio::test]
+async fn port_conflict_fails_with_clear_message() {
+    let state = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let upstream = backend::closed_port().await;
+    let mut cmd = sheath();
+    cmd.args(["run", "--listen", &addr.to_string()])
+        .args(["--upstream", &upstream.to_string(), "--state-dir"])
+        .arg(state.path());
+    let out = output("sheath run on a taken port", cmd).await;
+    let stderr = text(&out.stderr);
+    // 1 (a runtime failure), not 2: the configuration itself is valid.
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        stderr.contains(&format!("cannot bind {addr}")),
+        "want `cannot bind {addr}` in: {stderr}"
+    );
+    drop(taken);
+}
