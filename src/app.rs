@@ -14,9 +14,10 @@ use tokio_util::sync::CancellationToken;
 use crate::cert::acme::AcmeIssuer;
 use crate::cert::manager::Source;
 use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
-use crate::config::{AcmeChallenge, CertSource, Config, ListenerConfig, Mode};
+use crate::config::{AcmeChallenge, CertSource, ClientAuthMode, Config, ListenerConfig, Mode};
 use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome};
+use crate::tls::client_auth::ClientVerifier;
 use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
 
 /// Why sheath could not start.
@@ -35,6 +36,12 @@ pub enum StartError {
         listener: String,
         #[source]
         source: CertError,
+    },
+    #[error("listener `{listener}`: client trust: {source}")]
+    ClientTrust {
+        listener: String,
+        #[source]
+        source: tls::client_auth::TrustError,
     },
     #[error("local CA: {0}")]
     LocalCa(#[source] CertError),
@@ -219,13 +226,24 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 })
             }
         }
-        let state = build_state(listener, resolver, acme_tls)?;
+        let client_verifier = match listener.client_auth.mode {
+            ClientAuthMode::None => None,
+            _ => Some(
+                ClientVerifier::new(&listener.client_auth).map_err(|source| {
+                    StartError::ClientTrust {
+                        listener: listener.name.clone(),
+                        source,
+                    }
+                })?,
+            ),
+        };
+        let state = build_state(listener, resolver, acme_tls, client_verifier.clone())?;
         let socket = proxy::bind(listener.bind).map_err(|source| StartError::Bind {
             listener: listener.name.clone(),
             addr: listener.bind,
             source,
         })?;
-        prepared.push((socket, state, manager));
+        prepared.push((socket, state, manager, client_verifier));
     }
     let mut http01_sockets = Vec::new();
     for bind in http01_binds {
@@ -250,7 +268,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             stop_background.clone(),
         ));
     }
-    for (socket, state, manager) in prepared {
+    for (socket, state, manager, client_verifier) in prepared {
         let stats = Arc::new(ListenerStats::default());
         let resolver = Arc::clone(&state.resolver);
         let config = Arc::clone(&state.config);
@@ -276,6 +294,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             cert_status: manager.status(),
         });
         tokio::spawn(manager.run(stop_background.clone()));
+        if let Some(verifier) = client_verifier {
+            tokio::spawn(tls::client_auth::reload_trust(
+                config.name.clone(),
+                config.client_auth.clone(),
+                verifier,
+                stop_background.clone(),
+            ));
+        }
         accept_loops.push(tokio::spawn(
             listener.run(stop_accepting.clone(), drain.clone()),
         ));
@@ -314,15 +340,19 @@ fn build_state(
     listener: &ListenerConfig,
     resolver: Arc<CertResolver>,
     acme_tls: Option<Arc<rustls::ServerConfig>>,
+    client_verifier: Option<Arc<ClientVerifier>>,
 ) -> Result<Arc<ListenerState>, StartError> {
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
         Mode::Tcp => &[],
     };
-    let tls = tls::server_config(resolver.clone(), alpn).map_err(|source| StartError::Tls {
-        listener: listener.name.clone(),
-        source,
-    })?;
+    let verifier =
+        client_verifier.map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
+    let tls =
+        tls::server_config(resolver.clone(), alpn, verifier).map_err(|source| StartError::Tls {
+            listener: listener.name.clone(),
+            source,
+        })?;
     let http = (listener.mode == Mode::Http).then(|| UpstreamClient::new(listener));
     Ok(Arc::new(ListenerState {
         config: Arc::new(listener.clone()),

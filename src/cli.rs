@@ -244,6 +244,7 @@ impl SingleListener {
                 d.upstream_response,
             )?,
             header_read: d.header_read,
+            max_lifetime: None,
         };
         let max_connections = match self.max_connections {
             Some(0) => return Err(flag_error("--max-connections", "must be at least 1")),
@@ -263,6 +264,8 @@ impl SingleListener {
                 timeouts,
                 cert,
                 cert_policy: Default::default(),
+                client_auth: Default::default(),
+                proxy_protocol: None,
             }],
         })
     }

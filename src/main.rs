@@ -138,6 +138,8 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             timeouts: Timeouts::default(),
             cert: CertSource::default_local_ca(),
             cert_policy: Default::default(),
+            client_auth: Default::default(),
+            proxy_protocol: None,
         }],
     })
 }

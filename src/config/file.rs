@@ -41,6 +41,44 @@ pub struct ListenerFile {
     #[serde(default)]
     pub timeouts: TimeoutsFile,
     pub cert: Option<Spanned<CertFile>>,
+    pub client_auth: Option<Spanned<ClientAuthFile>>,
+    pub proxy_protocol: Option<Spanned<String>>,
+}
+
+/// A single value or a list, for keys like `ca` where one file is usual.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthFile {
+    pub mode: Option<Spanned<String>>,
+    pub ca: Option<Spanned<OneOrMany>>,
+    pub crl: Option<Spanned<OneOrMany>>,
+    pub allow_dns: Option<Vec<String>>,
+    pub allow_uri: Option<Spanned<Vec<String>>>,
+    pub allow_ip: Option<Spanned<Vec<String>>>,
+    pub allow_cn: Option<Vec<String>>,
+    pub allow_ou: Option<Vec<String>>,
+    pub allow_cert_sha256: Option<Spanned<Vec<String>>>,
+    pub allow_spki_sha256: Option<Spanned<Vec<String>>>,
+    pub forward: Option<Spanned<Vec<String>>>,
+    pub identity_header: Option<Spanned<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub poll_interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +94,8 @@ pub struct TimeoutsFile {
     pub upstream_response: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub header_read: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
 }
 
 /// One flat table for every source; which keys belong to which source is a

@@ -46,6 +46,83 @@ pub struct ListenerConfig {
     pub timeouts: Timeouts,
     pub cert: CertSource,
     pub cert_policy: CertPolicy,
+    pub client_auth: ClientAuthConfig,
+    /// TCP mode: announce the client to the upstream with a PROXY header.
+    pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+/// PROXY protocol version sent to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyProtocol {
+    V1,
+    V2,
+}
+
+/// Whether and how clients must present a certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ClientAuthMode {
+    #[default]
+    None,
+    /// Verified if presented; anonymous clients are let through.
+    Optional,
+    Require,
+}
+
+/// Client-certificate verification, authorization and identity forwarding.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ClientAuthConfig {
+    pub mode: ClientAuthMode,
+    /// CA bundles clients are verified against.
+    pub ca: Vec<PathBuf>,
+    /// CRL files (PEM or DER); revoked client certificates are refused.
+    pub crl: Vec<PathBuf>,
+    pub allow: AllowList,
+    pub forward: ForwardIdentity,
+    /// How often trust files are re-read without a change notification.
+    pub poll_interval: Duration,
+}
+
+/// Who may connect, once verified. Empty means "any verified client"; as
+/// soon as one list is set, a client must match at least one entry of some
+/// list. Matching is exact (byte for byte) except for `*` path segments in
+/// URI patterns.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AllowList {
+    pub dns: Vec<String>,
+    /// URI SANs; SPIFFE-style patterns where a `*` segment matches exactly
+    /// one non-empty path segment.
+    pub uri: Vec<String>,
+    pub ip: Vec<std::net::IpAddr>,
+    pub cn: Vec<String>,
+    pub ou: Vec<String>,
+    /// SHA-256 of the whole certificate, lowercase hex.
+    pub cert_sha256: Vec<String>,
+    /// SHA-256 of the SubjectPublicKeyInfo, lowercase hex.
+    pub spki_sha256: Vec<String>,
+}
+
+impl AllowList {
+    pub fn is_empty(&self) -> bool {
+        self.dns.is_empty()
+            && self.uri.is_empty()
+            && self.ip.is_empty()
+            && self.cn.is_empty()
+            && self.ou.is_empty()
+            && self.cert_sha256.is_empty()
+            && self.spki_sha256.is_empty()
+    }
+}
+
+/// How the verified client identity reaches an HTTP upstream. Whatever is
+/// chosen, copies of these headers sent by the client are always removed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ForwardIdentity {
+    /// `X-Forwarded-Client-Cert`, Envoy's format.
+    pub xfcc: bool,
+    /// RFC 9440 `Client-Cert` and `Client-Cert-Chain`.
+    pub client_cert: bool,
+    /// A plain header carrying the SPIFFE ID (URI SAN) or else the CN.
+    pub header: Option<String>,
 }
 
 /// Where a listener sends decrypted traffic.
@@ -119,6 +196,9 @@ pub struct Timeouts {
     pub upstream_response: Duration,
     /// HTTP/1 mode: reading a complete request head from the client.
     pub header_read: Duration,
+    /// Close connections older than this (None: no limit). Bounds how long
+    /// a client-certificate decision made under old trust stays in force.
+    pub max_lifetime: Option<Duration>,
 }
 
 impl Default for Timeouts {
@@ -129,6 +209,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             header_read: Duration::from_secs(30),
+            max_lifetime: None,
         }
     }
 }

@@ -8,10 +8,13 @@ use std::time::Duration;
 
 use toml::Spanned;
 
-use super::file::{line_col, CertFile, FileConfig, ListenerFile, TimeoutsFile};
+use super::file::{
+    line_col, CertFile, ClientAuthFile, FileConfig, ListenerFile, OneOrMany, TimeoutsFile,
+};
 use super::{
-    default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, CertPolicy, CertSource, Config,
-    ConfigError, ExportConfig, ListenerConfig, Origin, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
+    default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
+    ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity,
+    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -157,6 +160,31 @@ fn validate_listener(
     })?;
 
     let (cert, cert_policy) = validate_cert(loc, index, raw.cert)?;
+    let client_auth = validate_client_auth(loc, index, raw.mode, raw.client_auth)?;
+    let proxy_protocol = match &raw.proxy_protocol {
+        None => None,
+        Some(p) => {
+            let v = match p.get_ref().as_str() {
+                "v1" => ProxyProtocol::V1,
+                "v2" => ProxyProtocol::V2,
+                other => {
+                    return Err(invalid(
+                        loc.at(p),
+                        key("proxy_protocol"),
+                        format!("unknown PROXY protocol version `{other}`, expected `v1` or `v2`"),
+                    ))
+                }
+            };
+            if raw.mode != Mode::Tcp {
+                return Err(invalid(
+                    loc.at(p),
+                    key("proxy_protocol"),
+                    "needs mode = \"tcp\"; in HTTP mode the client is described by forwarding headers",
+                ));
+            }
+            Some(v)
+        }
+    };
 
     Ok(ListenerConfig {
         name,
@@ -167,6 +195,160 @@ fn validate_listener(
         timeouts,
         cert,
         cert_policy,
+        client_auth,
+        proxy_protocol,
+    })
+}
+
+fn validate_client_auth(
+    loc: &Locator<'_>,
+    index: usize,
+    mode: Mode,
+    raw: Option<Spanned<ClientAuthFile>>,
+) -> Result<ClientAuthConfig, ConfigError> {
+    let key = |k: &str| format!("listener[{index}].client_auth.{k}");
+    let Some(spanned) = raw else {
+        return Ok(ClientAuthConfig::default());
+    };
+    let table = loc.at(&spanned);
+    let raw = spanned.into_inner();
+    let auth_mode = match raw.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("none") => ClientAuthMode::None,
+        Some("optional") => ClientAuthMode::Optional,
+        Some("require") => ClientAuthMode::Require,
+        Some(other) => {
+            return Err(invalid(
+                loc.at(raw.mode.as_ref().unwrap()),
+                key("mode"),
+                format!("unknown mode `{other}`, expected `none`, `optional` or `require`"),
+            ))
+        }
+    };
+    let paths = |v: Option<Spanned<OneOrMany>>| -> Vec<PathBuf> {
+        v.map(|s| s.into_inner().into_vec())
+            .unwrap_or_default()
+            .iter()
+            .map(|p| loc.resolve_path(p))
+            .collect()
+    };
+    let ca_origin = raw.ca.as_ref().map(|c| loc.at(c));
+    let ca = paths(raw.ca);
+    let crl = paths(raw.crl);
+    if auth_mode != ClientAuthMode::None && ca.is_empty() {
+        return Err(invalid(
+            table,
+            key("ca"),
+            "client certificates need `ca`: the CA bundle(s) to verify them against",
+        ));
+    }
+    if auth_mode == ClientAuthMode::None && !ca.is_empty() {
+        return Err(invalid(
+            ca_origin.unwrap_or(table),
+            key("mode"),
+            "`ca` is set but mode = \"none\"; set mode = \"optional\" or \"require\"",
+        ));
+    }
+    let hexes =
+        |v: &Option<Spanned<Vec<String>>>, name: &str| -> Result<Vec<String>, ConfigError> {
+            let Some(v) = v else { return Ok(Vec::new()) };
+            v.get_ref()
+                .iter()
+                .map(|f| parse_fingerprint(f).map_err(|m| invalid(loc.at(v), key(name), m)))
+                .collect()
+        };
+    let mut ip = Vec::new();
+    if let Some(ips) = &raw.allow_ip {
+        for value in ips.get_ref() {
+            ip.push(value.parse::<std::net::IpAddr>().map_err(|_| {
+                invalid(
+                    loc.at(ips),
+                    key("allow_ip"),
+                    format!("`{value}` is not an IP address"),
+                )
+            })?);
+        }
+    }
+    if let Some(uris) = &raw.allow_uri {
+        for u in uris.get_ref() {
+            if !u.contains("://") {
+                return Err(invalid(
+                    loc.at(uris),
+                    key("allow_uri"),
+                    format!("`{u}` is not a URI, e.g. spiffe://example.org/ns/prod/sa/web"),
+                ));
+            }
+        }
+    }
+    let allow = AllowList {
+        dns: raw.allow_dns.unwrap_or_default(),
+        uri: raw.allow_uri.map(|u| u.into_inner()).unwrap_or_default(),
+        ip,
+        cn: raw.allow_cn.unwrap_or_default(),
+        ou: raw.allow_ou.unwrap_or_default(),
+        cert_sha256: hexes(&raw.allow_cert_sha256, "allow_cert_sha256")?,
+        spki_sha256: hexes(&raw.allow_spki_sha256, "allow_spki_sha256")?,
+    };
+    if !allow.is_empty() && auth_mode == ClientAuthMode::None {
+        return Err(invalid(
+            table,
+            key("mode"),
+            "allow-lists need mode = \"optional\" or \"require\"",
+        ));
+    }
+    let mut forward = ForwardIdentity::default();
+    if let Some(list) = &raw.forward {
+        for f in list.get_ref() {
+            match f.as_str() {
+                "xfcc" => forward.xfcc = true,
+                "client-cert" => forward.client_cert = true,
+                "header" => {
+                    forward.header = Some(
+                        raw.identity_header
+                            .as_ref()
+                            .map_or("x-client-identity".to_string(), |h| h.get_ref().to_ascii_lowercase()),
+                    )
+                }
+                other => {
+                    return Err(invalid(
+                        loc.at(list),
+                        key("forward"),
+                        format!("unknown identity format `{other}`, expected `xfcc`, `client-cert` or `header`"),
+                    ))
+                }
+            }
+        }
+        if mode != Mode::Http {
+            return Err(invalid(
+                loc.at(list),
+                key("forward"),
+                "identity headers need mode = \"http\"; in TCP mode use proxy_protocol = \"v2\"",
+            ));
+        }
+    }
+    if let Some(h) = &raw.identity_header {
+        if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_err() {
+            return Err(invalid(
+                loc.at(h),
+                key("identity_header"),
+                format!("`{}` is not a valid header name", h.get_ref()),
+            ));
+        }
+    }
+    let poll_interval = raw.poll_interval.unwrap_or(Duration::from_secs(10));
+    if poll_interval < Duration::from_millis(100) {
+        return Err(invalid(
+            table,
+            key("poll_interval"),
+            "must be at least 100ms",
+        ));
+    }
+    Ok(ClientAuthConfig {
+        mode: auth_mode,
+        ca,
+        crl,
+        allow,
+        forward,
+        poll_interval,
     })
 }
 
@@ -451,6 +633,12 @@ fn validate_timeouts(raw: &TimeoutsFile) -> Result<Timeouts, (&'static str, Stri
             d.upstream_response,
         )?,
         header_read: pick("header_read", raw.header_read, d.header_read)?,
+        max_lifetime: match raw.max_lifetime {
+            Some(v) if v.is_zero() => {
+                return Err(("max_lifetime", "must be greater than zero".to_string()))
+            }
+            v => v,
+        },
     })
 }
 

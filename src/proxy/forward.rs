@@ -16,6 +16,80 @@ pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-p
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub static CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
+pub static CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
+
+/// Remove every identity header a client may have sent, then add the ones
+/// sheath vouches for. Runs on every request, also when forwarding is off,
+/// so a backend that trusts these headers can never be fooled through
+/// sheath.
+pub fn set_identity(
+    headers: &mut HeaderMap,
+    forward: &crate::config::ForwardIdentity,
+    identity: Option<&crate::tls::client_auth::ClientIdentity>,
+) {
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    headers.remove(&CLIENT_CERT);
+    headers.remove(&CLIENT_CERT_CHAIN);
+    let custom = forward
+        .header
+        .as_deref()
+        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
+    if let Some(name) = &custom {
+        headers.remove(name);
+    }
+    let Some(id) = identity else {
+        return;
+    };
+    if forward.xfcc {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), header_value(&xfcc(id)));
+    }
+    if forward.client_cert {
+        use base64::Engine as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        headers.insert(
+            CLIENT_CERT.clone(),
+            header_value(&format!(":{}:", b64.encode(&id.cert))),
+        );
+        if !id.chain.is_empty() {
+            let chain: Vec<String> = id
+                .chain
+                .iter()
+                .map(|c| format!(":{}:", b64.encode(c)))
+                .collect();
+            headers.insert(CLIENT_CERT_CHAIN.clone(), header_value(&chain.join(", ")));
+        }
+    }
+    if let (Some(name), Some(principal)) = (custom, id.principal()) {
+        headers.insert(name, header_value(principal));
+    }
+}
+
+/// `X-Forwarded-Client-Cert` in Envoy's format: `Hash=…;Subject="…";URI=…;DNS=…`.
+pub fn xfcc(id: &crate::tls::client_auth::ClientIdentity) -> String {
+    let mut parts = vec![
+        format!("Hash={}", id.sha256),
+        format!("Subject={}", quote(&id.subject)),
+    ];
+    for uri in &id.uris {
+        parts.push(format!("URI={}", xfcc_value(uri)));
+    }
+    for dns in &id.dns {
+        parts.push(format!("DNS={}", xfcc_value(dns)));
+    }
+    parts.join(";")
+}
+
+/// Envoy quotes values that contain a separator.
+fn xfcc_value(v: &str) -> String {
+    if v.contains([',', ';', '=', '"']) {
+        quote(v)
+    } else {
+        v.to_string()
+    }
+}
+
 /// Headers that describe one hop (RFC 9110 §7.6.1) and never travel on.
 const HOP_BY_HOP: &[&str] = &[
     "connection",

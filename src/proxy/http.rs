@@ -158,9 +158,17 @@ async fn drive<C: GracefulConnection>(
 ) -> Result<(), String> {
     let mut conn_future = pin!(conn_future);
     let mut draining = false;
+    let lifetime = super::tcp::max_lifetime(config.timeouts.max_lifetime);
+    let mut lifetime = pin!(lifetime);
     loop {
         tokio::select! {
             r = conn_future.as_mut() => return r.map_err(|e| e.to_string()),
+            _ = lifetime.as_mut(), if !draining => {
+                // Old enough: finish what is in flight, then close, so the
+                // client reconnects under current trust and certificate.
+                draining = true;
+                conn_future.as_mut().graceful_shutdown();
+            }
             _ = conn.drain.graceful.cancelled(), if !draining => {
                 // HTTP/1: close after the response in flight; HTTP/2: GOAWAY,
                 // letting open streams finish.
@@ -194,6 +202,7 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
     tracing::info!(
         listener = %config.name,
         peer = %ctx.conn.peer,
+        client = ctx.conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
         method = %method,
         path = %path,
         version = ?version,
@@ -304,6 +313,11 @@ async fn forward_request(
         }
     }
     forward::set_forwarded(headers, ctx.conn.peer, host.as_deref());
+    forward::set_identity(
+        headers,
+        &config.client_auth.forward,
+        ctx.conn.identity.as_deref(),
+    );
 
     let timeouts = config.timeouts;
     let mut resp = match tokio::time::timeout(

@@ -166,6 +166,7 @@ async fn handle(
     stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(Arc::clone(&stats));
     let _ = tcp.set_nodelay(true);
+    let local = tcp.local_addr().unwrap_or_else(|_| state.config.bind);
     let config = &state.config;
     let handshake = tokio::select! {
         r = tls::accept(tcp, |hello| pick_config(&state, hello), config.timeouts.handshake) => r,
@@ -193,10 +194,37 @@ async fn handle(
         let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
         return;
     }
+    let session = accepted.stream.get_ref().1;
+    let identity = match session.peer_certificates() {
+        Some([leaf, intermediates @ ..]) => {
+            match tls::client_auth::ClientIdentity::from_chain(leaf, intermediates) {
+                Ok(id) => Some(Arc::new(id)),
+                Err(e) => {
+                    // Verified by webpki but unparseable here: refuse rather
+                    // than forward without an identity.
+                    tracing::warn!(listener = %config.name, peer = %peer, error = %e, "client certificate unreadable");
+                    return;
+                }
+            }
+        }
+        _ => None,
+    };
+    let tls_version = session
+        .protocol_version()
+        .and_then(|v| v.as_str())
+        .unwrap_or("-");
+    let cipher = session
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("-");
     let conn = ConnInfo {
         listener: Arc::clone(&state),
         peer,
+        local,
         sni: accepted.sni,
+        identity,
+        tls_version,
+        cipher,
         drain,
     };
     match config.mode {

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod http;
 pub mod io;
 pub mod listener;
+pub mod proxy_protocol;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use rustls::ServerConfig;
 
 use crate::config::ListenerConfig;
 use crate::shutdown::Drain;
+use crate::tls::client_auth::ClientIdentity;
 use crate::tls::CertResolver;
 
 pub use listener::{bind, Listener, ListenerStats};
@@ -42,6 +44,13 @@ pub struct ListenerState {
 pub struct ConnInfo {
     pub listener: Arc<ListenerState>,
     pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
     pub sni: Option<String>,
+    /// The verified client certificate, on mTLS listeners.
+    pub identity: Option<Arc<ClientIdentity>>,
+    /// Negotiated TLS version and cipher suite, e.g. `TLSv1_3`.
+    pub tls_version: &'static str,
+    pub cipher: &'static str,
     pub drain: Drain,
 }

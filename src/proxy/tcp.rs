@@ -35,6 +35,20 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
         }
     };
     let _ = upstream_stream.set_nodelay(true);
+    let mut upstream_stream = upstream_stream;
+    if let Some(version) = config.proxy_protocol {
+        let header = match super::proxy_protocol::header(version, &conn, conn.local) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(listener = %config.name, peer = %conn.peer, error = %e, "cannot build PROXY header");
+                return;
+            }
+        };
+        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream_stream, &header).await {
+            tracing::warn!(listener = %config.name, peer = %conn.peer, error = %e, "upstream closed before the PROXY header");
+            return;
+        }
+    }
 
     let activity = Activity::new();
     let mut client = Tracked::new(client, activity.clone(), Side::Client);
@@ -48,6 +62,7 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
             }
         },
         _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+        _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
         _ = conn.drain.abort.cancelled() => "drain_timeout",
     };
     let (bytes_in, bytes_out) = activity.totals();
@@ -55,6 +70,7 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
         listener = %config.name,
         peer = %conn.peer,
         sni = conn.sni.as_deref().unwrap_or("-"),
+        client = conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
         upstream = %upstream,
         bytes_in,
         bytes_out,
@@ -62,4 +78,12 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
         outcome,
         "connection"
     );
+}
+
+/// Resolves after the connection's maximum lifetime, if one is set.
+pub async fn max_lifetime(limit: Option<std::time::Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep(limit).await,
+        None => std::future::pending().await,
+    }
 }

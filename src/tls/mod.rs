@@ -1,6 +1,7 @@
 //! TLS termination: the server configuration policy, the lock-free
 //! certificate resolver, and the handshake under one deadline.
 
+pub mod client_auth;
 pub mod danger;
 pub mod handshake;
 pub mod resolver;

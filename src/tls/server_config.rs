@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, OnceLock};
 
+use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::ServerConfig;
 
@@ -25,19 +26,36 @@ fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
     Ok(Arc::clone(TICKETER.get_or_init(|| t)))
 }
 
-/// Build a server config around a certificate resolver.
+/// Build a server config around a certificate resolver and, for mTLS
+/// listeners, a client certificate verifier.
 pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
+    let builder = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let mtls = client_verifier.is_some();
+    let mut config = match client_verifier {
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+        None => builder.with_no_client_auth(),
+    }
+    .with_cert_resolver(resolver);
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config.ticketer = ticketer()?;
-    config.session_storage = ServerSessionMemoryCache::new(4096);
+    if mtls {
+        // Resumption is off where clients present certificates: a resumed
+        // session skips certificate verification, so a client revoked by a
+        // new CRL, or no longer trusted after a CA rotation, or outside a
+        // changed allow-list, could keep reconnecting on an old ticket.
+        // Full handshakes cost a little CPU; they keep every connection
+        // under the current trust.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    } else {
+        config.ticketer = ticketer()?;
+        config.session_storage = ServerSessionMemoryCache::new(4096);
+    }
     config.max_early_data_size = 0;
     // The server's suite order (strongest first) wins over the client's.
     config.ignore_client_order = true;

@@ -49,11 +49,13 @@ pub struct PebbleOptions {
     pub nonce_reject_percent: u8,
 }
 
+/// Fresh free ports for `http_port`/`tls_port` (never Pebble's fixed
+/// 5002/5001, so tests can run in parallel), no EAB, no nonce rejection.
 impl Default for PebbleOptions {
     fn default() -> Self {
         PebbleOptions {
-            http_port: 5002,
-            tls_port: 5001,
+            http_port: free_port(),
+            tls_port: free_port(),
             validity_secs: None,
             eab: None,
             nonce_reject_percent: 0,

@@ -1,0 +1,100 @@
+//! PROXY protocol headers towards a TCP-mode upstream, so L4 backends learn
+//! who is calling: the client address always, and in v2 the TLS details and
+//! the verified client certificate as TLVs.
+//!
+//! v2 TLVs sent: `PP2_TYPE_AUTHORITY` (the SNI), `PP2_TYPE_SSL` with the
+//! `PP2_CLIENT_SSL` / `PP2_CLIENT_CERT_CONN` flags, verify = 0 and the
+//! sub-TLVs `PP2_SUBTYPE_SSL_VERSION`, `PP2_SUBTYPE_SSL_CIPHER` and
+//! `PP2_SUBTYPE_SSL_CN`; and, in the range the specification reserves for
+//! custom use, [`PP2_TYPE_SHEATH_CLIENT_CERT`] with the client's leaf
+//! certificate in DER.
+
+use std::net::SocketAddr;
+
+use ppp::v2::{Builder, Command, Protocol, Type, Version};
+
+use super::ConnInfo;
+use crate::config::ProxyProtocol;
+
+/// Custom TLV carrying the verified client certificate (DER).
+pub const PP2_TYPE_SHEATH_CLIENT_CERT: u8 = 0xE0;
+const PP2_CLIENT_SSL: u8 = 0x01;
+const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+
+/// The header to write to the upstream before any client byte.
+pub fn header(
+    version: ProxyProtocol,
+    conn: &ConnInfo,
+    local: SocketAddr,
+) -> std::io::Result<Vec<u8>> {
+    let peer = unmap(conn.peer);
+    let local = unmap(local);
+    match version {
+        ProxyProtocol::V1 => {
+            let addresses: ppp::v1::Addresses = match (peer, local) {
+                (SocketAddr::V4(_), SocketAddr::V4(_)) | (SocketAddr::V6(_), SocketAddr::V6(_)) => {
+                    (peer, local).into()
+                }
+                _ => ppp::v1::Addresses::Unknown,
+            };
+            Ok(format!("{addresses}\r\n").into_bytes())
+        }
+        ProxyProtocol::V2 => {
+            let mut builder = Builder::with_addresses(
+                Version::Two | Command::Proxy,
+                Protocol::Stream,
+                (peer, local),
+            );
+            if let Some(sni) = &conn.sni {
+                builder = builder.write_tlv(Type::Authority, sni.as_bytes())?;
+            }
+            builder = builder.write_tlv(Type::SSL, &ssl_tlv(conn))?;
+            if let Some(identity) = &conn.identity {
+                builder = builder.write_tlv(PP2_TYPE_SHEATH_CLIENT_CERT, &identity.cert)?;
+            }
+            builder.build()
+        }
+    }
+}
+
+/// `PP2_TYPE_SSL` value: client flags, verify result, then sub-TLVs.
+fn ssl_tlv(conn: &ConnInfo) -> Vec<u8> {
+    let mut client = PP2_CLIENT_SSL;
+    if conn.identity.is_some() {
+        client |= PP2_CLIENT_CERT_CONN;
+    }
+    let mut value = vec![client];
+    // 0: the client certificate, if any, was verified (unverified clients
+    // never get this far).
+    value.extend_from_slice(&0u32.to_be_bytes());
+    let mut sub = |kind: Type, data: &[u8]| {
+        value.push(kind as u8);
+        value.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        value.extend_from_slice(data);
+    };
+    sub(
+        Type::SSLVersion,
+        tls_version_name(conn.tls_version).as_bytes(),
+    );
+    sub(Type::SSLCipher, conn.cipher.as_bytes());
+    if let Some(cn) = conn.identity.as_ref().and_then(|i| i.cn.as_deref()) {
+        sub(Type::SSLCommonName, cn.as_bytes());
+    }
+    value
+}
+
+/// rustls says `TLSv1_3`; the convention (OpenSSL, HAProxy) is `TLSv1.3`.
+fn tls_version_name(rustls_name: &str) -> String {
+    rustls_name.replace('_', ".")
+}
+
+/// A v4 client on a dual-stack socket is reported as v4.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
