@@ -70,6 +70,8 @@ pub struct ListenerHandle {
     pub stats: Arc<ListenerStats>,
     pub resolver: Arc<CertResolver>,
     pub cert_status: Arc<ArcSwap<CertStatus>>,
+    /// The client verifier, on mTLS listeners.
+    pub client_verifier: Option<Arc<ClientVerifier>>,
 }
 
 impl ListenerHandle {
@@ -292,6 +294,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             stats,
             resolver: Arc::clone(&resolver),
             cert_status: manager.status(),
+            client_verifier: client_verifier.clone(),
         });
         tokio::spawn(manager.run(stop_background.clone()));
         if let Some(verifier) = client_verifier {

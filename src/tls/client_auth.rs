@@ -124,6 +124,10 @@ pub struct ClientVerifier {
     inner: ArcSwap<Arc<dyn ClientCertVerifier>>,
     allow: AllowList,
     mandatory: bool,
+    /// Successful trust reloads since start.
+    pub reloads: std::sync::atomic::AtomicU64,
+    /// Reload attempts refused because the new trust did not load.
+    pub failed_reloads: std::sync::atomic::AtomicU64,
 }
 
 impl ClientVerifier {
@@ -132,6 +136,8 @@ impl ClientVerifier {
             inner: ArcSwap::from_pointee(load_verifier(config)?),
             allow: config.allow.clone(),
             mandatory: config.mode == ClientAuthMode::Require,
+            reloads: Default::default(),
+            failed_reloads: Default::default(),
         }))
     }
 
@@ -361,11 +367,17 @@ pub async fn reload_trust(
         match load_verifier(&config) {
             Ok(inner) => {
                 verifier.replace(inner);
+                verifier
+                    .reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 fingerprint = now;
                 last_error = None;
                 tracing::info!(listener = %listener, "client trust reloaded (CA bundle / CRL)");
             }
             Err(e) => {
+                verifier
+                    .failed_reloads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let message = e.to_string();
                 if last_error.as_deref() != Some(&message) {
                     tracing::warn!(listener = %listener, error = %message, "client trust not reloaded; the last good CA bundle and CRLs stay in force");

@@ -10,6 +10,7 @@ mod config;
 mod http;
 mod limits;
 mod local_ca;
+mod mtls;
 mod pebble_smoke;
 mod process;
 mod shutdown;

@@ -267,8 +267,8 @@ async fn check_reports_file_line_and_key() {
         (
             "[[listener]]\nname = \"a\"\nupstream = \"127.0.0.1:8080\"\nbnd = \"127.0.0.1:0\"\n",
             "bnd =",
-            "bnd",
-            "unknown field",
+            "key `listener[0].bnd`",
+            "unknown field `bnd`",
         ),
         (
             "[[listener]]\nname = \"a\"\nbind = \"nonsense\"\nupstream = \"127.0.0.1:8080\"\n",

@@ -31,9 +31,12 @@ impl TestPki {
     pub fn new() -> TestPki {
         let ca_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "sheath test CA");
+        // A distinct name per CA: chain building and CRL matching go by
+        // name, and tests often use several CAs at once.
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("sheath test CA {:08x}", rand::random::<u32>()),
+        );
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -127,4 +130,152 @@ pub fn files_cert_toml(files: &CertFiles) -> String {
         files.cert.display(),
         files.key.display()
     )
+}
+
+/// What a client certificate should say.
+#[derive(Clone)]
+pub struct ClientSpec {
+    pub cn: String,
+    pub ou: Vec<String>,
+    pub dns: Vec<String>,
+    pub uris: Vec<String>,
+    pub ips: Vec<std::net::IpAddr>,
+    pub eku: Vec<ExtendedKeyUsagePurpose>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub is_ca: bool,
+    pub serial: u64,
+}
+
+impl ClientSpec {
+    pub fn new(cn: &str) -> ClientSpec {
+        let now = SystemTime::now();
+        ClientSpec {
+            cn: cn.to_string(),
+            ou: vec![],
+            dns: vec![],
+            uris: vec![],
+            ips: vec![],
+            eku: vec![ExtendedKeyUsagePurpose::ClientAuth],
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(3600),
+            is_ca: false,
+            serial: rand::random::<u32>() as u64 + 1,
+        }
+    }
+}
+
+/// A client certificate and key, ready for rustls, curl and openssl.
+pub struct ClientCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: CertificateDer<'static>,
+    pub serial: u64,
+}
+
+impl ClientCert {
+    pub fn rustls_config(
+        &self,
+        roots: Arc<RootCertStore>,
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ClientConfig> {
+        use rustls::pki_types::pem::PemObject;
+        sheath::install_crypto_provider();
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let mut config = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![self.der.clone()], key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// Write `<stem>.pem` and `<stem>.key` under `dir`.
+    pub fn write(&self, dir: &Path, stem: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{stem}.pem"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+impl TestPki {
+    /// A client certificate issued by this CA (or self-signed).
+    pub fn client(&self, spec: &ClientSpec) -> ClientCert {
+        self.client_signed(spec, false)
+    }
+
+    pub fn client_self_signed(&self, spec: &ClientSpec) -> ClientCert {
+        self.client_signed(spec, true)
+    }
+
+    fn client_signed(&self, spec: &ClientSpec, self_signed: bool) -> ClientCert {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, spec.cn.as_str());
+        for ou in &spec.ou {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou.as_str());
+        }
+        let mut sans = Vec::new();
+        for d in &spec.dns {
+            sans.push(SanType::DnsName(d.as_str().try_into().unwrap()));
+        }
+        for u in &spec.uris {
+            sans.push(SanType::URI(u.as_str().try_into().unwrap()));
+        }
+        for ip in &spec.ips {
+            sans.push(SanType::IpAddress(*ip));
+        }
+        params.subject_alt_names = sans;
+        params.extended_key_usages = spec.eku.clone();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        if spec.is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages.push(KeyUsagePurpose::KeyCertSign);
+        }
+        params.not_before = spec.not_before.into();
+        params.not_after = spec.not_after.into();
+        params.serial_number = Some(rcgen::SerialNumber::from(spec.serial));
+        let cert = if self_signed {
+            params.self_signed(&key).unwrap()
+        } else {
+            let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+            params.signed_by(&key, &issuer).unwrap()
+        };
+        ClientCert {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().clone(),
+            serial: spec.serial,
+        }
+    }
+
+    /// A CRL revoking `serials`, PEM.
+    pub fn crl(&self, serials: &[u64]) -> String {
+        let now = SystemTime::now();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: (now - Duration::from_secs(60)).into(),
+            next_update: (now + Duration::from_secs(3600)).into(),
+            crl_number: rcgen::SerialNumber::from(rand::random::<u32>() as u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|s| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*s),
+                    revocation_time: (now - Duration::from_secs(30)).into(),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        params.signed_by(&issuer).unwrap().pem().unwrap()
+    }
 }

@@ -1,0 +1,789 @@
+//! Client-certificate enforcement: the bad-certificate matrix, allow-lists,
+//! identity forwarding that cannot be spoofed, PROXY protocol, trust
+//! rotation, and real clients (curl, openssl).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::Request;
+use rcgen::ExtendedKeyUsagePurpose;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::common::client::{self, body_text, header, parse_headers};
+use crate::common::pki::ClientSpec;
+use crate::common::{backend, require_tool, within, Proxy, TestPki};
+
+/// An echo backend that counts every connection and byte it receives, to
+/// prove a refused client reached nothing.
+#[derive(Clone, Default)]
+struct Recorder {
+    connections: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+async fn recording_echo() -> (SocketAddr, Recorder) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rec = Recorder::default();
+    let r = rec.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            r.connections.fetch_add(1, Ordering::SeqCst);
+            let r = r.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            r.bytes.fetch_add(n as u64, Ordering::SeqCst);
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rec)
+}
+
+async fn mtls_proxy(
+    pki: &TestPki,
+    upstream: SocketAddr,
+    mode: &str,
+    client_auth: &str,
+    extra: &str,
+) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let ca = pki.write_ca(dir.path());
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"{mode}\"\n{extra}\n{}\n[listener.client_auth]\nca = \"{}\"\n{client_auth}\n",
+        crate::common::pki::files_cert_toml(&files),
+        ca.display()
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+/// Connect with `client`, send a probe and expect the echo. TLS 1.3
+/// clients only learn about a refused certificate on their first read, so
+/// the whole exchange is the test.
+async fn exchange(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let mut tls = client::connect(addr, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"probe").await.map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 5];
+    match tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut buf)).await {
+        Ok(Ok(_)) if &buf == b"probe" => Ok(()),
+        Ok(Ok(_)) => Err("wrong echo".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+fn anonymous(pki: &TestPki) -> Arc<rustls::ClientConfig> {
+    client::client_config(pki.roots(), &[])
+}
+
+#[tokio::test]
+async fn bad_client_certificates_fail_the_handshake_and_forward_nothing() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let (upstream, rec) = recording_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let revoked_spec = ClientSpec::new("revoked");
+    let crl = dir.path().join("clients.crl");
+    std::fs::write(&crl, pki.crl(&[revoked_spec.serial])).unwrap();
+    let proxy = mtls_proxy(
+        &pki,
+        upstream,
+        "tcp",
+        &format!("mode = \"require\"\ncrl = \"{}\"\n", crl.display()),
+        "",
+    )
+    .await;
+    let addr = proxy.addr("l");
+    let now = SystemTime::now();
+
+    let mut expired = ClientSpec::new("expired");
+    expired.not_before = now - Duration::from_secs(7200);
+    expired.not_after = now - Duration::from_secs(3600);
+    let mut future = ClientSpec::new("future");
+    future.not_before = now + Duration::from_secs(3600);
+    future.not_after = now + Duration::from_secs(7200);
+    let mut server_only = ClientSpec::new("server-eku");
+    server_only.eku = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let mut ca_as_leaf = ClientSpec::new("a CA");
+    ca_as_leaf.is_ca = true;
+    let roots = pki.roots();
+    let cases: Vec<(&str, Arc<rustls::ClientConfig>)> = vec![
+        ("no certificate", anonymous(&pki)),
+        (
+            "other CA",
+            other
+                .client(&ClientSpec::new("stranger"))
+                .rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "expired",
+            pki.client(&expired).rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "not yet valid",
+            pki.client(&future).rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "server-auth-only EKU",
+            pki.client(&server_only).rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "CA certificate as leaf",
+            pki.client(&ca_as_leaf).rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "self-signed",
+            pki.client_self_signed(&ClientSpec::new("me"))
+                .rustls_config(roots.clone(), &[]),
+        ),
+        (
+            "revoked",
+            pki.client(&revoked_spec).rustls_config(roots.clone(), &[]),
+        ),
+    ];
+    for (what, config) in cases {
+        let result = exchange(addr, config).await;
+        assert!(result.is_err(), "{what}: accepted");
+        assert_eq!(
+            rec.connections.load(Ordering::SeqCst),
+            0,
+            "{what}: reached the upstream"
+        );
+    }
+    assert_eq!(rec.bytes.load(Ordering::SeqCst), 0);
+    assert!(
+        proxy
+            .running()
+            .listener("l")
+            .unwrap()
+            .stats
+            .handshake_failures
+            .load(Ordering::Relaxed)
+            >= 8
+    );
+
+    // The control: a good client gets through.
+    exchange(
+        addr,
+        pki.client(&ClientSpec::new("good"))
+            .rustls_config(roots, &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rec.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn optional_mode_lets_anonymous_clients_in_but_still_refuses_bad_certificates() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let (upstream, _) = recording_echo().await;
+    let proxy = mtls_proxy(&pki, upstream, "tcp", "mode = \"optional\"\n", "").await;
+    let addr = proxy.addr("l");
+    exchange(addr, anonymous(&pki)).await.unwrap();
+    exchange(
+        addr,
+        pki.client(&ClientSpec::new("ok"))
+            .rustls_config(pki.roots(), &[]),
+    )
+    .await
+    .unwrap();
+    assert!(exchange(
+        addr,
+        other
+            .client(&ClientSpec::new("x"))
+            .rustls_config(pki.roots(), &[])
+    )
+    .await
+    .is_err());
+}
+
+#[tokio::test]
+async fn allow_list_near_misses_are_refused_and_exact_matches_pass() {
+    let pki = TestPki::new();
+    let (upstream, rec) = recording_echo().await;
+    let proxy = mtls_proxy(
+        &pki,
+        upstream,
+        "tcp",
+        "mode = \"require\"\nallow_dns = [\"api.internal\"]\nallow_uri = [\"spiffe://example.org/ns/*/sa/frontend\"]\nallow_ip = [\"192.0.2.7\"]\nallow_cn = [\"ops-bot\"]\nallow_ou = [\"payments\"]\n",
+        "",
+    )
+    .await;
+    let addr = proxy.addr("l");
+    let roots = pki.roots();
+    let with = |f: &dyn Fn(&mut ClientSpec)| {
+        let mut spec = ClientSpec::new("nobody");
+        f(&mut spec);
+        pki.client(&spec).rustls_config(roots.clone(), &[])
+    };
+    let passing: Vec<(&str, Arc<rustls::ClientConfig>)> = vec![
+        ("dns", with(&|s| s.dns = vec!["api.internal".into()])),
+        (
+            "uri",
+            with(&|s| s.uris = vec!["spiffe://example.org/ns/prod/sa/frontend".into()]),
+        ),
+        ("ip", with(&|s| s.ips = vec!["192.0.2.7".parse().unwrap()])),
+        ("cn", with(&|s| s.cn = "ops-bot".into())),
+        ("ou", with(&|s| s.ou = vec!["payments".into()])),
+    ];
+    for (what, config) in passing {
+        exchange(addr, config)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: refused: {e}"));
+    }
+    let before = rec.connections.load(Ordering::SeqCst);
+    let near_misses: Vec<(&str, Arc<rustls::ClientConfig>)> = vec![
+        ("dns case", with(&|s| s.dns = vec!["API.internal".into()])),
+        (
+            "dns trailing dot",
+            with(&|s| s.dns = vec!["api.internal.".into()]),
+        ),
+        (
+            "dns subdomain",
+            with(&|s| s.dns = vec!["x.api.internal".into()]),
+        ),
+        (
+            "uri other trust domain",
+            with(&|s| s.uris = vec!["spiffe://example.com/ns/prod/sa/frontend".into()]),
+        ),
+        (
+            "uri wildcard across segments",
+            with(&|s| s.uris = vec!["spiffe://example.org/ns/a/b/sa/frontend".into()]),
+        ),
+        (
+            "uri other service",
+            with(&|s| s.uris = vec!["spiffe://example.org/ns/prod/sa/backend".into()]),
+        ),
+        (
+            "ip other family",
+            with(&|s| s.ips = vec!["::ffff:192.0.2.7".parse().unwrap()]),
+        ),
+        (
+            "ip neighbour",
+            with(&|s| s.ips = vec!["192.0.2.8".parse().unwrap()]),
+        ),
+        ("cn case", with(&|s| s.cn = "Ops-Bot".into())),
+        ("ou other", with(&|s| s.ou = vec!["payment".into()])),
+        ("nothing matching", with(&|_| {})),
+    ];
+    for (what, config) in near_misses {
+        assert!(exchange(addr, config).await.is_err(), "{what}: accepted");
+    }
+    assert_eq!(
+        rec.connections.load(Ordering::SeqCst),
+        before,
+        "a refused client reached the upstream"
+    );
+}
+
+#[tokio::test]
+async fn certificate_and_spki_pins() {
+    let pki = TestPki::new();
+    let (upstream, _) = recording_echo().await;
+    let pinned = pki.client(&ClientSpec::new("pinned"));
+    let spki_pinned = pki.client(&ClientSpec::new("spki"));
+    let id = sheath::tls::client_auth::ClientIdentity::from_chain(&spki_pinned.der, &[]).unwrap();
+    let proxy = mtls_proxy(
+        &pki,
+        upstream,
+        "tcp",
+        &format!(
+            "mode = \"require\"\nallow_cert_sha256 = [\"{}\"]\nallow_spki_sha256 = [\"{}\"]\n",
+            crate::common::sha256(&pinned.der),
+            id.spki_sha256
+        ),
+        "",
+    )
+    .await;
+    let addr = proxy.addr("l");
+    exchange(addr, pinned.rustls_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    exchange(addr, spki_pinned.rustls_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    let unpinned = pki.client(&ClientSpec::new("pinned"));
+    assert!(exchange(addr, unpinned.rustls_config(pki.roots(), &[]))
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn identity_reaches_the_backend_and_forged_headers_never_do() {
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        backend::http().await,
+        "http",
+        "mode = \"optional\"\nforward = [\"xfcc\", \"client-cert\", \"header\"]\nidentity_header = \"X-Client-Id\"\n",
+        "",
+    )
+    .await;
+    let mut spec = ClientSpec::new("frontend");
+    spec.uris = vec!["spiffe://example.org/ns/prod/sa/frontend".into()];
+    spec.dns = vec!["frontend.prod".into()];
+    let cert = pki.client(&spec);
+    let forged = |path: &str| {
+        Request::get(path)
+            .header("host", "localhost")
+            .header(
+                "x-forwarded-client-cert",
+                "Hash=forged;URI=spiffe://evil/admin",
+            )
+            .header("client-cert", ":Zm9yZ2Vk:")
+            .header("client-cert-chain", ":Zm9yZ2Vk:")
+            .header("x-client-id", "spiffe://evil/admin")
+            .body(client::empty())
+            .unwrap()
+    };
+
+    // With a certificate: sheath's values, exactly once each.
+    let tls = client::connect(
+        proxy.addr("l"),
+        cert.rustls_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let text = body_text(sender.send_request(forged("/headers")).await.unwrap()).await;
+    let h = parse_headers(&text);
+    let sha = crate::common::sha256(&cert.der);
+    assert_eq!(
+        header(&h, "x-forwarded-client-cert"),
+        [format!("Hash={sha};Subject=\"CN=frontend\";URI=spiffe://example.org/ns/prod/sa/frontend;DNS=frontend.prod").as_str()]
+    );
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&cert.der);
+    assert_eq!(header(&h, "client-cert"), [format!(":{b64}:").as_str()]);
+    assert!(header(&h, "client-cert-chain").is_empty(), "{text}");
+    assert_eq!(
+        header(&h, "x-client-id"),
+        ["spiffe://example.org/ns/prod/sa/frontend"]
+    );
+
+    // Without a certificate: nothing of the forged headers survives.
+    let mut anon = client::h1(proxy.addr("l"), pki.roots()).await;
+    let text = body_text(anon.send_request(forged("/headers")).await.unwrap()).await;
+    let h = parse_headers(&text);
+    for name in [
+        "x-forwarded-client-cert",
+        "client-cert",
+        "client-cert-chain",
+        "x-client-id",
+    ] {
+        assert!(header(&h, name).is_empty(), "{name} leaked: {text}");
+    }
+}
+
+#[tokio::test]
+async fn forged_identity_headers_are_stripped_even_without_client_auth() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}",
+        backend::http().await,
+        crate::common::pki::files_cert_toml(&files)
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let mut s = client::h2(proxy.addr("l"), pki.roots()).await;
+    let req = Request::get("https://localhost/headers")
+        .header("x-forwarded-client-cert", "Hash=forged")
+        .header("client-cert", ":Zm9yZ2Vk:")
+        .body(client::empty())
+        .unwrap();
+    let text = body_text(s.send_request(req).await.unwrap()).await;
+    let h = parse_headers(&text);
+    assert!(header(&h, "x-forwarded-client-cert").is_empty(), "{text}");
+    assert!(header(&h, "client-cert").is_empty(), "{text}");
+}
+
+/// A PROXY protocol v2 parser written from the specification, independent
+/// of the crate sheath uses to write headers.
+struct ProxyV2 {
+    src: SocketAddr,
+    dst: SocketAddr,
+    tlvs: Vec<(u8, Vec<u8>)>,
+}
+
+async fn read_proxy_v2(s: &mut tokio::net::TcpStream) -> ProxyV2 {
+    let mut head = [0u8; 16];
+    s.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head[..12], b"\r\n\r\n\0\r\nQUIT\n", "v2 signature");
+    assert_eq!(head[12], 0x21, "version 2, PROXY command");
+    assert_eq!(head[13], 0x11, "TCP over IPv4");
+    let len = u16::from_be_bytes([head[14], head[15]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    let ip = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+    let src = SocketAddr::from((ip(&body[0..4]), u16::from_be_bytes([body[8], body[9]])));
+    let dst = SocketAddr::from((ip(&body[4..8]), u16::from_be_bytes([body[10], body[11]])));
+    let mut tlvs = Vec::new();
+    let mut rest = &body[12..];
+    while !rest.is_empty() {
+        let kind = rest[0];
+        let l = u16::from_be_bytes([rest[1], rest[2]]) as usize;
+        tlvs.push((kind, rest[3..3 + l].to_vec()));
+        rest = &rest[3 + l..];
+    }
+    ProxyV2 { src, dst, tlvs }
+}
+
+#[tokio::test]
+async fn proxy_protocol_v2_carries_address_tls_details_and_client_certificate() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let header = read_proxy_v2(&mut s).await;
+        let mut after = [0u8; 5];
+        s.read_exact(&mut after).await.unwrap();
+        s.write_all(&after).await.unwrap();
+        let _ = tx.send(header);
+    });
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        upstream,
+        "tcp",
+        "mode = \"require\"\n",
+        "proxy_protocol = \"v2\"\n",
+    )
+    .await;
+    let cert = pki.client(&ClientSpec::new("db-client"));
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l"))
+        .await
+        .unwrap();
+    let client_addr = tcp.local_addr().unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(cert.rustls_config(pki.roots(), &[]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    within("echo after the PROXY header", tls.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"hello");
+    let header = within("header", rx).await.unwrap();
+    assert_eq!(header.src, client_addr);
+    assert_eq!(header.dst, proxy.addr("l"));
+    let tlv = |k: u8| {
+        header
+            .tlvs
+            .iter()
+            .find(|(kind, _)| *kind == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(tlv(0x02).unwrap(), b"localhost", "authority = SNI");
+    assert_eq!(tlv(0xE0).unwrap(), cert.der.as_ref(), "client certificate");
+    let ssl = tlv(0x20).expect("SSL TLV");
+    assert_eq!(ssl[0], 0x03, "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN");
+    assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified");
+    let mut subs = Vec::new();
+    let mut rest = &ssl[5..];
+    while !rest.is_empty() {
+        let l = u16::from_be_bytes([rest[1], rest[2]]) as usize;
+        subs.push((rest[0], String::from_utf8(rest[3..3 + l].to_vec()).unwrap()));
+        rest = &rest[3 + l..];
+    }
+    assert!(subs.contains(&(0x21, "TLSv1.3".into())), "{subs:?}");
+    assert!(subs.contains(&(0x22, "db-client".into())), "{subs:?}");
+    assert!(
+        subs.iter()
+            .any(|(k, v)| *k == 0x23 && v.starts_with("TLS13_")),
+        "{subs:?}"
+    );
+}
+
+#[tokio::test]
+async fn proxy_protocol_v1_line() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            s.read_exact(&mut byte).await.unwrap();
+            line.push(byte[0]);
+        }
+        let _ = tx.send(String::from_utf8(line).unwrap());
+    });
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\nproxy_protocol = \"v1\"\n{}",
+        crate::common::pki::files_cert_toml(&files)
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("l"))
+        .await
+        .unwrap();
+    let client_addr = tcp.local_addr().unwrap();
+    let _tls = tokio_rustls::TlsConnector::from(client::client_config(pki.roots(), &[]))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let line = within("PROXY line", rx).await.unwrap();
+    assert_eq!(
+        line,
+        format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {}\r\n",
+            client_addr.port(),
+            proxy.addr("l").port()
+        )
+    );
+}
+
+fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test]
+async fn rotated_ca_bundle_and_crl_apply_to_new_handshakes() {
+    let old_ca = TestPki::new();
+    let new_ca = TestPki::new();
+    let (upstream, _) = recording_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let files = old_ca.write_server(dir.path(), "server");
+    let bundle = dir.path().join("clients.pem");
+    let crl = dir.path().join("clients.crl");
+    std::fs::write(&bundle, &old_ca.ca_pem).unwrap();
+    std::fs::write(&crl, old_ca.crl(&[])).unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\ncrl = [\"{}\"]\npoll_interval = \"5s\"\n",
+        crate::common::pki::files_cert_toml(&files),
+        bundle.display(),
+        crl.display()
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let server_roots = old_ca.roots();
+    let old_client = old_ca.client(&ClientSpec::new("old"));
+    let new_client = new_ca.client(&ClientSpec::new("new"));
+    exchange(addr, old_client.rustls_config(server_roots.clone(), &[]))
+        .await
+        .unwrap();
+    assert!(
+        exchange(addr, new_client.rustls_config(server_roots.clone(), &[]))
+            .await
+            .is_err()
+    );
+
+    // An established connection keeps its session across the rotation.
+    let mut established =
+        client::connect(addr, old_client.rustls_config(server_roots.clone(), &[]))
+            .await
+            .unwrap();
+    established.write_all(b"x").await.unwrap();
+    let mut one = [0u8; 1];
+    established.read_exact(&mut one).await.unwrap();
+
+    // A broken bundle keeps the last good trust.
+    let verifier = proxy
+        .running()
+        .listener("l")
+        .unwrap()
+        .client_verifier
+        .clone()
+        .unwrap();
+    write_atomically(&bundle, "garbage");
+    within("broken bundle seen", async {
+        while verifier.failed_reloads.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    exchange(addr, old_client.rustls_config(server_roots.clone(), &[]))
+        .await
+        .unwrap();
+
+    write_atomically(&bundle, &new_ca.ca_pem);
+    within("new trust applies", async {
+        loop {
+            let old = exchange(addr, old_client.rustls_config(server_roots.clone(), &[])).await;
+            let new = exchange(addr, new_client.rustls_config(server_roots.clone(), &[])).await;
+            if old.is_err() && new.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    established.write_all(b"y").await.unwrap();
+    established.read_exact(&mut one).await.unwrap();
+    assert_eq!(&one, b"y");
+
+    // Revoking the new client by CRL.
+    std::fs::write(&bundle, &new_ca.ca_pem).unwrap();
+    write_atomically(
+        Path::new(&proxy.dir.path().join("clients.crl")),
+        &new_ca.crl(&[new_client.serial]),
+    );
+    within("revocation applies", async {
+        while exchange(addr, new_client.rustls_config(server_roots.clone(), &[]))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mtls_listeners_do_not_resume_sessions() {
+    let pki = TestPki::new();
+    let (upstream, _) = recording_echo().await;
+    let proxy = mtls_proxy(&pki, upstream, "tcp", "mode = \"require\"\n", "").await;
+    // One client config: rustls caches tickets per config and would resume.
+    let config = pki
+        .client(&ClientSpec::new("c"))
+        .rustls_config(pki.roots(), &[]);
+    for _ in 0..3 {
+        let mut tls = client::connect(proxy.addr("l"), config.clone())
+            .await
+            .unwrap();
+        tls.write_all(b"x").await.unwrap();
+        let mut one = [0u8; 1];
+        tls.read_exact(&mut one).await.unwrap();
+        assert_eq!(
+            tls.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Full)
+        );
+    }
+}
+
+#[tokio::test]
+async fn curl_and_openssl_present_client_certificates() {
+    if !require_tool("curl") || !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        backend::http().await,
+        "http",
+        "mode = \"require\"\nallow_uri = [\"spiffe://example.org/ns/*/sa/cli\"]\nforward = [\"xfcc\"]\n",
+        "",
+    )
+    .await;
+    let dir = proxy.dir.path();
+    let ca = pki.write_ca(dir);
+    let mut spec = ClientSpec::new("cli");
+    spec.uris = vec!["spiffe://example.org/ns/dev/sa/cli".into()];
+    let (cert, key) = pki.client(&spec).write(dir, "cli");
+    let port = proxy.addr("l").port();
+    let url = format!("https://localhost:{port}/headers");
+
+    let ok = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg("--cert")
+        .arg(&cert)
+        .arg("--key")
+        .arg(&key)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let body = String::from_utf8_lossy(&ok.stdout);
+    assert!(body.contains("x-forwarded-client-cert: Hash="), "{body}");
+    assert!(
+        body.contains("URI=spiffe://example.org/ns/dev/sa/cli"),
+        "{body}"
+    );
+
+    let refused = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "curl without a certificate got through"
+    );
+
+    let s_client = |with_cert: bool| {
+        let mut cmd = tokio::process::Command::new("openssl");
+        cmd.args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            "localhost",
+            "-CAfile",
+        ])
+        .arg(&ca)
+        .args(["-verify_return_error"]);
+        if with_cert {
+            cmd.arg("-cert").arg(&cert).arg("-key").arg(&key);
+        }
+        cmd.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    for with_cert in [true, false] {
+        let mut child = s_client(with_cert).spawn().unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(b"GET /headers HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let out = within("openssl s_client", child.wait_with_output())
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        drop(stdin);
+        if with_cert {
+            assert!(text.contains("HTTP/1.1 200"), "{text}");
+            assert!(text.contains("x-forwarded-client-cert"), "{text}");
+        } else {
+            assert!(
+                !text.contains("HTTP/1.1 200"),
+                "served without a certificate: {text}"
+            );
+        }
+    }
+}
