@@ -324,16 +324,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
 /// Run until SIGTERM or SIGINT, then drain. A second signal during the
 /// drain returns at once with `None`: the operator asked twice.
 pub async fn run_until_signal(running: Running) -> Option<ShutdownOutcome> {
-    match crate::shutdown::signal().await {
-        Ok(sig) => tracing::info!(signal = sig, "shutting down"),
+    let mut signals = match crate::shutdown::Signals::new() {
+        Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for signals; shutting down");
+            return Some(running.shutdown().await);
         }
-    }
+    };
+    let sig = signals.recv().await;
+    tracing::info!(signal = sig, "shutting down");
     tokio::select! {
         outcome = running.shutdown() => Some(outcome),
-        sig = crate::shutdown::signal() => {
-            tracing::warn!(signal = sig.unwrap_or("?"), "second signal: exiting without finishing the drain");
+        sig = signals.recv() => {
+            tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
             None
         }
     }

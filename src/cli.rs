@@ -10,9 +10,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{
-    self, parse_bind, parse_names, parse_upstream, CertSource, Config, ConfigError, ListenerConfig,
-    Mode, Origin, Timeouts, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
-    DEFAULT_MAX_CONNECTIONS,
+    self, parse_bind, parse_fingerprint, parse_names, parse_upstream, AcmeChallenge, AcmeConfig,
+    AcmeTrust, AllowList, CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError,
+    ForwardIdentity, ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::logging::LogFormat;
 
@@ -119,15 +120,15 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_UPSTREAM")]
     pub upstream: Option<String>,
 
-    /// Relay mode.
-    #[arg(long, env = "SHEATH_MODE", default_value = "http")]
-    pub mode: Mode,
+    /// Relay mode: `http` or `tcp` [default: http].
+    #[arg(long, env = "SHEATH_MODE")]
+    pub mode: Option<Mode>,
 
     /// Allow an upstream outside this network namespace's loopback.
     #[arg(long, env = "SHEATH_ALLOW_REMOTE_UPSTREAM")]
     pub allow_remote_upstream: bool,
 
-    /// Certificate names for the local CA (comma-separated DNS names or IPs).
+    /// Certificate names for the local CA or ACME (comma-separated DNS names or IPs).
     #[arg(long = "name", env = "SHEATH_NAMES", value_delimiter = ',', conflicts_with_all = ["cert", "key"])]
     pub names: Vec<String>,
 
@@ -162,6 +163,108 @@ pub struct SingleListener {
     /// HTTP mode: time allowed for the upstream's response head.
     #[arg(long, env = "SHEATH_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Option<Duration>,
+
+    /// Close connections older than this, e.g. `1h`.
+    #[arg(long, env = "SHEATH_MAX_LIFETIME", value_parser = humantime::parse_duration)]
+    pub max_lifetime: Option<Duration>,
+
+    /// Client certificates: `none`, `optional` or `require`.
+    #[arg(long, env = "SHEATH_CLIENT_AUTH")]
+    pub client_auth: Option<String>,
+
+    /// CA bundle(s) client certificates are verified against (comma-separated).
+    #[arg(long, env = "SHEATH_CLIENT_CA", value_delimiter = ',')]
+    pub client_ca: Vec<PathBuf>,
+
+    /// CRL file(s) for client certificates (comma-separated).
+    #[arg(long, env = "SHEATH_CLIENT_CRL", value_delimiter = ',')]
+    pub client_crl: Vec<PathBuf>,
+
+    /// Allowed client URI SANs / SPIFFE ID patterns (comma-separated).
+    #[arg(long, env = "SHEATH_ALLOW_URI", value_delimiter = ',')]
+    pub allow_uri: Vec<String>,
+
+    /// Allowed client DNS SANs (comma-separated).
+    #[arg(long, env = "SHEATH_ALLOW_DNS", value_delimiter = ',')]
+    pub allow_dns: Vec<String>,
+
+    /// Allowed client subject CNs (comma-separated).
+    #[arg(long, env = "SHEATH_ALLOW_CN", value_delimiter = ',')]
+    pub allow_cn: Vec<String>,
+
+    /// Identity to the HTTP upstream: `xfcc`, `client-cert`, `header` (comma-separated).
+    #[arg(long, env = "SHEATH_FORWARD_IDENTITY", value_delimiter = ',')]
+    pub forward_identity: Vec<String>,
+
+    /// TCP mode: PROXY protocol header to the upstream, `v1` or `v2`.
+    #[arg(long, env = "SHEATH_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<String>,
+
+    /// ACME directory URL; certificates for --name are then issued by ACME.
+    #[arg(long, env = "SHEATH_ACME_DIRECTORY")]
+    pub acme_directory: Option<String>,
+
+    /// ACME challenge: `tls-alpn-01` (on the TLS port) or `http-01`.
+    #[arg(long, env = "SHEATH_ACME_CHALLENGE")]
+    pub acme_challenge: Option<String>,
+
+    /// Listen address for HTTP-01 challenges, e.g. 0.0.0.0:80.
+    #[arg(long, env = "SHEATH_ACME_HTTP01_BIND")]
+    pub acme_http01_bind: Option<String>,
+
+    /// PEM root to trust for the ACME server's HTTPS.
+    #[arg(long, env = "SHEATH_ACME_CA_ROOT")]
+    pub acme_ca_root: Option<PathBuf>,
+
+    /// SHA-256 fingerprint of the ACME server's root (bootstrap trust).
+    #[arg(long, env = "SHEATH_ACME_CA_FINGERPRINT")]
+    pub acme_ca_fingerprint: Option<String>,
+
+    /// ACME account contacts (comma-separated), e.g. mailto:ops@example.com.
+    #[arg(long, env = "SHEATH_ACME_CONTACT", value_delimiter = ',')]
+    pub acme_contact: Vec<String>,
+
+    /// External account binding key id.
+    #[arg(long, env = "SHEATH_ACME_EAB_KID", requires = "acme_eab_hmac_key")]
+    pub acme_eab_kid: Option<String>,
+
+    /// External account binding HMAC key (base64url).
+    #[arg(long, env = "SHEATH_ACME_EAB_HMAC_KEY", requires = "acme_eab_kid")]
+    pub acme_eab_hmac_key: Option<String>,
+}
+
+impl SingleListener {
+    /// The flags that were given, for refusing them next to --config.
+    fn given(&self) -> Vec<&'static str> {
+        let mut given = Vec::new();
+        let mut flag = |set: bool, name: &'static str| {
+            if set {
+                given.push(name);
+            }
+        };
+        flag(self.mode.is_some(), "--mode");
+        flag(self.allow_remote_upstream, "--allow-remote-upstream");
+        flag(!self.names.is_empty(), "--name");
+        flag(self.cert_lifetime.is_some(), "--cert-lifetime");
+        flag(self.cert.is_some(), "--cert");
+        flag(self.key.is_some(), "--key");
+        flag(self.max_connections.is_some(), "--max-connections");
+        flag(self.handshake_timeout.is_some(), "--handshake-timeout");
+        flag(self.idle_timeout.is_some(), "--idle-timeout");
+        flag(self.connect_timeout.is_some(), "--connect-timeout");
+        flag(self.upstream_timeout.is_some(), "--upstream-timeout");
+        flag(self.max_lifetime.is_some(), "--max-lifetime");
+        flag(self.client_auth.is_some(), "--client-auth");
+        flag(!self.client_ca.is_empty(), "--client-ca");
+        flag(!self.client_crl.is_empty(), "--client-crl");
+        flag(!self.allow_uri.is_empty(), "--allow-uri");
+        flag(!self.allow_dns.is_empty(), "--allow-dns");
+        flag(!self.allow_cn.is_empty(), "--allow-cn");
+        flag(!self.forward_identity.is_empty(), "--forward-identity");
+        flag(self.proxy_protocol.is_some(), "--proxy-protocol");
+        flag(self.acme_directory.is_some(), "--acme-directory");
+        given
+    }
 }
 
 impl ConfigArgs {
@@ -170,7 +273,17 @@ impl ConfigArgs {
     /// overrides the file's.
     pub fn to_config(&self, state_dir: Option<&PathBuf>) -> Result<Config, ConfigError> {
         let mut config = match &self.config {
-            Some(path) => Config::load(path)?,
+            Some(path) => {
+                // Silently ignoring a flag would run something other than
+                // what the operator asked for.
+                if let Some(flag) = self.single.given().first() {
+                    return Err(flag_error(
+                        flag,
+                        "single-listener flags cannot be combined with --config; put the setting in the config file",
+                    ));
+                }
+                Config::load(path)?
+            }
             None => self.single.to_config()?,
         };
         if let Some(dir) = state_dir {
@@ -208,24 +321,49 @@ impl SingleListener {
         let bind = parse_bind(listen).map_err(|m| flag_error("--listen", m))?;
         let upstream = parse_upstream(upstream, self.allow_remote_upstream)
             .map_err(|m| flag_error("--upstream", m))?;
-        let cert = match (&self.cert, &self.key) {
-            (Some(cert), Some(key)) => CertSource::Files {
+        let names = if self.names.is_empty() {
+            None
+        } else {
+            Some(parse_names(&self.names).map_err(|m| flag_error("--name", m))?)
+        };
+        let cert = match (&self.cert, &self.key, &self.acme_directory) {
+            (Some(_), _, Some(_)) => {
+                return Err(flag_error(
+                    "--acme-directory",
+                    "choose --cert/--key or --acme-directory, not both",
+                ))
+            }
+            (Some(cert), Some(key), None) => CertSource::Files {
                 cert: cert.clone(),
                 key: key.clone(),
             },
+            (_, _, Some(directory)) => CertSource::Acme(Box::new(self.acme(directory, names)?)),
             _ => {
-                let names = if self.names.is_empty() {
-                    match CertSource::default_local_ca() {
-                        CertSource::LocalCa { names, .. } => names,
-                        _ => unreachable!(),
-                    }
-                } else {
-                    parse_names(&self.names).map_err(|m| flag_error("--name", m))?
-                };
-                CertSource::LocalCa {
-                    names,
-                    lifetime: self.cert_lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME),
+                let names = names.unwrap_or_else(|| match CertSource::default_local_ca() {
+                    CertSource::LocalCa { names, .. } => names,
+                    _ => unreachable!(),
+                });
+                let lifetime = self.cert_lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
+                if lifetime < Duration::from_secs(10) {
+                    return Err(flag_error("--cert-lifetime", "must be at least 10 seconds"));
                 }
+                CertSource::LocalCa { names, lifetime }
+            }
+        };
+        let mode = self.mode.unwrap_or_default();
+        let client_auth = self.client_auth_config(mode)?;
+        let proxy_protocol = match self.proxy_protocol.as_deref() {
+            None => None,
+            Some(_) if mode != Mode::Tcp => {
+                return Err(flag_error("--proxy-protocol", "needs --mode tcp"))
+            }
+            Some("v1") => Some(ProxyProtocol::V1),
+            Some("v2") => Some(ProxyProtocol::V2),
+            Some(other) => {
+                return Err(flag_error(
+                    "--proxy-protocol",
+                    format!("unknown version `{other}`, expected `v1` or `v2`"),
+                ))
             }
         };
         let d = Timeouts::default();
@@ -244,7 +382,12 @@ impl SingleListener {
                 d.upstream_response,
             )?,
             header_read: d.header_read,
-            max_lifetime: None,
+            max_lifetime: match self.max_lifetime {
+                Some(v) if v.is_zero() => {
+                    return Err(flag_error("--max-lifetime", "must be greater than zero"))
+                }
+                v => v,
+            },
         };
         let max_connections = match self.max_connections {
             Some(0) => return Err(flag_error("--max-connections", "must be at least 1")),
@@ -259,14 +402,141 @@ impl SingleListener {
                 name: "default".into(),
                 bind,
                 upstream,
-                mode: self.mode,
+                mode: self.mode.unwrap_or_default(),
                 max_connections,
                 timeouts,
                 cert,
                 cert_policy: Default::default(),
-                client_auth: Default::default(),
-                proxy_protocol: None,
+                client_auth,
+                proxy_protocol,
             }],
+        })
+    }
+}
+
+impl SingleListener {
+    fn acme(&self, directory: &str, names: Option<Vec<String>>) -> Result<AcmeConfig, ConfigError> {
+        let names = names
+            .ok_or_else(|| flag_error("--name", "ACME needs the names to request (--name)"))?;
+        if !directory.starts_with("https://") {
+            return Err(flag_error(
+                "--acme-directory",
+                format!("`{directory}` is not an https:// URL"),
+            ));
+        }
+        let challenge = match self.acme_challenge.as_deref() {
+            None | Some("tls-alpn-01") => AcmeChallenge::TlsAlpn01,
+            Some("http-01") => AcmeChallenge::Http01,
+            Some(other) => {
+                return Err(flag_error(
+                    "--acme-challenge",
+                    format!("unknown challenge `{other}`, expected `tls-alpn-01` or `http-01`"),
+                ))
+            }
+        };
+        let http01_bind = match &self.acme_http01_bind {
+            Some(b) => Some(parse_bind(b).map_err(|m| flag_error("--acme-http01-bind", m))?),
+            None if challenge == AcmeChallenge::Http01 => {
+                return Err(flag_error(
+                    "--acme-http01-bind",
+                    "http-01 needs --acme-http01-bind, e.g. 0.0.0.0:80",
+                ))
+            }
+            None => None,
+        };
+        let trust = match (&self.acme_ca_root, &self.acme_ca_fingerprint) {
+            (Some(_), Some(_)) => {
+                return Err(flag_error(
+                    "--acme-ca-fingerprint",
+                    "give --acme-ca-root or --acme-ca-fingerprint, not both",
+                ))
+            }
+            (Some(root), None) => AcmeTrust::RootFile(root.clone()),
+            (None, Some(fp)) => AcmeTrust::Fingerprint(
+                parse_fingerprint(fp).map_err(|m| flag_error("--acme-ca-fingerprint", m))?,
+            ),
+            (None, None) => AcmeTrust::System,
+        };
+        Ok(AcmeConfig {
+            directory: directory.to_string(),
+            names,
+            contact: self.acme_contact.clone(),
+            challenge,
+            http01_bind,
+            trust,
+            eab: self
+                .acme_eab_kid
+                .clone()
+                .zip(self.acme_eab_hmac_key.clone()),
+        })
+    }
+
+    fn client_auth_config(&self, mode: Mode) -> Result<ClientAuthConfig, ConfigError> {
+        let auth_mode = match self.client_auth.as_deref() {
+            None | Some("none") => ClientAuthMode::None,
+            Some("optional") => ClientAuthMode::Optional,
+            Some("require") => ClientAuthMode::Require,
+            Some(other) => {
+                return Err(flag_error(
+                    "--client-auth",
+                    format!("unknown mode `{other}`, expected `none`, `optional` or `require`"),
+                ))
+            }
+        };
+        if auth_mode != ClientAuthMode::None && self.client_ca.is_empty() {
+            return Err(flag_error(
+                "--client-ca",
+                "client certificates need --client-ca",
+            ));
+        }
+        if auth_mode == ClientAuthMode::None
+            && (!self.client_ca.is_empty()
+                || !self.allow_uri.is_empty()
+                || !self.allow_dns.is_empty()
+                || !self.allow_cn.is_empty())
+        {
+            return Err(flag_error(
+                "--client-auth",
+                "client CA and allow-lists need --client-auth optional or require",
+            ));
+        }
+        let mut forward = ForwardIdentity::default();
+        for f in &self.forward_identity {
+            match f.as_str() {
+                "xfcc" => forward.xfcc = true,
+                "client-cert" => forward.client_cert = true,
+                "header" => forward.header = Some("x-client-identity".into()),
+                other => {
+                    return Err(flag_error(
+                        "--forward-identity",
+                        format!("unknown identity format `{other}`, expected `xfcc`, `client-cert` or `header`"),
+                    ))
+                }
+            }
+        }
+        if !self.forward_identity.is_empty() && mode != Mode::Http {
+            return Err(flag_error(
+                "--forward-identity",
+                "identity headers need --mode http",
+            ));
+        }
+        for u in &self.allow_uri {
+            if !u.contains("://") {
+                return Err(flag_error("--allow-uri", format!("`{u}` is not a URI")));
+            }
+        }
+        Ok(ClientAuthConfig {
+            mode: auth_mode,
+            ca: self.client_ca.clone(),
+            crl: self.client_crl.clone(),
+            allow: AllowList {
+                dns: self.allow_dns.clone(),
+                uri: self.allow_uri.clone(),
+                cn: self.allow_cn.clone(),
+                ..AllowList::default()
+            },
+            forward,
+            poll_interval: Duration::from_secs(10),
         })
     }
 }

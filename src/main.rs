@@ -202,12 +202,18 @@ fn print_demo_banner(running: &app::Running) {
     println!("Stop with Ctrl-C.");
 }
 
-/// Print an error with its whole chain of causes.
+/// Print an error with its whole chain of causes. A cause whose text the
+/// message above it already includes is not repeated.
 fn report(error: &dyn std::error::Error, code: u8) -> ExitCode {
     let mut message = format!("sheath: error: {error}");
+    let mut shown = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
-        message.push_str(&format!("\n  caused by: {cause}"));
+        let text = cause.to_string();
+        if !shown.contains(&text) {
+            message.push_str(&format!("\n  caused by: {text}"));
+        }
+        shown = text;
         source = cause.source();
     }
     eprintln!("{message}");

@@ -408,3 +408,34 @@ fn find_file(dir: &Path, name: &str) -> Option<std::path::PathBuf> {
     }
     None
 }
+
+#[tokio::test]
+async fn tls_alpn_01_works_on_a_listener_that_requires_client_certificates() {
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let clients = crate::common::TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = clients.write_ca(dir.path());
+    let toml = format!(
+        "{}[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\n",
+        listener_toml(&setup, upstream, &ca_root(&setup)),
+        client_ca.display()
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    // The validator presents no client certificate; issuance still works.
+    wait_installs(&status, 1, &setup.pebble).await;
+    let root = setup.pebble.issuing_root_pem().await;
+    let addr = proxy.addr("l");
+    // Ordinary clients still need a certificate.
+    assert!(verified_roundtrip(addr, &root).await.is_err());
+    let cert = clients.client(&crate::common::pki::ClientSpec::new("svc"));
+    let mut tls = connect_as(addr, cert.rustls_config(roots_from_pem(&root), &[]), NAME)
+        .await
+        .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", tls.read_exact(&mut buf)).await.unwrap();
+}
