@@ -468,6 +468,7 @@ impl SingleListener {
                 .acme_eab_kid
                 .clone()
                 .zip(self.acme_eab_hmac_key.clone()),
+            key_type: Default::default(),
         })
     }
 

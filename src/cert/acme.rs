@@ -23,7 +23,7 @@ use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType,
     ExternalAccountKey, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256};
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::RootCertStore;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -32,7 +32,7 @@ use super::inspect::sha256_hex;
 use super::manager::{Material, ObtainError};
 use super::store::{self, PRIVATE, PUBLIC};
 use super::{bootstrap, certified_key, files, parse_chain_pem};
-use crate::config::{AcmeChallenge, AcmeConfig, AcmeTrust};
+use crate::config::{AcmeChallenge, AcmeConfig, AcmeTrust, KeyType};
 
 /// Upper bound on one whole issuance (account, order, challenges,
 /// finalization, download).
@@ -298,8 +298,14 @@ impl AcmeIssuer {
         }
         drop(answers);
 
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| OrderError::Other(e.to_string()))?;
+        let key = match self.config.key_type {
+            KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+            KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+            KeyType::Rsa2048 => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+            }
+        }
+        .map_err(|e| OrderError::Other(e.to_string()))?;
         let mut params = CertificateParams::new(self.config.names.clone())
             .map_err(|e| OrderError::Other(e.to_string()))?;
         params.distinguished_name = DistinguishedName::new();

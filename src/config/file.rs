@@ -119,6 +119,7 @@ pub struct CertFile {
     pub ca_fingerprint: Option<Spanned<String>>,
     pub eab_kid: Option<Spanned<String>>,
     pub eab_hmac_key: Option<Spanned<String>>,
+    pub key_type: Option<Spanned<String>>,
     // every source
     pub renew_ratio: Option<Spanned<f64>>,
     #[serde(default, with = "humantime_serde")]

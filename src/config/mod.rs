@@ -254,6 +254,38 @@ pub struct AcmeConfig {
     pub trust: AcmeTrust,
     /// External account binding: key id and base64url HMAC key.
     pub eab: Option<(String, String)>,
+    /// Key type of the certificates requested.
+    pub key_type: KeyType,
+}
+
+/// Private key algorithm for issued certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KeyType {
+    #[default]
+    EcdsaP256,
+    EcdsaP384,
+    Rsa2048,
+}
+
+impl KeyType {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::Rsa2048 => "rsa-2048",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<KeyType, String> {
+        match value {
+            "ecdsa-p256" => Ok(KeyType::EcdsaP256),
+            "ecdsa-p384" => Ok(KeyType::EcdsaP384),
+            "rsa-2048" => Ok(KeyType::Rsa2048),
+            other => Err(format!(
+                "unknown key type `{other}`, expected `ecdsa-p256`, `ecdsa-p384` or `rsa-2048`"
+            )),
+        }
+    }
 }
 
 /// Which challenge sheath answers.
@@ -472,6 +504,7 @@ impl Config {
                     let contact: Vec<String> = acme.contact.iter().map(|n| q(n)).collect();
                     let _ = writeln!(out, "contact = [{}]", contact.join(", "));
                     let _ = writeln!(out, "challenge = {}", q(acme.challenge.as_str()));
+                    let _ = writeln!(out, "key_type = {}", q(acme.key_type.as_str()));
                     if let Some(bind) = acme.http01_bind {
                         let _ = writeln!(out, "http01_bind = {}", q(&bind.to_string()));
                     }

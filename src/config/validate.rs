@@ -13,7 +13,7 @@ use super::file::{
 };
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
-    ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity,
+    ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
     ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
 };
 
@@ -387,6 +387,7 @@ fn validate_cert(
         ("ca_fingerprint", &cert.ca_fingerprint),
         ("eab_kid", &cert.eab_kid),
         ("eab_hmac_key", &cert.eab_hmac_key),
+        ("key_type", &cert.key_type),
     ] {
         only(value.as_ref().map(|v| loc.at(v)), name, "acme")?;
     }
@@ -523,7 +524,13 @@ fn validate_cert(
                     ))
                 }
             };
+            let key_type = match &cert.key_type {
+                Some(k) => KeyType::parse(k.get_ref())
+                    .map_err(|m| invalid(loc.at(k), key("key_type"), m))?,
+                None => KeyType::default(),
+            };
             CertSource::Acme(Box::new(AcmeConfig {
+                key_type,
                 directory: url.clone(),
                 names,
                 contact: cert.contact.clone().unwrap_or_default(),

@@ -193,7 +193,11 @@ async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
         return;
     };
     let upstream = backend::tcp_echo().await;
-    let toml = listener_toml(&setup, upstream, &ca_root(&setup));
+    let toml = listener_toml(
+        &setup,
+        upstream,
+        &format!("{}key_type = \"ecdsa-p384\"\n", ca_root(&setup)),
+    );
     let mut proxy = Proxy::start(&toml).await;
     let status = proxy.running().listener("l").unwrap().cert_status.clone();
     wait_installs(&status, 1, &setup.pebble).await;
@@ -209,6 +213,16 @@ async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
     );
     assert_eq!(mode & 0o777, 0o600);
     let key = find_file(&state, "key.pem").expect("certificate key saved");
+    let chain = std::fs::read(find_file(&state, "fullchain.pem").unwrap()).unwrap();
+    let leaf = sheath::cert::parse_chain_pem("leaf", &chain)
+        .unwrap()
+        .remove(0);
+    let (_, parsed) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    assert_eq!(
+        parsed.public_key().parsed().unwrap().key_size(),
+        384,
+        "key_type honoured"
+    );
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600);

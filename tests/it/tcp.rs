@@ -122,3 +122,37 @@ async fn upstream_down_closes_the_client_connection() {
     .await;
     assert!(rest.is_empty());
 }
+
+#[tokio::test]
+async fn maximum_connection_lifetime_closes_even_busy_connections() {
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(
+        &pki,
+        backend::tcp_echo().await,
+        "[listener.timeouts]\nmax_lifetime = \"600ms\"\n",
+    )
+    .await;
+    let mut tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    // Keep the connection busy: idle timeouts cannot be what closes it.
+    let closed = within("closed at max lifetime", async {
+        let mut buf = [0u8; 4];
+        loop {
+            if tls.write_all(b"ping").await.is_err() {
+                return;
+            }
+            match tls.read_exact(&mut buf).await {
+                Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(_) => return,
+            }
+        }
+    });
+    closed.await;
+    let lived = started.elapsed();
+    assert!(
+        lived >= Duration::from_millis(550) && lived < Duration::from_secs(5),
+        "{lived:?}"
+    );
+}
