@@ -1,26 +1,36 @@
 //! Wiring: build every listener's TLS state, bind, spawn the accept loops
-//! and the certificate tasks, and tear it all down within the drain bound.
+//! and the certificate tasks; reconfigure them in place on reload; tear it
+//! all down within the drain bound.
+//!
+//! A reload is planned and prepared completely (config validated, new
+//! sockets bound, certificates and trust loaded) before anything running is
+//! touched, so it either applies as a whole or not at all. Listeners are
+//! matched by their bound address: an unchanged or changed listener keeps
+//! its socket, and a changed one only swaps the state new connections load.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::cert::acme::AcmeIssuer;
 use crate::cert::manager::Source;
 use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
-use crate::config::{AcmeChallenge, CertSource, ClientAuthMode, Config, ListenerConfig, Mode};
+use crate::config::{
+    AcmeChallenge, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig, Mode,
+};
 use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome};
 use crate::tls::client_auth::ClientVerifier;
 use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
 
-/// Why sheath could not start.
+/// Why sheath could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
@@ -53,6 +63,20 @@ pub enum StartError {
     },
 }
 
+/// Why a reload was not applied. The running configuration is unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    #[error("invalid configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Apply(#[from] StartError),
+    #[error("shutting down; reload ignored")]
+    ShuttingDown,
+    #[error("no configuration file to reload (running from flags)")]
+    NoFile,
+}
+
 /// How the process ended, for `main` to turn into an exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShutdownOutcome {
@@ -81,21 +105,58 @@ impl ListenerHandle {
     }
 }
 
+/// Reload bookkeeping, for logs, metrics and tests.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Configuration generation: 1 at start, +1 per applied reload.
+    pub generation: AtomicU64,
+    pub succeeded: AtomicU64,
+    pub failed: AtomicU64,
+    pub last_error: Mutex<Option<String>>,
+    pub last_success: Mutex<Option<SystemTime>>,
+}
+
+/// One running listener and everything that belongs to it alone.
+#[derive(Debug)]
+struct Live {
+    config: ListenerConfig,
+    handle: ListenerHandle,
+    state: Arc<ArcSwap<ListenerState>>,
+    limit: Arc<Semaphore>,
+    stop_accepting: CancellationToken,
+    /// Stops the certificate manager (replaced when the cert config changes).
+    cert_task: CancellationToken,
+    /// Stops the trust reloader (replaced when client auth changes).
+    trust_task: CancellationToken,
+    drain: Drain,
+    accept: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    listeners: Vec<Live>,
+    local_ca: Option<Arc<LocalCa>>,
+    http01: Vec<SocketAddr>,
+}
+
 /// A started sheath.
 #[derive(Debug)]
 pub struct Running {
-    listeners: Vec<ListenerHandle>,
-    stop_accepting: CancellationToken,
+    inner: tokio::sync::Mutex<Inner>,
+    handles: ArcSwap<Vec<ListenerHandle>>,
+    challenges: Arc<Challenges>,
+    local_ca: ArcSwap<Option<Arc<LocalCa>>>,
     stop_background: CancellationToken,
     drain: Drain,
-    drain_timeout: Duration,
-    accept_loops: Vec<JoinHandle<()>>,
-    local_ca: Option<Arc<LocalCa>>,
+    draining: AtomicBool,
+    pub reloads: ReloadStats,
 }
 
 impl Running {
-    pub fn listeners(&self) -> &[ListenerHandle] {
-        &self.listeners
+    /// The listeners running now.
+    pub fn listeners(&self) -> Arc<Vec<ListenerHandle>> {
+        self.handles.load_full()
     }
 
     /// The bound address of a listener (useful with port 0).
@@ -103,35 +164,247 @@ impl Running {
         self.listener(name).map(|l| l.local_addr)
     }
 
-    pub fn listener(&self, name: &str) -> Option<&ListenerHandle> {
-        self.listeners.iter().find(|l| l.name == name)
+    pub fn listener(&self, name: &str) -> Option<ListenerHandle> {
+        self.handles.load().iter().find(|l| l.name == name).cloned()
     }
 
     /// Connections open right now, across listeners.
     pub fn active_connections(&self) -> u64 {
-        self.listeners
+        self.handles
+            .load()
             .iter()
             .map(|l| l.stats.active.load(Ordering::Relaxed))
             .sum()
     }
 
+    /// Connection tasks alive, across all listeners, including those of
+    /// listeners removed by a reload and still draining.
+    pub fn connection_tasks(&self) -> usize {
+        self.drain.tracker.len()
+    }
+
     /// The local CA, when any listener uses it.
-    pub fn local_ca(&self) -> Option<&LocalCa> {
-        self.local_ca.as_deref()
+    pub fn local_ca(&self) -> Option<Arc<LocalCa>> {
+        self.local_ca.load().as_ref().clone()
+    }
+
+    /// Apply a new configuration without dropping connections. On error
+    /// the running configuration is untouched.
+    pub async fn reload(&self, new: Config) -> Result<u64, ReloadError> {
+        let result = self.reload_inner(new).await;
+        match &result {
+            Ok(generation) => {
+                self.reloads.succeeded.fetch_add(1, Ordering::Relaxed);
+                *self.reloads.last_success.lock().expect("poisoned") = Some(SystemTime::now());
+                *self.reloads.last_error.lock().expect("poisoned") = None;
+                tracing::info!(generation, "configuration reloaded");
+            }
+            Err(ReloadError::ShuttingDown) => {}
+            Err(e) => {
+                self.reloads.failed.fetch_add(1, Ordering::Relaxed);
+                *self.reloads.last_error.lock().expect("poisoned") = Some(e.to_string());
+                tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+            }
+        }
+        result
+    }
+
+    async fn reload_inner(&self, new: Config) -> Result<u64, ReloadError> {
+        let mut inner = self.inner.lock().await;
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ReloadError::ShuttingDown);
+        }
+        // Plan: which running listener (if any) each new one continues.
+        let mut continues: Vec<Option<usize>> = Vec::with_capacity(new.listeners.len());
+        for l in &new.listeners {
+            let same = inner
+                .listeners
+                .iter()
+                .position(|old| same_socket(&old.config, l));
+            continues.push(same);
+        }
+
+        // Prepare everything fallible before touching what runs.
+        let local_ca = ensure_local_ca(&new, inner.local_ca.clone()).await?;
+        let mut prepared = Vec::with_capacity(new.listeners.len());
+        for (l, old) in new.listeners.iter().zip(&continues) {
+            let old = old.map(|i| &inner.listeners[i]);
+            prepared.push(prepare(l, old, &new, local_ca.as_ref(), &self.challenges)?);
+        }
+        let new_http01: Vec<SocketAddr> = http01_binds(&new)
+            .into_iter()
+            .filter(|b| !inner.http01.contains(b))
+            .collect();
+        let mut http01_sockets = Vec::new();
+        for bind in &new_http01 {
+            http01_sockets.push(proxy::bind(*bind).map_err(|source| StartError::Bind {
+                listener: "http-01".into(),
+                addr: *bind,
+                source,
+            })?);
+        }
+
+        // Commit.
+        let mut old_listeners: Vec<Option<Live>> = std::mem::take(&mut inner.listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut live = Vec::with_capacity(prepared.len());
+        for (p, old) in prepared.into_iter().zip(continues) {
+            let old = old.and_then(|i| old_listeners[i].take());
+            live.push(self.commit(p, old));
+        }
+        for removed in old_listeners.into_iter().flatten() {
+            tracing::info!(listener = %removed.config.name, addr = %removed.handle.local_addr, "listener removed; draining its connections");
+            retire(removed, new.drain_timeout);
+        }
+        for socket in http01_sockets {
+            tokio::spawn(cert::http01::serve(
+                socket,
+                Arc::clone(&self.challenges),
+                self.stop_background.clone(),
+            ));
+        }
+        inner.http01.extend(new_http01);
+        inner.listeners = live;
+        inner.local_ca = local_ca.clone();
+        inner.config = new;
+        self.local_ca.store(Arc::new(local_ca));
+        self.handles.store(Arc::new(
+            inner.listeners.iter().map(|l| l.handle.clone()).collect(),
+        ));
+        Ok(self.reloads.generation.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    /// Put a prepared listener into service, continuing `old` if given.
+    fn commit(&self, p: Prepared, old: Option<Live>) -> Live {
+        let Prepared {
+            config,
+            socket,
+            state,
+            manager,
+            verifier,
+        } = p;
+        let name = config.name.clone();
+        match old {
+            Some(mut old) => {
+                let changed = old.config != config;
+                old.state.store(Arc::clone(&state));
+                if let Some(manager) = manager {
+                    old.cert_task.cancel();
+                    old.cert_task = self.stop_background.child_token();
+                    old.handle.resolver = Arc::clone(&state.resolver);
+                    old.handle.cert_status = manager.status();
+                    tokio::spawn(manager.run(old.cert_task.clone()));
+                }
+                if let Some(verifier) = verifier.clone() {
+                    old.trust_task.cancel();
+                    old.trust_task = self.stop_background.child_token();
+                    old.handle.client_verifier = Some(Arc::clone(&verifier));
+                    tokio::spawn(tls::client_auth::reload_trust(
+                        name.clone(),
+                        config.client_auth.clone(),
+                        verifier,
+                        old.trust_task.clone(),
+                    ));
+                } else if config.client_auth.mode == ClientAuthMode::None {
+                    old.trust_task.cancel();
+                    old.handle.client_verifier = None;
+                }
+                let (was, now) = (old.config.max_connections, config.max_connections);
+                if now > was {
+                    old.limit.add_permits(now - was);
+                } else if now < was {
+                    // Permits held by open connections come back later;
+                    // forgetting them as they return is left to the
+                    // semaphore, which only forgets what is available.
+                    old.limit.forget_permits(was - now);
+                }
+                old.handle.name = name.clone();
+                if changed {
+                    tracing::info!(listener = %name, "listener reconfigured; new connections use the new settings");
+                }
+                old.config = config;
+                old
+            }
+            None => {
+                let socket = socket.expect("a new listener has a bound socket");
+                let stats = Arc::new(ListenerStats::default());
+                let limit = Arc::new(Semaphore::new(config.max_connections));
+                let state_swap = Arc::new(ArcSwap::new(Arc::clone(&state)));
+                let manager = manager.expect("a new listener has a certificate manager");
+                let cert_task = self.stop_background.child_token();
+                let trust_task = self.stop_background.child_token();
+                let listener = Listener::new(
+                    socket,
+                    Arc::clone(&state_swap),
+                    Arc::clone(&stats),
+                    Arc::clone(&limit),
+                )
+                .expect("a bound socket has a local address");
+                let handle = ListenerHandle {
+                    name: name.clone(),
+                    local_addr: listener.local_addr,
+                    stats,
+                    resolver: Arc::clone(&state.resolver),
+                    cert_status: manager.status(),
+                    client_verifier: verifier.clone(),
+                };
+                tracing::info!(
+                    listener = %name,
+                    addr = %listener.local_addr,
+                    upstream = %config.upstream,
+                    mode = %config.mode,
+                    "listening"
+                );
+                tokio::spawn(manager.run(cert_task.clone()));
+                if let Some(verifier) = verifier {
+                    tokio::spawn(tls::client_auth::reload_trust(
+                        name.clone(),
+                        config.client_auth.clone(),
+                        verifier,
+                        trust_task.clone(),
+                    ));
+                }
+                let stop_accepting = CancellationToken::new();
+                let drain = Drain {
+                    graceful: self.drain.graceful.child_token(),
+                    abort: self.drain.abort.child_token(),
+                    tracker: self.drain.tracker.clone(),
+                };
+                let accept = tokio::spawn(listener.run(stop_accepting.clone(), drain.clone()));
+                Live {
+                    config,
+                    handle,
+                    state: state_swap,
+                    limit,
+                    stop_accepting,
+                    cert_task,
+                    trust_task,
+                    drain,
+                    accept,
+                }
+            }
+        }
     }
 
     /// Stop accepting (new connections are refused), then drain in-flight
     /// connections for at most the drain timeout.
     pub async fn shutdown(self) -> ShutdownOutcome {
-        self.stop_accepting.cancel();
+        self.draining.store(true, Ordering::SeqCst);
+        let inner = self.inner.into_inner();
+        for l in &inner.listeners {
+            l.stop_accepting.cancel();
+        }
         // The accept loops drop their sockets when they return; waiting for
         // them makes "refused from now on" true before draining starts.
-        for handle in self.accept_loops {
-            let _ = handle.await;
+        for l in inner.listeners {
+            let _ = l.accept.await;
         }
         self.stop_background.cancel();
-        tracing::info!(timeout = ?self.drain_timeout, "draining connections");
-        match self.drain.run(self.drain_timeout).await {
+        let timeout = inner.config.drain_timeout;
+        tracing::info!(timeout = ?timeout, "draining connections");
+        match self.drain.run(timeout).await {
             DrainOutcome::Drained => ShutdownOutcome::Drained,
             DrainOutcome::TimedOut { remaining } => {
                 tracing::warn!(remaining, "drain timeout expired; connections were cut");
@@ -139,191 +412,285 @@ impl Running {
             }
         }
     }
+
+    /// Mark the process as draining: reloads are refused from now on.
+    fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Stop a removed listener: refuse new connections at once, let its
+/// connections finish, cut them at the drain timeout.
+fn retire(old: Live, drain_timeout: Duration) {
+    old.stop_accepting.cancel();
+    old.cert_task.cancel();
+    old.trust_task.cancel();
+    old.drain.graceful.cancel();
+    let abort = old.drain.abort.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(drain_timeout).await;
+        abort.cancel();
+    });
+}
+
+/// Does a new listener continue an old one's socket?
+fn same_socket(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    if new.bind.port() == 0 {
+        // Every `:0` is a different socket; only the name can tell.
+        old.bind == new.bind && old.name == new.name
+    } else {
+        old.bind == new.bind
+    }
+}
+
+/// What a listener needs before it can be put into service.
+struct Prepared {
+    config: ListenerConfig,
+    /// A freshly bound socket, for a new listener.
+    socket: Option<TcpListener>,
+    state: Arc<ListenerState>,
+    /// A new certificate manager, when the cert config is new or changed.
+    manager: Option<CertManager>,
+    /// A new client verifier, when client auth is new or changed.
+    verifier: Option<Arc<ClientVerifier>>,
+}
+
+fn prepare(
+    l: &ListenerConfig,
+    old: Option<&Live>,
+    config: &Config,
+    local_ca: Option<&Arc<LocalCa>>,
+    challenges: &Arc<Challenges>,
+) -> Result<Prepared, StartError> {
+    let old_state = old.map(|o| o.state.load_full());
+    let cert_unchanged =
+        old.is_some_and(|o| o.config.cert == l.cert && o.config.cert_policy == l.cert_policy);
+    let (resolver, manager, acme_tls) = match (&old_state, cert_unchanged) {
+        (Some(state), true) => (Arc::clone(&state.resolver), None, state.acme_tls.clone()),
+        _ => {
+            let resolver = Arc::new(CertResolver::empty());
+            let (manager, acme_tls) = new_manager(l, config, local_ca, challenges, &resolver)?;
+            (resolver, Some(manager), acme_tls)
+        }
+    };
+    let trust_unchanged = old.is_some_and(|o| o.config.client_auth == l.client_auth);
+    let (verifier, new_verifier) = match (old, trust_unchanged, l.client_auth.mode) {
+        (_, _, ClientAuthMode::None) => (None, None),
+        (Some(o), true, _) => (o.handle.client_verifier.clone(), None),
+        _ => {
+            let v =
+                ClientVerifier::new(&l.client_auth).map_err(|source| StartError::ClientTrust {
+                    listener: l.name.clone(),
+                    source,
+                })?;
+            (Some(Arc::clone(&v)), Some(v))
+        }
+    };
+    // Keep the upstream pool warm when nothing about the upstream changed.
+    let http = match (&old_state, old) {
+        (Some(state), Some(o))
+            if o.config.upstream == l.upstream
+                && o.config.timeouts.connect == l.timeouts.connect
+                && o.config.mode == l.mode =>
+        {
+            state.http.clone()
+        }
+        _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l)),
+    };
+    let state = build_state(l, resolver, acme_tls, verifier, http)?;
+    let socket = match old {
+        Some(_) => None,
+        None => Some(proxy::bind(l.bind).map_err(|source| StartError::Bind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?),
+    };
+    Ok(Prepared {
+        config: l.clone(),
+        socket,
+        state,
+        manager,
+        verifier: new_verifier,
+    })
+}
+
+/// A certificate manager for a listener, with its first certificate
+/// already installed when one can be had without the network.
+fn new_manager(
+    l: &ListenerConfig,
+    config: &Config,
+    local_ca: Option<&Arc<LocalCa>>,
+    challenges: &Arc<Challenges>,
+    resolver: &Arc<CertResolver>,
+) -> Result<(CertManager, Option<Arc<rustls::ServerConfig>>), StartError> {
+    let (source, acme_tls) = match &l.cert {
+        CertSource::LocalCa { names, lifetime } => (
+            Source::LocalCa {
+                ca: Arc::clone(local_ca.expect("local CA loaded when needed")),
+                names: names.clone(),
+                lifetime: *lifetime,
+            },
+            None,
+        ),
+        CertSource::Files { cert, key } => (
+            Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            None,
+        ),
+        CertSource::Acme(acme) => (
+            Source::Acme(Arc::new(AcmeIssuer::new(
+                &l.name,
+                acme,
+                &config.state_dir,
+                Arc::clone(challenges),
+            ))),
+            (acme.challenge == AcmeChallenge::TlsAlpn01).then(|| challenges.server_config()),
+        ),
+    };
+    let manager = CertManager::new(
+        l.name.clone(),
+        source,
+        l.cert_policy.clone(),
+        Arc::clone(resolver),
+    );
+    // Whatever can be had without the network is served from the first
+    // connection; an ACME listener without a cached certificate starts
+    // empty and is not ready until its first issuance.
+    match manager.initial() {
+        Ok(Some(material)) => manager.install(material, "startup"),
+        Ok(None) => tracing::info!(
+            listener = %l.name,
+            "no certificate yet; handshakes fail until the first issuance"
+        ),
+        Err(source) => {
+            return Err(StartError::Cert {
+                listener: l.name.clone(),
+                source,
+            })
+        }
+    }
+    Ok((manager, acme_tls))
+}
+
+async fn ensure_local_ca(
+    config: &Config,
+    current: Option<Arc<LocalCa>>,
+) -> Result<Option<Arc<LocalCa>>, StartError> {
+    let needed = config
+        .listeners
+        .iter()
+        .any(|l| matches!(l.cert, CertSource::LocalCa { .. }));
+    if !needed {
+        return Ok(current);
+    }
+    if let Some(ca) = current {
+        if LocalCa::dir_in(&config.state_dir)
+            == ca.cert_path().parent().unwrap_or(std::path::Path::new(""))
+        {
+            return Ok(Some(ca));
+        }
+    }
+    let dir = config.state_dir.clone();
+    let ca = tokio::task::spawn_blocking(move || LocalCa::load_or_create(&dir))
+        .await
+        .expect("local CA task panicked")
+        .map_err(StartError::LocalCa)?;
+    tracing::info!(
+        cert = %ca.cert_path().display(),
+        sha256 = %ca.info().sha256,
+        "local CA ready"
+    );
+    Ok(Some(Arc::new(ca)))
+}
+
+fn http01_binds(config: &Config) -> Vec<SocketAddr> {
+    let mut binds = Vec::new();
+    for l in &config.listeners {
+        if let CertSource::Acme(acme) = &l.cert {
+            if let Some(bind) = acme.http01_bind {
+                if !binds.contains(&bind) {
+                    binds.push(bind);
+                }
+            }
+        }
+    }
+    binds
 }
 
 /// Build TLS state, bind every listener and start serving.
 ///
-/// Everything that can fail (certificates, binds) is done before the first
-/// connection is accepted, so a bad start fails as a whole.
+/// Everything that can fail (certificates, trust, binds) is done before the
+/// first connection is accepted, so a bad start fails as a whole.
 pub async fn start(config: Config) -> Result<Running, StartError> {
-    let needs_local_ca = config
-        .listeners
-        .iter()
-        .any(|l| matches!(l.cert, CertSource::LocalCa { .. }));
-    let local_ca = if needs_local_ca {
-        let dir = config.state_dir.clone();
-        let ca = tokio::task::spawn_blocking(move || LocalCa::load_or_create(&dir))
-            .await
-            .expect("local CA task panicked")
-            .map_err(StartError::LocalCa)?;
-        tracing::info!(
-            cert = %ca.cert_path().display(),
-            sha256 = %ca.info().sha256,
-            "local CA ready"
-        );
-        Some(Arc::new(ca))
-    } else {
-        None
-    };
-
     let challenges = Challenges::new();
+    let local_ca = ensure_local_ca(&config, None).await?;
     let mut prepared = Vec::with_capacity(config.listeners.len());
-    let mut http01_binds = Vec::new();
-    for listener in &config.listeners {
-        let resolver = Arc::new(CertResolver::empty());
-        let (source, acme_tls) = match &listener.cert {
-            CertSource::LocalCa { names, lifetime } => (
-                Source::LocalCa {
-                    ca: Arc::clone(local_ca.as_ref().expect("local CA loaded when needed")),
-                    names: names.clone(),
-                    lifetime: *lifetime,
-                },
-                None,
-            ),
-            CertSource::Files { cert, key } => (
-                Source::Files {
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-                None,
-            ),
-            CertSource::Acme(acme) => {
-                if let Some(bind) = acme.http01_bind {
-                    if !http01_binds.contains(&bind) {
-                        http01_binds.push(bind);
-                    }
-                }
-                let acme_tls = (acme.challenge == AcmeChallenge::TlsAlpn01)
-                    .then(|| challenges.server_config());
-                (
-                    Source::Acme(Arc::new(AcmeIssuer::new(
-                        &listener.name,
-                        acme,
-                        &config.state_dir,
-                        Arc::clone(&challenges),
-                    ))),
-                    acme_tls,
-                )
-            }
-        };
-        let manager = CertManager::new(
-            listener.name.clone(),
-            source,
-            listener.cert_policy.clone(),
-            Arc::clone(&resolver),
-        );
-        // Whatever can be had without the network is served from the
-        // first connection; an ACME listener without a cached certificate
-        // starts empty and is not ready until its first issuance.
-        match manager.initial() {
-            Ok(Some(material)) => manager.install(material, "startup"),
-            Ok(None) => tracing::info!(
-                listener = %listener.name,
-                "no certificate yet; handshakes fail until the first issuance"
-            ),
-            Err(source) => {
-                return Err(StartError::Cert {
-                    listener: listener.name.clone(),
-                    source,
-                })
-            }
-        }
-        let client_verifier = match listener.client_auth.mode {
-            ClientAuthMode::None => None,
-            _ => Some(
-                ClientVerifier::new(&listener.client_auth).map_err(|source| {
-                    StartError::ClientTrust {
-                        listener: listener.name.clone(),
-                        source,
-                    }
-                })?,
-            ),
-        };
-        let state = build_state(listener, resolver, acme_tls, client_verifier.clone())?;
-        let socket = proxy::bind(listener.bind).map_err(|source| StartError::Bind {
-            listener: listener.name.clone(),
-            addr: listener.bind,
-            source,
-        })?;
-        prepared.push((socket, state, manager, client_verifier));
+    for l in &config.listeners {
+        prepared.push(prepare(l, None, &config, local_ca.as_ref(), &challenges)?);
     }
+    let http01 = http01_binds(&config);
     let mut http01_sockets = Vec::new();
-    for bind in http01_binds {
-        let socket = proxy::bind(bind).map_err(|source| StartError::Bind {
+    for bind in &http01 {
+        http01_sockets.push(proxy::bind(*bind).map_err(|source| StartError::Bind {
             listener: "http-01".into(),
-            addr: bind,
+            addr: *bind,
             source,
-        })?;
-        http01_sockets.push(socket);
+        })?);
     }
-
-    let stop_accepting = CancellationToken::new();
-    let stop_background = CancellationToken::new();
-    let drain = Drain::new();
-    let mut listeners = Vec::new();
-    let mut accept_loops = Vec::new();
+    let running = Running {
+        inner: tokio::sync::Mutex::new(Inner {
+            config: config.clone(),
+            listeners: Vec::new(),
+            local_ca: local_ca.clone(),
+            http01,
+        }),
+        handles: ArcSwap::from_pointee(Vec::new()),
+        challenges,
+        local_ca: ArcSwap::from_pointee(local_ca),
+        stop_background: CancellationToken::new(),
+        drain: Drain::new(),
+        draining: AtomicBool::new(false),
+        reloads: ReloadStats::default(),
+    };
     for socket in http01_sockets {
         tracing::info!(addr = ?socket.local_addr().ok(), "HTTP-01 challenge listener");
         tokio::spawn(cert::http01::serve(
             socket,
-            Arc::clone(&challenges),
-            stop_background.clone(),
+            Arc::clone(&running.challenges),
+            running.stop_background.clone(),
         ));
     }
-    for (socket, state, manager, client_verifier) in prepared {
-        let stats = Arc::new(ListenerStats::default());
-        let resolver = Arc::clone(&state.resolver);
-        let config = Arc::clone(&state.config);
-        let listener = Listener::new(socket, state, Arc::clone(&stats)).map_err(|source| {
-            StartError::Bind {
-                listener: config.name.clone(),
-                addr: config.bind,
-                source,
-            }
-        })?;
-        tracing::info!(
-            listener = %listener.name,
-            addr = %listener.local_addr,
-            upstream = %config.upstream,
-            mode = %config.mode,
-            "listening"
-        );
-        listeners.push(ListenerHandle {
-            name: listener.name.clone(),
-            local_addr: listener.local_addr,
-            stats,
-            resolver: Arc::clone(&resolver),
-            cert_status: manager.status(),
-            client_verifier: client_verifier.clone(),
-        });
-        tokio::spawn(manager.run(stop_background.clone()));
-        if let Some(verifier) = client_verifier {
-            tokio::spawn(tls::client_auth::reload_trust(
-                config.name.clone(),
-                config.client_auth.clone(),
-                verifier,
-                stop_background.clone(),
-            ));
+    {
+        let mut inner = running.inner.lock().await;
+        for p in prepared {
+            let live = running.commit(p, None);
+            inner.listeners.push(live);
         }
-        accept_loops.push(tokio::spawn(
-            listener.run(stop_accepting.clone(), drain.clone()),
+        running.handles.store(Arc::new(
+            inner.listeners.iter().map(|l| l.handle.clone()).collect(),
         ));
     }
-
-    Ok(Running {
-        listeners,
-        stop_accepting,
-        stop_background,
-        drain,
-        drain_timeout: config.drain_timeout,
-        accept_loops,
-        local_ca,
-    })
+    running.reloads.generation.store(1, Ordering::Relaxed);
+    Ok(running)
 }
 
-/// Run until SIGTERM or SIGINT, then drain. A second signal during the
-/// drain returns at once with `None`: the operator asked twice.
-pub async fn run_until_signal(running: Running) -> Option<ShutdownOutcome> {
+/// Where a reload reads its configuration from.
+pub type ConfigLoader = Box<dyn Fn() -> Result<Config, ReloadError> + Send + Sync>;
+
+/// Run until SIGTERM or SIGINT, then drain. SIGHUP reloads the
+/// configuration (ignored once draining). A second SIGTERM/SIGINT during
+/// the drain returns at once with `None`: the operator asked twice.
+///
+/// With `watch`, a change of that file (the config file) reloads too; a
+/// rewrite that leaves the content as it was does nothing.
+pub async fn run_until_signal(
+    running: Running,
+    loader: ConfigLoader,
+    watch: Option<std::path::PathBuf>,
+) -> Option<ShutdownOutcome> {
     let mut signals = match crate::shutdown::Signals::new() {
         Ok(s) => s,
         Err(e) => {
@@ -331,13 +698,69 @@ pub async fn run_until_signal(running: Running) -> Option<ShutdownOutcome> {
             return Some(running.shutdown().await);
         }
     };
-    let sig = signals.recv().await;
-    tracing::info!(signal = sig, "shutting down");
-    tokio::select! {
-        outcome = running.shutdown() => Some(outcome),
-        sig = signals.recv() => {
-            tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
-            None
+    let mut watcher = watch
+        .as_ref()
+        .map(|p| cert::files::Watcher::new(&[p.as_path()]));
+    let content = |p: &Option<std::path::PathBuf>| p.as_ref().and_then(|p| std::fs::read(p).ok());
+    let mut last_seen = content(&watch);
+    loop {
+        let event = tokio::select! {
+            sig = signals.next() => sig.map(Some),
+            _ = async {
+                match watcher.as_mut() {
+                    Some(w) => {
+                        w.changed().await;
+                        w.settle(Duration::from_millis(250)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            } => {
+                let now = content(&watch);
+                if now == last_seen {
+                    continue;
+                }
+                last_seen = now;
+                tracing::info!("configuration file changed: reloading");
+                None
+            }
+        };
+        match event {
+            Some(Some(sig)) => {
+                tracing::info!(signal = sig, "shutting down");
+                break;
+            }
+            Some(None) | None => {
+                if event.is_some() {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    last_seen = content(&watch);
+                }
+                match loader() {
+                    Ok(config) => {
+                        let _ = running.reload(config).await;
+                    }
+                    Err(e) => {
+                        running.reloads.failed.fetch_add(1, Ordering::Relaxed);
+                        *running.reloads.last_error.lock().expect("poisoned") = Some(e.to_string());
+                        tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+                    }
+                }
+            }
+        }
+    }
+    running.begin_drain();
+    let shutdown = running.shutdown();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            outcome = &mut shutdown => return Some(outcome),
+            sig = signals.next() => match sig {
+                Some(sig) => {
+                    tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
+                    return None;
+                }
+                // SIGHUP while draining: nothing left to reload.
+                None => tracing::info!("SIGHUP ignored while draining"),
+            }
         }
     }
 }
@@ -347,6 +770,7 @@ fn build_state(
     resolver: Arc<CertResolver>,
     acme_tls: Option<Arc<rustls::ServerConfig>>,
     client_verifier: Option<Arc<ClientVerifier>>,
+    http: Option<UpstreamClient>,
 ) -> Result<Arc<ListenerState>, StartError> {
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
@@ -359,7 +783,6 @@ fn build_state(
             listener: listener.name.clone(),
             source,
         })?;
-    let http = (listener.mode == Mode::Http).then(|| UpstreamClient::new(listener));
     Ok(Arc::new(ListenerState {
         config: Arc::new(listener.clone()),
         tls,

@@ -42,11 +42,20 @@ fn main() -> ExitCode {
         }
         Command::Bootstrap(args) => bootstrap(args),
         Command::Run(args) => match args.to_config(cli.state_dir.as_ref()) {
-            Ok(config) => serve(&cli, config, false),
+            Ok(config) => {
+                let watch = args.config.clone();
+                serve(&cli, config, false, reloader(args, &cli), watch)
+            }
             Err(e) => report(&e, EXIT_CONFIG),
         },
         Command::Demo(args) => match demo_config(args, &cli) {
-            Ok(config) => serve(&cli, config, true),
+            Ok(config) => serve(
+                &cli,
+                config,
+                true,
+                Box::new(|| Err(app::ReloadError::NoFile)),
+                None,
+            ),
             Err(e) => report(&e, EXIT_CONFIG),
         },
     }
@@ -144,7 +153,33 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
     })
 }
 
-fn serve(cli: &Cli, mut config: Config, demo: bool) -> ExitCode {
+/// How SIGHUP and file changes re-read the configuration: the same file,
+/// with the same command-line overrides.
+fn reloader(args: &ConfigArgs, cli: &Cli) -> app::ConfigLoader {
+    let Some(path) = args.config.clone() else {
+        return Box::new(|| Err(app::ReloadError::NoFile));
+    };
+    let state_dir = cli.state_dir.clone();
+    let drain_timeout = args.drain_timeout;
+    Box::new(move || {
+        let mut config = Config::load(&path)?;
+        if let Some(dir) = &state_dir {
+            config.state_dir = dir.clone();
+        }
+        if let Some(t) = drain_timeout.filter(|t| !t.is_zero()) {
+            config.drain_timeout = t;
+        }
+        Ok(config)
+    })
+}
+
+fn serve(
+    cli: &Cli,
+    mut config: Config,
+    demo: bool,
+    loader: app::ConfigLoader,
+    watch: Option<std::path::PathBuf>,
+) -> ExitCode {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all().thread_name("sheath-worker");
     if let Some(n) = cli.workers {
@@ -170,7 +205,7 @@ fn serve(cli: &Cli, mut config: Config, demo: bool) -> ExitCode {
         if demo {
             print_demo_banner(&running);
         }
-        match app::run_until_signal(running).await {
+        match app::run_until_signal(running, loader, watch).await {
             Some(ShutdownOutcome::Drained) => ExitCode::SUCCESS,
             Some(ShutdownOutcome::DrainTimedOut { .. }) => ExitCode::FAILURE,
             None => ExitCode::from(EXIT_FORCED),

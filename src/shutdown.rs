@@ -58,6 +58,7 @@ impl Drain {
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -66,7 +67,18 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
+    }
+
+    /// The next signal of interest: `Some(name)` for SIGTERM/SIGINT,
+    /// `None` for SIGHUP (a reload request).
+    pub async fn next(&mut self) -> Option<&'static str> {
+        tokio::select! {
+            _ = self.term.recv() => Some("SIGTERM"),
+            _ = self.int.recv() => Some("SIGINT"),
+            _ = self.hup.recv() => None,
+        }
     }
 
     /// The next SIGTERM or SIGINT, by name.

@@ -59,17 +59,21 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 impl Listener {
+    /// `state` and `limit` are shared with whoever reconfigures the
+    /// listener: a new state applies to the next connection, and permits
+    /// added to or taken from `limit` change the connection cap in place.
     pub fn new(
         socket: TcpListener,
-        state: Arc<ListenerState>,
+        state: Arc<ArcSwap<ListenerState>>,
         stats: Arc<ListenerStats>,
+        limit: Arc<Semaphore>,
     ) -> io::Result<Listener> {
         let local_addr = socket.local_addr()?;
-        let limit = Arc::new(Semaphore::new(state.config.max_connections));
+        let name = state.load().config.name.clone();
         Ok(Listener {
-            name: state.config.name.clone(),
+            name,
             local_addr,
-            state: Arc::new(ArcSwap::new(state)),
+            state,
             stats,
             socket,
             limit,
