@@ -13,5 +13,6 @@ mod local_ca;
 mod mtls;
 mod pebble_smoke;
 mod process;
+mod reload;
 mod shutdown;
 mod tcp;

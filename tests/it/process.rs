@@ -580,3 +580,94 @@ async fn port_conflict_fails_with_clear_message() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn config_file_changes_and_sighup_reload_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let (pa, pb) = (common::pebble::free_port(), common::pebble::free_port());
+    let listener = |name: &str, port: u16| {
+        format!("[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n")
+    };
+    let path = dir.path().join("sheath.toml");
+    let write = |text: &str| {
+        let tmp = dir.path().join("sheath.toml.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write(&listener("a", pa));
+    let mut cmd = sheath();
+    cmd.arg("--log-format")
+        .arg("json")
+        .arg("--state-dir")
+        .arg(&state);
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut proc = Process::spawn(cmd);
+    proc.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+    let a: SocketAddr = format!("127.0.0.1:{pa}").parse().unwrap();
+    let mut sa = client::h1(a, roots.clone()).await;
+    assert_eq!(
+        sa.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+
+    // A broken edit is reported and changes nothing.
+    write(&format!(
+        "{}\n[[listener]]\nname = \"b\"\nbind = \"nonsense\"\nupstream = \"{upstream}\"\n",
+        listener("a", pa)
+    ));
+    let line = proc
+        .wait_log("reload failed; the running configuration stays in force")
+        .await;
+    assert!(line.contains("listener[1].bind"), "{line}");
+    assert_eq!(
+        sa.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+
+    // Fixed: the new listener comes up; `a` keeps its socket and its
+    // keep-alive connection.
+    write(&format!("{}\n{}", listener("a", pa), listener("b", pb)));
+    proc.wait_line("listener b", false, |l| {
+        is_log(l, "listening") && json_field(l, "addr") == Some(&format!("127.0.0.1:{pb}"))
+    })
+    .await;
+    let b: SocketAddr = format!("127.0.0.1:{pb}").parse().unwrap();
+    let mut sb = client::h1(b, roots.clone()).await;
+    assert_eq!(
+        sb.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        sa.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+
+    // SIGHUP reloads too.
+    let reloads = |p: &Process| {
+        p.stderr
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| is_log(l, "configuration reloaded"))
+            .count()
+    };
+    let before = reloads(&proc);
+    proc.signal("HUP");
+    within("SIGHUP reload", async {
+        while reloads(&proc) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        sa.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}

@@ -1,0 +1,441 @@
+//! Configuration reload without dropping connections.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::client::{self, get, get_h2};
+use crate::common::{backend, pki, within, Proxy, TestPki};
+use sheath::config::Config;
+
+struct Backends {
+    http: SocketAddr,
+    ws: SocketAddr,
+    tcp: SocketAddr,
+}
+
+/// Three listeners on fixed ports (so reloads keep their sockets), with a
+/// knob that changes on every reload.
+fn config_text(
+    dir: &Path,
+    ports: [u16; 3],
+    b: &Backends,
+    idle_secs: u64,
+    lifetime: &str,
+    extra: &str,
+) -> String {
+    let pki_files = format!(
+        "[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.join("server.pem").display(),
+        dir.join("server.key").display()
+    );
+    format!(
+        "[global]\nstate_dir = \"{state}\"\ndrain_timeout = \"5s\"\n\n\
+         [[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{p0}\"\nupstream = \"{http}\"\n[listener.timeouts]\nidle = \"{idle_secs}s\"\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\nlifetime = \"{lifetime}\"\n\n\
+         [[listener]]\nname = \"ws\"\nbind = \"127.0.0.1:{p1}\"\nupstream = \"{ws}\"\nmax_connections = {maxc}\n{pki_files}\n\
+         [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{p2}\"\nupstream = \"{tcp}\"\nmode = \"tcp\"\n[listener.timeouts]\nidle = \"{idle_secs}s\"\n{pki_files}\n{extra}",
+        state = dir.join("state").display(),
+        p0 = ports[0],
+        p1 = ports[1],
+        p2 = ports[2],
+        http = b.http,
+        ws = b.ws,
+        tcp = b.tcp,
+        maxc = 1000 + idle_secs,
+    )
+}
+
+fn parse(dir: &Path, text: &str) -> Config {
+    Config::from_toml(&dir.join("sheath.toml"), text).unwrap()
+}
+
+fn free_ports() -> [u16; 3] {
+    [
+        crate::common::pebble::free_port(),
+        crate::common::pebble::free_port(),
+        crate::common::pebble::free_port(),
+    ]
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_reloads_under_continuous_load_break_nothing() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_server(dir.path(), "server");
+    let b = Backends {
+        http: backend::http().await,
+        ws: backend::websocket_echo().await,
+        tcp: backend::tcp_echo().await,
+    };
+    let ports = free_ports();
+    let text = config_text(dir.path(), ports, &b, 300, "24h", "");
+    let proxy = Proxy::start_in(&text, dir).await.unwrap();
+    let local_ca_pem =
+        std::fs::read_to_string(proxy.dir.path().join("state/local-ca/ca.pem")).unwrap();
+    let web_roots = pki::roots_from_pem(&local_ca_pem);
+    let (web, ws, tcp) = (proxy.addr("web"), proxy.addr("ws"), proxy.addr("tcp"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    let fail = |failures: &Arc<AtomicU64>, what: &str, e: String| {
+        failures.fetch_add(1, Ordering::SeqCst);
+        eprintln!("FAILURE {what}: {e}");
+    };
+
+    // HTTP/1.1 keep-alive: one connection, sequential requests.
+    {
+        let (stop, failures, done, roots) = (
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            web_roots.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let mut s = client::h1(web, roots).await;
+            while !stop.load(Ordering::Relaxed) {
+                match s.send_request(get("/")).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => fail(&failures, "h1", format!("{:?}", other.map(|r| r.status()))),
+                }
+            }
+        }));
+    }
+    // HTTP/2: one connection, concurrent streams.
+    {
+        let (stop, failures, done, roots) = (
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            web_roots.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let s = client::h2(web, roots).await;
+            while !stop.load(Ordering::Relaxed) {
+                let mut batch = Vec::new();
+                for _ in 0..4 {
+                    let mut s = s.clone();
+                    batch.push(tokio::spawn(async move {
+                        s.send_request(get_h2("/drip?chunks=3&size=100&ms=1")).await
+                    }));
+                }
+                for t in batch {
+                    match t.await.unwrap() {
+                        Ok(r) if r.status() == 200 => {
+                            match r.into_body().collect().await.map(|b| b.to_bytes().len()) {
+                                Ok(300) => {
+                                    done.fetch_add(1, Ordering::Relaxed);
+                                }
+                                other => fail(&failures, "h2 body", format!("{other:?}")),
+                            }
+                        }
+                        other => fail(&failures, "h2", format!("{:?}", other.map(|r| r.status()))),
+                    }
+                }
+            }
+        }));
+    }
+    // A WebSocket that stays open through every reload.
+    {
+        let (stop, failures, done, roots) =
+            (stop.clone(), failures.clone(), done.clone(), pki.roots());
+        load.push(tokio::spawn(async move {
+            let tls = client::connect(ws, client::client_config(roots, &[b"http/1.1"]))
+                .await
+                .unwrap();
+            let (mut sock, _) = tokio_tungstenite::client_async("wss://localhost/", tls)
+                .await
+                .unwrap();
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let text = format!("m{i}");
+                if let Err(e) = sock.send(Message::text(text.clone())).await {
+                    return fail(&failures, "ws send", e.to_string());
+                }
+                match sock.next().await {
+                    Some(Ok(m)) if m.to_text().map(|t| t == text).unwrap_or(false) => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => return fail(&failures, "ws echo", format!("{other:?}")),
+                }
+            }
+        }));
+    }
+    // A long TCP stream, hash-checked at the end.
+    let tcp_stream = {
+        let (stop, roots) = (stop.clone(), pki.roots());
+        tokio::spawn(async move {
+            let tls = client::connect(tcp, client::client_config(roots, &[]))
+                .await
+                .unwrap();
+            let (mut r, mut w) = tokio::io::split(tls);
+            let reader = tokio::spawn(async move {
+                let mut got = Vec::new();
+                r.read_to_end(&mut got).await.map(|_| got)
+            });
+            let mut sent = Vec::new();
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let chunk = crate::common::random_bytes(4096 + (n as usize % 1000));
+                n += 1;
+                w.write_all(&chunk).await.unwrap();
+                sent.extend_from_slice(&chunk);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            w.shutdown().await.unwrap();
+            let got = reader.await.unwrap().unwrap();
+            (
+                crate::common::sha256(&sent),
+                crate::common::sha256(&got),
+                sent.len(),
+            )
+        })
+    };
+    // New connections every few milliseconds.
+    {
+        let (stop, failures, done, roots) = (
+            stop.clone(),
+            failures.clone(),
+            done.clone(),
+            web_roots.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let mut s = client::h1(web, roots.clone()).await;
+                match s.send_request(get("/")).await {
+                    Ok(r) if r.status() == 200 => {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    other => fail(
+                        &failures,
+                        "new connection",
+                        format!("{:?}", other.map(|r| r.status())),
+                    ),
+                }
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        }));
+    }
+
+    // Let the load settle, then measure and reload 100 times.
+    within("load started", async {
+        while done.load(Ordering::Relaxed) < 50 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let generation0 = proxy.running().reloads.generation.load(Ordering::Relaxed);
+    for i in 0..100u64 {
+        // Every reload changes something; every tenth replaces the web
+        // listener's certificate source settings (a new manager and leaf).
+        let lifetime = if (i / 10) % 2 == 0 { "24h" } else { "23h" };
+        let text = config_text(proxy.dir.path(), ports, &b, 300 + (i % 2), lifetime, "");
+        let generation = proxy
+            .running()
+            .reload(parse(proxy.dir.path(), &text))
+            .await
+            .unwrap();
+        assert_eq!(generation, generation0 + i + 1);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after_reloads = done.load(Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        within("load task", t).await.unwrap();
+    }
+    let (sent_hash, got_hash, len) = within("tcp stream", tcp_stream).await.unwrap();
+    assert!(len > 100_000, "tcp stream too short: {len}");
+    assert_eq!(sent_hash, got_hash, "TCP stream corrupted across reloads");
+    assert_eq!(
+        failures.load(Ordering::SeqCst),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(after_reloads > 200, "too little load: {after_reloads}");
+
+    // Flat afterwards: connection tasks gone, fds and memory back.
+    within("connections closed", async {
+        while proxy.running().connection_tasks() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let fds_after_first_pass = open_fds();
+    let rss_before = rss_kib();
+    for i in 0..100u64 {
+        let text = config_text(
+            proxy.dir.path(),
+            ports,
+            &b,
+            300 + (i % 2),
+            if i % 20 < 10 { "24h" } else { "23h" },
+            "",
+        );
+        proxy
+            .running()
+            .reload(parse(proxy.dir.path(), &text))
+            .await
+            .unwrap();
+    }
+    let fds_after = open_fds();
+    assert!(
+        fds_after <= fds_after_first_pass + 2,
+        "fds grew across reloads: {fds_after_first_pass} -> {fds_after}"
+    );
+    let rss_after = rss_kib();
+    assert!(
+        rss_after < rss_before + 20 * 1024,
+        "RSS grew: {rss_before} KiB -> {rss_after} KiB"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_reload_changes_nothing() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_server(dir.path(), "server");
+    let b = Backends {
+        http: backend::http().await,
+        ws: backend::websocket_echo().await,
+        tcp: backend::tcp_echo().await,
+    };
+    let ports = free_ports();
+    let text = config_text(dir.path(), ports, &b, 300, "24h", "");
+    let proxy = Proxy::start_in(&text, dir).await.unwrap();
+    let running = proxy.running();
+    let generation = running.reloads.generation.load(Ordering::Relaxed);
+
+    // A new listener on a port someone else holds, plus a change to an
+    // existing one: the bind fails, so neither applies.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = blocker.local_addr().unwrap();
+    let broken_upstream = backend::closed_port().await;
+    let text = config_text(
+        proxy.dir.path(),
+        ports,
+        &b,
+        300,
+        "24h",
+        &format!("\n[[listener]]\nname = \"new\"\nbind = \"{busy}\"\nupstream = \"127.0.0.1:9\"\n"),
+    )
+    .replacen(&b.http.to_string(), &broken_upstream.to_string(), 1);
+    let err = running
+        .reload(parse(proxy.dir.path(), &text))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot bind"), "{err}");
+    // A certificate file that does not exist.
+    let text = config_text(proxy.dir.path(), ports, &b, 300, "24h", "")
+        .replace("server.key", "missing.key");
+    let err = running
+        .reload(parse(proxy.dir.path(), &text))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing.key"), "{err}");
+
+    assert_eq!(
+        running.reloads.generation.load(Ordering::Relaxed),
+        generation
+    );
+    assert_eq!(running.reloads.failed.load(Ordering::Relaxed), 2);
+    assert!(running.listener("new").is_none());
+    let local_ca_pem =
+        std::fs::read_to_string(proxy.dir.path().join("state/local-ca/ca.pem")).unwrap();
+    let mut s = client::h1(proxy.addr("web"), pki::roots_from_pem(&local_ca_pem)).await;
+    assert_eq!(
+        s.send_request(get("/")).await.unwrap().status(),
+        200,
+        "old upstream still used"
+    );
+    client::connect(proxy.addr("ws"), client::client_config(pki.roots(), &[]))
+        .await
+        .expect("old certificate files still served");
+}
+
+#[tokio::test]
+async fn removed_listener_finishes_its_transfer_and_refuses_new_connections() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let http = backend::http().await;
+    let listener = |name: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nupstream = \"{http}\"\n{}\n",
+            pki::files_cert_toml(&files)
+        )
+    };
+    let both = format!(
+        "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"20s\"\n\n{}{}",
+        dir.path().join("state").display(),
+        listener("keep"),
+        listener("gone")
+    );
+    let proxy = Proxy::start_in(&both, dir).await.unwrap();
+    let gone = proxy.addr("gone");
+    let keep = proxy.addr("keep");
+    let mut s = client::h1(gone, pki.roots()).await;
+    let resp = s
+        .send_request(get("/drip?chunks=30&size=32768&ms=20"))
+        .await
+        .unwrap();
+
+    let only_keep = format!(
+        "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"20s\"\n\n{}",
+        proxy.dir.path().join("state").display(),
+        listener("keep")
+    );
+    let config = Config::from_toml(&proxy.dir.path().join("sheath.toml"), &only_keep).unwrap();
+    proxy.running().reload(config).await.unwrap();
+    assert!(proxy.running().listener("gone").is_none());
+    within("removed listener refuses", async {
+        loop {
+            match TcpStream::connect(gone).await {
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    })
+    .await;
+    let body = within("transfer completes", resp.into_body().collect())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(body.len(), 30 * 32768);
+    // The kept listener kept its socket and serves.
+    assert_eq!(proxy.addr("keep"), keep);
+    let mut k = client::h1(keep, pki.roots()).await;
+    assert_eq!(k.send_request(get("/")).await.unwrap().status(), 200);
+
+    // And a listener can be added back.
+    let config = Config::from_toml(&proxy.dir.path().join("sheath.toml"), &both).unwrap();
+    proxy.running().reload(config).await.unwrap();
+    let mut g = client::h1(proxy.addr("gone"), pki.roots()).await;
+    assert_eq!(g.send_request(get("/")).await.unwrap().status(), 200);
+}
