@@ -26,7 +26,7 @@ use crate::config::{
     AcmeChallenge, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig, Mode,
 };
 use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
-use crate::shutdown::{Drain, DrainOutcome};
+use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
 use crate::tls::client_auth::ClientVerifier;
 use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
 
@@ -130,6 +130,10 @@ struct Live {
     trust_task: CancellationToken,
     drain: Drain,
     accept: JoinHandle<()>,
+    /// A duplicate of the listening socket, to hand to a successor. It
+    /// lives exactly as long as the listener, so a removed listener's port
+    /// really closes.
+    handover: Option<std::os::fd::OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -335,6 +339,7 @@ impl Running {
                 let manager = manager.expect("a new listener has a certificate manager");
                 let cert_task = self.stop_background.child_token();
                 let trust_task = self.stop_background.child_token();
+                let handover = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
                 let listener = Listener::new(
                     socket,
                     Arc::clone(&state_swap),
@@ -383,9 +388,37 @@ impl Running {
                     trust_task,
                     drain,
                     accept,
+                    handover,
                 }
             }
         }
+    }
+
+    /// Start a new sheath binary on the same sockets (see `upgrade`). This
+    /// process keeps serving until the successor, once ready, asks it to
+    /// drain; if the successor fails, nothing changes here.
+    pub async fn upgrade(&self) -> std::io::Result<u32> {
+        let inner = self.inner.lock().await;
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("shutting down; upgrade ignored"));
+        }
+        let mut fds = Vec::new();
+        for l in &inner.listeners {
+            if let Some(fd) = &l.handover {
+                fds.push(fd.try_clone()?);
+            }
+        }
+        let mut child = crate::upgrade::spawn_successor(fds)?;
+        let pid = child.id().unwrap_or_default();
+        tracing::info!(pid, "upgrade: started successor on the inherited sockets");
+        tokio::spawn(async move {
+            // The successor runs on after this process exits; this only
+            // reports a successor that died before taking over.
+            if let Ok(status) = child.wait().await {
+                tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
+            }
+        });
+        Ok(pid)
     }
 
     /// Stop accepting (new connections are refused), then drain in-flight
@@ -705,7 +738,16 @@ pub async fn run_until_signal(
     let mut last_seen = content(&watch);
     loop {
         let event = tokio::select! {
-            sig = signals.next() => sig.map(Some),
+            sig = signals.next() => match sig {
+                SignalEvent::Stop(name) => Some(Some(name)),
+                SignalEvent::Reload => Some(None),
+                SignalEvent::Upgrade => {
+                    if let Err(e) = running.upgrade().await {
+                        tracing::error!(error = %e, "upgrade failed; this process keeps serving");
+                    }
+                    continue;
+                }
+            },
             _ = async {
                 match watcher.as_mut() {
                     Some(w) => {
@@ -748,18 +790,19 @@ pub async fn run_until_signal(
         }
     }
     running.begin_drain();
+    crate::upgrade::announce_stopping();
     let shutdown = running.shutdown();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             outcome = &mut shutdown => return Some(outcome),
             sig = signals.next() => match sig {
-                Some(sig) => {
+                SignalEvent::Stop(sig) => {
                     tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
                     return None;
                 }
-                // SIGHUP while draining: nothing left to reload.
-                None => tracing::info!("SIGHUP ignored while draining"),
+                // Nothing left to reload or hand over while draining.
+                other => tracing::info!(signal = ?other, "signal ignored while draining"),
             }
         }
     }

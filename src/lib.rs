@@ -15,6 +15,7 @@ pub mod logging;
 pub mod proxy;
 pub mod shutdown;
 pub mod tls;
+pub mod upgrade;
 
 pub use app::{Running, ShutdownOutcome};
 pub use config::{Config, ConfigError};

@@ -17,6 +17,8 @@ const EXIT_CONFIG: u8 = 2;
 const EXIT_FORCED: u8 = 130;
 
 fn main() -> ExitCode {
+    // Before any thread exists: this reads and clears LISTEN_FDS.
+    sheath::upgrade::collect_inherited();
     let cli = Cli::parse();
     sheath::logging::init(cli.log_format, &cli.log_level);
     sheath::install_crypto_provider();
@@ -205,6 +207,7 @@ fn serve(
         if demo {
             print_demo_banner(&running);
         }
+        sheath::upgrade::announce_ready();
         match app::run_until_signal(running, loader, watch).await {
             Some(ShutdownOutcome::Drained) => ExitCode::SUCCESS,
             Some(ShutdownOutcome::DrainTimedOut { .. }) => ExitCode::FAILURE,

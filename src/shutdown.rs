@@ -59,6 +59,18 @@ pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+/// What a signal asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalEvent {
+    /// SIGTERM or SIGINT, by name.
+    Stop(&'static str),
+    /// SIGHUP.
+    Reload,
+    /// SIGUSR2: hand the sockets to a new binary.
+    Upgrade,
 }
 
 impl Signals {
@@ -68,16 +80,17 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
-    /// The next signal of interest: `Some(name)` for SIGTERM/SIGINT,
-    /// `None` for SIGHUP (a reload request).
-    pub async fn next(&mut self) -> Option<&'static str> {
+    /// The next signal of interest.
+    pub async fn next(&mut self) -> SignalEvent {
         tokio::select! {
-            _ = self.term.recv() => Some("SIGTERM"),
-            _ = self.int.recv() => Some("SIGINT"),
-            _ = self.hup.recv() => None,
+            _ = self.term.recv() => SignalEvent::Stop("SIGTERM"),
+            _ = self.int.recv() => SignalEvent::Stop("SIGINT"),
+            _ = self.hup.recv() => SignalEvent::Reload,
+            _ = self.usr2.recv() => SignalEvent::Upgrade,
         }
     }
 

@@ -78,15 +78,18 @@ pub async fn serve(stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSe
     let config = Arc::clone(&conn.listener.config);
     let activity = Activity::new();
     let io = TokioIo::new(Tracked::new(stream, activity.clone(), Side::Client));
+    let first_request = Arc::new(tokio::sync::Notify::new());
     let ctx = Arc::new(RequestCtx {
         conn: conn.clone(),
         activity: activity.clone(),
         // An upgraded connection outlives the HTTP connection future, so the
         // tunnel keeps the slot too.
         permit: Arc::new(permit),
+        first_request: Arc::clone(&first_request),
     });
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
+        ctx.first_request.notify_one();
         async move { Ok::<_, Infallible>(proxy(req, ctx).await) }
     });
     let result = if h2 {
@@ -100,6 +103,7 @@ pub async fn serve(stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSe
             &conn,
             &activity,
             &config,
+            &first_request,
         )
         .await
     } else {
@@ -113,6 +117,7 @@ pub async fn serve(stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSe
             &conn,
             &activity,
             &config,
+            &first_request,
         )
         .await
     };
@@ -155,9 +160,15 @@ async fn drive<C: GracefulConnection>(
     conn: &ConnInfo,
     activity: &Activity,
     config: &ListenerConfig,
+    first_request: &tokio::sync::Notify,
 ) -> Result<(), String> {
     let mut conn_future = pin!(conn_future);
     let mut draining = false;
+    // A connection accepted just before the drain began has a request on
+    // its way: closing it now would fail that request (the client cannot
+    // know it was never read). Wait for it, briefly, then close.
+    let mut served_one = false;
+    let mut waiting_first: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     let lifetime = super::tcp::max_lifetime(config.timeouts.max_lifetime);
     let mut lifetime = pin!(lifetime);
     loop {
@@ -169,11 +180,25 @@ async fn drive<C: GracefulConnection>(
                 draining = true;
                 conn_future.as_mut().graceful_shutdown();
             }
+            _ = first_request.notified(), if !served_one => {
+                served_one = true;
+                if waiting_first.take().is_some() {
+                    conn_future.as_mut().graceful_shutdown();
+                }
+            }
+            _ = async { waiting_first.as_mut().expect("guarded").await }, if waiting_first.is_some() => {
+                waiting_first = None;
+                conn_future.as_mut().graceful_shutdown();
+            }
             _ = conn.drain.graceful.cancelled(), if !draining => {
                 // HTTP/1: close after the response in flight; HTTP/2: GOAWAY,
                 // letting open streams finish.
                 draining = true;
-                conn_future.as_mut().graceful_shutdown();
+                if served_one {
+                    conn_future.as_mut().graceful_shutdown();
+                } else {
+                    waiting_first = Some(Box::pin(tokio::time::sleep(FIRST_REQUEST_GRACE)));
+                }
             }
             _ = activity.idle(config.timeouts.idle) => return Err("idle timeout".into()),
             _ = conn.drain.abort.cancelled() => return Err("drain timeout".into()),
@@ -185,7 +210,12 @@ struct RequestCtx {
     conn: ConnInfo,
     activity: Arc<Activity>,
     permit: Arc<OwnedSemaphorePermit>,
+    first_request: Arc<tokio::sync::Notify>,
 }
+
+/// How long a draining connection that has not sent a request yet is
+/// given to send one.
+const FIRST_REQUEST_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBody> {
     let started = Instant::now();

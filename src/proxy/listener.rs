@@ -46,6 +46,13 @@ pub struct Listener {
 /// Bind a listening socket. `SO_REUSEADDR` lets a restarted sheath bind
 /// while old connections sit in TIME_WAIT.
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    // A socket handed over by a previous sheath (or systemd) keeps its
+    // accept queue: take it instead of binding anew.
+    if let Some(inherited) = crate::upgrade::take_inherited(addr) {
+        inherited.set_nonblocking(true)?;
+        tracing::info!(%addr, "using inherited listening socket");
+        return TcpListener::from_std(inherited);
+    }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {

@@ -671,3 +671,144 @@ async fn config_file_changes_and_sighup_reload_in_place() {
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
+
+/// Kills a process by pid when dropped, for processes the test did not
+/// spawn itself (an upgrade's successor).
+struct KillOnDrop(Option<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let port = common::pebble::free_port();
+    let path = dir.path().join("sheath.toml");
+    std::fs::write(
+        &path,
+        format!("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n"),
+    )
+    .unwrap();
+    let mut cmd = sheath();
+    cmd.arg("--log-format")
+        .arg("json")
+        .arg("--state-dir")
+        .arg(&state);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .arg("--drain-timeout")
+        .arg("10s");
+    let mut old = Process::spawn(cmd);
+    old.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    // A client making a new connection for every request, all the time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let looping = {
+        let (stop, ok, failed, roots) = (stop.clone(), ok.clone(), failed.clone(), roots.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let result = async {
+                    let tls =
+                        client::connect(addr, client::client_config(roots.clone(), &[b"http/1.1"]))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    let (mut s, conn) =
+                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    let r = s
+                        .send_request(client::get("/"))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    if r.status() == 200 {
+                        Ok(())
+                    } else {
+                        Err(format!("status {}", r.status()))
+                    }
+                }
+                .await;
+                match result {
+                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                    Err(e) => {
+                        eprintln!("request failed: {e}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        })
+    };
+    within("traffic before the upgrade", async {
+        while ok.load(Ordering::Relaxed) < 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+
+    old.signal("USR2");
+    let line = old
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let successor: u32 = line
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let _guard = KillOnDrop(Some(successor));
+    old.wait_log("upgrade: took over; the previous process drains")
+        .await;
+    assert_eq!(
+        old.exit_code(Duration::from_secs(15)).await,
+        0,
+        "old process drains and exits 0"
+    );
+    assert!(alive(successor), "successor keeps running");
+
+    // The successor alone serves now.
+    let served_before = ok.load(Ordering::Relaxed);
+    within("traffic after the upgrade", async {
+        while ok.load(Ordering::Relaxed) < served_before + 20 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    looping.await.unwrap();
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "a client request failed during the upgrade"
+    );
+
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &successor.to_string()])
+        .status();
+    within("successor exits", async {
+        while alive(successor) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
