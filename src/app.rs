@@ -9,13 +9,13 @@
 //! its socket, and a changed one only swaps the state new connections load.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -105,6 +105,10 @@ impl ListenerHandle {
     }
 }
 
+/// A reload asked for from outside (the admin endpoint), with where to
+/// send the outcome: the new generation, or why nothing changed.
+pub type ReloadRequest = oneshot::Sender<Result<u64, String>>;
+
 /// Reload bookkeeping, for logs, metrics and tests.
 #[derive(Debug, Default)]
 pub struct ReloadStats {
@@ -114,6 +118,17 @@ pub struct ReloadStats {
     pub failed: AtomicU64,
     pub last_error: Mutex<Option<String>>,
     pub last_success: Mutex<Option<SystemTime>>,
+}
+
+/// Shared views of a running sheath, for the admin endpoint.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub listeners: Arc<ArcSwap<Vec<ListenerHandle>>>,
+    pub reloads: Arc<ReloadStats>,
+    /// Cancelled once the process drains.
+    pub draining: CancellationToken,
+    pub reload: mpsc::Sender<ReloadRequest>,
+    pub started: SystemTime,
 }
 
 /// One running listener and everything that belongs to it alone.
@@ -148,13 +163,22 @@ struct Inner {
 #[derive(Debug)]
 pub struct Running {
     inner: tokio::sync::Mutex<Inner>,
-    handles: ArcSwap<Vec<ListenerHandle>>,
+    handles: Arc<ArcSwap<Vec<ListenerHandle>>>,
     challenges: Arc<Challenges>,
     local_ca: ArcSwap<Option<Arc<LocalCa>>>,
     stop_background: CancellationToken,
     drain: Drain,
-    draining: AtomicBool,
-    pub reloads: ReloadStats,
+    /// Cancelled when the process starts draining.
+    draining: CancellationToken,
+    pub reloads: Arc<ReloadStats>,
+    /// Reload requests from the admin endpoint, served by
+    /// `run_until_signal` like SIGHUP.
+    reload_tx: mpsc::Sender<ReloadRequest>,
+    reload_rx: std::sync::Mutex<Option<mpsc::Receiver<ReloadRequest>>>,
+    /// Sockets besides the listeners' (the admin endpoint) that a
+    /// successor inherits on upgrade.
+    extra_handover: std::sync::Mutex<Vec<std::os::fd::OwnedFd>>,
+    started: SystemTime,
 }
 
 impl Running {
@@ -187,6 +211,22 @@ impl Running {
         self.drain.tracker.len()
     }
 
+    /// What the admin endpoint and the metrics read.
+    pub fn observe(&self) -> Observed {
+        Observed {
+            listeners: Arc::clone(&self.handles),
+            reloads: Arc::clone(&self.reloads),
+            draining: self.draining.clone(),
+            reload: self.reload_tx.clone(),
+            started: self.started,
+        }
+    }
+
+    /// Hand this socket to a successor on upgrade too.
+    pub fn hand_over_too(&self, fd: std::os::fd::OwnedFd) {
+        self.extra_handover.lock().expect("poisoned").push(fd);
+    }
+
     /// The local CA, when any listener uses it.
     pub fn local_ca(&self) -> Option<Arc<LocalCa>> {
         self.local_ca.load().as_ref().clone()
@@ -215,7 +255,7 @@ impl Running {
 
     async fn reload_inner(&self, new: Config) -> Result<u64, ReloadError> {
         let mut inner = self.inner.lock().await;
-        if self.draining.load(Ordering::SeqCst) {
+        if self.draining.is_cancelled() {
             return Err(ReloadError::ShuttingDown);
         }
         // Plan: which running listener (if any) each new one continues.
@@ -399,7 +439,7 @@ impl Running {
     /// drain; if the successor fails, nothing changes here.
     pub async fn upgrade(&self) -> std::io::Result<u32> {
         let inner = self.inner.lock().await;
-        if self.draining.load(Ordering::SeqCst) {
+        if self.draining.is_cancelled() {
             return Err(std::io::Error::other("shutting down; upgrade ignored"));
         }
         let mut fds = Vec::new();
@@ -407,6 +447,9 @@ impl Running {
             if let Some(fd) = &l.handover {
                 fds.push(fd.try_clone()?);
             }
+        }
+        for fd in self.extra_handover.lock().expect("poisoned").iter() {
+            fds.push(fd.try_clone()?);
         }
         let mut child = crate::upgrade::spawn_successor(fds)?;
         let pid = child.id().unwrap_or_default();
@@ -424,7 +467,7 @@ impl Running {
     /// Stop accepting (new connections are refused), then drain in-flight
     /// connections for at most the drain timeout.
     pub async fn shutdown(self) -> ShutdownOutcome {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.cancel();
         let inner = self.inner.into_inner();
         for l in &inner.listeners {
             l.stop_accepting.cancel();
@@ -448,7 +491,7 @@ impl Running {
 
     /// Mark the process as draining: reloads are refused from now on.
     fn begin_drain(&self) {
-        self.draining.store(true, Ordering::SeqCst);
+        self.draining.cancel();
     }
 }
 
@@ -673,6 +716,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             source,
         })?);
     }
+    let (reload_tx, reload_rx) = mpsc::channel(4);
     let running = Running {
         inner: tokio::sync::Mutex::new(Inner {
             config: config.clone(),
@@ -680,13 +724,17 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             local_ca: local_ca.clone(),
             http01,
         }),
-        handles: ArcSwap::from_pointee(Vec::new()),
+        handles: Arc::new(ArcSwap::from_pointee(Vec::new())),
         challenges,
         local_ca: ArcSwap::from_pointee(local_ca),
         stop_background: CancellationToken::new(),
         drain: Drain::new(),
-        draining: AtomicBool::new(false),
-        reloads: ReloadStats::default(),
+        draining: CancellationToken::new(),
+        reloads: Arc::default(),
+        reload_tx,
+        reload_rx: std::sync::Mutex::new(Some(reload_rx)),
+        extra_handover: Default::default(),
+        started: SystemTime::now(),
     };
     for socket in http01_sockets {
         tracing::info!(addr = ?socket.local_addr().ok(), "HTTP-01 challenge listener");
@@ -736,8 +784,20 @@ pub async fn run_until_signal(
         .map(|p| cert::files::Watcher::new(&[p.as_path()]));
     let content = |p: &Option<std::path::PathBuf>| p.as_ref().and_then(|p| std::fs::read(p).ok());
     let mut last_seen = content(&watch);
+    let mut requests = running.reload_rx.lock().expect("poisoned").take();
     loop {
         let event = tokio::select! {
+            Some(reply) = async {
+                match requests.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                tracing::info!("reload requested through the admin endpoint");
+                last_seen = content(&watch);
+                let _ = reply.send(reload_from(&running, &loader).await);
+                continue;
+            }
             sig = signals.next() => match sig {
                 SignalEvent::Stop(name) => Some(Some(name)),
                 SignalEvent::Reload => Some(None),
@@ -776,16 +836,7 @@ pub async fn run_until_signal(
                     tracing::info!("SIGHUP: reloading configuration");
                     last_seen = content(&watch);
                 }
-                match loader() {
-                    Ok(config) => {
-                        let _ = running.reload(config).await;
-                    }
-                    Err(e) => {
-                        running.reloads.failed.fetch_add(1, Ordering::Relaxed);
-                        *running.reloads.last_error.lock().expect("poisoned") = Some(e.to_string());
-                        tracing::error!(error = %e, "reload failed; the running configuration stays in force");
-                    }
-                }
+                let _ = reload_from(&running, &loader).await;
             }
         }
     }
@@ -804,6 +855,20 @@ pub async fn run_until_signal(
                 // Nothing left to reload or hand over while draining.
                 other => tracing::info!(signal = ?other, "signal ignored while draining"),
             }
+        }
+    }
+}
+
+/// Read the configuration again and apply it; every failure is counted
+/// and logged, and leaves the running configuration in force.
+async fn reload_from(running: &Running, loader: &ConfigLoader) -> Result<u64, String> {
+    match loader() {
+        Ok(config) => running.reload(config).await.map_err(|e| e.to_string()),
+        Err(e) => {
+            running.reloads.failed.fetch_add(1, Ordering::Relaxed);
+            *running.reloads.last_error.lock().expect("poisoned") = Some(e.to_string());
+            tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+            Err(e.to_string())
         }
     }
 }

@@ -43,8 +43,41 @@ pub struct Cli {
     #[arg(long, global = true, env = "SHEATH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
+    /// Admin endpoint address: /livez, /readyz, /metrics, /certs, POST
+    /// /reload [default: the config file's [admin], else 127.0.0.1:9190].
+    #[arg(long, global = true, env = "SHEATH_ADMIN", conflicts_with = "no_admin")]
+    pub admin: Option<String>,
+
+    /// Do not open the admin endpoint.
+    #[arg(long, global = true, env = "SHEATH_NO_ADMIN")]
+    pub no_admin: bool,
+
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Apply `--admin` / `--no-admin` over what the configuration says.
+    pub fn apply_admin(&self, config: &mut Config) -> Result<(), ConfigError> {
+        config.admin = self.admin_override(config.admin)?;
+        Ok(())
+    }
+
+    /// The admin address after the flags: `current` unless overridden.
+    pub fn admin_override(
+        &self,
+        current: Option<std::net::SocketAddr>,
+    ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        if self.no_admin {
+            return Ok(None);
+        }
+        match &self.admin {
+            Some(addr) => Ok(Some(
+                parse_bind(addr).map_err(|m| flag_error("--admin", m))?,
+            )),
+            None => Ok(current),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -60,6 +93,19 @@ pub enum Command {
     Ca(CaCommand),
     /// Fetch a CA's root over TLS and save it if its SHA-256 fingerprint matches.
     Bootstrap(BootstrapArgs),
+    /// Ask a running sheath's admin endpoint whether it is ready: exit 0
+    /// when ready, 1 otherwise. For images without a shell or curl.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct HealthcheckArgs {
+    /// Read the admin address from this config file.
+    #[arg(long, short, env = "SHEATH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Give up after this long.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -398,6 +444,7 @@ impl SingleListener {
             path: None,
             state_dir: config::default_state_dir(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            admin: Some(config::DEFAULT_ADMIN),
             listeners: vec![ListenerConfig {
                 name: "default".into(),
                 bind,

@@ -6,12 +6,14 @@
 //! integration tests and benchmarks can run the real proxy in-process.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod cert;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod shutdown;
 pub mod tls;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sheath::cli::{BootstrapArgs, CaCommand, Cli, Command, ConfigArgs, DemoArgs};
+use sheath::cli::{BootstrapArgs, CaCommand, Cli, Command, ConfigArgs, DemoArgs, HealthcheckArgs};
 use sheath::config::{self, CertSource, Config, ListenerConfig, Mode, Timeouts};
 use sheath::{app, cert::LocalCa, ShutdownOutcome};
 
@@ -43,28 +43,37 @@ fn main() -> ExitCode {
             }
         }
         Command::Bootstrap(args) => bootstrap(args),
-        Command::Run(args) => match args.to_config(cli.state_dir.as_ref()) {
+        Command::Healthcheck(args) => healthcheck(args, &cli),
+        Command::Run(args) => match args
+            .to_config(cli.state_dir.as_ref())
+            .and_then(|mut c| cli.apply_admin(&mut c).map(|()| c))
+        {
             Ok(config) => {
                 let watch = args.config.clone();
                 serve(&cli, config, false, reloader(args, &cli), watch)
             }
             Err(e) => report(&e, EXIT_CONFIG),
         },
-        Command::Demo(args) => match demo_config(args, &cli) {
-            Ok(config) => serve(
-                &cli,
-                config,
-                true,
-                Box::new(|| Err(app::ReloadError::NoFile)),
-                None,
-            ),
-            Err(e) => report(&e, EXIT_CONFIG),
-        },
+        Command::Demo(args) => {
+            match demo_config(args, &cli).and_then(|mut c| cli.apply_admin(&mut c).map(|()| c)) {
+                Ok(config) => serve(
+                    &cli,
+                    config,
+                    true,
+                    Box::new(|| Err(app::ReloadError::NoFile)),
+                    None,
+                ),
+                Err(e) => report(&e, EXIT_CONFIG),
+            }
+        }
     }
 }
 
 fn check(args: &ConfigArgs, cli: &Cli) -> ExitCode {
-    match args.to_config(cli.state_dir.as_ref()) {
+    match args
+        .to_config(cli.state_dir.as_ref())
+        .and_then(|mut c| cli.apply_admin(&mut c).map(|()| c))
+    {
         Ok(config) => {
             print!("{}", config.render());
             eprintln!(
@@ -79,6 +88,44 @@ fn check(args: &ConfigArgs, cli: &Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => report(&e, EXIT_CONFIG),
+    }
+}
+
+fn healthcheck(args: &HealthcheckArgs, cli: &Cli) -> ExitCode {
+    let mut admin = Some(config::DEFAULT_ADMIN);
+    if let Some(path) = &args.config {
+        match Config::load(path) {
+            Ok(c) => admin = c.admin,
+            Err(e) => return report(&e, EXIT_CONFIG),
+        }
+    }
+    let addr = match cli.admin_override(admin) {
+        Ok(Some(addr)) => addr,
+        Ok(None) => {
+            eprintln!("sheath: the admin endpoint is disabled; nothing to ask");
+            return ExitCode::FAILURE;
+        }
+        Err(e) => return report(&e, EXIT_CONFIG),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return report(&e, 1),
+    };
+    match runtime.block_on(sheath::admin::healthcheck(addr, args.timeout)) {
+        Ok(body) => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            print!("{why}");
+            if !why.ends_with('\n') {
+                println!();
+            }
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -139,6 +186,9 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             .clone()
             .unwrap_or_else(config::default_state_dir),
         drain_timeout: Duration::from_secs(5),
+        // The demo runs next to whatever else is on the machine; it only
+        // opens an admin port when asked to with --admin.
+        admin: None,
         listeners: vec![ListenerConfig {
             name: "demo".into(),
             bind,
@@ -200,10 +250,24 @@ fn serve(
             config.listeners[0].upstream =
                 config::parse_upstream(&backend.to_string(), false).expect("loopback address");
         }
+        let admin = config.admin;
         let running = match app::start(config).await {
             Ok(r) => r,
             Err(e) => return report(&e, 1),
         };
+        if let Some(addr) = admin {
+            let socket = match sheath::proxy::bind(addr) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("sheath: error: admin endpoint: cannot bind {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Ok(fd) = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned() {
+                running.hand_over_too(fd);
+            }
+            tokio::spawn(sheath::admin::serve(socket, running.observe()));
+        }
         if demo {
             print_demo_banner(&running);
         }

@@ -17,6 +17,15 @@ pub struct FileConfig {
     pub global: GlobalFile,
     #[serde(default, rename = "listener")]
     pub listeners: Vec<Spanned<ListenerFile>>,
+    #[serde(default)]
+    pub admin: AdminFile,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub bind: Option<Spanned<String>>,
+    pub enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

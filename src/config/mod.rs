@@ -10,8 +10,8 @@ mod validate;
 
 pub use file::FileConfig;
 pub use validate::{
-    parse_bind, parse_fingerprint, parse_names, parse_upstream, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_LOCAL_CA_LIFETIME,
+    parse_bind, parse_fingerprint, parse_names, parse_upstream, DEFAULT_ADMIN,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
 };
 
 use std::fmt;
@@ -31,6 +31,8 @@ pub struct Config {
     /// Upper bound on how long shutdown waits for in-flight connections.
     pub drain_timeout: Duration,
     pub listeners: Vec<ListenerConfig>,
+    /// The admin endpoint (health, metrics, certificates), if enabled.
+    pub admin: Option<SocketAddr>,
 }
 
 /// One TLS listener and the upstream it fronts.
@@ -468,6 +470,15 @@ impl Config {
         let _ = writeln!(out, "[global]");
         let _ = writeln!(out, "state_dir = {}", q(&self.state_dir.to_string_lossy()));
         let _ = writeln!(out, "drain_timeout = {}", q(&dur(self.drain_timeout)));
+        let _ = writeln!(out, "\n[admin]");
+        match self.admin {
+            Some(bind) => {
+                let _ = writeln!(out, "bind = {}", q(&bind.to_string()));
+            }
+            None => {
+                let _ = writeln!(out, "enabled = false");
+            }
+        }
         for l in &self.listeners {
             let _ = writeln!(out, "\n[[listener]]");
             let _ = writeln!(out, "name = {}", q(&l.name));

@@ -18,6 +18,9 @@ use super::{
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The admin endpoint: loopback, so only the pod/namespace can reach it.
+pub const DEFAULT_ADMIN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9190);
 pub const DEFAULT_LOCAL_CA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 
 /// Resolves spans in one file into origins.
@@ -82,6 +85,15 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         ));
     }
 
+    let admin = match (raw.admin.enabled, &raw.admin.bind) {
+        (Some(false), _) => None,
+        (_, None) => Some(DEFAULT_ADMIN),
+        (_, Some(bind)) => Some(
+            parse_bind(bind.get_ref())
+                .map_err(|message| invalid(loc.at(bind), "admin.bind", message))?,
+        ),
+    };
+
     if raw.listeners.is_empty() {
         return Err(invalid(
             loc.at_offset(text.len()),
@@ -119,6 +131,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         state_dir,
         drain_timeout,
         listeners,
+        admin,
     })
 }
 

@@ -76,7 +76,7 @@ fn upstream_authority(upstream: &Upstream) -> String {
 pub async fn serve(stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSemaphorePermit) {
     let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
     let config = Arc::clone(&conn.listener.config);
-    let activity = Activity::new();
+    let activity = Activity::new(Some(Arc::clone(&conn.stats)));
     let io = TokioIo::new(Tracked::new(stream, activity.clone(), Side::Client));
     let first_request = Arc::new(tokio::sync::Notify::new());
     let ctx = Arc::new(RequestCtx {
@@ -227,8 +227,19 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
 
     let response = match forward_request(req, &ctx).await {
         Ok(resp) => resp,
-        Err(failure) => failure.response(&config.upstream),
+        Err(failure) => {
+            if failure.is_connect_failure() {
+                ctx.conn
+                    .stats
+                    .upstream_connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            failure.response(&config.upstream)
+        }
     };
+    ctx.conn
+        .stats
+        .response(response.status().as_u16(), started.elapsed());
     tracing::info!(
         listener = %config.name,
         peer = %ctx.conn.peer,
@@ -254,6 +265,15 @@ enum Failure {
 }
 
 impl Failure {
+    /// The upstream could not be reached at all (as opposed to answering
+    /// too slowly or the request being refused by sheath).
+    fn is_connect_failure(&self) -> bool {
+        matches!(
+            self,
+            Failure::Refused | Failure::Unreachable(_) | Failure::ConnectTimeout
+        )
+    }
+
     fn response(&self, upstream: &Upstream) -> Response<ProxyBody> {
         let (status, text) = match self {
             Failure::Refused => (

@@ -15,6 +15,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::metrics::ListenerStats;
+
 /// Shared activity record of one connection (both of its sides).
 #[derive(Debug)]
 pub struct Activity {
@@ -23,17 +25,31 @@ pub struct Activity {
     last_ms: AtomicU64,
     /// Bytes read from the client.
     pub bytes_in: AtomicU64,
-    /// Bytes read from the upstream (and so sent towards the client).
+    /// Bytes written to the client.
     pub bytes_out: AtomicU64,
+    /// Where the totals go when the connection is done with them.
+    listener: Option<Arc<ListenerStats>>,
+}
+
+impl Drop for Activity {
+    /// The last holder (the connection, or an upgraded tunnel that
+    /// outlived it) reports the connection's bytes to its listener.
+    fn drop(&mut self) {
+        if let Some(stats) = &self.listener {
+            let (bytes_in, bytes_out) = self.totals();
+            stats.add_bytes(bytes_in, bytes_out);
+        }
+    }
 }
 
 impl Activity {
-    pub fn new() -> Arc<Self> {
+    pub fn new(listener: Option<Arc<ListenerStats>>) -> Arc<Self> {
         Arc::new(Activity {
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            listener,
         })
     }
 
@@ -65,7 +81,8 @@ impl Activity {
     }
 }
 
-/// Which counter a [`Tracked`] stream's reads go to.
+/// Which side a [`Tracked`] stream is: only the client side counts bytes
+/// (in both directions), so TCP and HTTP mode count the same thing.
 #[derive(Debug, Clone, Copy)]
 pub enum Side {
     Client,
@@ -92,6 +109,17 @@ impl<S> Tracked<S> {
     pub fn get_ref(&self) -> &S {
         &self.inner
     }
+
+    fn wrote(&self, n: usize) {
+        if n > 0 {
+            if let Side::Client = self.side {
+                self.activity
+                    .bytes_out
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+            self.activity.touch();
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -105,11 +133,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         if let Poll::Ready(Ok(())) = poll {
             let n = (buf.filled().len() - before) as u64;
             if n > 0 {
-                let counter = match self.side {
-                    Side::Client => &self.activity.bytes_in,
-                    Side::Upstream => &self.activity.bytes_out,
-                };
-                counter.fetch_add(n, Ordering::Relaxed);
+                if let Side::Client = self.side {
+                    self.activity.bytes_in.fetch_add(n, Ordering::Relaxed);
+                }
                 self.activity.touch();
             }
         }
@@ -125,9 +151,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = poll {
-            if n > 0 {
-                self.activity.touch();
-            }
+            self.wrote(n);
         }
         poll
     }
@@ -139,9 +163,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = poll {
-            if n > 0 {
-                self.activity.touch();
-            }
+            self.wrote(n);
         }
         poll
     }

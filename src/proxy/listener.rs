@@ -8,7 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,16 +21,9 @@ use tokio_util::sync::CancellationToken;
 use super::{ConnInfo, ListenerState};
 use crate::cert::challenge::{is_acme_tls_alpn, ACME_TLS_ALPN};
 use crate::config::Mode;
+pub use crate::metrics::ListenerStats;
 use crate::shutdown::Drain;
 use crate::tls;
-
-/// Counters of one listener.
-#[derive(Debug, Default)]
-pub struct ListenerStats {
-    pub accepted: AtomicU64,
-    pub active: AtomicU64,
-    pub handshake_failures: AtomicU64,
-}
 
 /// A bound listener and its swappable state.
 #[derive(Debug)]
@@ -186,18 +179,20 @@ async fn handle(
     let accepted = match handshake {
         Ok(a) => a,
         Err(e) => {
-            stats.handshake_failures.fetch_add(1, Ordering::Relaxed);
+            let reason = e.reason();
+            stats.handshake_failed(reason);
             tracing::info!(
                 listener = %config.name,
                 peer = %peer,
                 sni = e.sni().unwrap_or("-"),
-                reason = e.reason(),
+                reason = %reason,
                 error = %e,
                 "TLS handshake failed"
             );
             return;
         }
     };
+    stats.handshakes.fetch_add(1, Ordering::Relaxed);
     if accepted.stream.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) {
         // A validator only needs to see the challenge certificate.
         tracing::info!(listener = %config.name, peer = %peer, sni = accepted.sni.as_deref().unwrap_or("-"), "answered ACME TLS-ALPN-01 validation");
@@ -230,6 +225,7 @@ async fn handle(
         .unwrap_or("-");
     let conn = ConnInfo {
         listener: Arc::clone(&state),
+        stats,
         peer,
         local,
         sni: accepted.sni,

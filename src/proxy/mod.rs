@@ -43,6 +43,8 @@ pub struct ListenerState {
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub listener: Arc<ListenerState>,
+    /// The listener's counters.
+    pub stats: Arc<ListenerStats>,
     pub peer: SocketAddr,
     /// The address the client connected to.
     pub local: SocketAddr,

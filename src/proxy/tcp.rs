@@ -6,6 +6,7 @@
 //! plus FIN towards the client, and the other direction keeps flowing until
 //! it ends too (half-close).
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::TcpStream;
@@ -26,10 +27,16 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
     let upstream_stream = match tokio::time::timeout(config.timeouts.connect, connect).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
+            conn.stats
+                .upstream_connect_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, error = %e, "upstream connect failed");
             return;
         }
         Err(_) => {
+            conn.stats
+                .upstream_connect_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, timeout = ?config.timeouts.connect, "upstream connect timed out");
             return;
         }
@@ -50,7 +57,7 @@ pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedS
         }
     }
 
-    let activity = Activity::new();
+    let activity = Activity::new(Some(Arc::clone(&conn.stats)));
     let mut client = Tracked::new(client, activity.clone(), Side::Client);
     let mut upstream_io = Tracked::new(upstream_stream, activity.clone(), Side::Upstream);
     let outcome = tokio::select! {

@@ -36,13 +36,101 @@ impl HandshakeError {
         }
     }
 
-    /// A short machine-friendly reason, for logs and metrics labels.
-    pub fn reason(&self) -> &'static str {
+    /// Why, as one of a small fixed set: log field and metrics label.
+    pub fn reason(&self) -> FailureReason {
         match self {
-            HandshakeError::Timeout(..) => "timeout",
-            HandshakeError::ClientHello(_) => "bad_client_hello",
-            HandshakeError::Tls(..) => "tls_error",
+            HandshakeError::Timeout(..) => FailureReason::Timeout,
+            HandshakeError::ClientHello(e) => match rustls_error(e) {
+                Some(_) => FailureReason::BadClientHello,
+                None => FailureReason::Io,
+            },
+            HandshakeError::Tls(e, _) => match rustls_error(e) {
+                Some(e) => FailureReason::of(e),
+                None => FailureReason::Io,
+            },
         }
+    }
+}
+
+/// tokio-rustls reports TLS errors as `io::Error`s carrying the
+/// `rustls::Error`; anything else is the transport failing.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Handshake failure classes. Kept small and fixed so that a metrics
+/// label never grows with what clients send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureReason {
+    Timeout,
+    /// Not TLS, or a ClientHello rustls cannot parse.
+    BadClientHello,
+    /// No common protocol version, cipher suite or ALPN protocol.
+    Incompatible,
+    /// No certificate to serve (e.g. waiting for the first ACME issuance).
+    NoCertificate,
+    /// A client certificate was required and none was presented.
+    ClientCertMissing,
+    /// The client certificate failed verification or the allow-list.
+    ClientCertRejected,
+    /// The client aborted with an alert, e.g. it does not trust sheath.
+    AlertReceived,
+    /// Any other TLS protocol error.
+    Protocol,
+    /// The connection failed underneath TLS (reset, early close).
+    Io,
+}
+
+impl FailureReason {
+    pub const ALL: [FailureReason; 9] = [
+        FailureReason::Timeout,
+        FailureReason::BadClientHello,
+        FailureReason::Incompatible,
+        FailureReason::NoCertificate,
+        FailureReason::ClientCertMissing,
+        FailureReason::ClientCertRejected,
+        FailureReason::AlertReceived,
+        FailureReason::Protocol,
+        FailureReason::Io,
+    ];
+
+    fn of(e: &rustls::Error) -> FailureReason {
+        use rustls::Error as E;
+        match e {
+            E::NoCertificatesPresented => FailureReason::ClientCertMissing,
+            E::InvalidCertificate(_) | E::InvalidCertRevocationList(_) => {
+                FailureReason::ClientCertRejected
+            }
+            E::PeerIncompatible(_) | E::NoApplicationProtocol => FailureReason::Incompatible,
+            E::AlertReceived(_) => FailureReason::AlertReceived,
+            // What rustls says when the resolver has nothing to offer.
+            E::General(m) if m.contains("no server certificate") => FailureReason::NoCertificate,
+            _ => FailureReason::Protocol,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureReason::Timeout => "timeout",
+            FailureReason::BadClientHello => "bad_client_hello",
+            FailureReason::Incompatible => "incompatible",
+            FailureReason::NoCertificate => "no_certificate",
+            FailureReason::ClientCertMissing => "client_cert_missing",
+            FailureReason::ClientCertRejected => "client_cert_rejected",
+            FailureReason::AlertReceived => "alert_received",
+            FailureReason::Protocol => "protocol_error",
+            FailureReason::Io => "io_error",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl std::fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

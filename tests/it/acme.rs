@@ -17,12 +17,12 @@ use sheath::cert::CertStatus;
 
 const NAME: &str = "app.test";
 
-struct Setup {
-    pebble: Pebble,
-    port: u16,
+pub(crate) struct Setup {
+    pub pebble: Pebble,
+    pub port: u16,
 }
 
-async fn pebble(
+pub(crate) async fn pebble(
     validity_secs: Option<u64>,
     http: bool,
     eab: Option<(&str, &str)>,
@@ -42,7 +42,11 @@ async fn pebble(
     Some(Setup { pebble, port })
 }
 
-fn listener_toml(setup: &Setup, upstream: std::net::SocketAddr, cert_extra: &str) -> String {
+pub(crate) fn listener_toml(
+    setup: &Setup,
+    upstream: std::net::SocketAddr,
+    cert_extra: &str,
+) -> String {
     listener_toml_on(setup.port, setup, upstream, cert_extra)
 }
 
@@ -58,14 +62,14 @@ fn listener_toml_on(
     )
 }
 
-fn ca_root(setup: &Setup) -> String {
+pub(crate) fn ca_root(setup: &Setup) -> String {
     format!(
         "ca_root = \"{}\"\n",
         setup.pebble.api_root_pem_path.display()
     )
 }
 
-async fn wait_installs(status: &arc_swap::ArcSwap<CertStatus>, n: u64, pebble: &Pebble) {
+pub(crate) async fn wait_installs(status: &arc_swap::ArcSwap<CertStatus>, n: u64, pebble: &Pebble) {
     let result = tokio::time::timeout(Duration::from_secs(60), async {
         while status.load().installs < n {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -5,6 +5,7 @@
 mod common;
 
 mod acme;
+mod admin;
 mod cert_files;
 mod config;
 mod http;

@@ -34,6 +34,8 @@ fn sheath() -> Command {
         }
     }
     cmd.env_remove("RUST_LOG");
+    // Tests run side by side: the default admin port would collide.
+    cmd.env("SHEATH_ADMIN", "127.0.0.1:0");
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
@@ -811,4 +813,148 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
         }
     })
     .await;
+}
+
+/// `sheath healthcheck` against a running sheath's admin endpoint.
+async fn healthcheck(admin: SocketAddr) -> (i32, String) {
+    let out = within(
+        "healthcheck",
+        sheath()
+            .arg("healthcheck")
+            .arg("--admin")
+            .arg(admin.to_string())
+            .output(),
+    )
+    .await
+    .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+async fn admin_addr(proc: &mut Process) -> SocketAddr {
+    let line = proc.wait_log("admin endpoint listening").await;
+    json_field(&line, "addr")
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no addr in {line}"))
+}
+
+#[tokio::test]
+async fn healthcheck_exit_codes_follow_readiness() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+
+    // Ready: a local-CA certificate from the first moment.
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("a"));
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string());
+    let mut ready = Process::spawn(cmd);
+    let ready_admin = admin_addr(&mut ready).await;
+    ready.listening_addr().await;
+    assert_eq!(healthcheck(ready_admin).await, (0, "ready\n".to_string()));
+
+    // Not ready: an ACME listener whose CA cannot be reached.
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("b"));
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--name", "app.test"]);
+    cmd.args([
+        "--acme-directory",
+        "https://127.0.0.1:1/directory",
+        "--upstream",
+    ])
+    .arg(upstream.to_string());
+    let mut waiting = Process::spawn(cmd);
+    let waiting_admin = admin_addr(&mut waiting).await;
+    let (code, out) = healthcheck(waiting_admin).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("listener `default`: no certificate yet from acme"),
+        "{out}"
+    );
+
+    // Nobody there.
+    ready.signal("TERM");
+    assert_eq!(ready.exit_code(Duration::from_secs(10)).await, 0);
+    let (code, out) = healthcheck(ready_admin).await;
+    assert_eq!(code, 1);
+    assert!(out.contains("cannot reach the admin endpoint"), "{out}");
+    waiting.signal("TERM");
+    waiting.exit_code(Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn admin_reload_applies_the_config_file_and_reports_failures() {
+    if !crate::common::require_tool("curl") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+    let path = dir.path().join("sheath.toml");
+    let good = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n"
+    );
+    std::fs::write(&path, &good).unwrap();
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("state"));
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    proc.listening_addr().await;
+
+    let post = |addr: SocketAddr| async move {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-X",
+                "POST",
+                &format!("http://{addr}/reload"),
+                "-w",
+                "\n%{http_code}",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let reply = within("POST /reload", post(admin)).await;
+    assert!(
+        reply.starts_with("reloaded: configuration generation 2"),
+        "{reply}"
+    );
+    assert!(reply.ends_with("200"), "{reply}");
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", &format!("http://{admin}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("\nsheath_config_generation 2\n"),
+        "{metrics}"
+    );
+
+    // A broken file: the reply names file, line and key; nothing changes.
+    std::fs::write(&path, good.replace("upstream =", "upstrem =")).unwrap();
+    let reply = within("POST /reload", post(admin)).await;
+    assert!(reply.ends_with("422"), "{reply}");
+    assert!(reply.contains("sheath.toml:"), "{reply}");
+    assert!(reply.contains("upstrem"), "{reply}");
+    let metrics = std::process::Command::new("curl")
+        .args(["-s", &format!("http://{admin}/metrics")])
+        .output()
+        .unwrap();
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
+    assert!(
+        metrics.contains("\nsheath_config_generation 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("sheath_config_reloads_total{outcome=\"failure\"} 0\n"),
+        "{metrics}"
+    );
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }

@@ -1,0 +1,329 @@
+//! The admin endpoint, scraped over real HTTP: readiness that waits for the
+//! first certificate, metrics that move with traffic, handshake failures,
+//! rotations and reloads, and /certs agreeing with what clients are served.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::acme::{ca_root, listener_toml, pebble, wait_installs};
+use crate::common::client::{self, served_cert};
+use crate::common::{backend, eventually, within, Proxy, TestPki};
+
+/// Serve the admin endpoint of an in-process sheath on a fresh port.
+async fn admin_for(proxy: &Proxy) -> SocketAddr {
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(sheath::admin::serve(socket, proxy.running().observe()));
+    addr
+}
+
+/// One HTTP/1.0 request; the status and body.
+async fn call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    within(&format!("{method} {path}"), async {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        tcp.write_all(format!("{method} {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.unwrap();
+        let status = raw[9..12].parse().unwrap();
+        let body = raw.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    })
+    .await
+}
+
+/// The value of the sample `series` (name with labels, exactly as
+/// exposed), or `None` when it is not in the scrape.
+fn sample(scrape: &str, series: &str) -> Option<f64> {
+    scrape.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(value.parse().unwrap())
+    })
+}
+
+fn value(scrape: &str, series: &str) -> f64 {
+    sample(scrape, series).unwrap_or_else(|| panic!("no `{series}` in\n{scrape}"))
+}
+
+#[tokio::test]
+async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let down = backend::closed_port().await;
+    let toml = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}\n\
+         [[listener]]\nname = \"down\"\nbind = \"127.0.0.1:0\"\nupstream = \"{down}\"\n{}\n",
+        backend::http().await,
+        crate::common::pki::files_cert_toml(&files),
+        crate::common::pki::files_cert_toml(&files),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let admin = admin_for(&proxy).await;
+    let web = proxy.addr("web");
+
+    let (status, before) = call(admin, "GET", "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        value(
+            &before,
+            "sheath_connections_accepted_total{listener=\"web\"}"
+        ),
+        0.0
+    );
+    assert_eq!(value(&before, "sheath_config_generation"), 1.0);
+
+    // Three requests on one connection.
+    let mut h1 = client::h1(web, pki.roots()).await;
+    for _ in 0..3 {
+        let resp = h1.send_request(client::get("/")).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        client::body_text(resp).await;
+    }
+    drop(h1);
+    // A client that does not trust sheath's certificate aborts the handshake.
+    let stranger = TestPki::new();
+    assert!(served_cert(web, stranger.roots()).await.is_err());
+    // The upstream of `down` refuses: 502, counted as a connect failure.
+    let mut h1 = client::h1(proxy.addr("down"), pki.roots()).await;
+    let resp = h1.send_request(client::get("/")).await.unwrap();
+    assert_eq!(resp.status(), 502);
+    drop(h1);
+
+    let web_l = "listener=\"web\"";
+    // Bytes are added when a connection closes, which the server side
+    // notices a moment after the client drops it.
+    within("bytes of the closed connection counted", async {
+        loop {
+            let (_, s) = call(admin, "GET", "/metrics").await;
+            if sample(&s, &format!("sheath_received_bytes_total{{{web_l}}}")).unwrap_or(0.0) > 0.0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_connections_accepted_total{{{web_l}}}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_tls_handshakes_total{{{web_l},outcome=\"success\",reason=\"\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, &format!("sheath_tls_handshakes_total{{{web_l},outcome=\"failure\",reason=\"alert_received\"}}")),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_http_responses_total{{{web_l},class=\"2xx\"}}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_http_request_duration_seconds_count{{{web_l}}}")
+        ),
+        3.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_http_request_duration_seconds_bucket{{le=\"+Inf\",{web_l}}}")
+        ),
+        3.0
+    );
+    assert!(value(&scrape, &format!("sheath_sent_bytes_total{{{web_l}}}")) > 0.0);
+    assert_eq!(
+        value(
+            &scrape,
+            "sheath_http_responses_total{listener=\"down\",class=\"5xx\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "sheath_upstream_connect_failures_total{listener=\"down\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_upstream_connect_failures_total{{{web_l}}}")
+        ),
+        0.0
+    );
+    let served = served_cert(web, pki.roots()).await.unwrap();
+    let not_after = served
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let cert_l = format!("{web_l},source=\"files\"");
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_certificate_not_after_seconds{{{cert_l}}}")
+        ),
+        not_after
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_certificate_installs_total{{{cert_l}}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, &format!("sheath_certificate_valid{{{cert_l}}}")),
+        1.0
+    );
+
+    // Rotation: new files, a new not_after, one more install.
+    let (cert_pem, key_pem) =
+        pki.server_cert(&["localhost", "127.0.0.1"], Duration::from_secs(7200));
+    for (path, pem) in [(&files.key, &key_pem), (&files.cert, &cert_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    let status = proxy.running().listener("web").unwrap().cert_status.clone();
+    eventually("rotation", || status.load().installs == 2).await;
+    let rotated = served_cert(web, pki.roots()).await.unwrap();
+    assert_ne!(rotated.serial, served.serial);
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_certificate_installs_total{{{cert_l}}}")
+        ),
+        2.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_certificate_not_after_seconds{{{cert_l}}}")
+        ),
+        rotated
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    );
+
+    // A reload that cannot bind fails as a whole and is counted; a good
+    // one moves the generation.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = format!(
+        "{toml}\n[[listener]]\nname = \"extra\"\nbind = \"{}\"\nupstream = \"{down}\"\n{}\n",
+        taken.local_addr().unwrap(),
+        crate::common::pki::files_cert_toml(&files),
+    );
+    let bad =
+        sheath::config::Config::load(&crate::common::write_config(proxy.dir.path(), &bad)).unwrap();
+    assert!(proxy.running().reload(bad).await.is_err());
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(&scrape, "sheath_config_reloads_total{outcome=\"failure\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "sheath_config_reloads_total{outcome=\"success\"}"),
+        0.0
+    );
+    assert_eq!(value(&scrape, "sheath_config_generation"), 1.0);
+    let good = sheath::config::Config::load(&crate::common::write_config(proxy.dir.path(), &toml))
+        .unwrap();
+    proxy.running().reload(good).await.unwrap();
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    assert_eq!(
+        value(&scrape, "sheath_config_reloads_total{outcome=\"success\"}"),
+        1.0
+    );
+    assert_eq!(value(&scrape, "sheath_config_generation"), 2.0);
+    assert!(sample(&scrape, "sheath_config_last_reload_success_seconds").is_some());
+    assert!(
+        scrape.ends_with("# EOF\n"),
+        "complete OpenMetrics exposition"
+    );
+}
+
+#[tokio::test]
+async fn certs_endpoint_matches_the_certificate_clients_are_served() {
+    let proxy = Proxy::start(&format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n",
+        backend::http().await
+    ))
+    .await;
+    let admin = admin_for(&proxy).await;
+    let ca = proxy.running().local_ca().unwrap();
+    let roots = crate::common::pki::roots_from_pem(ca.cert_pem());
+    let served = served_cert(proxy.addr("web"), roots).await.unwrap();
+
+    let (status, body) = call(admin, "GET", "/certs").await;
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let l = &json["listeners"][0];
+    assert_eq!(l["listener"], "web");
+    assert_eq!(l["source"], "local_ca");
+    assert_eq!(l["valid"], true);
+    assert_eq!(l["certificate"]["sha256"], served.sha256.as_str());
+    assert_eq!(l["certificate"]["serial"], served.serial.as_str());
+    assert_eq!(l["certificate"]["sans"], serde_json::json!(served.names));
+    assert!(l["next_renewal"].is_string());
+    assert!(l["last_error"].is_null());
+
+    // Liveness, method and path errors.
+    assert_eq!(call(admin, "GET", "/livez").await, (200, "ok\n".into()));
+    assert_eq!(call(admin, "POST", "/certs").await.0, 405);
+    assert_eq!(call(admin, "GET", "/reload").await.0, 405);
+    assert_eq!(call(admin, "GET", "/nope").await.0, 404);
+}
+
+#[tokio::test]
+async fn readiness_waits_for_the_first_acme_certificate() {
+    let Some(mut setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    // The CA is down when sheath starts: no certificate, not ready, and
+    // the reason says so.
+    setup.pebble.stop();
+    let proxy = Proxy::start(&listener_toml(
+        &setup,
+        backend::tcp_echo().await,
+        &ca_root(&setup),
+    ))
+    .await;
+    let admin = admin_for(&proxy).await;
+    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    eventually("a failed first attempt", || {
+        status.load().consecutive_failures > 0
+    })
+    .await;
+    let (code, body) = call(admin, "GET", "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("listener `l`: no certificate yet from acme (last error:"),
+        "{body}"
+    );
+
+    setup.pebble.restart().await;
+    wait_installs(&status, 1, &setup.pebble).await;
+    let (code, body) = call(admin, "GET", "/readyz").await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+}
