@@ -178,6 +178,10 @@ pub struct Running {
     /// Sockets besides the listeners' (the admin endpoint) that a
     /// successor inherits on upgrade.
     extra_handover: std::sync::Mutex<Vec<std::os::fd::OwnedFd>>,
+    /// The successor started by the last upgrade, until it takes over or dies.
+    successor: Arc<std::sync::Mutex<Option<u32>>>,
+    /// The successor this process handed over to, once it took over.
+    handed_over: Arc<std::sync::Mutex<Option<u32>>>,
     started: SystemTime,
 }
 
@@ -220,6 +224,11 @@ impl Running {
             reload: self.reload_tx.clone(),
             started: self.started,
         }
+    }
+
+    /// Set once a successor took over from this process: its pid.
+    pub fn handed_over(&self) -> Arc<std::sync::Mutex<Option<u32>>> {
+        Arc::clone(&self.handed_over)
     }
 
     /// Hand this socket to a successor on upgrade too.
@@ -442,6 +451,11 @@ impl Running {
         if self.draining.is_cancelled() {
             return Err(std::io::Error::other("shutting down; upgrade ignored"));
         }
+        if let Some(pid) = *self.successor.lock().expect("poisoned") {
+            return Err(std::io::Error::other(format!(
+                "successor {pid} is still starting; upgrade ignored"
+            )));
+        }
         let mut fds = Vec::new();
         for l in &inner.listeners {
             if let Some(fd) = &l.handover {
@@ -454,11 +468,17 @@ impl Running {
         let mut child = crate::upgrade::spawn_successor(fds)?;
         let pid = child.id().unwrap_or_default();
         tracing::info!(pid, "upgrade: started successor on the inherited sockets");
+        *self.successor.lock().expect("poisoned") = Some(pid);
+        let successor = Arc::clone(&self.successor);
         tokio::spawn(async move {
             // The successor runs on after this process exits; this only
             // reports a successor that died before taking over.
             if let Ok(status) = child.wait().await {
-                tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
+                let mut current = successor.lock().expect("poisoned");
+                if *current == Some(pid) {
+                    *current = None;
+                    tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
+                }
             }
         });
         Ok(pid)
@@ -734,6 +754,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         reload_tx,
         reload_rx: std::sync::Mutex::new(Some(reload_rx)),
         extra_handover: Default::default(),
+        successor: Default::default(),
+        handed_over: Default::default(),
         started: SystemTime::now(),
     };
     for socket in http01_sockets {
@@ -807,6 +829,20 @@ pub async fn run_until_signal(
                     }
                     continue;
                 }
+                SignalEvent::TakeOver => {
+                    let pid = *running.successor.lock().expect("poisoned");
+                    match pid {
+                        Some(pid) => {
+                            *running.handed_over.lock().expect("poisoned") = Some(pid);
+                            tracing::info!(successor = pid, "upgrade: successor is ready; draining");
+                            Some(Some("SIGUSR1"))
+                        }
+                        None => {
+                            tracing::info!("SIGUSR1 ignored: no upgrade in progress");
+                            continue;
+                        }
+                    }
+                }
             },
             _ = async {
                 match watcher.as_mut() {
@@ -828,7 +864,14 @@ pub async fn run_until_signal(
         };
         match event {
             Some(Some(sig)) => {
-                tracing::info!(signal = sig, "shutting down");
+                if sig != "SIGUSR1" {
+                    tracing::info!(signal = sig, "shutting down");
+                    // A successor still starting would outlive us and serve
+                    // on its own: it goes too.
+                    if let Some(pid) = running.successor.lock().expect("poisoned").take() {
+                        crate::upgrade::forward(pid, rustix::process::Signal::TERM);
+                    }
+                }
                 break;
             }
             Some(None) | None => {
@@ -841,6 +884,7 @@ pub async fn run_until_signal(
         }
     }
     running.begin_drain();
+    let running_successor = *running.handed_over.lock().expect("poisoned");
     crate::upgrade::announce_stopping();
     let shutdown = running.shutdown();
     tokio::pin!(shutdown);
@@ -848,6 +892,13 @@ pub async fn run_until_signal(
         tokio::select! {
             outcome = &mut shutdown => return Some(outcome),
             sig = signals.next() => match sig {
+                SignalEvent::Stop(sig) if crate::upgrade::is_init() && running_successor.is_some() => {
+                    // As a container's init this process must outlive the
+                    // drain to keep the successor alive; the stop request
+                    // is for the successor, which serves now.
+                    tracing::info!(signal = sig, "forwarding to the successor");
+                    crate::upgrade::forward_to_children(sig_of(sig));
+                }
                 SignalEvent::Stop(sig) => {
                     tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
                     return None;
@@ -856,6 +907,13 @@ pub async fn run_until_signal(
                 other => tracing::info!(signal = ?other, "signal ignored while draining"),
             }
         }
+    }
+}
+
+fn sig_of(name: &str) -> rustix::process::Signal {
+    match name {
+        "SIGINT" => rustix::process::Signal::INT,
+        _ => rustix::process::Signal::TERM,
     }
 }
 

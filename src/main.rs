@@ -272,7 +272,12 @@ fn serve(
             print_demo_banner(&running);
         }
         sheath::upgrade::announce_ready();
-        match app::run_until_signal(running, loader, watch).await {
+        let handed_over = running.handed_over();
+        let ended = app::run_until_signal(running, loader, watch).await;
+        if handed_over.lock().expect("poisoned").is_some() && sheath::upgrade::is_init() {
+            return ExitCode::from(sheath::upgrade::supervise().await);
+        }
+        match ended {
             Some(ShutdownOutcome::Drained) => ExitCode::SUCCESS,
             Some(ShutdownOutcome::DrainTimedOut { .. }) => ExitCode::FAILURE,
             None => ExitCode::from(EXIT_FORCED),

@@ -59,6 +59,7 @@ pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
     usr2: tokio::signal::unix::Signal,
 }
 
@@ -71,6 +72,8 @@ pub enum SignalEvent {
     Reload,
     /// SIGUSR2: hand the sockets to a new binary.
     Upgrade,
+    /// SIGUSR1: the new binary is ready; stop accepting and drain.
+    TakeOver,
 }
 
 impl Signals {
@@ -80,6 +83,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
             usr2: signal(SignalKind::user_defined2())?,
         })
     }
@@ -90,6 +94,7 @@ impl Signals {
             _ = self.term.recv() => SignalEvent::Stop("SIGTERM"),
             _ = self.int.recv() => SignalEvent::Stop("SIGINT"),
             _ = self.hup.recv() => SignalEvent::Reload,
+            _ = self.usr1.recv() => SignalEvent::TakeOver,
             _ = self.usr2.recv() => SignalEvent::Upgrade,
         }
     }

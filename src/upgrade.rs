@@ -15,6 +15,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -55,9 +56,21 @@ pub fn take_inherited(addr: SocketAddr) -> Option<std::net::TcpListener> {
         .and_then(|m| m.remove(&addr))
 }
 
+/// The binary to start: the one at the path this process was started
+/// from. After a package manager replaced it, the kernel reports the old
+/// inode as "PATH (deleted)"; the new binary is at PATH.
+fn successor_binary() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let text = exe.as_os_str().to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    })
+}
+
 /// Start the successor with `sockets` as its inherited listeners.
 pub fn spawn_successor(sockets: Vec<OwnedFd>) -> std::io::Result<tokio::process::Child> {
-    let exe = std::env::current_exe()?;
+    let exe = successor_binary()?;
     let count = sockets.len();
     let mappings: Vec<FdMapping> = sockets
         .into_iter()
@@ -87,9 +100,10 @@ pub fn announce_ready() {
         .and_then(|p| p.parse::<i32>().ok())
         .and_then(rustix::process::Pid::from_raw)
     {
-        // Only the process that started us is told to leave.
+        // Only the process that started us is told to leave. SIGUSR1, not
+        // SIGTERM: the parent must tell a takeover from a stop request.
         if rustix::process::getppid() == Some(parent) {
-            match rustix::process::kill_process(parent, rustix::process::Signal::TERM) {
+            match rustix::process::kill_process(parent, rustix::process::Signal::USR1) {
                 Ok(()) => tracing::info!(
                     parent = parent.as_raw_nonzero().get(),
                     "upgrade: took over; the previous process drains"
@@ -109,4 +123,106 @@ pub fn announce_ready() {
 /// Tell systemd the service is stopping.
 pub fn announce_stopping() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+/// Is this process its PID namespace's init (a container's PID 1)? When
+/// PID 1 exits, the kernel kills everything else in the namespace, so after
+/// an upgrade PID 1 must stay, as a minimal init, for the successor to live.
+pub fn is_init() -> bool {
+    rustix::process::getpid().is_init()
+}
+
+/// Send `signal` to `pid`, logging a failure.
+pub fn forward(pid: u32, signal: rustix::process::Signal) {
+    let Some(target) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    if let Err(e) = rustix::process::kill_process(target, signal) {
+        tracing::warn!(pid, error = %e, "cannot signal process");
+    }
+}
+
+/// Send `signal` to every child of this process. As PID 1 these are the
+/// sheath processes that upgrades started, including orphans of earlier
+/// upgrades, which the kernel re-parents to PID 1.
+pub fn forward_to_children(signal: rustix::process::Signal) {
+    for pid in children() {
+        forward(pid, signal);
+    }
+}
+
+/// Children of this process, from /proc (field 4 of `stat` is the parent).
+fn children() -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name may contain spaces and parentheses;
+                    // the fields after the last ')' are unambiguous.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(me)
+        })
+        .collect()
+}
+
+/// After handing over as PID 1: forward stop, reload and upgrade signals
+/// to the sheath processes now serving, reap them (and any orphan), and
+/// return the exit status of the last one to exit.
+pub async fn supervise() -> u8 {
+    use rustix::process::{Signal, WaitOptions};
+    use tokio::signal::unix::{signal, SignalKind};
+
+    tracing::info!("upgrade: staying as init for the successor");
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2), Ok(mut chld)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
+        signal(SignalKind::child()),
+    ) else {
+        tracing::error!("cannot listen for signals; exiting");
+        return 1;
+    };
+    let mut last = 0u8;
+    loop {
+        // Reap everything that has exited; stop once nobody is left.
+        loop {
+            match rustix::process::wait(WaitOptions::NOHANG) {
+                Ok(Some((pid, status))) => {
+                    last = match (status.exit_status(), status.terminating_signal()) {
+                        (Some(code), _) => code as u8,
+                        (None, Some(sig)) => 128u8.saturating_add(sig as u8),
+                        _ => last,
+                    };
+                    tracing::info!(
+                        pid = pid.as_raw_nonzero().get(),
+                        code = last,
+                        "child exited"
+                    );
+                }
+                Ok(None) => break,
+                // ECHILD: no children left.
+                Err(_) => return last,
+            }
+        }
+        let signal = tokio::select! {
+            _ = chld.recv() => continue,
+            _ = term.recv() => Signal::TERM,
+            _ = int.recv() => Signal::INT,
+            _ = hup.recv() => Signal::HUP,
+            _ = usr2.recv() => Signal::USR2,
+        };
+        forward_to_children(signal);
+    }
 }

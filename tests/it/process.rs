@@ -674,6 +674,81 @@ async fn config_file_changes_and_sighup_reload_in_place() {
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
 
+/// A client making a new TLS connection for every request, all the time,
+/// counting what succeeded and what failed.
+struct RequestLoop {
+    stop: Arc<AtomicBool>,
+    ok: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RequestLoop {
+    fn start(addr: SocketAddr, roots: Arc<rustls::RootCertStore>) -> RequestLoop {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let task = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match one_request(addr, &roots).await {
+                        Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("request failed: {e}");
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        };
+        RequestLoop {
+            stop,
+            ok,
+            failed,
+            task,
+        }
+    }
+
+    /// Wait until `n` more requests succeeded.
+    async fn wait_served(&self, n: u64, what: &str) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        within(what, async {
+            while self.ok.load(Ordering::Relaxed) < target {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Stop and return how many requests failed.
+    async fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.failed.load(Ordering::Relaxed)
+    }
+}
+
+async fn one_request(addr: SocketAddr, roots: &Arc<rustls::RootCertStore>) -> Result<(), String> {
+    let config = client::client_config(roots.clone(), &[b"http/1.1"]);
+    let tls = client::connect(addr, config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let r = s
+        .send_request(client::get("/"))
+        .await
+        .map_err(|e| e.to_string())?;
+    if r.status() == 200 {
+        Ok(())
+    } else {
+        Err(format!("status {}", r.status()))
+    }
+}
+
 /// Kills a process by pid when dropped, for processes the test did not
 /// spawn itself (an upgrade's successor).
 struct KillOnDrop(Option<u32>);
@@ -722,51 +797,8 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
     let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
 
-    // A client making a new connection for every request, all the time.
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let failed = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let looping = {
-        let (stop, ok, failed, roots) = (stop.clone(), ok.clone(), failed.clone(), roots.clone());
-        tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                let result = async {
-                    let tls =
-                        client::connect(addr, client::client_config(roots.clone(), &[b"http/1.1"]))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    let (mut s, conn) =
-                        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    tokio::spawn(conn);
-                    let r = s
-                        .send_request(client::get("/"))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    if r.status() == 200 {
-                        Ok(())
-                    } else {
-                        Err(format!("status {}", r.status()))
-                    }
-                }
-                .await;
-                match result {
-                    Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                    Err(e) => {
-                        eprintln!("request failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed)
-                    }
-                };
-            }
-        })
-    };
-    within("traffic before the upgrade", async {
-        while ok.load(Ordering::Relaxed) < 20 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let traffic = RequestLoop::start(addr, roots);
+    traffic.wait_served(20, "traffic before the upgrade").await;
 
     old.signal("USR2");
     let line = old
@@ -789,17 +821,9 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
     assert!(alive(successor), "successor keeps running");
 
     // The successor alone serves now.
-    let served_before = ok.load(Ordering::Relaxed);
-    within("traffic after the upgrade", async {
-        while ok.load(Ordering::Relaxed) < served_before + 20 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await;
-    stop.store(true, Ordering::Relaxed);
-    looping.await.unwrap();
+    traffic.wait_served(20, "traffic after the upgrade").await;
     assert_eq!(
-        failed.load(Ordering::Relaxed),
+        traffic.finish().await,
         0,
         "a client request failed during the upgrade"
     );
@@ -957,4 +981,102 @@ async fn admin_reload_applies_the_config_file_and_reports_failures() {
     );
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}
+
+/// Is the test running as root (needed for a PID namespace)? Under
+/// `CI=true` not being root fails the test; elsewhere it is skipped.
+fn require_root(what: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{what} needs root under CI=true");
+        }
+        eprintln!("SKIPPED: {what} needs root (a PID namespace)");
+    }
+    root
+}
+
+/// The host pid of `pid`'s only child (unshare's forked child).
+fn only_child(pid: u32) -> u32 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    text.split_whitespace()
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no child of {pid}"))
+}
+
+/// In a container sheath is PID 1: if it exited after handing over, the
+/// kernel would kill the successor with it. It stays as init instead,
+/// forwards signals, and exits with the successor's status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_as_pid_1_keeps_the_successor_alive() {
+    if !require_root("upgrade as PID 1") || !crate::common::require_tool("unshare") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let port = common::pebble::free_port();
+    let cmd = sheath();
+    let program = cmd.as_std().get_program().to_owned();
+    let mut cmd = {
+        let mut wrapped = Command::new("unshare");
+        wrapped
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(program);
+        for (key, value) in cmd.as_std().get_envs() {
+            match value {
+                Some(v) => wrapped.env(key, v),
+                None => wrapped.env_remove(key),
+            };
+        }
+        wrapped.stdin(Stdio::null()).kill_on_drop(true);
+        wrapped
+    };
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(&state);
+    cmd.args([
+        "run",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+    ])
+    .arg(upstream.to_string())
+    .args(["--drain-timeout", "10s"]);
+    let mut init = Process::spawn(cmd);
+    init.listening_addr().await;
+    let pid1 = only_child(init.pid);
+    let _guard = KillOnDrop(Some(pid1));
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+
+    let traffic = RequestLoop::start(addr, roots.clone());
+    traffic.wait_served(20, "traffic before the upgrade").await;
+    let kill = |sig: &str, pid: u32| {
+        std::process::Command::new("kill")
+            .args([format!("-{sig}"), pid.to_string()])
+            .status()
+            .unwrap();
+    };
+    kill("USR2", pid1);
+    init.wait_log("upgrade: took over; the previous process drains")
+        .await;
+    init.wait_log("upgrade: staying as init for the successor")
+        .await;
+    traffic.wait_served(20, "traffic after the upgrade").await;
+    assert!(alive(pid1), "PID 1 stays");
+    assert_eq!(
+        traffic.finish().await,
+        0,
+        "a request failed during the upgrade"
+    );
+
+    // A stop request reaches the successor through PID 1; everything
+    // drains and exits cleanly.
+    kill("TERM", pid1);
+    assert_eq!(init.exit_code(Duration::from_secs(15)).await, 0);
+    assert!(
+        one_request(addr, &roots).await.is_err(),
+        "nothing serves any more"
+    );
 }
