@@ -885,7 +885,11 @@ pub async fn run_until_signal(
     }
     running.begin_drain();
     let running_successor = *running.handed_over.lock().expect("poisoned");
-    crate::upgrade::announce_stopping();
+    // After a handover the service is not stopping: the successor, already
+    // the main process for systemd, carries on.
+    if running_successor.is_none() {
+        crate::upgrade::announce_stopping();
+    }
     let shutdown = running.shutdown();
     tokio::pin!(shutdown);
     loop {
