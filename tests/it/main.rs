@@ -11,6 +11,7 @@ mod http;
 mod limits;
 mod local_ca;
 mod mtls;
+mod netns;
 mod pebble_smoke;
 mod process;
 mod reload;
