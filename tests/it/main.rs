@@ -12,6 +12,7 @@ mod http;
 mod limits;
 mod local_ca;
 mod mtls;
+mod netns;
 mod pebble_smoke;
 mod process;
 mod reload;

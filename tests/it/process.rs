@@ -20,11 +20,16 @@ use tokio_rustls::client::TlsStream;
 
 use crate::common::{self, backend, client, pki, within};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sheath");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_sheath");
 
 /// A `sheath` command with a clean environment for its own settings.
 fn sheath() -> Command {
-    let mut cmd = Command::new(BIN);
+    isolated(Command::new(BIN))
+}
+
+/// `cmd` (sheath itself, or a wrapper that execs it) with a clean
+/// environment for sheath's own settings, stdin closed, killed on drop.
+pub(crate) fn isolated(mut cmd: Command) -> Command {
     // A SHEATH_* or RUST_LOG in the developer's shell would silently change
     // what the binary does (another state dir, a log filter that hides the
     // "listening" line), so only what a test sets reaches the child.
@@ -54,7 +59,7 @@ fn text(bytes: &[u8]) -> String {
 
 /// The value of a string field in one line of sheath's JSON log. Field
 /// values we look up (addresses, messages) never contain escaped quotes.
-fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     let tag = format!("\"{key}\":\"");
     let start = line.find(&tag)? + tag.len();
     let len = line[start..].find('"')?;
@@ -97,7 +102,7 @@ impl Lines {
 }
 
 /// A running `sheath`, killed when dropped.
-struct Process {
+pub(crate) struct Process {
     child: Child,
     pid: u32,
     stdout: Lines,
@@ -105,7 +110,7 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(mut cmd: Command) -> Process {
+    pub(crate) fn spawn(mut cmd: Command) -> Process {
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn sheath");
         let pid = child.id().expect("a running child has a pid");
@@ -160,20 +165,20 @@ impl Process {
         }
     }
 
-    async fn wait_log(&mut self, message: &str) -> String {
+    pub(crate) async fn wait_log(&mut self, message: &str) -> String {
         self.wait_line(&format!("log {message:?}"), false, |l| is_log(l, message))
             .await
     }
 
     /// The address from the "listening" log line (needs `--log-format json`).
-    async fn listening_addr(&mut self) -> SocketAddr {
+    pub(crate) async fn listening_addr(&mut self) -> SocketAddr {
         let line = self.wait_log("listening").await;
         json_field(&line, "addr")
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no addr in {line}"))
     }
 
-    fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let status = std::process::Command::new("kill")
             .args([format!("-{sig}"), self.pid.to_string()])
             .status()
@@ -182,7 +187,7 @@ impl Process {
     }
 
     /// Wait at most `bound` for the exit, and return its code.
-    async fn exit_code(&mut self, bound: Duration) -> i32 {
+    pub(crate) async fn exit_code(&mut self, bound: Duration) -> i32 {
         let status: ExitStatus = match tokio::time::timeout(bound, self.child.wait()).await {
             Ok(status) => status.expect("wait for sheath"),
             Err(_) => panic!(
@@ -199,7 +204,7 @@ impl Process {
     }
 }
 
-fn ca_pem_path(state: &Path) -> std::path::PathBuf {
+pub(crate) fn ca_pem_path(state: &Path) -> std::path::PathBuf {
     state.join("local-ca").join("ca.pem")
 }
 

@@ -113,6 +113,20 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
+/// Does this test run as root? Same convention as [`require_tool`]: under
+/// `CI=true` (where tests run as root) not being root fails the test;
+/// elsewhere the test says clearly that it is skipped and why.
+pub fn require_root(why: &str) -> bool {
+    let root = rustix::process::geteuid().is_root();
+    if !root {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("this test must run as root under CI=true: {why}");
+        }
+        eprintln!("SKIPPED: not running as root; {why}");
+    }
+    root
+}
+
 /// SHA-256 of a byte string, hex.
 pub fn sha256(data: &[u8]) -> String {
     sheath::cert::inspect::sha256_hex(data)
