@@ -988,19 +988,6 @@ async fn admin_reload_applies_the_config_file_and_reports_failures() {
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
 
-/// Is the test running as root (needed for a PID namespace)? Under
-/// `CI=true` not being root fails the test; elsewhere it is skipped.
-fn require_root(what: &str) -> bool {
-    let root = rustix::process::geteuid().is_root();
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{what} needs root under CI=true");
-        }
-        eprintln!("SKIPPED: {what} needs root (a PID namespace)");
-    }
-    root
-}
-
 /// The host pid of `pid`'s only child (unshare's forked child).
 fn only_child(pid: u32) -> u32 {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
@@ -1015,29 +1002,17 @@ fn only_child(pid: u32) -> u32 {
 /// forwards signals, and exits with the successor's status.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_upgrade_as_pid_1_keeps_the_successor_alive() {
-    if !require_root("upgrade as PID 1") || !crate::common::require_tool("unshare") {
+    if !common::require_root("a PID namespace for sheath as PID 1")
+        || !common::require_tool("unshare")
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let upstream = backend::http().await;
     let port = common::pebble::free_port();
-    let cmd = sheath();
-    let program = cmd.as_std().get_program().to_owned();
-    let mut cmd = {
-        let mut wrapped = Command::new("unshare");
-        wrapped
-            .args(["--pid", "--fork", "--mount-proc"])
-            .arg(program);
-        for (key, value) in cmd.as_std().get_envs() {
-            match value {
-                Some(v) => wrapped.env(key, v),
-                None => wrapped.env_remove(key),
-            };
-        }
-        wrapped.stdin(Stdio::null()).kill_on_drop(true);
-        wrapped
-    };
+    let mut cmd = isolated(Command::new("unshare"));
+    cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
     cmd.args(["--log-format", "json", "--state-dir"])
         .arg(&state);
     cmd.args([
