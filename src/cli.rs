@@ -579,7 +579,7 @@ impl SingleListener {
                 ..AllowList::default()
             },
             forward,
-            poll_interval: Duration::from_secs(10),
+            poll_interval: config::DEFAULT_TRUST_POLL_INTERVAL,
         })
     }
 }

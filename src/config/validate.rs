@@ -15,6 +15,7 @@ use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
     ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
     ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -334,7 +335,7 @@ fn validate_client_auth(
             ));
         }
     }
-    let poll_interval = raw.poll_interval.unwrap_or(Duration::from_secs(10));
+    let poll_interval = raw.poll_interval.unwrap_or(DEFAULT_TRUST_POLL_INTERVAL);
     if poll_interval < Duration::from_millis(100) {
         return Err(invalid(
             table,
