@@ -548,7 +548,7 @@ impl SingleListener {
             match f.as_str() {
                 "xfcc" => forward.xfcc = true,
                 "client-cert" => forward.client_cert = true,
-                "header" => forward.header = Some("x-client-identity".into()),
+                "header" => forward.header = Some(config::DEFAULT_IDENTITY_HEADER.into()),
                 other => {
                     return Err(flag_error(
                         "--forward-identity",

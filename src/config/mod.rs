@@ -153,6 +153,9 @@ impl AllowList {
     }
 }
 
+/// Header name for `forward = ["header"]` when `identity_header` is not set.
+pub const DEFAULT_IDENTITY_HEADER: &str = "x-client-identity";
+
 /// How the verified client identity reaches an HTTP upstream. Whatever is
 /// chosen, copies of these headers sent by the client are always removed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]

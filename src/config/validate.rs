@@ -14,8 +14,8 @@ use super::file::{
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
     ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
-    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_TRUST_POLL_INTERVAL,
+    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_IDENTITY_HEADER,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -306,7 +306,7 @@ fn validate_client_auth(
                     forward.header = Some(
                         raw.identity_header
                             .as_ref()
-                            .map_or("x-client-identity".to_string(), |h| h.get_ref().to_ascii_lowercase()),
+                            .map_or(DEFAULT_IDENTITY_HEADER.to_string(), |h| h.get_ref().to_ascii_lowercase()),
                     )
                 }
                 other => {
