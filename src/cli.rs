@@ -282,33 +282,75 @@ pub struct SingleListener {
 impl SingleListener {
     /// The flags that were given, for refusing them next to --config.
     fn given(&self) -> Vec<&'static str> {
+        // Destructured without `..` so that a new flag cannot be added
+        // without deciding here whether it conflicts with --config.
+        let SingleListener {
+            // clap itself refuses these next to --config (conflicts_with_all).
+            listen: _,
+            upstream: _,
+            mode,
+            allow_remote_upstream,
+            names,
+            cert_lifetime,
+            cert,
+            key,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
+            connect_timeout,
+            upstream_timeout,
+            max_lifetime,
+            client_auth,
+            client_ca,
+            client_crl,
+            allow_uri,
+            allow_dns,
+            allow_cn,
+            forward_identity,
+            proxy_protocol,
+            acme_directory,
+            acme_challenge,
+            acme_http01_bind,
+            acme_ca_root,
+            acme_ca_fingerprint,
+            acme_contact,
+            acme_eab_kid,
+            acme_eab_hmac_key,
+        } = self;
         let mut given = Vec::new();
         let mut flag = |set: bool, name: &'static str| {
             if set {
                 given.push(name);
             }
         };
-        flag(self.mode.is_some(), "--mode");
-        flag(self.allow_remote_upstream, "--allow-remote-upstream");
-        flag(!self.names.is_empty(), "--name");
-        flag(self.cert_lifetime.is_some(), "--cert-lifetime");
-        flag(self.cert.is_some(), "--cert");
-        flag(self.key.is_some(), "--key");
-        flag(self.max_connections.is_some(), "--max-connections");
-        flag(self.handshake_timeout.is_some(), "--handshake-timeout");
-        flag(self.idle_timeout.is_some(), "--idle-timeout");
-        flag(self.connect_timeout.is_some(), "--connect-timeout");
-        flag(self.upstream_timeout.is_some(), "--upstream-timeout");
-        flag(self.max_lifetime.is_some(), "--max-lifetime");
-        flag(self.client_auth.is_some(), "--client-auth");
-        flag(!self.client_ca.is_empty(), "--client-ca");
-        flag(!self.client_crl.is_empty(), "--client-crl");
-        flag(!self.allow_uri.is_empty(), "--allow-uri");
-        flag(!self.allow_dns.is_empty(), "--allow-dns");
-        flag(!self.allow_cn.is_empty(), "--allow-cn");
-        flag(!self.forward_identity.is_empty(), "--forward-identity");
-        flag(self.proxy_protocol.is_some(), "--proxy-protocol");
-        flag(self.acme_directory.is_some(), "--acme-directory");
+        flag(mode.is_some(), "--mode");
+        flag(*allow_remote_upstream, "--allow-remote-upstream");
+        flag(!names.is_empty(), "--name");
+        flag(cert_lifetime.is_some(), "--cert-lifetime");
+        flag(cert.is_some(), "--cert");
+        flag(key.is_some(), "--key");
+        flag(max_connections.is_some(), "--max-connections");
+        flag(handshake_timeout.is_some(), "--handshake-timeout");
+        flag(idle_timeout.is_some(), "--idle-timeout");
+        flag(connect_timeout.is_some(), "--connect-timeout");
+        flag(upstream_timeout.is_some(), "--upstream-timeout");
+        flag(max_lifetime.is_some(), "--max-lifetime");
+        flag(client_auth.is_some(), "--client-auth");
+        flag(!client_ca.is_empty(), "--client-ca");
+        flag(!client_crl.is_empty(), "--client-crl");
+        flag(!allow_uri.is_empty(), "--allow-uri");
+        flag(!allow_dns.is_empty(), "--allow-dns");
+        flag(!allow_cn.is_empty(), "--allow-cn");
+        flag(!forward_identity.is_empty(), "--forward-identity");
+        flag(proxy_protocol.is_some(), "--proxy-protocol");
+        flag(acme_directory.is_some(), "--acme-directory");
+        flag(acme_challenge.is_some(), "--acme-challenge");
+        flag(acme_http01_bind.is_some(), "--acme-http01-bind");
+        flag(acme_ca_root.is_some(), "--acme-ca-root");
+        flag(acme_ca_fingerprint.is_some(), "--acme-ca-fingerprint");
+        flag(!acme_contact.is_empty(), "--acme-contact");
+        flag(acme_eab_kid.is_some(), "--acme-eab-kid");
+        flag(acme_eab_hmac_key.is_some(), "--acme-eab-hmac-key");
         given
     }
 }
@@ -553,7 +595,7 @@ impl SingleListener {
             match f.as_str() {
                 "xfcc" => forward.xfcc = true,
                 "client-cert" => forward.client_cert = true,
-                "header" => forward.header = Some("x-client-identity".into()),
+                "header" => forward.header = Some(config::DEFAULT_IDENTITY_HEADER.into()),
                 other => {
                     return Err(flag_error(
                         "--forward-identity",
@@ -584,7 +626,7 @@ impl SingleListener {
                 ..AllowList::default()
             },
             forward,
-            poll_interval: Duration::from_secs(10),
+            poll_interval: config::DEFAULT_TRUST_POLL_INTERVAL,
         })
     }
 }

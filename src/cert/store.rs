@@ -17,7 +17,7 @@ pub const PUBLIC: u32 = 0o644;
 
 /// Write `contents` to `path` atomically with the given permission bits.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = parent_dir(path);
     let file_name = path
         .file_name()
         .ok_or_else(|| std::io::Error::other("path has no file name"))?
@@ -43,6 +43,16 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
     result
 }
 
+/// The directory that holds `path`, for the temporary file and the sync.
+/// A bare file name (`root.pem`) has the empty path as its parent, which
+/// cannot be opened; it lives in the current directory.
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
+}
+
 /// Create a directory (and parents) readable only by the owner.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new()
@@ -54,4 +64,19 @@ pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
 /// Make a rename in `dir` durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parent_of_a_bare_file_name_is_the_current_directory() {
+        assert_eq!(parent_dir(Path::new("root.pem")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("./root.pem")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("certs/root.pem")), Path::new("certs"));
+        assert_eq!(parent_dir(Path::new("/etc/root.pem")), Path::new("/etc"));
+        // The current directory can actually be synced, unlike "".
+        sync_dir(parent_dir(Path::new("root.pem"))).unwrap();
+    }
 }

@@ -60,6 +60,16 @@ pub enum ProxyProtocol {
     V2,
 }
 
+impl ProxyProtocol {
+    /// The version as written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ProxyProtocol::V1 => "v1",
+            ProxyProtocol::V2 => "v2",
+        }
+    }
+}
+
 /// Whether and how clients must present a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ClientAuthMode {
@@ -70,8 +80,22 @@ pub enum ClientAuthMode {
     Require,
 }
 
+impl ClientAuthMode {
+    /// The mode as written in the config.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            ClientAuthMode::None => "none",
+            ClientAuthMode::Optional => "optional",
+            ClientAuthMode::Require => "require",
+        }
+    }
+}
+
+/// How often client trust files are re-read by default.
+pub const DEFAULT_TRUST_POLL_INTERVAL: Duration = Duration::from_secs(10);
+
 /// Client-certificate verification, authorization and identity forwarding.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClientAuthConfig {
     pub mode: ClientAuthMode,
     /// CA bundles clients are verified against.
@@ -82,6 +106,22 @@ pub struct ClientAuthConfig {
     pub forward: ForwardIdentity,
     /// How often trust files are re-read without a change notification.
     pub poll_interval: Duration,
+}
+
+/// No client certificates. The poll interval is the same default a
+/// `[listener.client_auth]` table gets, so a listener without that table
+/// and one with an empty table are the same configuration.
+impl Default for ClientAuthConfig {
+    fn default() -> Self {
+        ClientAuthConfig {
+            mode: ClientAuthMode::None,
+            ca: Vec::new(),
+            crl: Vec::new(),
+            allow: AllowList::default(),
+            forward: ForwardIdentity::default(),
+            poll_interval: DEFAULT_TRUST_POLL_INTERVAL,
+        }
+    }
 }
 
 /// Who may connect, once verified. Empty means "any verified client"; as
@@ -114,6 +154,9 @@ impl AllowList {
             && self.spki_sha256.is_empty()
     }
 }
+
+/// Header name for `forward = ["header"]` when `identity_header` is not set.
+pub const DEFAULT_IDENTITY_HEADER: &str = "x-client-identity";
 
 /// How the verified client identity reaches an HTTP upstream. Whatever is
 /// chosen, copies of these headers sent by the client are always removed.
@@ -487,6 +530,9 @@ impl Config {
             let _ = writeln!(out, "allow_remote_upstream = {}", !l.upstream.loopback);
             let _ = writeln!(out, "mode = {}", q(&l.mode.to_string()));
             let _ = writeln!(out, "max_connections = {}", l.max_connections);
+            if let Some(p) = l.proxy_protocol {
+                let _ = writeln!(out, "proxy_protocol = {}", q(p.as_str()));
+            }
             let t = &l.timeouts;
             let _ = writeln!(out, "\n[listener.timeouts]");
             let _ = writeln!(out, "handshake = {}", q(&dur(t.handshake)));
@@ -494,6 +540,9 @@ impl Config {
             let _ = writeln!(out, "connect = {}", q(&dur(t.connect)));
             let _ = writeln!(out, "upstream_response = {}", q(&dur(t.upstream_response)));
             let _ = writeln!(out, "header_read = {}", q(&dur(t.header_read)));
+            if let Some(max) = t.max_lifetime {
+                let _ = writeln!(out, "max_lifetime = {}", q(&dur(max)));
+            }
             let _ = writeln!(out, "\n[listener.cert]");
             match &l.cert {
                 CertSource::LocalCa { names, lifetime } => {
@@ -546,7 +595,75 @@ impl Config {
                     let _ = writeln!(out, "on_renew = {}", q(cmd));
                 }
             }
+            render_client_auth(&mut out, &l.client_auth);
         }
         out
     }
+}
+
+/// `[listener.client_auth]`, written even for mode = "none" so that the
+/// effective settings show that clients are not asked for certificates.
+fn render_client_auth(out: &mut String, c: &ClientAuthConfig) {
+    use std::fmt::Write as _;
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let _ = writeln!(out, "\n[listener.client_auth]");
+    let _ = writeln!(out, "mode = {}", q(c.mode.as_str()));
+    if !c.ca.is_empty() {
+        let _ = writeln!(
+            out,
+            "ca = {}",
+            quoted_list(c.ca.iter().map(|p| p.to_string_lossy()))
+        );
+    }
+    if !c.crl.is_empty() {
+        let _ = writeln!(
+            out,
+            "crl = {}",
+            quoted_list(c.crl.iter().map(|p| p.to_string_lossy()))
+        );
+    }
+    let _ = writeln!(
+        out,
+        "poll_interval = {}",
+        q(&humantime::format_duration(c.poll_interval).to_string())
+    );
+    let a = &c.allow;
+    let ips: Vec<String> = a.ip.iter().map(|ip| ip.to_string()).collect();
+    for (key, values) in [
+        ("allow_dns", &a.dns),
+        ("allow_uri", &a.uri),
+        ("allow_ip", &ips),
+        ("allow_cn", &a.cn),
+        ("allow_ou", &a.ou),
+        ("allow_cert_sha256", &a.cert_sha256),
+        ("allow_spki_sha256", &a.spki_sha256),
+    ] {
+        if !values.is_empty() {
+            let _ = writeln!(out, "{key} = {}", quoted_list(values));
+        }
+    }
+    let f = &c.forward;
+    let forward: Vec<&str> = [
+        (f.xfcc, "xfcc"),
+        (f.client_cert, "client-cert"),
+        (f.header.is_some(), "header"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if !forward.is_empty() {
+        let _ = writeln!(out, "forward = {}", quoted_list(forward));
+    }
+    if let Some(header) = &f.header {
+        let _ = writeln!(out, "identity_header = {}", q(header));
+    }
+}
+
+/// A TOML array of strings on one line.
+fn quoted_list<S: AsRef<str>>(items: impl IntoIterator<Item = S>) -> String {
+    let items: Vec<String> = items
+        .into_iter()
+        .map(|s| toml::Value::String(s.as_ref().to_string()).to_string())
+        .collect();
+    format!("[{}]", items.join(", "))
 }

@@ -14,7 +14,8 @@ use super::file::{
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
     ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
-    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_MAX_CONNECTIONS,
+    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_IDENTITY_HEADER,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -318,7 +319,7 @@ fn validate_client_auth(
                     forward.header = Some(
                         raw.identity_header
                             .as_ref()
-                            .map_or("x-client-identity".to_string(), |h| h.get_ref().to_ascii_lowercase()),
+                            .map_or(DEFAULT_IDENTITY_HEADER.to_string(), |h| h.get_ref().to_ascii_lowercase()),
                     )
                 }
                 other => {
@@ -347,7 +348,7 @@ fn validate_client_auth(
             ));
         }
     }
-    let poll_interval = raw.poll_interval.unwrap_or(Duration::from_secs(10));
+    let poll_interval = raw.poll_interval.unwrap_or(DEFAULT_TRUST_POLL_INTERVAL);
     if poll_interval < Duration::from_millis(100) {
         return Err(invalid(
             table,

@@ -19,6 +19,8 @@ pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub static CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
 pub static CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
+pub static X_CLIENT_IDENTITY: HeaderName =
+    HeaderName::from_static(crate::config::DEFAULT_IDENTITY_HEADER);
 
 /// Remove every identity header a client may have sent, then add the ones
 /// sheath vouches for. Runs on every request, also when forwarding is off,
@@ -29,9 +31,17 @@ pub fn set_identity(
     forward: &crate::config::ForwardIdentity,
     identity: Option<&crate::tls::client_auth::ClientIdentity>,
 ) {
-    headers.remove(&X_FORWARDED_CLIENT_CERT);
-    headers.remove(&CLIENT_CERT);
-    headers.remove(&CLIENT_CERT_CHAIN);
+    // The default simple header goes too when it is not the configured
+    // one: a backend written for sheath's default keeps trusting it after
+    // forwarding is switched off or renamed.
+    for name in [
+        &X_FORWARDED_CLIENT_CERT,
+        &CLIENT_CERT,
+        &CLIENT_CERT_CHAIN,
+        &X_CLIENT_IDENTITY,
+    ] {
+        headers.remove(name);
+    }
     let custom = forward
         .header
         .as_deref()
@@ -241,6 +251,43 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn client_identity_headers_are_removed_without_an_identity() {
+        let forged = || {
+            let mut h = HeaderMap::new();
+            for name in [
+                "x-forwarded-client-cert",
+                "client-cert",
+                "client-cert-chain",
+                "x-client-identity",
+                "x-spiffe-id",
+            ] {
+                h.append(name, HeaderValue::from_static("forged"));
+                h.append(name, HeaderValue::from_static("forged again"));
+            }
+            h.insert("x-kept", HeaderValue::from_static("1"));
+            h
+        };
+        let custom = crate::config::ForwardIdentity {
+            xfcc: true,
+            header: Some("x-spiffe-id".into()),
+            ..Default::default()
+        };
+        // Forwarding off: an unconfigured custom name means nothing to
+        // sheath and passes. Forwarding to a custom name: that name goes
+        // as well as the default one.
+        for (forward, kept) in [
+            (Default::default(), vec!["x-kept", "x-spiffe-id"]),
+            (custom, vec!["x-kept"]),
+        ] {
+            let mut h = forged();
+            set_identity(&mut h, &forward, None);
+            let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            left.sort_unstable();
+            assert_eq!(left, kept, "{forward:?}");
+        }
     }
 
     #[test]

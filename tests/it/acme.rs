@@ -395,6 +395,32 @@ async fn bootstrap_command_pins_only_a_matching_root() {
         setup.pebble.api_root_pem.trim()
     );
 
+    // --out with a bare file name: written (atomically) into the child's
+    // working directory, which is all an operator typing `--out root.pem`
+    // expects.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(bin)
+        .current_dir(cwd.path())
+        .args([
+            "bootstrap",
+            "--ca-url",
+            &setup.pebble.directory,
+            "--fingerprint",
+            &setup.pebble.api_ca_sha256,
+            "--out",
+            "root.pem",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved = std::fs::read_to_string(cwd.path().join("root.pem")).unwrap();
+    assert_eq!(saved.trim(), setup.pebble.api_root_pem.trim());
+
     let wrong = "00".repeat(32);
     let out = tokio::process::Command::new(bin)
         .args([

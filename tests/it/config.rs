@@ -1,6 +1,6 @@
 //! Configuration: shipped examples parse, errors name file, line and key.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sheath::config::{CertSource, Config, ConfigError, Mode, Origin};
 
@@ -22,20 +22,118 @@ fn error_at(text: &str) -> (usize, String, String) {
     }
 }
 
+/// The example configs shipped in config/.
+fn shipped_examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("config/ exists")
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    paths.sort();
+    assert!(paths.len() >= 3, "expected the shipped examples in config/");
+    paths
+}
+
 #[test]
 fn every_shipped_example_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
-    let mut count = 0;
-    for entry in std::fs::read_dir(&dir).expect("config/ exists") {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let config = Config::load(&path)
-                .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
-            assert!(!config.listeners.is_empty());
-            count += 1;
-        }
+    for path in shipped_examples() {
+        let config = Config::load(&path)
+            .unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+        assert!(!config.listeners.is_empty());
     }
-    assert!(count >= 3, "expected the shipped examples in config/");
+}
+
+/// `sheath check` prints `render()` as the effective settings, meant to be
+/// used as a config file again: every setting must survive the trip.
+fn assert_round_trip(path: &Path, config: &Config) -> Config {
+    let rendered = config.render();
+    let again = Config::from_toml(path, &rendered).unwrap_or_else(|e| {
+        panic!(
+            "{}: rendered settings do not parse: {e}\n{rendered}",
+            path.display()
+        )
+    });
+    // Rendering what was read back must be stable too.
+    assert_eq!(again.render(), rendered, "{}", path.display());
+    again
+}
+
+#[test]
+fn every_shipped_example_renders_back_to_the_same_settings() {
+    for path in shipped_examples() {
+        let config = Config::load(&path).unwrap();
+        let again = assert_round_trip(&path, &config);
+        assert_eq!(again, config, "{}:\n{}", path.display(), config.render());
+    }
+}
+
+#[test]
+fn render_keeps_settings_the_examples_leave_out() {
+    let text = r#"
+[[listener]]
+name = "acme"
+bind = "127.0.0.1:8443"
+upstream = "127.0.0.1:8080"
+
+[listener.timeouts]
+max_lifetime = "90m"
+
+[listener.cert]
+source = "acme"
+directory = "https://ca.internal/acme/directory"
+names = ["app.internal", "10.0.0.1"]
+challenge = "http-01"
+http01_bind = "0.0.0.0:8080"
+ca_root = "/etc/sheath/acme-root.pem"
+eab_kid = "kid-1"
+eab_hmac_key = "c2VjcmV0LWhtYWMta2V5"
+key_type = "rsa-2048"
+
+[listener.cert.export]
+dir = "/var/lib/sheath/export"
+
+[listener.client_auth]
+mode = "optional"
+ca = "/etc/sheath/clients/ca.pem"
+allow_ip = ["10.0.12.7", "2001:db8::1"]
+allow_cert_sha256 = ["9F:86:D0:81:88:4C:7D:65:9A:2F:EA:A0:C5:5A:D0:15:A3:BF:4F:1B:2B:0B:82:2C:D1:5D:6C:15:B0:F0:0A:08"]
+forward = ["client-cert", "header"]
+identity_header = "X-Spiffe-Id"
+
+[[listener]]
+name = "tcp"
+bind = "127.0.0.1:9443"
+upstream = "localhost:9000"
+mode = "tcp"
+proxy_protocol = "v1"
+
+[listener.cert]
+source = "local_ca"
+names = ["tcp.internal"]
+lifetime = "3h"
+
+[listener.client_auth]
+mode = "none"
+poll_interval = "2s"
+"#;
+    let config = parse(text).unwrap();
+    let rendered = config.render();
+    assert!(
+        !rendered.contains("c2VjcmV0LWhtYWMta2V5"),
+        "the EAB HMAC key is a secret and must not be printed:\n{rendered}"
+    );
+    let mut again = assert_round_trip(Path::new("/etc/sheath/test.toml"), &config);
+    // The one deliberate difference: the redacted EAB key.
+    match &mut again.listeners[0].cert {
+        CertSource::Acme(acme) => {
+            let (kid, hmac) = acme.eab.as_mut().expect("eab survives");
+            assert_eq!(kid, "kid-1");
+            *hmac = "c2VjcmV0LWhtYWMta2V5".into();
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(again, config, "rendered:\n{rendered}");
 }
 
 #[test]

@@ -320,6 +320,96 @@ async fn check_reports_file_line_and_key() {
     }
 }
 
+/// A value each single-listener flag accepts, so that clap takes it and
+/// only the conflict with --config can make `run` refuse it.
+fn flag_sample(long: &str) -> &'static str {
+    match long {
+        "mode" => "tcp",
+        "name" => "app.internal",
+        "max-connections" => "10",
+        "cert-lifetime" | "handshake-timeout" | "idle-timeout" | "connect-timeout"
+        | "upstream-timeout" | "max-lifetime" => "1h",
+        "cert" => "cert.pem",
+        "key" => "key.pem",
+        "client-auth" => "require",
+        "client-ca" | "client-crl" | "acme-ca-root" => "ca.pem",
+        "allow-uri" => "spiffe://example.org/ns/prod/sa/web",
+        "allow-dns" | "allow-cn" => "web",
+        "forward-identity" => "xfcc",
+        "proxy-protocol" => "v2",
+        "acme-directory" => "https://ca.internal/acme/directory",
+        "acme-challenge" => "http-01",
+        "acme-http01-bind" => "127.0.0.1:0",
+        "acme-ca-fingerprint" => "d6b2c0b2f4a8a0e4e6f25bdd6a6f3f0c9c7e1f4ba9e2d2a1c3f0b5e7d8a9c0b1",
+        "acme-contact" => "mailto:ops@example.com",
+        "acme-eab-kid" => "kid-1",
+        "acme-eab-hmac-key" => "aGVsbG8",
+        other => panic!("no sample value for --{other}; add one"),
+    }
+}
+
+#[tokio::test]
+async fn run_refuses_every_single_listener_flag_next_to_config() {
+    use clap::Args as _;
+    // The flags come from the argument definition itself, so a flag added
+    // later is covered without touching this test.
+    let single = sheath::cli::SingleListener::augment_args(clap::Command::new("single"));
+    let dir = tempfile::tempdir().unwrap();
+    // A config that would run: if a flag slipped through, `run` would
+    // serve instead of refusing (and the bounded wait below would fail).
+    let config = common::write_config(
+        dir.path(),
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:8080\"\n",
+    );
+    let mut checked = 0;
+    for arg in single.get_arguments() {
+        let long = arg.get_long().expect("every flag has a long name");
+        // clap refuses these two itself (conflicts_with_all on --config).
+        if long == "listen" || long == "upstream" {
+            continue;
+        }
+        // Flags that clap only accepts in pairs.
+        let partner = match long {
+            "cert" => Some("key"),
+            "key" => Some("cert"),
+            "acme-eab-kid" => Some("acme-eab-hmac-key"),
+            "acme-eab-hmac-key" => Some("acme-eab-kid"),
+            _ => None,
+        };
+        let mut cmd = sheath();
+        cmd.arg("run")
+            .arg("--config")
+            .arg(&config)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"));
+        let mut passed = Vec::new();
+        for flag in std::iter::once(long).chain(partner) {
+            cmd.arg(format!("--{flag}"));
+            let takes_value = single
+                .get_arguments()
+                .find(|a| a.get_long() == Some(flag))
+                .is_some_and(|a| a.get_action().takes_values());
+            if takes_value {
+                cmd.arg(flag_sample(flag));
+            }
+            passed.push(format!("flag --{flag}: "));
+        }
+        let out = output(&format!("sheath run --config --{long}"), cmd).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--{long}: stderr: {stderr}");
+        assert!(
+            passed.iter().any(|p| stderr.contains(p.as_str())),
+            "--{long}: the error must name the flag: {stderr}"
+        );
+        assert!(
+            stderr.contains("single-listener flags cannot be combined with --config"),
+            "--{long}: {stderr}"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 28, "only {checked} flags checked");
+}
+
 /// `sheath ca export` with the state dir passed as the command says.
 async fn ca_export(cmd: Command) -> String {
     let out = output("sheath ca export", cmd).await;
