@@ -340,6 +340,15 @@ fn validate_client_auth(
         }
     }
     if let Some(h) = &raw.identity_header {
+        // A header name that is never set would also never be stripped from
+        // what clients send: refuse the half-configured form.
+        if forward.header.is_none() {
+            return Err(invalid(
+                loc.at(h),
+                key("identity_header"),
+                "identity_header needs `header` in forward, e.g. forward = [\"header\"]",
+            ));
+        }
         if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_err() {
             return Err(invalid(
                 loc.at(h),

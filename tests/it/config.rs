@@ -227,6 +227,22 @@ fn type_errors_and_bad_values_are_located() {
     );
     assert_eq!(key, "listener[0].cert");
     assert!(message.contains("needs both"), "{message}");
+
+    // A header name that would never be set (nor stripped) is refused.
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\nidentity_header = \"X-Caller\"\n",
+    );
+    assert_eq!(
+        (line, key.as_str()),
+        (7, "listener[0].client_auth.identity_header")
+    );
+    assert!(message.contains("needs `header` in forward"), "{message}");
+
+    // The admin address is checked like any other.
+    let (line, key, _) = error_at(
+        "[admin]\nbind = \"localhost:nine\"\n[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n",
+    );
+    assert_eq!((line, key.as_str()), (2, "admin.bind"));
 }
 
 #[test]
