@@ -410,11 +410,13 @@ impl Running {
         }
         let mut child = crate::upgrade::spawn_successor(fds)?;
         let pid = child.id().unwrap_or_default();
+        crate::upgrade::successor_started(pid);
         tracing::info!(pid, "upgrade: started successor on the inherited sockets");
         tokio::spawn(async move {
             // The successor runs on after this process exits; this only
             // reports a successor that died before taking over.
             if let Ok(status) = child.wait().await {
+                crate::upgrade::successor_exited(pid);
                 tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
             }
         });

@@ -11,10 +11,17 @@
 //!
 //! The same inheritance path lets systemd socket activation hand sheath its
 //! sockets.
+//!
+//! Under systemd (`Type=notify`, `NotifyAccess=all`) the successor reports
+//! itself as the new main process before it tells the parent to leave, and
+//! the parent, no longer the main process, leaves without reporting that
+//! the service stops.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 
 use command_fds::{CommandFdExt, FdMapping};
@@ -25,6 +32,10 @@ const PARENT_ENV: &str = "SHEATH_UPGRADE_PARENT";
 const FIRST_FD: i32 = 3;
 
 static INHERITED: Mutex<Option<HashMap<SocketAddr, std::net::TcpListener>>> = Mutex::new(None);
+
+/// PID of a successor this process started that is still running; 0 when
+/// there is none.
+static SUCCESSOR: AtomicU32 = AtomicU32::new(0);
 
 /// Collect sockets passed in by a predecessor or by systemd. Must run
 /// before any other thread exists: it reads and clears the environment.
@@ -55,9 +66,33 @@ pub fn take_inherited(addr: SocketAddr) -> Option<std::net::TcpListener> {
         .and_then(|m| m.remove(&addr))
 }
 
+/// The binary to start the successor from: the file now at the path this
+/// process was started from, which is where an upgrade puts the new
+/// version. Once that file has been replaced (`install`, `mv`, a package
+/// manager), Linux names the running, unlinked one `<path> (deleted)`.
+fn successor_exe() -> std::io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    if !exe.exists() {
+        if let Some(path) = exe.to_str().and_then(|p| p.strip_suffix(" (deleted)")) {
+            return Ok(PathBuf::from(path));
+        }
+    }
+    Ok(exe)
+}
+
+/// Record the successor this process has started.
+pub fn successor_started(pid: u32) {
+    SUCCESSOR.store(pid, Ordering::SeqCst);
+}
+
+/// Record that the successor with this PID has exited.
+pub fn successor_exited(pid: u32) {
+    let _ = SUCCESSOR.compare_exchange(pid, 0, Ordering::SeqCst, Ordering::SeqCst);
+}
+
 /// Start the successor with `sockets` as its inherited listeners.
 pub fn spawn_successor(sockets: Vec<OwnedFd>) -> std::io::Result<tokio::process::Child> {
-    let exe = std::env::current_exe()?;
+    let exe = successor_exe()?;
     let count = sockets.len();
     let mappings: Vec<FdMapping> = sockets
         .into_iter()
@@ -79,9 +114,17 @@ pub fn spawn_successor(sockets: Vec<OwnedFd>) -> std::io::Result<tokio::process:
     cmd.spawn()
 }
 
-/// Called once the process serves: if it is a successor, tell the parent
-/// to drain and exit; under systemd, report readiness and the new main PID.
+/// Called once the process serves: under systemd, report readiness and
+/// this process as the main one; if it is a successor, then tell the
+/// parent to drain and exit.
 pub fn announce_ready() {
+    // systemd first. The parent exits once drained, and by then systemd
+    // must know this process as the main one, or it would take the
+    // parent's exit for the end of the service and stop it.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::MainPid(std::process::id()),
+        sd_notify::NotifyState::Ready,
+    ]);
     if let Some(parent) = std::env::var(PARENT_ENV)
         .ok()
         .and_then(|p| p.parse::<i32>().ok())
@@ -100,13 +143,15 @@ pub fn announce_ready() {
             }
         }
     }
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::MainPid(std::process::id()),
-        sd_notify::NotifyState::Ready,
-    ]);
 }
 
-/// Tell systemd the service is stopping.
+/// Tell systemd the service is stopping, unless a successor is running:
+/// then this process is leaving but the service is not, and with
+/// `NotifyAccess=all` a STOPPING=1 from any of its processes would make
+/// systemd stop the whole service, the successor included.
 pub fn announce_stopping() {
+    if SUCCESSOR.load(Ordering::SeqCst) != 0 {
+        return;
+    }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
