@@ -917,7 +917,7 @@ async fn upgrade_after_replacing_the_binary_runs_the_new_file_and_keeps_the_serv
     assert!(alive(successor), "successor keeps running");
     assert_eq!(
         std::fs::read_link(format!("/proc/{successor}/exe")).unwrap(),
-        bin,
+        bin.canonicalize().unwrap(),
         "the successor runs the replaced file"
     );
     let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
