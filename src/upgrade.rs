@@ -95,6 +95,12 @@ pub fn spawn_successor(sockets: Vec<OwnedFd>) -> std::io::Result<tokio::process:
 /// Called once the process serves: if it is a successor, tell the parent
 /// to drain and exit; under systemd, report readiness and the new main PID.
 pub fn announce_ready() {
+    // systemd first: with NotifyAccess=all, the parent's exit must find
+    // systemd already following the new main PID, or it stops the unit.
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::MainPid(std::process::id()),
+        sd_notify::NotifyState::Ready,
+    ]);
     if let Some(parent) = std::env::var(PARENT_ENV)
         .ok()
         .and_then(|p| p.parse::<i32>().ok())
@@ -114,10 +120,6 @@ pub fn announce_ready() {
             }
         }
     }
-    let _ = sd_notify::notify(&[
-        sd_notify::NotifyState::MainPid(std::process::id()),
-        sd_notify::NotifyState::Ready,
-    ]);
 }
 
 /// Tell systemd the service is stopping.

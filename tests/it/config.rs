@@ -136,6 +136,36 @@ poll_interval = "2s"
     assert_eq!(again, config, "rendered:\n{rendered}");
 }
 
+/// Every `.toml` below `examples/` is a sheath config (the Kubernetes
+/// ConfigMaps and the systemd unit's file) and must load as it stands.
+#[test]
+fn every_deployment_example_parses() {
+    fn tomls(dir: &Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).expect("readable examples dir") {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                tomls(&path, found);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    tomls(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"),
+        &mut found,
+    );
+    for path in &found {
+        let config =
+            Config::load(path).unwrap_or_else(|e| panic!("{} does not parse: {e}", path.display()));
+        assert!(!config.listeners.is_empty(), "{}", path.display());
+    }
+    assert!(
+        found.len() >= 3,
+        "expected the Kubernetes and systemd configs in examples/, found {found:?}"
+    );
+}
+
 #[test]
 fn minimal_listener_gets_safe_defaults() {
     let c =

@@ -27,6 +27,11 @@ fn sheath() -> Command {
     isolated(Command::new(BIN))
 }
 
+/// Like [`sheath`], for a copy of the binary at `bin`.
+fn sheath_at(bin: &Path) -> Command {
+    isolated(Command::new(bin))
+}
+
 /// `cmd` (sheath itself, or a wrapper that execs it) with a clean
 /// environment for sheath's own settings, stdin closed, killed on drop.
 pub(crate) fn isolated(mut cmd: Command) -> Command {
@@ -41,6 +46,8 @@ pub(crate) fn isolated(mut cmd: Command) -> Command {
     cmd.env_remove("RUST_LOG");
     // Tests run side by side: the default admin port would collide.
     cmd.env("SHEATH_ADMIN", "127.0.0.1:0");
+    // Under a service manager the tests would otherwise talk to it.
+    cmd.env_remove("NOTIFY_SOCKET");
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
@@ -1149,4 +1156,128 @@ async fn binary_upgrade_as_pid_1_keeps_the_successor_alive() {
         one_request(addr, &roots).await.is_err(),
         "nothing serves any more"
     );
+}
+
+/// Messages sent to a stand-in for systemd's notify socket, in order.
+struct NotifySocket {
+    path: std::path::PathBuf,
+    socket: std::os::unix::net::UnixDatagram,
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn bind(path: std::path::PathBuf) -> NotifySocket {
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).expect("bind notify socket");
+        socket.set_nonblocking(true).unwrap();
+        NotifySocket {
+            path,
+            socket,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Everything received so far.
+    fn drain(&mut self) -> &[String] {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = self.socket.recv(&mut buf) {
+            self.seen
+                .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        &self.seen
+    }
+
+    async fn wait_for(&mut self, message: &str) {
+        within(&format!("notify message {message:?}"), async {
+            while !self.drain().iter().any(|m| m == message) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+}
+
+/// The upgrade as it happens under systemd: the binary is replaced the way
+/// `install` and package managers do it (a new file renamed over the old
+/// one), then SIGUSR2. The successor must start from the new file, not
+/// from the unlinked one the running process was started from, and the
+/// notify socket must see it become the main process with no STOPPING=1
+/// from the process it replaces, which would make systemd stop the
+/// service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_after_replacing_the_binary_runs_the_new_file_and_keeps_the_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("sheath");
+    std::fs::copy(BIN, &bin).unwrap();
+    let mut notify = NotifySocket::bind(dir.path().join("notify.sock"));
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let port = common::pebble::free_port();
+    let path = dir.path().join("sheath.toml");
+    std::fs::write(
+        &path,
+        format!("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n"),
+    )
+    .unwrap();
+    let mut cmd = sheath_at(&bin);
+    cmd.env("NOTIFY_SOCKET", &notify.path)
+        .arg("--log-format")
+        .arg("json")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .arg("--drain-timeout")
+        .arg("10s");
+    let mut old = Process::spawn(cmd);
+    old.listening_addr().await;
+    notify
+        .wait_for(&format!("MAINPID={}\nREADY=1\n", old.pid))
+        .await;
+
+    let staged = dir.path().join("sheath.new");
+    std::fs::copy(BIN, &staged).unwrap();
+    std::fs::rename(&staged, &bin).unwrap();
+    old.signal("USR2");
+    let line = old
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let successor: u32 = line
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let _guard = KillOnDrop(Some(successor));
+    old.wait_log("upgrade: took over; the previous process drains")
+        .await;
+    assert_eq!(old.exit_code(Duration::from_secs(15)).await, 0);
+    assert!(alive(successor), "successor keeps running");
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{successor}/exe")).unwrap(),
+        bin.canonicalize().unwrap(),
+        "the successor runs the replaced file"
+    );
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    within("a request to the successor", one_request(addr, &roots))
+        .await
+        .unwrap();
+
+    // The old process's exit has been observed, so anything it sent is
+    // queued: systemd would have learned the new main PID and nothing else.
+    assert_eq!(
+        notify.drain(),
+        [
+            format!("MAINPID={}\nREADY=1\n", old.pid),
+            format!("MAINPID={successor}\nREADY=1\n"),
+        ],
+        "notify messages during the upgrade"
+    );
+
+    // Stopping the successor is a real stop of the service.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &successor.to_string()])
+        .status();
+    notify.wait_for("STOPPING=1\n").await;
 }
