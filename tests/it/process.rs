@@ -851,6 +851,31 @@ async fn one_request(addr: SocketAddr, roots: &Arc<rustls::RootCertStore>) -> Re
     }
 }
 
+/// SIGUSR2 to `old`: wait for the successor to take over and `old` to
+/// drain and exit 0. The successor's pid, and a guard that kills it.
+async fn upgrade(old: &mut Process) -> (u32, KillOnDrop) {
+    old.signal("USR2");
+    let line = old
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let successor: u32 = line
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let guard = KillOnDrop(Some(successor));
+    old.wait_log("upgrade: took over; the previous process drains")
+        .await;
+    assert_eq!(
+        old.exit_code(Duration::from_secs(15)).await,
+        0,
+        "old process drains and exits 0"
+    );
+    assert!(alive(successor), "successor keeps running");
+    (successor, guard)
+}
+
 /// Kills a process by pid when dropped, for processes the test did not
 /// spawn itself (an upgrade's successor).
 struct KillOnDrop(Option<u32>);
@@ -902,25 +927,7 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
     let traffic = RequestLoop::start(addr, roots);
     traffic.wait_served(20, "traffic before the upgrade").await;
 
-    old.signal("USR2");
-    let line = old
-        .wait_log("upgrade: started successor on the inherited sockets")
-        .await;
-    let successor: u32 = line
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
-    let _guard = KillOnDrop(Some(successor));
-    old.wait_log("upgrade: took over; the previous process drains")
-        .await;
-    assert_eq!(
-        old.exit_code(Duration::from_secs(15)).await,
-        0,
-        "old process drains and exits 0"
-    );
-    assert!(alive(successor), "successor keeps running");
+    let (successor, _guard) = upgrade(&mut old).await;
 
     // The successor alone serves now.
     traffic.wait_served(20, "traffic after the upgrade").await;
@@ -1238,21 +1245,7 @@ async fn upgrade_after_replacing_the_binary_runs_the_new_file_and_keeps_the_serv
     let staged = dir.path().join("sheath.new");
     std::fs::copy(BIN, &staged).unwrap();
     std::fs::rename(&staged, &bin).unwrap();
-    old.signal("USR2");
-    let line = old
-        .wait_log("upgrade: started successor on the inherited sockets")
-        .await;
-    let successor: u32 = line
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
-    let _guard = KillOnDrop(Some(successor));
-    old.wait_log("upgrade: took over; the previous process drains")
-        .await;
-    assert_eq!(old.exit_code(Duration::from_secs(15)).await, 0);
-    assert!(alive(successor), "successor keeps running");
+    let (successor, _guard) = upgrade(&mut old).await;
     assert_eq!(
         std::fs::read_link(format!("/proc/{successor}/exe")).unwrap(),
         bin.canonicalize().unwrap(),
