@@ -226,8 +226,8 @@ def ensure_tools(peers: list[str], install: bool) -> None:
         check=True,
         env=env,
     )
-    # Some packages start a system instance on install; the benchmark only
-    # uses its own instances, on its own ports.
+    # A system instance a package may start on install is left alone: the
+    # benchmark runs its own instances, with their own configs and ports.
     for c in missing:
         if shutil.which(c) is None:
             sys.exit(f"{c} still missing after installing {' '.join(pkgs)}")
