@@ -1315,6 +1315,8 @@ def main() -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    # Explicitly, since a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGINT, on_term)
     results: dict = {}
     meta: dict = {
         "date": time.strftime("%Y-%m-%d"),
