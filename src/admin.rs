@@ -43,11 +43,7 @@ pub async fn serve(socket: TcpListener, observed: Observed) {
         tracing::info!(%addr, "admin endpoint listening");
     }
     let admin = Arc::new(Admin {
-        registry: metrics::registry(metrics::Sources {
-            listeners: Arc::clone(&observed.listeners),
-            reloads: Arc::clone(&observed.reloads),
-            started: observed.started,
-        }),
+        registry: metrics::registry(observed.clone()),
         observed,
     });
     let draining = admin.observed.draining.clone();

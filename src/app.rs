@@ -808,7 +808,7 @@ pub async fn run_until_signal(
     let mut last_seen = content(&watch);
     let mut requests = running.reload_rx.lock().expect("poisoned").take();
     loop {
-        let event = tokio::select! {
+        tokio::select! {
             Some(reply) = async {
                 match requests.as_mut() {
                     Some(r) => r.recv().await,
@@ -818,16 +818,26 @@ pub async fn run_until_signal(
                 tracing::info!("reload requested through the admin endpoint");
                 last_seen = content(&watch);
                 let _ = reply.send(reload_from(&running, &loader).await);
-                continue;
             }
             sig = signals.next() => match sig {
-                SignalEvent::Stop(name) => Some(Some(name)),
-                SignalEvent::Reload => Some(None),
+                SignalEvent::Stop(name) => {
+                    tracing::info!(signal = name, "shutting down");
+                    // A successor still starting would outlive us and serve
+                    // on its own: it goes too.
+                    if let Some(pid) = running.successor.lock().expect("poisoned").take() {
+                        crate::upgrade::forward(pid, rustix::process::Signal::TERM);
+                    }
+                    break;
+                }
+                SignalEvent::Reload => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    last_seen = content(&watch);
+                    let _ = reload_from(&running, &loader).await;
+                }
                 SignalEvent::Upgrade => {
                     if let Err(e) = running.upgrade().await {
                         tracing::error!(error = %e, "upgrade failed; this process keeps serving");
                     }
-                    continue;
                 }
                 SignalEvent::TakeOver => {
                     let pid = *running.successor.lock().expect("poisoned");
@@ -835,12 +845,9 @@ pub async fn run_until_signal(
                         Some(pid) => {
                             *running.handed_over.lock().expect("poisoned") = Some(pid);
                             tracing::info!(successor = pid, "upgrade: successor is ready; draining");
-                            Some(Some("SIGUSR1"))
+                            break;
                         }
-                        None => {
-                            tracing::info!("SIGUSR1 ignored: no upgrade in progress");
-                            continue;
-                        }
+                        None => tracing::info!("SIGUSR1 ignored: no upgrade in progress"),
                     }
                 }
             },
@@ -854,32 +861,11 @@ pub async fn run_until_signal(
                 }
             } => {
                 let now = content(&watch);
-                if now == last_seen {
-                    continue;
+                if now != last_seen {
+                    last_seen = now;
+                    tracing::info!("configuration file changed: reloading");
+                    let _ = reload_from(&running, &loader).await;
                 }
-                last_seen = now;
-                tracing::info!("configuration file changed: reloading");
-                None
-            }
-        };
-        match event {
-            Some(Some(sig)) => {
-                if sig != "SIGUSR1" {
-                    tracing::info!(signal = sig, "shutting down");
-                    // A successor still starting would outlive us and serve
-                    // on its own: it goes too.
-                    if let Some(pid) = running.successor.lock().expect("poisoned").take() {
-                        crate::upgrade::forward(pid, rustix::process::Signal::TERM);
-                    }
-                }
-                break;
-            }
-            Some(None) | None => {
-                if event.is_some() {
-                    tracing::info!("SIGHUP: reloading configuration");
-                    last_seen = content(&watch);
-                }
-                let _ = reload_from(&running, &loader).await;
             }
         }
     }

@@ -8,10 +8,8 @@
 //! disappear with it; Prometheus treats the series as ended.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -19,7 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::app::{ListenerHandle, ReloadStats};
+use crate::app::Observed;
 use crate::tls::handshake::FailureReason;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
@@ -110,18 +108,10 @@ impl LatencyHistogram {
     }
 }
 
-/// What the collector reads at scrape time.
-#[derive(Debug, Clone)]
-pub struct Sources {
-    pub listeners: Arc<ArcSwap<Vec<ListenerHandle>>>,
-    pub reloads: Arc<ReloadStats>,
-    pub started: SystemTime,
-}
-
 /// A registry with sheath's collector in it, ready to encode.
-pub fn registry(sources: Sources) -> Registry {
+pub fn registry(observed: Observed) -> Registry {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(SheathCollector(sources)));
+    registry.register_collector(Box::new(SheathCollector(observed)));
     registry
 }
 
@@ -137,7 +127,7 @@ pub fn render(registry: &Registry) -> String {
 type CertValue = fn(&crate::cert::CertStatus) -> Option<f64>;
 
 #[derive(Debug)]
-struct SheathCollector(Sources);
+struct SheathCollector(Observed);
 
 fn seconds(t: SystemTime) -> f64 {
     t.duration_since(UNIX_EPOCH)
