@@ -142,7 +142,8 @@ async fn serve_http(
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(header_read)
-            .max_buf_size(MAX_HEADER_BYTES);
+            .max_buf_size(MAX_HEADER_BYTES)
+            .writev(false);
         drive(
             builder.serve_connection(io, service).with_upgrades(),
             &conn,
