@@ -73,29 +73,45 @@ fn upstream_authority(upstream: &Upstream) -> String {
 }
 
 /// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
-pub async fn serve(mut stream: TlsStream<TcpStream>, conn: ConnInfo, permit: OwnedSemaphorePermit) {
-    let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-    let config = Arc::clone(&conn.listener.config);
-    // HTTP/1 has one bound for the first request head, whether it is spent
-    // here or in hyper; an HTTP/2 connection that says nothing is bounded
-    // by the idle timeout, as it was before this wait.
-    let first_bytes_limit = if h2 {
-        config.timeouts.idle
-    } else {
-        config.timeouts.header_read
-    };
-    let waiting_since = Instant::now();
-    if !first_bytes(&mut stream, &conn, &config, first_bytes_limit).await {
-        return;
+///
+/// A plain function around an `async move` block rather than an async fn:
+/// an async fn moves its arguments into locals of its state machine, so
+/// the 1.2 KiB TLS stream would take room twice in a future that every
+/// idle connection keeps.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would store the TLS stream twice"
+)]
+pub fn serve(
+    mut stream: TlsStream<TcpStream>,
+    conn: ConnInfo,
+    permit: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
+        let config = Arc::clone(&conn.listener.config);
+        // HTTP/1 has one bound for the first request head, whether it is
+        // spent here or in hyper; an HTTP/2 connection that says nothing is
+        // bounded by the idle timeout, as it was before this wait.
+        let first_bytes_limit = if h2 {
+            config.timeouts.idle
+        } else {
+            config.timeouts.header_read
+        };
+        let waiting_since = Instant::now();
+        if !first_bytes(&mut stream, &conn, &config, first_bytes_limit).await {
+            return;
+        }
+        let header_read = config
+            .timeouts
+            .header_read
+            .saturating_sub(waiting_since.elapsed())
+            .max(std::time::Duration::from_millis(1));
+        // Boxed so that the hyper connection's state machine is allocated
+        // only now, not as part of every connection task from its start.
+        let connection = Box::pin(serve_http(stream, conn, permit, h2, header_read));
+        connection.await
     }
-    let header_read = config
-        .timeouts
-        .header_read
-        .saturating_sub(waiting_since.elapsed())
-        .max(std::time::Duration::from_millis(1));
-    // Boxed so that the hyper connection's state machine is allocated only
-    // now, not as part of every connection task from its start.
-    Box::pin(serve_http(stream, conn, permit, h2, header_read)).await
 }
 
 /// The HTTP connection proper, once the client has sent something.
@@ -174,18 +190,10 @@ async fn first_bytes(
     config: &ListenerConfig,
     limit: std::time::Duration,
 ) -> bool {
-    let (tcp, tls) = stream.get_mut();
-    // Bytes that arrived with the end of the handshake are already inside
-    // rustls, not in the socket: waiting for the socket would miss them.
-    // An error, a close or output rustls wants sent is left to hyper's
-    // read and write path, as before.
-    match tls.process_new_packets() {
-        Ok(state)
-            if state.plaintext_bytes_to_read() == 0
-                && state.tls_bytes_to_write() == 0
-                && !state.peer_has_closed() => {}
-        _ => return true,
+    if super::io::tls_has_pending(stream) {
+        return true;
     }
+    let tcp = stream.get_ref().0;
     let lifetime = super::tcp::max_lifetime(config.timeouts.max_lifetime);
     tokio::select! {
         _ = tcp.readable() => return true,

@@ -81,6 +81,24 @@ impl Activity {
     }
 }
 
+/// Does rustls already hold something for this connection that waiting on
+/// the socket would miss: bytes that arrived with the end of the
+/// handshake, a close, an error, or output it wants sent? Callers that
+/// wait for a connection's first bytes before allocating buffers check
+/// this first, and leave whatever it is to their read and write path.
+pub fn tls_has_pending(
+    stream: &mut tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) -> bool {
+    match stream.get_mut().1.process_new_packets() {
+        Ok(state) => {
+            state.plaintext_bytes_to_read() > 0
+                || state.tls_bytes_to_write() > 0
+                || state.peer_has_closed()
+        }
+        Err(_) => true,
+    }
+}
+
 /// Which side a [`Tracked`] stream is: only the client side counts bytes
 /// (in both directions), so TCP and HTTP mode count the same thing.
 #[derive(Debug, Clone, Copy)]

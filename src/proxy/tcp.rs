@@ -19,72 +19,111 @@ use super::ConnInfo;
 /// TLS records carry at most 16 KiB; matching buffers avoid split records.
 const BUF: usize = 16 * 1024;
 
-pub async fn relay(client: TlsStream<TcpStream>, conn: ConnInfo, _permit: OwnedSemaphorePermit) {
-    let started = Instant::now();
-    let config = &conn.listener.config;
-    let upstream = &config.upstream;
-    let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
-    let upstream_stream = match tokio::time::timeout(config.timeouts.connect, connect).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            conn.stats
-                .upstream_connect_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, error = %e, "upstream connect failed");
-            return;
-        }
-        Err(_) => {
-            conn.stats
-                .upstream_connect_failures
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, timeout = ?config.timeouts.connect, "upstream connect timed out");
-            return;
-        }
-    };
-    let _ = upstream_stream.set_nodelay(true);
-    let mut upstream_stream = upstream_stream;
-    if let Some(version) = config.proxy_protocol {
-        let header = match super::proxy_protocol::header(version, &conn, conn.local) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!(listener = %config.name, peer = %conn.peer, error = %e, "cannot build PROXY header");
+/// Relay one TLS connection to the upstream until both directions end, it
+/// goes idle, or the drain cuts it.
+///
+/// A plain function around an `async move` block rather than an async fn:
+/// an async fn moves its arguments into locals of its state machine, so
+/// the 1.2 KiB TLS stream would take room twice in a future that every
+/// idle connection keeps.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would store the TLS stream twice"
+)]
+pub fn relay(
+    mut client: TlsStream<TcpStream>,
+    conn: ConnInfo,
+    permit: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let _permit = permit;
+        let started = Instant::now();
+        let config = &conn.listener.config;
+        let upstream = &config.upstream;
+        let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
+        let mut upstream_stream = match tokio::time::timeout(config.timeouts.connect, connect).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                conn.stats
+                    .upstream_connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, error = %e, "upstream connect failed");
+                return;
+            }
+            Err(_) => {
+                conn.stats
+                    .upstream_connect_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, timeout = ?config.timeouts.connect, "upstream connect timed out");
                 return;
             }
         };
-        if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream_stream, &header).await {
-            tracing::warn!(listener = %config.name, peer = %conn.peer, error = %e, "upstream closed before the PROXY header");
-            return;
-        }
-    }
-
-    let activity = Activity::new(Some(Arc::clone(&conn.stats)));
-    let mut client = Tracked::new(client, activity.clone(), Side::Client);
-    let mut upstream_io = Tracked::new(upstream_stream, activity.clone(), Side::Upstream);
-    let outcome = tokio::select! {
-        r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream_io, BUF, BUF) => match r {
-            Ok(_) => "closed",
-            Err(e) => {
-                tracing::debug!(listener = %config.name, peer = %conn.peer, error = %e, "relay error");
-                "error"
+        let _ = upstream_stream.set_nodelay(true);
+        if let Some(version) = config.proxy_protocol {
+            let header = match super::proxy_protocol::header(version, &conn, conn.local) {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(listener = %config.name, peer = %conn.peer, error = %e, "cannot build PROXY header");
+                    return;
+                }
+            };
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut upstream_stream, &header).await
+            {
+                tracing::warn!(listener = %config.name, peer = %conn.peer, error = %e, "upstream closed before the PROXY header");
+                return;
             }
-        },
-        _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-        _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
-        _ = conn.drain.abort.cancelled() => "drain_timeout",
-    };
-    let (bytes_in, bytes_out) = activity.totals();
-    tracing::info!(
-        listener = %config.name,
-        peer = %conn.peer,
-        sni = conn.sni.as_deref().unwrap_or("-"),
-        client = conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
-        upstream = %upstream,
-        bytes_in,
-        bytes_out,
-        duration_ms = started.elapsed().as_millis() as u64,
-        outcome,
-        "connection"
-    );
+        }
+
+        let activity = Activity::new(Some(Arc::clone(&conn.stats)));
+        let relay = async {
+            // The relay's two 16 KiB buffers are allocated once either side
+            // has something to say, not while a connection sits idle after
+            // its handshake (W7 in benches/compare.py).
+            first_traffic(&mut client, &upstream_stream).await;
+            let mut client = Tracked::new(&mut client, activity.clone(), Side::Client);
+            let mut upstream_io =
+                Tracked::new(&mut upstream_stream, activity.clone(), Side::Upstream);
+            tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream_io, BUF, BUF).await
+        };
+        let outcome = tokio::select! {
+            r = relay => match r {
+                Ok(_) => "closed",
+                Err(e) => {
+                    tracing::debug!(listener = %config.name, peer = %conn.peer, error = %e, "relay error");
+                    "error"
+                }
+            },
+            _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+            _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
+            _ = conn.drain.abort.cancelled() => "drain_timeout",
+        };
+        let (bytes_in, bytes_out) = activity.totals();
+        tracing::info!(
+            listener = %config.name,
+            peer = %conn.peer,
+            sni = conn.sni.as_deref().unwrap_or("-"),
+            client = conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
+            upstream = %upstream,
+            bytes_in,
+            bytes_out,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome,
+            "connection"
+        );
+    }
+}
+
+/// Wait until the client or the upstream has sent something (or closed).
+async fn first_traffic(client: &mut TlsStream<TcpStream>, upstream: &TcpStream) {
+    if super::io::tls_has_pending(client) {
+        return;
+    }
+    // Readiness errors surface again in the relay, which reports them.
+    tokio::select! {
+        _ = client.get_ref().0.readable() => {}
+        _ = upstream.readable() => {}
+    }
 }
 
 /// Resolves after the connection's maximum lifetime, if one is set.

@@ -7,6 +7,6 @@ pub mod handshake;
 pub mod resolver;
 pub mod server_config;
 
-pub use handshake::{accept, HandshakeError};
+pub use handshake::{accept, Accepted, HandshakeError};
 pub use resolver::CertResolver;
 pub use server_config::{server_config, ALPN_H2, ALPN_HTTP11};

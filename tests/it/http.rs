@@ -22,6 +22,24 @@ async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr, extra: &str) 
 }
 
 #[tokio::test]
+async fn a_request_sent_with_the_client_finished_is_answered() {
+    // sheath waits for a client's first bytes before building the HTTP
+    // connection; a request that came in with the handshake's last flight
+    // is already in rustls, and must not wait for the socket.
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+    let request = b"GET /hello HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let response =
+        client::send_with_finished(proxy.addr("web"), config, request.to_vec(), usize::MAX)
+            .await
+            .unwrap();
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\nok"), "{text}");
+}
+
+#[tokio::test]
 async fn http1_get_reaches_backend_with_forwarding_headers() {
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, backend::http().await, "").await;

@@ -156,3 +156,17 @@ async fn maximum_connection_lifetime_closes_even_busy_connections() {
         "{lived:?}"
     );
 }
+
+#[tokio::test]
+async fn bytes_sent_with_the_client_finished_are_relayed() {
+    // The relay waits for first traffic before allocating its buffers;
+    // bytes that came in with the handshake's last flight are already in
+    // rustls, and must not wait for the socket to become readable again.
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, backend::tcp_echo().await, "").await;
+    let config = client::client_config(pki.roots(), &[]);
+    let echoed = client::send_with_finished(proxy.addr("tcp"), config, b"ping".to_vec(), 4)
+        .await
+        .unwrap();
+    assert_eq!(echoed, b"ping");
+}

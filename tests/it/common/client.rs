@@ -140,3 +140,53 @@ pub async fn served_cert(
         .clone();
     Ok(sheath::cert::CertInfo::from_der(&leaf).expect("served certificate parses"))
 }
+
+/// TLS-connect to `addr` as `localhost` and send `data` in the same write
+/// as the client's Finished message, then read until the server closes or
+/// `want` bytes arrived. The proxy then finds `data` already decrypted
+/// inside rustls when the handshake completes, with nothing left on the
+/// socket: a proxy that waits for the socket before reading would hang.
+pub async fn send_with_finished(
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    data: Vec<u8>,
+    want: usize,
+) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    tokio::task::spawn_blocking(move || {
+        let mut sock = std::net::TcpStream::connect(addr)?;
+        sock.set_read_timeout(Some(super::DEADLINE))?;
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut conn =
+            rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+        // Drive the handshake up to, not including, the client's Finished.
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(&mut sock)?;
+            }
+            if conn.read_tls(&mut sock)? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            conn.process_new_packets().map_err(std::io::Error::other)?;
+        }
+        conn.writer().write_all(&data)?;
+        // Finished and the data leave in one vectored write.
+        while conn.wants_write() {
+            conn.write_tls(&mut sock)?;
+        }
+        let mut stream = rustls::StreamOwned::new(conn, sock);
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < want {
+            match stream.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(got)
+    })
+    .await
+    .expect("client thread")
+}
