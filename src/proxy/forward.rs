@@ -157,8 +157,38 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Replace the forwarding headers with what sheath knows first-hand.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&str>) {
+/// What the forwarding headers say about the client's address. It is the
+/// same for every request on a connection, so it is formatted once per
+/// connection instead of once per request.
+#[derive(Debug, Clone)]
+pub struct ClientAddr {
+    x_forwarded_for: HeaderValue,
+    /// The `for=` element of `Forwarded`.
+    forwarded_for: String,
+    /// The whole `Forwarded` value for a request that names no host.
+    forwarded_without_host: HeaderValue,
+}
+
+impl ClientAddr {
+    pub fn new(peer: SocketAddr) -> ClientAddr {
+        let ip = canonical_ip(peer.ip());
+        let forwarded_for = match ip {
+            IpAddr::V4(v4) => format!("for={v4}"),
+            // RFC 7239 §6: IPv6 addresses are bracketed and therefore quoted.
+            IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+        };
+        ClientAddr {
+            x_forwarded_for: header_value(&ip.to_string()),
+            forwarded_without_host: header_value(&format!("{forwarded_for};proto=https")),
+            forwarded_for,
+        }
+    }
+}
+
+/// Replace the forwarding headers with what sheath knows first-hand. `host`
+/// is the request's `Host` (or HTTP/2 `:authority`); one that is not
+/// visible ASCII is not repeated.
+pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientAddr, host: Option<&HeaderValue>) {
     for name in [
         &X_FORWARDED_FOR,
         &X_FORWARDED_PROTO,
@@ -169,21 +199,20 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&st
     ] {
         headers.remove(name);
     }
-    let ip = canonical_ip(peer.ip());
-    headers.insert(X_FORWARDED_FOR.clone(), header_value(&ip.to_string()));
+    headers.insert(X_FORWARDED_FOR.clone(), client.x_forwarded_for.clone());
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("https"));
-    let mut forwarded = match ip {
-        IpAddr::V4(v4) => format!("for={v4}"),
-        // RFC 7239 §6: IPv6 addresses are bracketed and therefore quoted.
-        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    let forwarded = match host.and_then(|h| Some((h, h.to_str().ok()?))) {
+        Some((value, host)) => {
+            headers.insert(X_FORWARDED_HOST.clone(), value.clone());
+            header_value(&format!(
+                "{};host={};proto=https",
+                client.forwarded_for,
+                quote(host)
+            ))
+        }
+        None => client.forwarded_without_host.clone(),
     };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST.clone(), header_value(host));
-        forwarded.push_str(";host=");
-        forwarded.push_str(&quote(host));
-    }
-    forwarded.push_str(";proto=https");
-    headers.insert(FORWARDED.clone(), header_value(&forwarded));
+    headers.insert(FORWARDED.clone(), forwarded);
 }
 
 /// IPv4 clients on a dual-stack socket show up as `::ffff:a.b.c.d`.
@@ -223,7 +252,12 @@ mod tests {
         h.insert("x-forwarded-for", HeaderValue::from_static("6.6.6.6"));
         h.insert("forwarded", HeaderValue::from_static("for=6.6.6.6"));
         h.insert("x-real-ip", HeaderValue::from_static("6.6.6.6"));
-        set_forwarded(&mut h, "[::1]:5000".parse().unwrap(), Some("app:8443"));
+        let host = HeaderValue::from_static("app:8443");
+        set_forwarded(
+            &mut h,
+            &ClientAddr::new("[::1]:5000".parse().unwrap()),
+            Some(&host),
+        );
         assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "app:8443");
@@ -238,8 +272,25 @@ mod tests {
     #[test]
     fn mapped_ipv4_is_unmapped() {
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "[::ffff:192.0.2.7]:1".parse().unwrap(), None);
+        set_forwarded(
+            &mut h,
+            &ClientAddr::new("[::ffff:192.0.2.7]:1".parse().unwrap()),
+            None,
+        );
         assert_eq!(h["x-forwarded-for"], "192.0.2.7");
+        assert_eq!(h["forwarded"], "for=192.0.2.7;proto=https");
+    }
+
+    #[test]
+    fn a_host_that_is_not_visible_ascii_is_not_repeated() {
+        let mut h = HeaderMap::new();
+        let host = HeaderValue::from_bytes(b"caf\xe9.example").unwrap();
+        set_forwarded(
+            &mut h,
+            &ClientAddr::new("192.0.2.7:1".parse().unwrap()),
+            Some(&host),
+        );
+        assert!(h.get("x-forwarded-host").is_none());
         assert_eq!(h["forwarded"], "for=192.0.2.7;proto=https");
     }
 

@@ -44,12 +44,12 @@ const MAX_H2_STREAMS: u32 = 256;
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     client: Client<HttpConnector, Incoming>,
-    /// `http://host:port`, the prefix of every upstream URI.
-    base: String,
+    /// `host:port` of every upstream URI, parsed once.
+    authority: http::uri::Authority,
 }
 
 impl UpstreamClient {
-    pub fn new(config: &ListenerConfig) -> UpstreamClient {
+    pub fn new(config: &ListenerConfig) -> Result<UpstreamClient, http::uri::InvalidUri> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeouts.connect));
@@ -61,15 +61,11 @@ impl UpstreamClient {
             .pool_max_idle_per_host(1024)
             .http1_preserve_header_case(false)
             .build(connector);
-        UpstreamClient {
+        Ok(UpstreamClient {
             client,
-            base: format!("http://{}", upstream_authority(&config.upstream)),
-        }
+            authority: config.upstream.authority().parse()?,
+        })
     }
-}
-
-fn upstream_authority(upstream: &Upstream) -> String {
-    upstream.authority()
 }
 
 /// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
@@ -133,6 +129,7 @@ async fn serve_http(
         // tunnel keeps the slot too.
         permit: Arc::new(permit),
         first_request: Arc::clone(&first_request),
+        client_addr: forward::ClientAddr::new(conn.peer),
     });
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
@@ -296,6 +293,7 @@ struct RequestCtx {
     activity: Arc<Activity>,
     permit: Arc<OwnedSemaphorePermit>,
     first_request: Arc<tokio::sync::Notify>,
+    client_addr: forward::ClientAddr,
 }
 
 /// How long a draining connection that has not sent a request yet is
@@ -306,8 +304,9 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
     let started = Instant::now();
     let listener = &ctx.conn.listener;
     let config = &listener.config;
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Copied for the request log line only when that line will be written.
+    let request_line = tracing::enabled!(tracing::Level::INFO)
+        .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let version = req.version();
 
     let response = match forward_request(req, &ctx).await {
@@ -325,17 +324,19 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
     ctx.conn
         .stats
         .response(response.status().as_u16(), started.elapsed());
-    tracing::info!(
-        listener = %config.name,
-        peer = %ctx.conn.peer,
-        client = ctx.conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
-        method = %method,
-        path = %path,
-        version = ?version,
-        status = response.status().as_u16(),
-        duration_ms = started.elapsed().as_millis() as u64,
-        "request"
-    );
+    if let Some((method, path)) = request_line {
+        tracing::info!(
+            listener = %config.name,
+            peer = %ctx.conn.peer,
+            client = ctx.conn.identity.as_ref().and_then(|i| i.principal()).unwrap_or("-"),
+            method = %method,
+            path = %path,
+            version = ?version,
+            status = response.status().as_u16(),
+            duration_ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+    }
     response
 }
 
@@ -414,25 +415,30 @@ async fn forward_request(
 
     // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
     let host = match req.headers().get(HOST) {
-        Some(h) => h.to_str().ok().map(str::to_owned),
-        None => req.uri().authority().map(|a| a.as_str().to_owned()),
+        Some(h) => Some(h.clone()),
+        None => req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |pq| pq.as_str())
-        .to_owned();
-    if !path_and_query.starts_with('/') {
-        // CONNECT and asterisk-form requests are not proxied.
-        return Err(Failure::BadRequest(
-            "only origin-form request targets are proxied",
-        ));
-    }
-    let uri: Uri = format!("{}{}", client.base, path_and_query)
-        .parse()
-        .map_err(|_| Failure::BadRequest("malformed request target"))?;
 
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The request's own path and query move into the upstream URI as they
+    // are: no copy, no second parse.
+    let path_and_query = std::mem::take(&mut parts.uri)
+        .into_parts()
+        .path_and_query
+        .filter(|pq| pq.as_str().starts_with('/'))
+        // CONNECT and asterisk-form requests are not proxied.
+        .ok_or(Failure::BadRequest(
+            "only origin-form request targets are proxied",
+        ))?;
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = Some(client.authority.clone());
+    uri.path_and_query = Some(path_and_query);
+    let uri = Uri::from_parts(uri).map_err(|_| Failure::BadRequest("malformed request target"))?;
+
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.uri_mut() = uri;
@@ -442,12 +448,10 @@ async fn forward_request(
     forward::strip_hop_by_hop(headers, upgrading);
     if let Some(host) = &host {
         if !headers.contains_key(HOST) {
-            if let Ok(v) = HeaderValue::from_str(host) {
-                headers.insert(HOST, v);
-            }
+            headers.insert(HOST, host.clone());
         }
     }
-    forward::set_forwarded(headers, ctx.conn.peer, host.as_deref());
+    forward::set_forwarded(headers, &ctx.client_addr, host.as_ref());
     forward::set_identity(
         headers,
         &config.client_auth.forward,

@@ -205,6 +205,18 @@ fn bad_bind_address_names_line_and_key() {
 }
 
 #[test]
+fn an_upstream_a_uri_cannot_carry_is_refused_at_its_line() {
+    let text = "[[listener]]\nbind = \"0.0.0.0:8443\"\n\nupstream = \"app{v}.localhost:8080\"\n";
+    let (line, key, message) = error_at(text);
+    assert_eq!(line, 4);
+    assert_eq!(key, "listener[0].upstream");
+    assert!(
+        message.contains("not a valid upstream address"),
+        "{message}"
+    );
+}
+
+#[test]
 fn remote_upstream_is_refused_unless_allowed() {
     let text = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"192.0.2.10:80\"\n";
     let (line, key, message) = error_at(text);

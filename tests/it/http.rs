@@ -76,6 +76,36 @@ async fn http1_get_reaches_backend_with_forwarding_headers() {
 }
 
 #[tokio::test]
+async fn request_targets_reach_the_upstream_in_origin_form_or_are_refused() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let send = |request: &'static [u8]| {
+        let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+        let addr = proxy.addr("web");
+        async move {
+            let response = client::send_with_finished(addr, config, request.to_vec(), usize::MAX)
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&response).into_owned()
+        }
+    };
+    // Absolute form (RFC 9112 §3.2.2): the upstream gets path and query only.
+    let text = send(
+        b"GET http://app.example/headers?b=2 HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("GET /headers?b=2 HTTP/1.1"), "{text}");
+    // Asterisk form is not passed on.
+    let text = send(b"OPTIONS * HTTP/1.1\r\nHost: app.example\r\nConnection: close\r\n\r\n").await;
+    assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+    assert!(
+        text.ends_with("only origin-form request targets are proxied\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
 async fn http2_get_is_forwarded_as_http1_with_host() {
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, backend::http().await, "").await;
