@@ -232,11 +232,25 @@ fn serve(
     loader: app::ConfigLoader,
     watch: Option<std::path::PathBuf>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // Rust's count honours CPU affinity and cgroup quotas, so a sidecar
+    // limited to one CPU gets one worker.
+    let workers = cli.workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        usize::from,
+    );
+    // With one worker, a current-thread runtime does the same work with
+    // 20-30% less CPU per keep-alive request than a multi-thread runtime
+    // of one worker (benches/compare.py, W1 and W8): no work-stealing
+    // queues, no handing off between the worker and the thread in
+    // `block_on`. Blocking work goes to the blocking pool either way.
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
     builder.enable_all().thread_name("sheath-worker");
-    if let Some(n) = cli.workers {
-        builder.worker_threads(n.into());
-    }
     let runtime = match builder.build() {
         Ok(rt) => rt,
         Err(e) => return report(&e, 1),

@@ -526,14 +526,18 @@ async fn ca_export_is_stable_and_private() {
 }
 
 /// sheath in TCP mode in front of an echo backend, with one TLS connection
-/// through it that is proven live and then left open.
+/// through it that is proven live and then left open. `workers` of 1 runs
+/// sheath's single-threaded runtime, where signals, accepting and relaying
+/// share one thread.
 async fn tcp_proxy_with_open_connection(
     state: &Path,
     drain_timeout: &str,
+    workers: &str,
 ) -> (Process, TlsStream<TcpStream>) {
     let upstream = backend::tcp_echo().await;
     let mut cmd = sheath();
-    cmd.args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])
+    cmd.args(["--workers", workers])
+        .args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])
         .args(["--upstream", &upstream.to_string(), "--mode", "tcp"])
         .args(["--drain-timeout", drain_timeout, "--state-dir"])
         .arg(state);
@@ -561,7 +565,7 @@ async fn echo_round_trip(tls: &mut TlsStream<TcpStream>, msg: &[u8]) {
 #[tokio::test]
 async fn second_signal_forces_exit() {
     let state = tempfile::tempdir().unwrap();
-    let (mut proxy, mut tls) = tcp_proxy_with_open_connection(state.path(), "30s").await;
+    let (mut proxy, mut tls) = tcp_proxy_with_open_connection(state.path(), "30s", "1").await;
 
     proxy.signal("TERM");
     proxy.wait_log("draining connections").await;
@@ -586,7 +590,7 @@ async fn second_signal_forces_exit() {
 #[tokio::test]
 async fn drain_timeout_cuts_stuck_connection_and_exits_nonzero() {
     let state = tempfile::tempdir().unwrap();
-    let (mut proxy, _tls) = tcp_proxy_with_open_connection(state.path(), "1s").await;
+    let (mut proxy, _tls) = tcp_proxy_with_open_connection(state.path(), "1s", "2").await;
 
     let started = Instant::now();
     proxy.signal("TERM");
