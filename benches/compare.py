@@ -1300,6 +1300,10 @@ def main() -> int:
     peers = [p for p in ALL_PEERS if p in peers]
     if os.cpu_count() is None or len(os.sched_getaffinity(0)) < 2:
         sys.exit("needs CPUs 0 and 1: proxies on one, load tools and backend on the other")
+    # The harness itself (W9's rotation thread, the samplers) belongs with
+    # the load tools: on the proxy's core it would take cycles from the
+    # proxy and show up as the proxy's cost.
+    os.sched_setaffinity(0, {int(LOAD_CPU)})
 
     ensure_tools(peers, install=not args.no_install)
     # Descriptors for the idle-connection workload, inherited by children.

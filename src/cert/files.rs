@@ -56,6 +56,21 @@ pub fn load_material(cert_path: &Path, key_path: &Path) -> Result<Material, Cert
     })
 }
 
+/// Does this event say a file's content or name changed? Opening or
+/// reading a file does not. Counted, they made every reload wake the
+/// watcher again with its own reads (and the watchers of other listeners
+/// on the same files): an idle sheath with two such listeners re-read them
+/// 18 times a second, and under load some rotations were never installed.
+/// Closing a file written to does count: it ends a non-atomic write.
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
 /// Change notifications for the directories holding some files.
 #[derive(Debug)]
 pub struct Watcher {
@@ -74,7 +89,7 @@ impl Watcher {
             .map(|p| p.parent().unwrap_or(Path::new(".")).to_path_buf())
             .collect();
         let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            if event.is_ok_and(|e| is_change(&e.kind)) {
                 // A full channel already means "something changed".
                 let _ = tx.try_send(());
             }
@@ -108,5 +123,34 @@ impl Watcher {
     /// Wait until no change has been seen for `quiet`.
     pub async fn settle(&mut self, quiet: Duration) {
         while let Ok(Some(())) = tokio::time::timeout(quiet, self.events.recv()).await {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reading the watched files (as every reload does) must not look like
+    /// a change; writing one must.
+    #[tokio::test]
+    async fn reads_are_not_changes_but_writes_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cert.pem");
+        std::fs::write(&path, "one").unwrap();
+        let mut watcher = Watcher::new(&[path.as_path()]);
+        assert!(watcher._watcher.is_some(), "inotify unavailable");
+
+        for _ in 0..3 {
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), "one");
+        }
+        // A negative can only be bounded: inotify delivers within
+        // milliseconds, so half a second without an event means none came.
+        let read = tokio::time::timeout(Duration::from_millis(500), watcher.changed()).await;
+        assert!(read.is_err(), "reading the file was reported as a change");
+
+        std::fs::write(&path, "two").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), watcher.changed())
+            .await
+            .expect("writing the file was not reported");
     }
 }
