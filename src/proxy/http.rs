@@ -134,7 +134,10 @@ async fn serve_http(
     let service = service_fn(move |req| {
         let ctx = Arc::clone(&ctx);
         ctx.first_request.notify_one();
-        async move { Ok::<_, Infallible>(proxy(req, ctx).await) }
+        // Boxed: hyper moves the future it is given into its dispatcher
+        // (HTTP/1) or a new task (HTTP/2); a pointer instead of the ~2 KiB
+        // request future.
+        Box::pin(async move { Ok::<_, Infallible>(proxy(req, ctx).await) })
     });
     let result = if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
