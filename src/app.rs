@@ -55,13 +55,6 @@ pub enum StartError {
     },
     #[error("local CA: {0}")]
     LocalCa(#[source] CertError),
-    #[error("listener `{listener}`: upstream `{upstream}` is not a valid URI authority: {source}")]
-    Upstream {
-        listener: String,
-        upstream: String,
-        #[source]
-        source: http::uri::InvalidUri,
-    },
     #[error("listener `{listener}`: TLS configuration: {source}")]
     Tls {
         listener: String,
@@ -598,16 +591,7 @@ fn prepare(
         {
             state.http.clone()
         }
-        _ if l.mode == Mode::Http => {
-            Some(
-                UpstreamClient::new(l).map_err(|source| StartError::Upstream {
-                    listener: l.name.clone(),
-                    upstream: l.upstream.to_string(),
-                    source,
-                })?,
-            )
-        }
-        _ => None,
+        _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l)),
     };
     let state = build_state(l, resolver, acme_tls, verifier, http)?;
     let socket = match old {

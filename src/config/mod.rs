@@ -178,22 +178,14 @@ pub struct Upstream {
     pub port: u16,
     /// True when the host is a loopback literal or `localhost`.
     pub loopback: bool,
-}
-
-impl Upstream {
-    /// `host:port`, with IPv6 literals bracketed, as used in URIs.
-    pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
-    }
+    /// `host:port`, with IPv6 literals bracketed: the authority of every
+    /// upstream URI in HTTP mode, parsed once with the config.
+    pub authority: http::uri::Authority,
 }
 
 impl fmt::Display for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.authority())
+        f.write_str(self.authority.as_str())
     }
 }
 
@@ -526,7 +518,7 @@ impl Config {
             let _ = writeln!(out, "\n[[listener]]");
             let _ = writeln!(out, "name = {}", q(&l.name));
             let _ = writeln!(out, "bind = {}", q(&l.bind.to_string()));
-            let _ = writeln!(out, "upstream = {}", q(&l.upstream.authority()));
+            let _ = writeln!(out, "upstream = {}", q(l.upstream.authority.as_str()));
             let _ = writeln!(out, "allow_remote_upstream = {}", !l.upstream.loopback);
             let _ = writeln!(out, "mode = {}", q(&l.mode.to_string()));
             let _ = writeln!(out, "max_connections = {}", l.max_connections);

@@ -710,18 +710,20 @@ pub fn parse_upstream(value: &str, allow_remote: bool) -> Result<Upstream, Strin
             "`{value}` is not a loopback address; sheath only proxies to its own namespace unless allow_remote_upstream = true (flag --allow-remote-upstream)"
         ));
     }
-    let upstream = Upstream {
+    // HTTP mode puts it in every upstream URI, so what a URI cannot carry
+    // is refused here.
+    let authority = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let authority = authority.parse().map_err(|_| bad())?;
+    Ok(Upstream {
         host,
         port,
         loopback,
-    };
-    // HTTP mode puts it in every upstream URI; reject here what a URI
-    // cannot carry rather than at start.
-    upstream
-        .authority()
-        .parse::<http::uri::Authority>()
-        .map_err(|_| bad())?;
-    Ok(upstream)
+        authority,
+    })
 }
 
 /// Certificate names: DNS names (optionally one leading wildcard label) or

@@ -44,12 +44,12 @@ const MAX_H2_STREAMS: u32 = 256;
 #[derive(Debug, Clone)]
 pub struct UpstreamClient {
     client: Client<HttpConnector, Incoming>,
-    /// `host:port` of every upstream URI, parsed once.
+    /// `host:port` of every upstream URI.
     authority: http::uri::Authority,
 }
 
 impl UpstreamClient {
-    pub fn new(config: &ListenerConfig) -> Result<UpstreamClient, http::uri::InvalidUri> {
+    pub fn new(config: &ListenerConfig) -> UpstreamClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(config.timeouts.connect));
@@ -61,10 +61,10 @@ impl UpstreamClient {
             .pool_max_idle_per_host(1024)
             .http1_preserve_header_case(false)
             .build(connector);
-        Ok(UpstreamClient {
+        UpstreamClient {
             client,
-            authority: config.upstream.authority().parse()?,
-        })
+            authority: config.upstream.authority.clone(),
+        }
     }
 }
 
