@@ -25,7 +25,7 @@ use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa}
 use crate::config::{
     AcmeChallenge, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig, Mode,
 };
-use crate::proxy::{self, http::UpstreamClient, Listener, ListenerState, ListenerStats};
+use crate::proxy::{self, upstream::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
 use crate::tls::client_auth::ClientVerifier;
 use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};

@@ -19,8 +19,6 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -28,45 +26,18 @@ use tokio_rustls::server::TlsStream;
 
 use super::forward;
 use super::io::{Activity, Side, Tracked};
+use super::upstream::{PooledBody, UpstreamError};
 use super::ConnInfo;
 use crate::config::{ListenerConfig, Upstream};
 use crate::tls::ALPN_H2;
 
 /// Response bodies: the upstream's, streamed, or a short one of sheath's own.
-pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
 /// Largest HTTP/1 request head accepted from a client.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_H2_STREAMS: u32 = 256;
-
-/// A pooled HTTP/1.1 client for one upstream.
-#[derive(Debug, Clone)]
-pub struct UpstreamClient {
-    client: Client<HttpConnector, Incoming>,
-    /// `host:port` of every upstream URI.
-    authority: http::uri::Authority,
-}
-
-impl UpstreamClient {
-    pub fn new(config: &ListenerConfig) -> UpstreamClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.timeouts.connect));
-        connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            .http1_preserve_header_case(false)
-            .build(connector);
-        UpstreamClient {
-            client,
-            authority: config.upstream.authority.clone(),
-        }
-    }
-}
 
 /// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
 ///
@@ -426,8 +397,8 @@ async fn forward_request(
     };
 
     let (mut parts, body) = req.into_parts();
-    // The request's own path and query move into the upstream URI as they
-    // are: no copy, no second parse.
+    // The request's own path and query become the upstream request target
+    // as they are: no copy, no second parse.
     let path_and_query = std::mem::take(&mut parts.uri)
         .into_parts()
         .path_and_query
@@ -436,22 +407,24 @@ async fn forward_request(
         .ok_or(Failure::BadRequest(
             "only origin-form request targets are proxied",
         ))?;
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(http::uri::Scheme::HTTP);
-    uri.authority = Some(client.authority.clone());
-    uri.path_and_query = Some(path_and_query);
-    let uri = Uri::from_parts(uri).map_err(|_| Failure::BadRequest("malformed request target"))?;
 
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = uri;
+    *upstream_req.uri_mut() = Uri::from(path_and_query);
     *upstream_req.version_mut() = Version::HTTP_11;
     *upstream_req.headers_mut() = parts.headers;
     let headers = upstream_req.headers_mut();
     forward::strip_hop_by_hop(headers, upgrading);
-    if let Some(host) = &host {
-        if !headers.contains_key(HOST) {
+    match &host {
+        Some(host) if !headers.contains_key(HOST) => {
             headers.insert(HOST, host.clone());
+        }
+        Some(_) => {}
+        // An HTTP/1.0 client may name no host; HTTP/1.1 requires one.
+        None => {
+            if let Ok(authority) = HeaderValue::from_str(client.authority().as_str()) {
+                headers.insert(HOST, authority);
+            }
         }
     }
     forward::set_forwarded(headers, &ctx.client_addr, host.as_ref());
@@ -462,16 +435,12 @@ async fn forward_request(
     );
 
     let timeouts = config.timeouts;
-    let mut resp = match tokio::time::timeout(
-        timeouts.upstream_response,
-        client.client.request(upstream_req),
-    )
-    .await
-    {
-        Err(_) => return Err(Failure::ResponseTimeout),
-        Ok(Err(e)) => return Err(classify(&e)),
-        Ok(Ok(resp)) => resp,
-    };
+    let mut resp =
+        match tokio::time::timeout(timeouts.upstream_response, client.send(upstream_req)).await {
+            Err(_) => return Err(Failure::ResponseTimeout),
+            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Ok(resp)) => resp,
+        };
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -491,19 +460,25 @@ async fn forward_request(
     Ok(resp.map(Either::Left))
 }
 
-fn classify(error: &hyper_util::client::legacy::Error) -> Failure {
-    let mut source = error.source();
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return match io.kind() {
-                io::ErrorKind::ConnectionRefused => Failure::Refused,
-                io::ErrorKind::TimedOut => Failure::ConnectTimeout,
-                _ => Failure::Unreachable(io.to_string()),
-            };
+fn classify(error: UpstreamError) -> Failure {
+    match error {
+        UpstreamError::ConnectTimeout => Failure::ConnectTimeout,
+        UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            Failure::Refused
         }
-        source = e.source();
+        UpstreamError::Connect(e) => Failure::Unreachable(e.to_string()),
+        UpstreamError::Http(e) => {
+            // The I/O error underneath says more than hyper's summary.
+            let mut source = e.source();
+            while let Some(inner) = source {
+                if let Some(io) = inner.downcast_ref::<io::Error>() {
+                    return Failure::Unreachable(io.to_string());
+                }
+                source = inner.source();
+            }
+            Failure::Unreachable(e.to_string())
+        }
     }
-    Failure::Unreachable(error.to_string())
 }
 
 /// Relay bytes between an upgraded client connection and the upstream.

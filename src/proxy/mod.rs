@@ -1,7 +1,8 @@
 //! The data path: accept a connection, terminate TLS, relay to the upstream.
 //!
 //! `listener` owns accepting and limits; `tcp` and `http` own the two relay
-//! modes; `forward` owns the headers that tell the backend about the client.
+//! modes; `forward` owns the headers that tell the backend about the client;
+//! `upstream` owns the pool of HTTP connections to the backend.
 
 pub mod forward;
 pub mod http;
@@ -9,6 +10,7 @@ pub mod io;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod tcp;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +38,7 @@ pub struct ListenerState {
     pub acme_tls: Option<Arc<ServerConfig>>,
     pub resolver: Arc<CertResolver>,
     /// Pooled upstream client, in HTTP mode.
-    pub http: Option<http::UpstreamClient>,
+    pub http: Option<upstream::UpstreamClient>,
 }
 
 /// One accepted, TLS-terminated client connection.

@@ -14,6 +14,7 @@ mod local_ca;
 mod mtls;
 mod netns;
 mod pebble_smoke;
+mod pool;
 mod process;
 mod reload;
 mod shutdown;

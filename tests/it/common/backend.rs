@@ -2,6 +2,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -46,20 +48,71 @@ pub async fn closed_port() -> SocketAddr {
 /// - `/echo`: streams the request body back as it arrives
 /// - `/slow?ms=N`: answers after N milliseconds
 /// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
+/// - `/close`: `ok` with `Connection: close`, then closes
+/// - `/empty`: `204 No Content`
 /// - anything else: `ok`
 pub async fn http() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(route))
-                    .await;
-            });
-        }
-    });
-    addr
+    CountingBackend::start().await.addr
+}
+
+/// [`http`] that counts the connections it accepts and can close all of
+/// them at once, as an upstream does when it restarts or its keep-alive
+/// timeout fires.
+pub struct CountingBackend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    close: tokio::sync::watch::Sender<u64>,
+}
+
+impl CountingBackend {
+    pub async fn start() -> CountingBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let (close, _) = tokio::sync::watch::channel(0u64);
+        let backend = CountingBackend {
+            addr,
+            accepted: Arc::clone(&accepted),
+            open: Arc::clone(&open),
+            close: close.clone(),
+        };
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                open.fetch_add(1, Ordering::SeqCst);
+                let open = Arc::clone(&open);
+                let mut closing = close.subscribe();
+                tokio::spawn(async move {
+                    let serve = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service_fn(route));
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = closing.changed() => {}
+                    }
+                    // The socket is closed by now: `serve` was dropped.
+                    open.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        backend
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Close every open connection, and return once all are closed.
+    pub async fn close_all(&self) {
+        self.close.send_modify(|generation| *generation += 1);
+        let open = Arc::clone(&self.open);
+        super::eventually("backend connections closed", move || {
+            open.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
 }
 
 fn full(text: impl Into<Bytes>) -> Body {
@@ -108,6 +161,17 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                 Some((Ok::<_, std::io::Error>(frame), i + 1))
             });
             BodyExt::boxed(StreamBody::new(stream))
+        }
+        "/close" => {
+            let mut resp = Response::new(full("ok"));
+            resp.headers_mut()
+                .insert(http::header::CONNECTION, "close".parse().unwrap());
+            return Ok(resp);
+        }
+        "/empty" => {
+            let mut resp = Response::new(full(""));
+            *resp.status_mut() = http::StatusCode::NO_CONTENT;
+            return Ok(resp);
         }
         _ => full("ok"),
     };

@@ -1,0 +1,494 @@
+//! Keep-alive HTTP/1.1 connections to the upstream, pooled per listener.
+//!
+//! Built on hyper's connection-level client rather than hyper-util's
+//! general-purpose one: sheath talks to a single origin, so the pool is one
+//! stack of idle connections, not a map keyed by scheme and authority, and
+//! a connection goes back on the stack when its response body ends, from
+//! the task that read it. The general client parks every connection in a
+//! task of its own, spawned per request, until the connection is free.
+//!
+//! A pooled connection can be closed by the upstream at any moment (its
+//! keep-alive timeout, a restart). When that happens before the request
+//! was written, hyper hands the request back and it is sent again on
+//! another connection. When the request was written and the connection
+//! then ended without a response byte, it is sent again only if it has no
+//! body and an idempotent method, as nginx does: the upstream may have
+//! acted on anything else.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response, StatusCode};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{ListenerConfig, Upstream};
+
+/// How long an unused connection is kept.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Most idle connections kept; more are closed as their responses end.
+const MAX_IDLE: usize = 1024;
+/// TCP keep-alive probes on upstream connections, so one whose peer
+/// vanished without a FIN is eventually noticed.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+
+/// A pool of HTTP/1.1 connections to one upstream, for requests with
+/// bodies of type `B` (the client's, in sheath). Clones share the pool.
+#[derive(Debug)]
+pub struct UpstreamClient<B = Incoming> {
+    pool: Arc<Pool<B>>,
+}
+
+impl<B> Clone for UpstreamClient<B> {
+    fn clone(&self) -> Self {
+        UpstreamClient {
+            pool: Arc::clone(&self.pool),
+        }
+    }
+}
+
+/// What a request body must be to be sent on a pooled connection.
+pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
+impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static> RequestBody for B {}
+
+/// What goes on an upstream connection: the client's body, or nothing when
+/// a bodiless request is sent again.
+type Outgoing<B> = Either<B, Empty<Bytes>>;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug)]
+struct Pool<B> {
+    upstream: Upstream,
+    connect_timeout: Duration,
+    /// Idle connections, the most recently used last: reusing the warmest
+    /// connection lets the others age out when traffic drops.
+    idle: Mutex<Vec<IdleConn<B>>>,
+    sweeping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct IdleConn<B> {
+    sender: SendRequest<Outgoing<B>>,
+    since: Instant,
+}
+
+/// Why the upstream gave no response.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// Connecting failed (refused, unreachable, name not resolved).
+    Connect(io::Error),
+    /// The upstream did not accept the connection in time.
+    ConnectTimeout,
+    /// The connection failed while sending the request or reading the
+    /// response head.
+    Http(hyper::Error),
+}
+
+impl<B: RequestBody> UpstreamClient<B> {
+    pub fn new(config: &ListenerConfig) -> UpstreamClient<B> {
+        UpstreamClient {
+            pool: Arc::new(Pool {
+                upstream: config.upstream.clone(),
+                connect_timeout: config.timeouts.connect,
+                idle: Mutex::new(Vec::new()),
+                sweeping: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// `host:port` of the upstream, for requests that name no host.
+    pub fn authority(&self) -> &Authority {
+        &self.pool.upstream.authority
+    }
+
+    /// Send a request (origin-form URI, `Host` set) and return the response
+    /// head. The connection returns to the pool when the body ends; a
+    /// `101 Switching Protocols` response keeps it for the upgrade.
+    pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
+        let mut req = req.map(Either::Left);
+        loop {
+            let (mut sender, reused) = match self.pool.checkout() {
+                Some(sender) => (sender, true),
+                None => (self.pool.connect().await?, false),
+            };
+            // Kept only where sending again is allowed; a fresh connection
+            // that fails is the upstream's answer.
+            let resend = (reused && replayable(&req)).then(|| Head::of(&req));
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let lease = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
+                        sender,
+                        pool: Arc::clone(&self.pool),
+                    });
+                    return Ok(resp.map(|body| PooledBody { body, lease }));
+                }
+                Err(mut e) => match (e.take_message(), resend) {
+                    // Not written: the pooled connection closed under it.
+                    (Some(unsent), _) if reused => {
+                        tracing::debug!(upstream = %self.pool.upstream, "pooled connection closed before the request was sent; sending again");
+                        req = unsent;
+                    }
+                    (None, Some(head)) if closed_without_response(e.error()) => {
+                        tracing::debug!(upstream = %self.pool.upstream, error = %e.error(), "pooled connection closed under an idempotent request; sending again");
+                        req = head.into_request();
+                    }
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// A request that can be sent again if its connection fails under it: no
+/// body, and a method RFC 9110 calls idempotent.
+fn replayable<B: Body>(req: &Request<B>) -> bool {
+    req.body().is_end_stream() && req.method().is_idempotent()
+}
+
+/// Did the connection end before a response arrived, as an idle connection
+/// the upstream just closed does? Not a malformed response or a timeout.
+fn closed_without_response(error: &hyper::Error) -> bool {
+    if error.is_incomplete_message() || error.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(inner) = source {
+        if let Some(io) = inner.downcast_ref::<io::Error>() {
+            return matches!(
+                io.kind(),
+                io::ErrorKind::ConnectionReset
+                    | io::ErrorKind::BrokenPipe
+                    | io::ErrorKind::ConnectionAborted
+            );
+        }
+        source = inner.source();
+    }
+    false
+}
+
+/// The head of a bodiless request, to send it again.
+struct Head {
+    method: http::Method,
+    uri: http::Uri,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    fn of<B>(req: &Request<B>) -> Head {
+        Head {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            headers: req.headers().clone(),
+        }
+    }
+
+    fn into_request<B>(self) -> Request<Outgoing<B>> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
+
+impl<B: RequestBody> Pool<B> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConn<B>>> {
+        // The list stays consistent even if a holder panicked: every
+        // critical section is a single push, pop or retain.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The most recently used connection that can take a request now.
+    fn checkout(&self) -> Option<SendRequest<Outgoing<B>>> {
+        let mut idle = self.lock();
+        while let Some(conn) = idle.pop() {
+            // Not ready means closed: only ready connections are pooled.
+            if conn.sender.is_ready() {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Outgoing<B>>, UpstreamError> {
+        let connect = TcpStream::connect((self.upstream.host.as_str(), self.upstream.port));
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Err(_) => return Err(UpstreamError::ConnectTimeout),
+            Ok(result) => result.map_err(UpstreamError::Connect)?,
+        };
+        // Small request heads must leave at once, not wait for an ACK.
+        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(error = %e, "TCP keep-alive not set on upstream connection");
+        }
+        let (sender, connection) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(UpstreamError::Http)?;
+        let upstream = self.upstream.clone();
+        // Ends when the connection closes: the upstream closed it, or every
+        // sender was dropped (evicted, pool gone) and it is idle.
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(upstream = %upstream, error = %e, "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// Return a connection whose response has been read in full.
+    fn put_back(self: Arc<Self>, mut sender: SendRequest<Outgoing<B>>) {
+        if sender.is_ready() {
+            self.push(sender);
+        } else if !sender.is_closed() {
+            // Still finishing the exchange (the request body is being sent
+            // after an early response, or, on another worker thread, the
+            // connection task is just now reading the end of the body).
+            let pool = Arc::downgrade(&self);
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    if let Some(pool) = pool.upgrade() {
+                        pool.push(sender);
+                    }
+                }
+            });
+        }
+    }
+
+    fn push(self: Arc<Self>, sender: SendRequest<Outgoing<B>>) {
+        {
+            let mut idle = self.lock();
+            if idle.len() >= MAX_IDLE {
+                return;
+            }
+            idle.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
+        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep(Arc::downgrade(&self)));
+        }
+    }
+}
+
+/// Close connections idle for longer than `IDLE_TIMEOUT`, until the pool
+/// is dropped (a reload that changed the upstream, or shutdown).
+async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>) {
+    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(pool) = pool.upgrade() else { return };
+        let now = Instant::now();
+        pool.lock()
+            .retain(|c| c.sender.is_ready() && now.duration_since(c.since) < IDLE_TIMEOUT);
+    }
+}
+
+/// The connection a response body came from, to return when it ends.
+#[derive(Debug)]
+struct Lease<B> {
+    sender: SendRequest<Outgoing<B>>,
+    pool: Arc<Pool<B>>,
+}
+
+/// An upstream response body. Once it has been read to its end, its
+/// connection goes back to the pool; dropped earlier, the connection is
+/// closed, since the rest of the body would still be on it.
+#[derive(Debug)]
+pub struct PooledBody<B: RequestBody = Incoming> {
+    body: Incoming,
+    lease: Option<Lease<B>>,
+}
+
+impl<B: RequestBody> PooledBody<B> {
+    fn release(&mut self) {
+        if let Some(lease) = self.lease.take() {
+            lease.pool.put_back(lease.sender);
+        }
+    }
+}
+
+impl<B: RequestBody> Body for PooledBody<B> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => this.release(),
+            // Callers may stop at `is_end_stream` without polling again.
+            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+            // A failed body leaves the connection unusable.
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        frame
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl<B: RequestBody> Drop for PooledBody<B> {
+    fn drop(&mut self) {
+        // Bodies with nothing to read (HEAD, 204, 304, `Content-Length: 0`)
+        // are never polled.
+        if self.body.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    fn client_for(upstream: std::net::SocketAddr) -> UpstreamClient<Empty<Bytes>> {
+        let text = format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"http\"\n"
+        );
+        let config = Config::from_toml(std::path::Path::new("test.toml"), &text).unwrap();
+        UpstreamClient::new(&config.listeners[0])
+    }
+
+    fn request(method: http::Method) -> Request<Empty<Bytes>> {
+        Request::builder()
+            .method(method)
+            .uri("/")
+            .header(http::header::HOST, "localhost")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    /// Accept one connection and answer one request on it with `ok`.
+    async fn serve_one(listener: &TcpListener) -> TcpStream {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "connection closed before a request came");
+            head.extend_from_slice(&buf[..n]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await
+            .unwrap();
+        stream
+    }
+
+    /// Send one request and serve it on the next accepted connection. The
+    /// server side of that connection closes as soon as the response body
+    /// has been read.
+    async fn exchange(
+        client: &UpstreamClient<Empty<Bytes>>,
+        listener: &TcpListener,
+        method: http::Method,
+    ) -> Result<Bytes, UpstreamError> {
+        let serve = async {
+            let _stream = serve_one(listener).await;
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        tokio::select! {
+            result = async {
+                let resp = client.send(request(method)).await?;
+                assert_eq!(resp.status(), StatusCode::OK);
+                Ok(resp.into_body().collect().await.unwrap().to_bytes())
+            } => result,
+            never = serve => match never {},
+        }
+    }
+
+    /// The race an upstream's keep-alive timeout causes: the pool offers a
+    /// connection the upstream has just closed, and the request is written
+    /// on it before its close is read (single-threaded, with no await
+    /// between the close and the request, the connection's task cannot see
+    /// the close first). The write succeeds; the response never comes.
+    async fn request_on_a_just_closed_connection(
+        method: http::Method,
+    ) -> Result<Bytes, UpstreamError> {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client_for(listener.local_addr().unwrap());
+
+        let first = exchange(&client, &listener, http::Method::GET).await;
+        assert_eq!(first.unwrap(), "ok");
+        {
+            let idle = client.pool.lock();
+            assert_eq!(idle.len(), 1, "the connection was returned");
+            assert!(idle[0].sender.is_ready(), "its close is not seen yet");
+        }
+        let second = exchange(&client, &listener, method);
+        tokio::time::timeout(Duration::from_secs(10), second)
+            .await
+            .expect("answered in time")
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idempotent_request_lost_with_a_closed_connection_is_sent_again() {
+        for method in [http::Method::GET, http::Method::HEAD, http::Method::DELETE] {
+            let second = request_on_a_just_closed_connection(method.clone()).await;
+            let body = second.unwrap_or_else(|e| panic!("{method} not sent again: {e:?}"));
+            if method != http::Method::HEAD {
+                assert_eq!(body, "ok");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_post_lost_with_a_closed_connection_is_not_sent_twice() {
+        let second = request_on_a_just_closed_connection(http::Method::POST).await;
+        match second {
+            Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e:?}"),
+            other => panic!("a POST must not be sent twice: {other:?}"),
+        }
+    }
+
+    /// A connection whose response was not read to its end is not reused.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_body_dropped_unread_closes_its_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client_for(listener.local_addr().unwrap());
+        let serve = async {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await.unwrap();
+            stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+                .await
+                .unwrap();
+            stream
+        };
+        let (resp, _stream) = tokio::join!(client.send(request(http::Method::GET)), serve);
+        drop(resp.unwrap());
+        assert!(client.pool.lock().is_empty());
+    }
+}

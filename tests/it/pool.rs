@@ -1,0 +1,119 @@
+//! HTTP mode's upstream connection pool: connections are reused across
+//! requests and clients, returned only once their response has been read
+//! in full, and one the upstream closed never fails a request that had not
+//! been sent on it yet.
+
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+
+use crate::common::backend::CountingBackend;
+use crate::common::client::{self, body_text, get, get_h2};
+use crate::common::{pki, within, Proxy, TestPki};
+
+async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let toml = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"http\"\n{}",
+        pki::files_cert_toml(&files)
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+#[tokio::test]
+async fn one_upstream_connection_serves_sequential_requests_from_every_client() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr).await;
+
+    for _ in 0..2 {
+        let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+        for path in ["/", "/headers", "/empty", "/"] {
+            let resp = within(path, h1.send_request(get(path))).await.unwrap();
+            assert!(resp.status().is_success(), "{path}: {}", resp.status());
+            body_text(resp).await;
+        }
+        // A HEAD response has no body to read: its connection is returned
+        // all the same.
+        let head = Request::head("/")
+            .header("host", "localhost")
+            .body(client::empty())
+            .unwrap();
+        let resp = within("HEAD", h1.send_request(head)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        body_text(resp).await;
+    }
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for _ in 0..3 {
+        let resp = within("h2 GET", h2.send_request(get_h2("/")))
+            .await
+            .unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+    }
+    assert_eq!(backend.accepted(), 1, "every request reused one connection");
+}
+
+#[tokio::test]
+async fn an_upstream_that_closes_its_connections_fails_no_request() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr).await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+
+    // Announced: `Connection: close` on the response.
+    for i in 1..=3 {
+        let resp = within("/close", h1.send_request(get("/close")))
+            .await
+            .unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+        assert_eq!(backend.accepted(), i);
+    }
+    // Unannounced: the upstream closes idle connections (restart,
+    // keep-alive timeout) between two requests. Whether sheath sees the
+    // close before it picks the connection or only once the request is
+    // queued on it, the request goes to a new connection.
+    let before = backend.accepted();
+    for round in 0..10 {
+        backend.close_all().await;
+        let resp = within("request after close", h1.send_request(get("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        assert_eq!(body_text(resp).await, "ok");
+    }
+    assert_eq!(backend.accepted(), before + 10);
+}
+
+#[tokio::test]
+async fn a_response_the_client_abandons_does_not_return_its_connection() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr).await;
+
+    // 100 chunks of 64 KiB, 10 ms apart: most of it is still on the
+    // upstream connection when the client goes away.
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within(
+        "drip",
+        h1.send_request(get("/drip?chunks=100&size=65536&ms=10")),
+    )
+    .await
+    .unwrap();
+    let mut body = resp.into_body();
+    let first = within("first chunk", body.frame()).await.unwrap().unwrap();
+    assert!(first.is_data());
+    drop(body);
+    drop(h1);
+
+    // Were that connection pooled, the next request would read the rest of
+    // the drip as its response.
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    for _ in 0..3 {
+        let resp = within("next request", h1.send_request(get("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "ok");
+    }
+    assert_eq!(backend.accepted(), 2);
+}
