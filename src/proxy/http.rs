@@ -462,7 +462,7 @@ async fn forward_request(
 
 fn classify(error: UpstreamError) -> Failure {
     match error {
-        UpstreamError::ConnectTimeout => Failure::ConnectTimeout,
+        UpstreamError::ConnectTimeout(_) => Failure::ConnectTimeout,
         UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
             Failure::Refused
         }

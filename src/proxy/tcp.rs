@@ -40,26 +40,18 @@ pub fn relay(
         let started = Instant::now();
         let config = &conn.listener.config;
         let upstream = &config.upstream;
-        let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
-        let mut upstream_stream = match tokio::time::timeout(config.timeouts.connect, connect).await
+        let mut upstream_stream = match super::upstream::connect(upstream, config.timeouts.connect)
+            .await
         {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 conn.stats
                     .upstream_connect_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, error = %e, "upstream connect failed");
                 return;
             }
-            Err(_) => {
-                conn.stats
-                    .upstream_connect_failures
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(listener = %config.name, peer = %conn.peer, upstream = %upstream, timeout = ?config.timeouts.connect, "upstream connect timed out");
-                return;
-            }
         };
-        let _ = upstream_stream.set_nodelay(true);
         if let Some(version) = config.proxy_protocol {
             let header = match super::proxy_protocol::header(version, &conn, conn.local) {
                 Ok(h) => h,

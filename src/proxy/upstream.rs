@@ -87,11 +87,23 @@ struct IdleConn<B> {
 pub enum UpstreamError {
     /// Connecting failed (refused, unreachable, name not resolved).
     Connect(io::Error),
-    /// The upstream did not accept the connection in time.
-    ConnectTimeout,
+    /// The upstream did not accept the connection within this time.
+    ConnectTimeout(Duration),
     /// The connection failed while sending the request or reading the
     /// response head.
     Http(hyper::Error),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
+            UpstreamError::ConnectTimeout(limit) => {
+                write!(f, "connection not accepted within {limit:?}")
+            }
+            UpstreamError::Http(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 impl<B: RequestBody> UpstreamClient<B> {
@@ -147,6 +159,24 @@ impl<B: RequestBody> UpstreamClient<B> {
             }
         }
     }
+}
+
+/// Open a TCP connection to the upstream, for HTTP mode's pool and for
+/// each TCP-mode client.
+pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
+    let stream = match tokio::time::timeout(timeout, connect).await {
+        Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
+        Ok(result) => result.map_err(UpstreamError::Connect)?,
+    };
+    // Small writes (request heads, interactive TCP traffic) must leave at
+    // once, not wait for an ACK.
+    stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(error = %e, "TCP keep-alive not set on upstream connection");
+    }
+    Ok(stream)
 }
 
 /// A request that can be sent again if its connection fails under it: no
@@ -223,17 +253,7 @@ impl<B: RequestBody> Pool<B> {
     }
 
     async fn connect(&self) -> Result<SendRequest<Outgoing<B>>, UpstreamError> {
-        let connect = TcpStream::connect((self.upstream.host.as_str(), self.upstream.port));
-        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
-            Err(_) => return Err(UpstreamError::ConnectTimeout),
-            Ok(result) => result.map_err(UpstreamError::Connect)?,
-        };
-        // Small request heads must leave at once, not wait for an ACK.
-        stream.set_nodelay(true).map_err(UpstreamError::Connect)?;
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE);
-        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!(error = %e, "TCP keep-alive not set on upstream connection");
-        }
+        let stream = connect(&self.upstream, self.connect_timeout).await?;
         let (sender, connection) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
