@@ -11,7 +11,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::common::client::{self, body_text, get, get_h2, header, parse_headers};
 use crate::common::{backend, pki, within, Proxy, TestPki};
 
-async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr, extra: &str) -> Proxy {
+/// An HTTP-mode listener `web` in front of `upstream`, with `extra` TOML
+/// lines in its table.
+pub async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr, extra: &str) -> Proxy {
     let dir = tempfile::tempdir().unwrap();
     let files = pki.write_server(dir.path(), "server");
     let toml = format!(

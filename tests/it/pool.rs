@@ -8,23 +8,14 @@ use http_body_util::BodyExt;
 
 use crate::common::backend::CountingBackend;
 use crate::common::client::{self, body_text, get, get_h2};
-use crate::common::{pki, within, Proxy, TestPki};
-
-async fn http_proxy(pki: &TestPki, upstream: std::net::SocketAddr) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    let files = pki.write_server(dir.path(), "server");
-    let toml = format!(
-        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"http\"\n{}",
-        pki::files_cert_toml(&files)
-    );
-    Proxy::start_in(&toml, dir).await.unwrap()
-}
+use crate::common::{within, TestPki};
+use crate::http::http_proxy;
 
 #[tokio::test]
 async fn one_upstream_connection_serves_sequential_requests_from_every_client() {
     let pki = TestPki::new();
     let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr).await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
 
     for _ in 0..2 {
         let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
@@ -57,7 +48,7 @@ async fn one_upstream_connection_serves_sequential_requests_from_every_client() 
 async fn an_upstream_that_closes_its_connections_fails_no_request() {
     let pki = TestPki::new();
     let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr).await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
     let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
 
     // Announced: `Connection: close` on the response.
@@ -88,7 +79,7 @@ async fn an_upstream_that_closes_its_connections_fails_no_request() {
 async fn a_response_the_client_abandons_does_not_return_its_connection() {
     let pki = TestPki::new();
     let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr).await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
 
     // 100 chunks of 64 KiB, 10 ms apart: most of it is still on the
     // upstream connection when the client goes away.
