@@ -587,6 +587,7 @@ fn prepare(
         (Some(state), Some(o))
             if o.config.upstream == l.upstream
                 && o.config.timeouts.connect == l.timeouts.connect
+                && o.config.timeouts.upstream_idle == l.timeouts.upstream_idle
                 && o.config.mode == l.mode =>
         {
             state.http.clone()

@@ -210,6 +210,10 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_UPSTREAM_TIMEOUT", value_parser = humantime::parse_duration)]
     pub upstream_timeout: Option<Duration>,
 
+    /// HTTP mode: close a pooled upstream connection unused for this long.
+    #[arg(long, env = "SHEATH_UPSTREAM_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub upstream_idle_timeout: Option<Duration>,
+
     /// Close connections older than this, e.g. `1h`.
     #[arg(long, env = "SHEATH_MAX_LIFETIME", value_parser = humantime::parse_duration)]
     pub max_lifetime: Option<Duration>,
@@ -299,6 +303,7 @@ impl SingleListener {
             idle_timeout,
             connect_timeout,
             upstream_timeout,
+            upstream_idle_timeout,
             max_lifetime,
             client_auth,
             client_ca,
@@ -334,6 +339,7 @@ impl SingleListener {
         flag(idle_timeout.is_some(), "--idle-timeout");
         flag(connect_timeout.is_some(), "--connect-timeout");
         flag(upstream_timeout.is_some(), "--upstream-timeout");
+        flag(upstream_idle_timeout.is_some(), "--upstream-idle-timeout");
         flag(max_lifetime.is_some(), "--max-lifetime");
         flag(client_auth.is_some(), "--client-auth");
         flag(!client_ca.is_empty(), "--client-ca");
@@ -470,6 +476,11 @@ impl SingleListener {
                 d.upstream_response,
             )?,
             header_read: d.header_read,
+            upstream_idle: positive(
+                "--upstream-idle-timeout",
+                self.upstream_idle_timeout,
+                d.upstream_idle,
+            )?,
             max_lifetime: match self.max_lifetime {
                 Some(v) if v.is_zero() => {
                     return Err(flag_error("--max-lifetime", "must be greater than zero"))

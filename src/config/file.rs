@@ -104,6 +104,8 @@ pub struct TimeoutsFile {
     #[serde(default, with = "humantime_serde")]
     pub header_read: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
+    pub upstream_idle: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
     pub max_lifetime: Option<Duration>,
 }
 

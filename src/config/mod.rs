@@ -233,6 +233,8 @@ pub struct Timeouts {
     pub upstream_response: Duration,
     /// HTTP/1 mode: reading a complete request head from the client.
     pub header_read: Duration,
+    /// HTTP mode: how long an unused pooled upstream connection is kept.
+    pub upstream_idle: Duration,
     /// Close connections older than this (None: no limit). Bounds how long
     /// a client-certificate decision made under old trust stays in force.
     pub max_lifetime: Option<Duration>,
@@ -246,6 +248,7 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             upstream_response: Duration::from_secs(60),
             header_read: Duration::from_secs(30),
+            upstream_idle: Duration::from_secs(90),
             max_lifetime: None,
         }
     }
@@ -532,6 +535,7 @@ impl Config {
             let _ = writeln!(out, "connect = {}", q(&dur(t.connect)));
             let _ = writeln!(out, "upstream_response = {}", q(&dur(t.upstream_response)));
             let _ = writeln!(out, "header_read = {}", q(&dur(t.header_read)));
+            let _ = writeln!(out, "upstream_idle = {}", q(&dur(t.upstream_idle)));
             if let Some(max) = t.max_lifetime {
                 let _ = writeln!(out, "max_lifetime = {}", q(&dur(max)));
             }

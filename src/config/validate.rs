@@ -663,6 +663,7 @@ fn validate_timeouts(raw: &TimeoutsFile) -> Result<Timeouts, (&'static str, Stri
             d.upstream_response,
         )?,
         header_read: pick("header_read", raw.header_read, d.header_read)?,
+        upstream_idle: pick("upstream_idle", raw.upstream_idle, d.upstream_idle)?,
         max_lifetime: match raw.max_lifetime {
             Some(v) if v.is_zero() => {
                 return Err(("max_lifetime", "must be greater than zero".to_string()))

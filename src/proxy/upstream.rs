@@ -33,8 +33,6 @@ use tokio::net::TcpStream;
 
 use crate::config::{ListenerConfig, Upstream};
 
-/// How long an unused connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Most idle connections kept; more are closed as their responses end.
 const MAX_IDLE: usize = 1024;
 /// TCP keep-alive probes on upstream connections, so one whose peer
@@ -70,6 +68,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct Pool<B> {
     upstream: Upstream,
     connect_timeout: Duration,
+    /// How long an unused connection is kept.
+    idle_timeout: Duration,
     /// Idle connections, the most recently used last: reusing the warmest
     /// connection lets the others age out when traffic drops.
     idle: Mutex<Vec<IdleConn<B>>>,
@@ -112,6 +112,7 @@ impl<B: RequestBody> UpstreamClient<B> {
             pool: Arc::new(Pool {
                 upstream: config.upstream.clone(),
                 connect_timeout: config.timeouts.connect,
+                idle_timeout: config.timeouts.upstream_idle,
                 idle: Mutex::new(Vec::new()),
                 sweeping: AtomicBool::new(false),
             }),
@@ -243,13 +244,19 @@ impl<B: RequestBody> Pool<B> {
     /// The most recently used connection that can take a request now.
     fn checkout(&self) -> Option<SendRequest<Outgoing<B>>> {
         let mut idle = self.lock();
-        while let Some(conn) = idle.pop() {
-            // Not ready means closed: only ready connections are pooled.
-            if conn.sender.is_ready() {
-                return Some(conn.sender);
-            }
+        let conn = idle.pop()?;
+        // The sweep runs every third of the idle timeout; checked here too,
+        // no connection is used after it, which is what makes a timeout
+        // below the upstream's own a guarantee.
+        if conn.since.elapsed() >= self.idle_timeout {
+            idle.clear();
+            return None;
         }
-        None
+        // Not ready means closed: only ready connections are pooled.
+        std::iter::once(conn)
+            .chain(std::iter::from_fn(|| idle.pop()))
+            .find(|c| c.sender.is_ready())
+            .map(|c| c.sender)
     }
 
     async fn connect(&self) -> Result<SendRequest<Outgoing<B>>, UpstreamError> {
@@ -300,15 +307,16 @@ impl<B: RequestBody> Pool<B> {
             });
         }
         if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(&self)));
+            tokio::spawn(sweep(Arc::downgrade(&self), self.idle_timeout));
         }
     }
 }
 
-/// Close connections idle for longer than `IDLE_TIMEOUT`, until the pool
+/// Close connections idle for longer than `idle_timeout`, until the pool
 /// is dropped (a reload that changed the upstream, or shutdown).
-async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>) {
-    let mut tick = tokio::time::interval(IDLE_TIMEOUT / 3);
+async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>, idle_timeout: Duration) {
+    // At least 1 ms: an interval must not be zero, whatever was configured.
+    let mut tick = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
@@ -316,7 +324,7 @@ async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>) {
         let Some(pool) = pool.upgrade() else { return };
         let now = Instant::now();
         pool.lock()
-            .retain(|c| c.sender.is_ready() && now.duration_since(c.since) < IDLE_TIMEOUT);
+            .retain(|c| c.sender.is_ready() && now.duration_since(c.since) < idle_timeout);
     }
 }
 

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 
 use crate::common::backend::CountingBackend;
 use crate::common::client::{self, body_text, get, get_h2};
-use crate::common::{within, TestPki};
+use crate::common::{eventually, within, TestPki};
 use crate::http::http_proxy;
 
 #[tokio::test]
@@ -106,5 +106,31 @@ async fn a_response_the_client_abandons_does_not_return_its_connection() {
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(body_text(resp).await, "ok");
     }
+    assert_eq!(backend.accepted(), 2);
+}
+
+#[tokio::test]
+async fn an_unused_upstream_connection_is_closed_after_upstream_idle() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(
+        &pki,
+        backend.addr,
+        "[listener.timeouts]\nupstream_idle = \"300ms\"\n",
+    )
+    .await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("first", h1.send_request(get("/"))).await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    assert_eq!(backend.open(), 1);
+
+    // sheath closes it, not the upstream: the backend sees its only
+    // connection go while the client connection stays open.
+    eventually("sheath closed its idle upstream connection", || {
+        backend.open() == 0
+    })
+    .await;
+    let resp = within("after", h1.send_request(get("/"))).await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
     assert_eq!(backend.accepted(), 2);
 }

@@ -334,8 +334,13 @@ fn flag_sample(long: &str) -> &'static str {
         "mode" => "tcp",
         "name" => "app.internal",
         "max-connections" => "10",
-        "cert-lifetime" | "handshake-timeout" | "idle-timeout" | "connect-timeout"
-        | "upstream-timeout" | "max-lifetime" => "1h",
+        "cert-lifetime"
+        | "handshake-timeout"
+        | "idle-timeout"
+        | "connect-timeout"
+        | "upstream-timeout"
+        | "upstream-idle-timeout"
+        | "max-lifetime" => "1h",
         "cert" => "cert.pem",
         "key" => "key.pem",
         "client-auth" => "require",

@@ -104,6 +104,11 @@ impl CountingBackend {
         self.accepted.load(Ordering::SeqCst)
     }
 
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
     /// Close every open connection, and return once all are closed.
     pub async fn close_all(&self) {
         self.close.send_modify(|generation| *generation += 1);
