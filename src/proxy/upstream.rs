@@ -244,19 +244,22 @@ impl<B: RequestBody> Pool<B> {
     /// The most recently used connection that can take a request now.
     fn checkout(&self) -> Option<SendRequest<Outgoing<B>>> {
         let mut idle = self.lock();
-        let conn = idle.pop()?;
-        // The sweep runs every third of the idle timeout; checked here too,
-        // no connection is used after it, which is what makes a timeout
-        // below the upstream's own a guarantee.
-        if conn.since.elapsed() >= self.idle_timeout {
-            idle.clear();
-            return None;
+        let now = Instant::now();
+        while let Some(conn) = idle.pop() {
+            // The sweep runs every third of the idle timeout; checked here
+            // too, no connection is used after it, which is what makes a
+            // timeout below the upstream's own a guarantee. Every
+            // connection below this one has been idle longer.
+            if now.duration_since(conn.since) >= self.idle_timeout {
+                idle.clear();
+                return None;
+            }
+            // Not ready means closed: only ready connections are pooled.
+            if conn.sender.is_ready() {
+                return Some(conn.sender);
+            }
         }
-        // Not ready means closed: only ready connections are pooled.
-        std::iter::once(conn)
-            .chain(std::iter::from_fn(|| idle.pop()))
-            .find(|c| c.sender.is_ready())
-            .map(|c| c.sender)
+        None
     }
 
     async fn connect(&self) -> Result<SendRequest<Outgoing<B>>, UpstreamError> {
