@@ -933,8 +933,9 @@ fn build_state(
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
         Mode::Tcp => &[],
     };
-    let verifier =
-        client_verifier.map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
+    let verifier = client_verifier
+        .clone()
+        .map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
     let tls =
         tls::server_config(resolver.clone(), alpn, verifier).map_err(|source| StartError::Tls {
             listener: listener.name.clone(),
@@ -945,6 +946,7 @@ fn build_state(
         tls,
         acme_tls,
         resolver,
+        client_verifier,
         http,
     }))
 }

@@ -243,8 +243,15 @@ fn serving(
     let session = accepted.stream.get_ref().1;
     let identity = match session.peer_certificates() {
         Some([leaf, intermediates @ ..]) => {
-            match tls::client_auth::ClientIdentity::from_chain(leaf, intermediates) {
-                Ok(id) => Some(Arc::new(id)),
+            // The verifier parsed this chain when it accepted it.
+            let identity = match &state.client_verifier {
+                Some(verifier) => verifier.identity(leaf, intermediates),
+                None => {
+                    tls::client_auth::ClientIdentity::from_chain(leaf, intermediates).map(Arc::new)
+                }
+            };
+            match identity {
+                Ok(id) => Some(id),
                 Err(e) => {
                     // Verified by webpki but unparseable here: refuse rather
                     // than forward without an identity.

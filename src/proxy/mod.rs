@@ -37,6 +37,8 @@ pub struct ListenerState {
     /// listeners whose certificate comes from ACME.
     pub acme_tls: Option<Arc<ServerConfig>>,
     pub resolver: Arc<CertResolver>,
+    /// The client certificate verifier, when client auth is on.
+    pub client_verifier: Option<Arc<crate::tls::client_auth::ClientVerifier>>,
     /// Pooled upstream client, in HTTP mode.
     pub http: Option<upstream::UpstreamClient>,
 }

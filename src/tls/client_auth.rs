@@ -8,10 +8,15 @@
 //! delegates to an `ArcSwap`ped inner verifier, so a new CA bundle or CRL
 //! applies to the next handshake without rebuilding the listener. A bundle
 //! that fails to load leaves the last good trust in place.
+//!
+//! Each generation of trust remembers the chains it has accepted (see
+//! [`VerifiedChains`]), so a client that reconnects with the same
+//! certificate is not verified from scratch on every handshake.
 
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -117,11 +122,154 @@ fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>,
     Ok(crls)
 }
 
+/// One generation of client trust: the webpki verifier for the CA bundles
+/// and CRLs as they were loaded, and the chains it has accepted. Replaced
+/// whole on reload, so what it remembers never outlives the trust that
+/// decided it.
+#[derive(Debug)]
+struct Trust {
+    verifier: Arc<dyn ClientCertVerifier>,
+    verified: VerifiedChains,
+}
+
+impl Trust {
+    fn new(verifier: Arc<dyn ClientCertVerifier>) -> Trust {
+        Trust {
+            verifier,
+            verified: VerifiedChains::default(),
+        }
+    }
+}
+
+/// Chains one generation of trust has accepted, by their exact bytes, with
+/// the identity each carries.
+///
+/// A sidecar's clients are a few services that reconnect with the same
+/// certificate over and over, and verifying the chain is the largest cost
+/// of an mTLS handshake after the key exchange: an ECDSA verification per
+/// certificate, ~90 µs each on the benchmark machine (W5 in
+/// benches/compare.py), plus parsing the certificate for its identity.
+/// Whether a chain verifies depends only on its bytes, the trust anchors,
+/// the CRLs (whose own expiry sheath does not enforce) and the time. The
+/// first three are fixed for one [`Trust`]; for the time, an entry is used
+/// only while every certificate the client presented is within its
+/// validity period, and a chain is remembered only if that holds when it
+/// is verified. Everything else is still checked on every handshake: the
+/// client's proof that it holds the key (CertificateVerify, signed over
+/// this handshake) and the allow-list.
+#[derive(Debug, Default)]
+struct VerifiedChains {
+    entries: Mutex<HashMap<[u8; 32], Verified>>,
+}
+
+/// Enough for every client of a sidecar many times over; bounds the memory
+/// (one identity, which holds the chain, per entry).
+const MAX_VERIFIED_CHAINS: usize = 1024;
+
+#[derive(Debug)]
+struct Verified {
+    /// Holds the chain's DER, compared in full on every use: the digest
+    /// only finds the entry.
+    identity: Arc<ClientIdentity>,
+    /// The span, in seconds since the epoch and inclusive at both ends as
+    /// webpki checks it, in which every presented certificate is valid.
+    valid: (u64, u64),
+}
+
+/// SHA-256 over the chain, each certificate prefixed by its length so no
+/// two chains run together into the same input.
+fn chain_digest(end_entity: &[u8], intermediates: &[CertificateDer<'_>]) -> [u8; 32] {
+    let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    for der in std::iter::once(end_entity).chain(intermediates.iter().map(|c| c.as_ref())) {
+        ctx.update(&(der.len() as u64).to_be_bytes());
+        ctx.update(der);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// When all of `certs` are valid at once, or None if never (or unreadable).
+fn validity_span<'a>(certs: impl IntoIterator<Item = &'a [u8]>) -> Option<(u64, u64)> {
+    let mut span = (0u64, u64::MAX);
+    for der in certs {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let validity = cert.validity();
+        let not_before = u64::try_from(validity.not_before.timestamp()).unwrap_or(0);
+        let not_after = u64::try_from(validity.not_after.timestamp()).ok()?;
+        span = (span.0.max(not_before), span.1.min(not_after));
+    }
+    (span.0 <= span.1).then_some(span)
+}
+
+impl VerifiedChains {
+    /// The identity of `chain` if this trust accepted exactly these bytes
+    /// and every certificate in it is valid at `now`.
+    fn get(
+        &self,
+        digest: &[u8; 32],
+        end_entity: &[u8],
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Option<Arc<ClientIdentity>> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(digest)?;
+        let same = *entry.identity.cert == *end_entity
+            && entry.identity.chain.len() == intermediates.len()
+            && entry
+                .identity
+                .chain
+                .iter()
+                .zip(intermediates)
+                .all(|(a, b)| **a == **b);
+        if !same {
+            return None;
+        }
+        let secs = now.as_secs();
+        if secs < entry.valid.0 || secs > entry.valid.1 {
+            // Expired (or the clock went back): verify afresh, which gives
+            // the client the right error.
+            entries.remove(digest);
+            return None;
+        }
+        Some(Arc::clone(&entry.identity))
+    }
+
+    /// Remember a chain the verifier just accepted at `now`.
+    fn insert(&self, digest: [u8; 32], identity: Arc<ClientIdentity>, now: UnixTime) {
+        let certs = std::iter::once(identity.cert.as_slice())
+            .chain(identity.chain.iter().map(Vec::as_slice));
+        let Some(valid) = validity_span(certs) else {
+            return;
+        };
+        if now.as_secs() < valid.0 || now.as_secs() > valid.1 {
+            // Accepted with a presented certificate out of its period
+            // (one webpki did not need for the path): its outcome could
+            // differ at another time, so it is not remembered.
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_VERIFIED_CHAINS && !entries.contains_key(&digest) {
+            // Any entry will do: at worst that client is verified in full
+            // on its next handshake, as without this cache.
+            if let Some(victim) = entries.keys().next().copied() {
+                entries.remove(&victim);
+            }
+        }
+        entries.insert(digest, Verified { identity, valid });
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.lock().unwrap().len()
+    }
+}
+
 /// The verifier a listener's rustls config holds: current trust plus the
 /// allow-list.
 #[derive(Debug)]
 pub struct ClientVerifier {
-    inner: ArcSwap<Arc<dyn ClientCertVerifier>>,
+    inner: ArcSwap<Trust>,
     allow: AllowList,
     mandatory: bool,
     /// Successful trust reloads since start.
@@ -133,7 +281,7 @@ pub struct ClientVerifier {
 impl ClientVerifier {
     pub fn new(config: &ClientAuthConfig) -> Result<Arc<Self>, TrustError> {
         Ok(Arc::new(ClientVerifier {
-            inner: ArcSwap::from_pointee(load_verifier(config)?),
+            inner: ArcSwap::from_pointee(Trust::new(load_verifier(config)?)),
             allow: config.allow.clone(),
             mandatory: config.mode == ClientAuthMode::Require,
             reloads: Default::default(),
@@ -141,9 +289,28 @@ impl ClientVerifier {
         }))
     }
 
-    /// Swap in new trust; the next handshake uses it.
+    /// Swap in new trust; the next handshake uses it, and no chain the
+    /// old trust accepted is taken as verified.
     pub fn replace(&self, verifier: Arc<dyn ClientCertVerifier>) {
-        self.inner.store(Arc::new(verifier));
+        self.inner.store(Arc::new(Trust::new(verifier)));
+    }
+
+    /// The identity in a chain this verifier accepted: the one already
+    /// parsed when the chain was verified, while that trust is current.
+    pub fn identity(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<Arc<ClientIdentity>, String> {
+        let digest = chain_digest(end_entity, intermediates);
+        let trust = self.inner.load();
+        match trust
+            .verified
+            .get(&digest, end_entity, intermediates, UnixTime::now())
+        {
+            Some(identity) => Ok(identity),
+            None => ClientIdentity::from_chain(end_entity, intermediates).map(Arc::new),
+        }
     }
 }
 
@@ -168,17 +335,25 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .inner
-            .load()
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if self.allow.is_empty() {
-            return Ok(verified);
-        }
-        let identity = ClientIdentity::from_chain(end_entity, intermediates)
-            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
-        if allowed(&self.allow, &identity) {
-            Ok(verified)
+        let trust = self.inner.load();
+        let digest = chain_digest(end_entity, intermediates);
+        let identity = match trust.verified.get(&digest, end_entity, intermediates, now) {
+            Some(identity) => identity,
+            None => {
+                trust
+                    .verifier
+                    .verify_client_cert(end_entity, intermediates, now)?;
+                let identity = ClientIdentity::from_chain(end_entity, intermediates)
+                    .map(Arc::new)
+                    .map_err(|_| {
+                        rustls::Error::InvalidCertificate(CertificateError::BadEncoding)
+                    })?;
+                trust.verified.insert(digest, Arc::clone(&identity), now);
+                identity
+            }
+        };
+        if self.allow.is_empty() || allowed(&self.allow, &identity) {
+            Ok(ClientCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::ApplicationVerificationFailure,
@@ -192,7 +367,10 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.load().verify_tls12_signature(message, cert, dss)
+        self.inner
+            .load()
+            .verifier
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -201,11 +379,14 @@ impl ClientCertVerifier for ClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.load().verify_tls13_signature(message, cert, dss)
+        self.inner
+            .load()
+            .verifier
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.load().supported_verify_schemes()
+        self.inner.load().verifier.supported_verify_schemes()
     }
 }
 
@@ -403,6 +584,177 @@ fn trust_fingerprint(config: &ClientAuthConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::SystemTime;
+
+    /// A CA that issues client certificates and CRLs.
+    struct Ca {
+        params: rcgen::CertificateParams,
+        key: rcgen::KeyPair,
+        pem: String,
+    }
+
+    impl Ca {
+        fn new() -> Ca {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "clients CA");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.key_usages = vec![
+                rcgen::KeyUsagePurpose::KeyCertSign,
+                rcgen::KeyUsagePurpose::CrlSign,
+            ];
+            let pem = params.self_signed(&key).unwrap().pem();
+            Ca { params, key, pem }
+        }
+
+        /// A client certificate for `cn` with `serial`, valid until
+        /// `not_after`.
+        fn client(
+            &self,
+            key: &rcgen::KeyPair,
+            serial: u64,
+            not_after: SystemTime,
+        ) -> CertificateDer<'static> {
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            params
+                .distinguished_name
+                .push(rcgen::DnType::CommonName, "frontend");
+            params.serial_number = Some(rcgen::SerialNumber::from(serial));
+            params.not_before = (SystemTime::now() - Duration::from_secs(3600)).into();
+            params.not_after = not_after.into();
+            params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+            let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+            params.signed_by(key, &issuer).unwrap().der().clone()
+        }
+
+        fn crl(&self, serials: &[u64]) -> String {
+            let now = SystemTime::now();
+            let params = rcgen::CertificateRevocationListParams {
+                this_update: (now - Duration::from_secs(60)).into(),
+                next_update: (now + Duration::from_secs(3600)).into(),
+                crl_number: rcgen::SerialNumber::from(1u64),
+                issuing_distribution_point: None,
+                revoked_certs: serials
+                    .iter()
+                    .map(|s| rcgen::RevokedCertParams {
+                        serial_number: rcgen::SerialNumber::from(*s),
+                        revocation_time: (now - Duration::from_secs(30)).into(),
+                        reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                        invalidity_date: None,
+                    })
+                    .collect(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            };
+            let issuer = rcgen::Issuer::from_params(&self.params, &self.key);
+            params.signed_by(&issuer).unwrap().pem().unwrap()
+        }
+
+        /// Client auth trusting this CA, with the CRL `crl` if given.
+        fn trust(&self, dir: &Path, crl: Option<String>) -> ClientAuthConfig {
+            let ca = dir.join("ca.pem");
+            std::fs::write(&ca, &self.pem).unwrap();
+            let crl = crl.map(|pem| {
+                let path = dir.join("ca.crl");
+                std::fs::write(&path, pem).unwrap();
+                path
+            });
+            ClientAuthConfig {
+                mode: ClientAuthMode::Require,
+                ca: vec![ca],
+                crl: crl.into_iter().collect(),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn in_a_day() -> SystemTime {
+        SystemTime::now() + Duration::from_secs(86_400)
+    }
+
+    #[test]
+    fn an_accepted_chain_is_remembered_with_its_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new();
+        let verifier = ClientVerifier::new(&ca.trust(dir.path(), None)).unwrap();
+        let leaf = ca.client(&rcgen::KeyPair::generate().unwrap(), 7, in_a_day());
+        verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap();
+        assert_eq!(verifier.inner.load().verified.len(), 1);
+        // Verified once, parsed once: every connection shares it.
+        let first = verifier.identity(&leaf, &[]).unwrap();
+        let second = verifier.identity(&leaf, &[]).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(first.cn.as_deref(), Some("frontend"));
+        verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_remembered_chain_is_refused_once_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new();
+        let verifier = ClientVerifier::new(&ca.trust(dir.path(), None)).unwrap();
+        let not_after = in_a_day();
+        let leaf = ca.client(&rcgen::KeyPair::generate().unwrap(), 7, not_after);
+        verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap();
+        let later = UnixTime::since_unix_epoch(
+            not_after.duration_since(SystemTime::UNIX_EPOCH).unwrap() + Duration::from_secs(2),
+        );
+        let err = verifier.verify_client_cert(&leaf, &[], later).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(CertificateError::ExpiredContext { .. })
+                    | rustls::Error::InvalidCertificate(CertificateError::Expired)
+            ),
+            "{err:?}"
+        );
+        assert_eq!(verifier.inner.load().verified.len(), 0);
+    }
+
+    #[test]
+    fn only_the_exact_chain_counts_as_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let trusted = Ca::new();
+        let verifier = ClientVerifier::new(&trusted.trust(dir.path(), None)).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = trusted.client(&key, 7, in_a_day());
+        verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap();
+        // Same key, subject and serial from a CA this listener does not
+        // trust: nothing about it is taken from the remembered chain.
+        let forged = Ca::new().client(&key, 7, in_a_day());
+        assert!(verifier
+            .verify_client_cert(&forged, &[], UnixTime::now())
+            .is_err());
+    }
+
+    #[test]
+    fn new_trust_forgets_the_chains_the_old_one_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new();
+        let verifier = ClientVerifier::new(&ca.trust(dir.path(), Some(ca.crl(&[])))).unwrap();
+        let leaf = ca.client(&rcgen::KeyPair::generate().unwrap(), 7, in_a_day());
+        verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap();
+        let revoking = ca.trust(dir.path(), Some(ca.crl(&[7])));
+        verifier.replace(load_verifier(&revoking).unwrap());
+        let err = verifier
+            .verify_client_cert(&leaf, &[], UnixTime::now())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(CertificateError::Revoked)
+        );
+    }
 
     #[test]
     fn spiffe_patterns() {
