@@ -1262,8 +1262,12 @@ def render(results: dict, peers: list[str], workloads: list[str], meta: dict) ->
                 tgt = "0 errors, ≥ 0.95× own W1 (CPU/req)"
         row += [tgt, *verdicts]
         lines.append("| " + " | ".join(row) + " |")
+    rounds = meta.get("rounds", 1)
+    per_run = f"{meta['duration']} s per run" + (
+        f", median of {rounds} rounds (each peer visited in turn)" if rounds > 1 else ""
+    )
     head = [
-        f"sheath vs peers, {meta['date']}, {meta['machine']}, {meta['duration']} s per run",
+        f"sheath vs peers, {meta['date']}, {meta['machine']}, {per_run}",
         "versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
         "",
     ]
@@ -1317,6 +1321,39 @@ def render(results: dict, peers: list[str], workloads: list[str], meta: dict) ->
     return "\n".join(head + lines + notes)
 
 
+# Counts add up over rounds (an error in any round shows); every other
+# figure is the median of the rounds.
+SUMMED = {"errors", "installs", "rotations", "requests"}
+
+
+def merge_rounds(visits: list[dict]) -> dict:
+    """One peer's results from each round, as one result per workload."""
+    if len(visits) == 1:
+        return visits[0]
+    merged: dict = {}
+    for wid in {w for v in visits for w in v}:
+        runs = [v[wid] for v in visits if wid in v]
+        ok = [r for r in runs if "failed" not in r]
+        if not ok:
+            merged[wid] = runs[0]
+            continue
+        out: dict = {"round_count": len(ok)}
+        for key in {k for r in ok for k in r}:
+            values = [r[key] for r in ok if key in r]
+            if key in SUMMED:
+                out[key] = sum(values)
+            elif key == "rounds":
+                out[key] = [x for v in values for x in v]
+            elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
+                out[key] = statistics.median(values)
+            else:
+                out[key] = values[0]
+        if len(ok) < len(runs):
+            out["failed_rounds"] = len(runs) - len(ok)
+        merged[wid] = out
+    return merged
+
+
 # --------------------------------------------------------------------------
 
 
@@ -1334,6 +1371,13 @@ def main() -> int:
         "--sheath-log-level",
         default="warn,sheath::cert=info",
         help="sheath's log filter (default: no request lines, like the peers' access logs off)",
+    )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="visit every peer this many times, in turn, and report each figure's median"
+        " (default 1; on a shared machine 3 keeps one slow minute from deciding a row)",
     )
     ap.add_argument("--no-install", action="store_true", help="never run apt-get")
     ap.add_argument("--json", help="also write all results as JSON here")
@@ -1410,9 +1454,12 @@ def main() -> int:
         bench.start_backend()
         if "W2" in workloads:
             meta["direct"] = {k: v for k, v in bench.w2_direct().items() if k != "raw"}
-        for peer in peers:
+        meta["rounds"] = args.rounds
+        visits: dict[str, list[dict]] = {p: [] for p in peers}
+        for round_no, peer in ((r, p) for r in range(1, args.rounds + 1) for p in peers):
             results[peer] = {}
-            log(f"starting {peer}")
+            visits[peer].append(results[peer])
+            log(f"starting {peer}" + (f" (round {round_no} of {args.rounds})" if args.rounds > 1 else ""))
             try:
                 inst = bench.start(peer)
             except RuntimeError as e:
@@ -1453,6 +1500,7 @@ def main() -> int:
                         break
             finally:
                 procs.stop(inst.proc)
+        results = {p: merge_rounds(v) for p, v in visits.items()}
         meta["versions"] = {k: v for k, v in meta["versions"].items()}
         table = render(results, peers, workloads, meta)
         print(table)
