@@ -7,7 +7,6 @@
 //! the upstream refuses or cannot be reached, 504 when it is too slow.
 
 use std::convert::Infallible;
-use std::error::Error as _;
 use std::io;
 use std::pin::pin;
 use std::sync::Arc;
@@ -467,17 +466,10 @@ fn classify(error: UpstreamError) -> Failure {
             Failure::Refused
         }
         UpstreamError::Connect(e) => Failure::Unreachable(e.to_string()),
-        UpstreamError::Http(e) => {
-            // The I/O error underneath says more than hyper's summary.
-            let mut source = e.source();
-            while let Some(inner) = source {
-                if let Some(io) = inner.downcast_ref::<io::Error>() {
-                    return Failure::Unreachable(io.to_string());
-                }
-                source = inner.source();
-            }
-            Failure::Unreachable(e.to_string())
-        }
+        UpstreamError::Http(e) => Failure::Unreachable(match UpstreamError::io_cause(&e) {
+            Some(io) => io.to_string(),
+            None => e.to_string(),
+        }),
     }
 }
 

@@ -241,16 +241,11 @@ fn serving(
         }));
     }
     let session = accepted.stream.get_ref().1;
-    let identity = match session.peer_certificates() {
-        Some([leaf, intermediates @ ..]) => {
-            // The verifier parsed this chain when it accepted it.
-            let identity = match &state.client_verifier {
-                Some(verifier) => verifier.identity(leaf, intermediates),
-                None => {
-                    tls::client_auth::ClientIdentity::from_chain(leaf, intermediates).map(Arc::new)
-                }
-            };
-            match identity {
+    // Only a listener with a client verifier asks for certificates; the
+    // verifier parsed this chain when it accepted it.
+    let identity = match (session.peer_certificates(), &state.client_verifier) {
+        (Some([leaf, intermediates @ ..]), Some(verifier)) => {
+            match verifier.identity(leaf, intermediates) {
                 Ok(id) => Some(id),
                 Err(e) => {
                     // Verified by webpki but unparseable here: refuse rather

@@ -83,26 +83,32 @@ struct IdleConn<B> {
 }
 
 /// Why the upstream gave no response.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// Connecting failed (refused, unreachable, name not resolved).
+    #[error("connect failed: {0}")]
     Connect(io::Error),
     /// The upstream did not accept the connection within this time.
+    #[error("connection not accepted within {0:?}")]
     ConnectTimeout(Duration),
     /// The connection failed while sending the request or reading the
     /// response head.
+    #[error("{0}")]
     Http(hyper::Error),
 }
 
-impl std::fmt::Display for UpstreamError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            UpstreamError::Connect(e) => write!(f, "connect failed: {e}"),
-            UpstreamError::ConnectTimeout(limit) => {
-                write!(f, "connection not accepted within {limit:?}")
+impl UpstreamError {
+    /// The I/O error underneath an HTTP failure, which says more than
+    /// hyper's summary of it.
+    pub fn io_cause(error: &hyper::Error) -> Option<&io::Error> {
+        let mut source = std::error::Error::source(error);
+        while let Some(inner) = source {
+            if let Some(io) = inner.downcast_ref::<io::Error>() {
+                return Some(io);
             }
-            UpstreamError::Http(e) => write!(f, "{e}"),
+            source = inner.source();
         }
+        None
     }
 }
 
@@ -189,22 +195,16 @@ fn replayable<B: Body>(req: &Request<B>) -> bool {
 /// Did the connection end before a response arrived, as an idle connection
 /// the upstream just closed does? Not a malformed response or a timeout.
 fn closed_without_response(error: &hyper::Error) -> bool {
-    if error.is_incomplete_message() || error.is_canceled() {
-        return true;
-    }
-    let mut source = std::error::Error::source(error);
-    while let Some(inner) = source {
-        if let Some(io) = inner.downcast_ref::<io::Error>() {
-            return matches!(
+    error.is_incomplete_message()
+        || error.is_canceled()
+        || UpstreamError::io_cause(error).is_some_and(|io| {
+            matches!(
                 io.kind(),
                 io::ErrorKind::ConnectionReset
                     | io::ErrorKind::BrokenPipe
                     | io::ErrorKind::ConnectionAborted
-            );
-        }
-        source = inner.source();
-    }
-    false
+            )
+        })
 }
 
 /// The head of a bodiless request, to send it again.
