@@ -83,9 +83,9 @@ PEER_COMMAND = {
 SMALL_BODY = "hello from the backend\n"
 LARGE_MIB = 32
 W1_CONNS = 50
-W3_CLIENTS = 32
 W4_CONNS = 32
-W5_PROCS = 4
+W3_CLIENTS = 32
+S_TIME_PROCS = 4
 W7_CONNS = 2000
 W8_CLIENTS, W8_STREAMS = 4, 100
 # W9 runs this many times, alternating with W1 runs: one W9 against the
@@ -620,6 +620,7 @@ class Bench:
         self.pki: Pki | None = None
         self.backend_port = 0
         self.sheath_bin: Path | None = None
+        self.handshake_load: Path | None = None
 
     # -- setup -------------------------------------------------------------
 
@@ -631,6 +632,20 @@ class Bench:
         subprocess.run(["cargo", "build", "--release", "--bin", "sheath"], cwd=REPO, check=True)
         target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
         self.sheath_bin = (REPO / target / "release" / "sheath").resolve()
+
+    def build_handshake_load(self) -> None:
+        """The W3 load client, benches/handshake_load.rs."""
+        log("building the W3 load client (cargo build --release --bench handshake_load)")
+        out = subprocess.run(
+            ["cargo", "build", "--release", "--bench", "handshake_load", "--message-format=json"],
+            cwd=REPO, check=True, stdout=subprocess.PIPE, text=True,
+        ).stdout
+        for line in out.splitlines():
+            msg = json.loads(line)
+            if msg.get("reason") == "compiler-artifact" and msg["target"]["name"] == "handshake_load":
+                self.handshake_load = Path(msg["executable"])
+        if self.handshake_load is None:
+            raise RuntimeError("cargo built no handshake_load executable")
 
     def start_backend(self) -> None:
         large = self.tmp / "large.bin"
@@ -783,15 +798,26 @@ class Bench:
         return r
 
     def w3(self, inst: Instance) -> dict:
-        # h2load never resumes a TLS session, and in HTTP/1.1 mode it opens a
-        # new connection whenever the server closes one: with
-        # `Connection: close` every request is a full handshake.
-        r, cpu, wall = self.measured(
-            inst,
-            lambda: self.h2load_counted(
-                self.url(inst, "/small"), ["--h1", "-H", "Connection: close"], W3_CLIENTS
-            ),
-        )
+        # Full handshakes need a client that never offers a session: h2load
+        # 1.52 offers the previous one when it reconnects, and OpenSSL 3.0
+        # clients (s_time) are too slow to load a proxy. See
+        # benches/handshake_load.rs.
+        assert self.handshake_load is not None
+        d = self.args.duration
+
+        def run():
+            out = self.procs.run(
+                [self.handshake_load, f"127.0.0.1:{inst.port}", str(W3_CLIENTS), str(d), "/small"],
+                timeout=d + 60,
+            )
+            m = re.search(r"(\d+) connections, (\d+) errors in ([\d.]+) s", out)
+            if m is None:
+                raise RuntimeError(f"handshake_load printed {out!r}")
+            return {"requests": int(m.group(1)), "errors": int(m.group(2)), "seconds": float(m.group(3))}
+
+        r, cpu, wall = self.measured(inst, run)
+        r["rps"] = r["requests"] / r["seconds"] if r["seconds"] else 0.0
+        r["protocol"] = handshake_probe(inst.port)
         return per_op(r, cpu, wall, r["requests"])
 
     def w4(self, inst: Instance) -> dict:
@@ -809,25 +835,31 @@ class Bench:
         return per_op(r, cpu, wall, r["requests"])
 
     def w5(self, inst: Instance) -> dict:
-        # openssl s_time is the client that presents a certificate; `-new`
-        # makes every connection a full handshake and `-www` a request, so
-        # a connection only counts once the proxy accepted the certificate
-        # and answered. One s_time is sequential: run several.
+        # openssl s_time is the client that presents a certificate.
         assert self.pki is not None
+        return self.s_time_full(
+            inst, inst.mtls_port, ["-cert", self.pki.client_cert, "-key", self.pki.client_key]
+        )
+
+    def s_time_full(self, inst: Instance, port: int, extra: list | None = None) -> dict:
+        """Full handshakes, one request each, from S_TIME_PROCS `openssl s_time`
+        processes: `-new` never offers a session and `-www` sends a request
+        and reads the answer, so a connection only counts once the proxy
+        completed the handshake and answered. One s_time is sequential,
+        hence several."""
         d = self.args.duration
 
         def run():
             procs = [
                 self.procs.spawn(
                     [
-                        "openssl", "s_time", "-connect", f"127.0.0.1:{inst.mtls_port}",
-                        "-new", "-www", "/small", "-time", str(d),
-                        "-cert", self.pki.client_cert, "-key", self.pki.client_key,
+                        "openssl", "s_time", "-connect", f"127.0.0.1:{port}",
+                        "-new", "-www", "/small", "-time", str(d), *(extra or []),
                     ],
                     LOAD_CPU,
                     stdout=subprocess.PIPE,
                 )
-                for _ in range(W5_PROCS)
+                for _ in range(S_TIME_PROCS)
             ]
             total, errors = 0, 0
             for p in procs:
@@ -1029,6 +1061,23 @@ def resumption_probe(port: int) -> str:
     return f"{version} {'resumed' if reused else 'not resumed'}"
 
 
+def handshake_probe(port: int) -> str:
+    """What a client that offers no session negotiates with the proxy:
+    protocol, cipher suite and whether the server sent a certificate (a
+    full handshake does; a resumed one does not)."""
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as s:
+            full = s.getpeercert(binary_form=True) is not None and not s.session_reused
+            return f"{s.version()} {s.cipher()[0]}{'' if full else ' (resumed?)'}"
+    except OSError as e:
+        return f"probe failed: {e}"
+
+
 def per_op(r: dict, cpu: float, wall: float, ops: float) -> dict:
     r = dict(r)
     r["cpu_s"] = cpu
@@ -1121,9 +1170,9 @@ ROWS = [
 TITLES = {
     "W1": f"HTTP/1.1 keep-alive, {W1_CONNS} conns (wrk)",
     "W2": "1 conn, 1 request at a time (wrk -c1), over direct",
-    "W3": f"new conn per request, full handshake (h2load --h1 -c{W3_CLIENTS})",
+    "W3": f"full handshakes, one request each (benches/handshake_load.rs, {W3_CLIENTS} conns)",
     "W4": f"new conn per request, resumed (wrk -c{W4_CONNS} Connection: close)",
-    "W5": f"mTLS full handshakes (openssl s_time -new x{W5_PROCS})",
+    "W5": f"mTLS full handshakes (openssl s_time -new x{S_TIME_PROCS})",
     "W6": "bulk download, 1 stream (h2load --h1 -c1, 32 MiB file)",
     "W7": f"{W7_CONNS} idle TLS connections (RSS delta)",
     "W8": f"HTTP/2, {W8_CLIENTS} conns x {W8_STREAMS} streams (h2load)",
@@ -1314,7 +1363,7 @@ def render(results: dict, peers: list[str], workloads: list[str], meta: dict) ->
     if resumed:
         notes.append("W4 resumption probe: " + ", ".join(f"{k} {v}" for k, v in resumed.items()) + ".")
     if meta.get("protocols"):
-        notes.append("TLS negotiated by h2load (W3): " + ", ".join(f"{k} {v}" for k, v in meta["protocols"].items()) + ".")
+        notes.append("TLS negotiated in W3 (full handshakes): " + ", ".join(f"{k} {v}" for k, v in meta["protocols"].items()) + ".")
     for p, errs in meta.get("failures", {}).items():
         for e in errs:
             notes.append(f"{p}: {e}")
@@ -1441,6 +1490,8 @@ def main() -> int:
     try:
         bench = Bench(args, tmp, procs)
         bench.build_sheath()
+        if "W3" in workloads:
+            bench.build_handshake_load()
         meta["versions"]["sheath"] = subprocess.run(
             [bench.sheath_bin, "--version"], capture_output=True, text=True
         ).stdout.strip().split()[-1]

@@ -1,0 +1,186 @@
+//! Load client for W3 of `benches/compare.py`: full TLS 1.3 handshakes, one
+//! HTTP/1.1 request each, from many connections at once.
+//!
+//! The usual clients cannot do this at a rate that loads a proxy: h2load
+//! offers the previous session when it reconnects (so its handshakes after
+//! the first are resumptions), and an OpenSSL 3.0 client (`openssl s_time
+//! -new`) spends ~1.4 ms of CPU per full handshake, so four of them keep a
+//! proxy at a quarter of its core, where its CPU per handshake is mostly
+//! waking up from idle. This client never offers a session, checks the
+//! server's handshake signature like any client (but not the certificate's
+//! chain: the benchmark's certificate is self-signed) and offers what h2load
+//! and s_time offer: TLS 1.3, an X25519 key share, ALPN http/1.1.
+//!
+//! ```text
+//! handshake_load ADDR CONNECTIONS SECONDS PATH
+//! ```
+//!
+//! prints `N connections, E errors in S s`. A connection counts once the
+//! proxy completed the handshake and answered 200. `cargo bench` runs
+//! every bench target with `--bench`; this one has nothing to measure
+//! alone and says so.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::Resumption;
+use rustls::crypto::{aws_lc_rs, CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const USAGE: &str = "usage: handshake_load ADDR CONNECTIONS SECONDS PATH \
+                     (a load client for benches/compare.py, W3)";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.len() != 4 || args.iter().any(|a| a.starts_with("--")) {
+        eprintln!("{USAGE}");
+        // Under `cargo bench` (which passes --bench) this is not a failure.
+        std::process::exit(if args.iter().any(|a| a == "--bench") {
+            0
+        } else {
+            2
+        });
+    }
+    let parsed = (
+        args[0].parse::<SocketAddr>(),
+        args[1].parse::<usize>(),
+        args[2].parse::<f64>(),
+    );
+    let (Ok(addr), Ok(conns), Ok(seconds)) = parsed else {
+        eprintln!("{USAGE}");
+        std::process::exit(2);
+    };
+    let path = args[3].clone();
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (ok, errors, elapsed) = runtime.block_on(run(addr, conns, seconds, path));
+    println!(
+        "{ok} connections, {errors} errors in {:.3} s",
+        elapsed.as_secs_f64()
+    );
+}
+
+async fn run(addr: SocketAddr, conns: usize, seconds: f64, path: String) -> (u64, u64, Duration) {
+    let connector = TlsConnector::from(Arc::new(client_config()));
+    let request: Arc<[u8]> =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .into_bytes()
+            .into();
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(seconds);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let (connector, request) = (connector.clone(), Arc::clone(&request));
+        let (ok, errors) = (Arc::clone(&ok), Arc::clone(&errors));
+        tasks.spawn(async move {
+            let mut response = Vec::with_capacity(1024);
+            while Instant::now() < deadline {
+                response.clear();
+                let counter = match one(&connector, addr, &request, &mut response).await {
+                    Ok(()) => &ok,
+                    Err(_) => &errors,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        started.elapsed(),
+    )
+}
+
+/// One connection: handshake, request, the whole response.
+async fn one(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    request: &[u8],
+    response: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let server_name = ServerName::IpAddress(addr.ip().into());
+    let mut tls = connector.connect(server_name, tcp).await?;
+    tls.write_all(request).await?;
+    // Some proxies close without close_notify after `Connection: close`;
+    // the response is what counts.
+    let read = tls.read_to_end(response).await;
+    if response.starts_with(b"HTTP/1.1 200") || response.starts_with(b"HTTP/1.0 200") {
+        Ok(())
+    } else {
+        read?;
+        Err(std::io::Error::other("no 200 response"))
+    }
+}
+
+fn client_config() -> ClientConfig {
+    let provider = CryptoProvider {
+        kx_groups: vec![aws_lc_rs::kx_group::X25519],
+        ..aws_lc_rs::default_provider()
+    };
+    let algorithms = provider.signature_verification_algorithms;
+    let mut config = ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3 with the aws-lc-rs provider")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(SignatureOnly(algorithms)))
+        .with_no_client_auth();
+    config.resumption = Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// Checks the server's handshake signature, not its certificate chain.
+#[derive(Debug)]
+struct SignatureOnly(WebPkiSupportedAlgorithms);
+
+impl ServerCertVerifier for SignatureOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.supported_schemes()
+    }
+}
