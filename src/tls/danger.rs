@@ -1,8 +1,10 @@
 //! Verification that deliberately trusts nothing in advance.
 //!
-//! Used in exactly one place: bootstrapping trust in a CA by fingerprint,
+//! Used in one place in sheath: bootstrapping trust in a CA by fingerprint,
 //! where the peer's chain is fetched unverified and then accepted only if a
 //! certificate in it has the SHA-256 fingerprint the operator supplied.
+//! (The benchmark's load client, `benches/handshake_load.rs`, uses it too,
+//! against proxies holding a self-signed certificate.)
 //! Handshake signatures are still checked, so the peer must at least hold
 //! the key of the certificate it presents.
 
