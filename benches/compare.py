@@ -83,9 +83,9 @@ PEER_COMMAND = {
 SMALL_BODY = "hello from the backend\n"
 LARGE_MIB = 32
 W1_CONNS = 50
-W4_CONNS = 32
 W3_CLIENTS = 32
-S_TIME_PROCS = 4
+W4_CONNS = 32
+W5_PROCS = 4
 W7_CONNS = 2000
 W8_CLIENTS, W8_STREAMS = 4, 100
 # W9 runs this many times, alternating with W1 runs: one W9 against the
@@ -755,33 +755,6 @@ class Bench:
         out = self.procs.run(["h2load", "-t1", "-D", str(d), *args, url], timeout=d + 60)
         return parse_h2load(out)
 
-    def h2load_counted(self, url: str, args: list[str], clients: int) -> dict:
-        """h2load by request count, repeated until the duration is used up.
-
-        With `-D`, h2load never finishes once the server closes connections
-        (`Connection: close`), so the run is split into counted runs, each
-        sized from the rate seen so far to fill the remaining time."""
-        d = self.args.duration
-        deadline = time.monotonic() + d
-        n = clients * 20
-        total: dict = {"requests": 0, "errors": 0, "seconds": 0.0, "bytes": 0}
-        while True:
-            out = self.procs.run(
-                ["h2load", "-t1", "-n", str(n), "-c", str(clients), *args, url],
-                timeout=d + 60,
-            )
-            r = parse_h2load(out)
-            for k in ("requests", "errors", "seconds", "bytes"):
-                total[k] += r[k]
-            total["protocol"] = r["protocol"]
-            remaining = deadline - time.monotonic()
-            if remaining < 0.3 or total["seconds"] <= 0:
-                break
-            rate = total["requests"] / total["seconds"]
-            n = max(clients, int(rate * remaining))
-        total["rps"] = total["requests"] / total["seconds"] if total["seconds"] else 0.0
-        return total
-
     # -- workloads ---------------------------------------------------------
 
     def w1(self, inst: Instance) -> dict:
@@ -835,31 +808,25 @@ class Bench:
         return per_op(r, cpu, wall, r["requests"])
 
     def w5(self, inst: Instance) -> dict:
-        # openssl s_time is the client that presents a certificate.
+        # openssl s_time is the client that presents a certificate; `-new`
+        # makes every connection a full handshake and `-www` a request, so
+        # a connection only counts once the proxy accepted the certificate
+        # and answered. One s_time is sequential: run several.
         assert self.pki is not None
-        return self.s_time_full(
-            inst, inst.mtls_port, ["-cert", self.pki.client_cert, "-key", self.pki.client_key]
-        )
-
-    def s_time_full(self, inst: Instance, port: int, extra: list | None = None) -> dict:
-        """Full handshakes, one request each, from S_TIME_PROCS `openssl s_time`
-        processes: `-new` never offers a session and `-www` sends a request
-        and reads the answer, so a connection only counts once the proxy
-        completed the handshake and answered. One s_time is sequential,
-        hence several."""
         d = self.args.duration
 
         def run():
             procs = [
                 self.procs.spawn(
                     [
-                        "openssl", "s_time", "-connect", f"127.0.0.1:{port}",
-                        "-new", "-www", "/small", "-time", str(d), *(extra or []),
+                        "openssl", "s_time", "-connect", f"127.0.0.1:{inst.mtls_port}",
+                        "-new", "-www", "/small", "-time", str(d),
+                        "-cert", self.pki.client_cert, "-key", self.pki.client_key,
                     ],
                     LOAD_CPU,
                     stdout=subprocess.PIPE,
                 )
-                for _ in range(S_TIME_PROCS)
+                for _ in range(W5_PROCS)
             ]
             total, errors = 0, 0
             for p in procs:
@@ -1062,9 +1029,7 @@ def resumption_probe(port: int) -> str:
 
 
 def handshake_probe(port: int) -> str:
-    """What a client that offers no session negotiates with the proxy:
-    protocol, cipher suite and whether the server sent a certificate (a
-    full handshake does; a resumed one does not)."""
+    """The protocol and cipher suite the proxy picks for a new client."""
     import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -1072,8 +1037,7 @@ def handshake_probe(port: int) -> str:
     ctx.verify_mode = ssl.CERT_NONE
     try:
         with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as s:
-            full = s.getpeercert(binary_form=True) is not None and not s.session_reused
-            return f"{s.version()} {s.cipher()[0]}{'' if full else ' (resumed?)'}"
+            return f"{s.version()} {s.cipher()[0]}"
     except OSError as e:
         return f"probe failed: {e}"
 
@@ -1172,7 +1136,7 @@ TITLES = {
     "W2": "1 conn, 1 request at a time (wrk -c1), over direct",
     "W3": f"full handshakes, one request each (benches/handshake_load.rs, {W3_CLIENTS} conns)",
     "W4": f"new conn per request, resumed (wrk -c{W4_CONNS} Connection: close)",
-    "W5": f"mTLS full handshakes (openssl s_time -new x{S_TIME_PROCS})",
+    "W5": f"mTLS full handshakes (openssl s_time -new x{W5_PROCS})",
     "W6": "bulk download, 1 stream (h2load --h1 -c1, 32 MiB file)",
     "W7": f"{W7_CONNS} idle TLS connections (RSS delta)",
     "W8": f"HTTP/2, {W8_CLIENTS} conns x {W8_STREAMS} streams (h2load)",
@@ -1363,7 +1327,7 @@ def render(results: dict, peers: list[str], workloads: list[str], meta: dict) ->
     if resumed:
         notes.append("W4 resumption probe: " + ", ".join(f"{k} {v}" for k, v in resumed.items()) + ".")
     if meta.get("protocols"):
-        notes.append("TLS negotiated in W3 (full handshakes): " + ", ".join(f"{k} {v}" for k, v in meta["protocols"].items()) + ".")
+        notes.append("TLS negotiated in W3: " + ", ".join(f"{k} {v}" for k, v in meta["protocols"].items()) + ".")
     for p, errs in meta.get("failures", {}).items():
         for e in errs:
             notes.append(f"{p}: {e}")

@@ -8,8 +8,8 @@
 //! proxy at a quarter of its core, where its CPU per handshake is mostly
 //! waking up from idle. This client never offers a session, checks the
 //! server's handshake signature like any client (but not the certificate's
-//! chain: the benchmark's certificate is self-signed) and offers what h2load
-//! and s_time offer: TLS 1.3, an X25519 key share, ALPN http/1.1.
+//! chain, which would only spend the client's CPU, the limit here) and
+//! offers what h2load and s_time offer: TLS 1.3, an X25519 key share, ALPN http/1.1.
 //!
 //! ```text
 //! handshake_load ADDR CONNECTIONS SECONDS PATH
