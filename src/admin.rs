@@ -154,8 +154,13 @@ pub fn readiness(observed: &Observed) -> Vec<String> {
         reasons.push("no listener is running".to_string());
     }
     for l in listeners.iter() {
-        if let Some(why) = cert_not_ready(&l.cert_status()) {
-            reasons.push(format!("listener `{}`: {why}", l.name));
+        for status in l.cert_statuses() {
+            if let Some(why) = cert_not_ready(&status) {
+                match status.cert.as_str() {
+                    "default" => reasons.push(format!("listener `{}`: {why}", l.name)),
+                    cert => reasons.push(format!("listener `{}` {cert}: {why}", l.name)),
+                }
+            }
         }
     }
     reasons
@@ -191,40 +196,57 @@ fn time(t: Option<SystemTime>) -> serde_json::Value {
     }
 }
 
-/// The served certificate of every listener, as JSON.
+/// The served certificates of every listener, as JSON: the default's
+/// fields on the listener itself, the SNI certificates under `sni_certs`.
 pub fn certs(observed: &Observed) -> serde_json::Value {
     let listeners = observed.listeners.load();
     let list: Vec<serde_json::Value> = listeners
         .iter()
         .map(|l| {
-            let s = l.cert_status();
-            let current = s.current.as_ref().map(|c| {
-                serde_json::json!({
-                    "subject": c.subject,
-                    "issuer": c.issuer,
-                    "serial": c.serial,
-                    "sans": c.names,
-                    "sha256": c.sha256,
-                    "not_before": time(Some(c.not_before)),
-                    "not_after": time(Some(c.not_after)),
-                })
-            });
-            serde_json::json!({
-                "listener": l.name,
-                "address": l.local_addr.to_string(),
-                "source": s.source,
-                "valid": s.valid_now(),
-                "certificate": current,
-                "next_renewal": time(s.next_retry.or(s.renew_at)),
-                "last_success": time(s.last_success),
-                "last_failure": time(s.last_failure),
-                "last_error": s.last_error,
-                "consecutive_failures": s.consecutive_failures,
-                "installs": s.installs,
-            })
+            let statuses = l.cert_statuses();
+            let (default, by_sni) = statuses.split_first().expect("a default certificate");
+            let mut entry = cert_json(default);
+            entry["listener"] = l.name.clone().into();
+            entry["address"] = l.local_addr.to_string().into();
+            if !by_sni.is_empty() {
+                entry["sni_certs"] = by_sni
+                    .iter()
+                    .map(|s| {
+                        let mut c = cert_json(s);
+                        c["cert"] = s.cert.clone().into();
+                        c
+                    })
+                    .collect();
+            }
+            entry
         })
         .collect();
     serde_json::json!({ "listeners": list })
+}
+
+fn cert_json(s: &CertStatus) -> serde_json::Value {
+    let current = s.current.as_ref().map(|c| {
+        serde_json::json!({
+            "subject": c.subject,
+            "issuer": c.issuer,
+            "serial": c.serial,
+            "sans": c.names,
+            "sha256": c.sha256,
+            "not_before": time(Some(c.not_before)),
+            "not_after": time(Some(c.not_after)),
+        })
+    });
+    serde_json::json!({
+        "source": s.source,
+        "valid": s.valid_now(),
+        "certificate": current,
+        "next_renewal": time(s.next_retry.or(s.renew_at)),
+        "last_success": time(s.last_success),
+        "last_failure": time(s.last_failure),
+        "last_error": s.last_error,
+        "consecutive_failures": s.consecutive_failures,
+        "installs": s.installs,
+    })
 }
 
 async fn reload(observed: &Observed) -> Response<Body> {

@@ -23,12 +23,13 @@ use crate::cert::acme::AcmeIssuer;
 use crate::cert::manager::Source;
 use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
 use crate::config::{
-    AcmeChallenge, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig, Mode,
+    AcmeChallenge, CertPolicy, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig,
+    Mode,
 };
 use crate::proxy::{self, upstream::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
 use crate::tls::client_auth::ClientVerifier;
-use crate::tls::{self, CertResolver, ALPN_H2, ALPN_HTTP11};
+use crate::tls::{self, CertResolver, ListenerCerts, ALPN_H2, ALPN_HTTP11};
 
 /// Why sheath could not start, or a reload could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -92,16 +93,28 @@ pub struct ListenerHandle {
     pub name: String,
     pub local_addr: SocketAddr,
     pub stats: Arc<ListenerStats>,
-    pub resolver: Arc<CertResolver>,
-    pub cert_status: Arc<ArcSwap<CertStatus>>,
+    /// Every certificate the listener serves, the default first.
+    pub certs: Vec<CertHandle>,
     /// The client verifier, on mTLS listeners.
     pub client_verifier: Option<Arc<ClientVerifier>>,
 }
 
+/// One of a listener's certificates.
+#[derive(Debug, Clone)]
+pub struct CertHandle {
+    pub resolver: Arc<CertResolver>,
+    pub status: Arc<ArcSwap<CertStatus>>,
+}
+
 impl ListenerHandle {
-    /// A snapshot of this listener's certificate status.
+    /// A snapshot of the status of the listener's default certificate.
     pub fn cert_status(&self) -> Arc<CertStatus> {
-        self.cert_status.load_full()
+        self.certs[0].status.load_full()
+    }
+
+    /// Snapshots of the status of every certificate, the default first.
+    pub fn cert_statuses(&self) -> Vec<Arc<CertStatus>> {
+        self.certs.iter().map(|c| c.status.load_full()).collect()
     }
 }
 
@@ -335,7 +348,7 @@ impl Running {
             config,
             socket,
             state,
-            manager,
+            managers,
             verifier,
         } = p;
         let name = config.name.clone();
@@ -343,12 +356,13 @@ impl Running {
             Some(mut old) => {
                 let changed = old.config != config;
                 old.state.store(Arc::clone(&state));
-                if let Some(manager) = manager {
+                if !managers.is_empty() {
                     old.cert_task.cancel();
                     old.cert_task = self.stop_background.child_token();
-                    old.handle.resolver = Arc::clone(&state.resolver);
-                    old.handle.cert_status = manager.status();
-                    tokio::spawn(manager.run(old.cert_task.clone()));
+                    old.handle.certs = cert_handles(&state.certs, &managers);
+                    for manager in managers {
+                        tokio::spawn(manager.run(old.cert_task.clone()));
+                    }
                 }
                 if let Some(verifier) = verifier.clone() {
                     old.trust_task.cancel();
@@ -385,7 +399,10 @@ impl Running {
                 let stats = Arc::new(ListenerStats::default());
                 let limit = Arc::new(Semaphore::new(config.max_connections));
                 let state_swap = Arc::new(ArcSwap::new(Arc::clone(&state)));
-                let manager = manager.expect("a new listener has a certificate manager");
+                assert!(
+                    !managers.is_empty(),
+                    "a new listener has certificate managers"
+                );
                 let cert_task = self.stop_background.child_token();
                 let trust_task = self.stop_background.child_token();
                 let handover = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
@@ -400,8 +417,7 @@ impl Running {
                     name: name.clone(),
                     local_addr: listener.local_addr,
                     stats,
-                    resolver: Arc::clone(&state.resolver),
-                    cert_status: manager.status(),
+                    certs: cert_handles(&state.certs, &managers),
                     client_verifier: verifier.clone(),
                 };
                 tracing::info!(
@@ -411,7 +427,9 @@ impl Running {
                     mode = %config.mode,
                     "listening"
                 );
-                tokio::spawn(manager.run(cert_task.clone()));
+                for manager in managers {
+                    tokio::spawn(manager.run(cert_task.clone()));
+                }
                 if let Some(verifier) = verifier {
                     tokio::spawn(tls::client_auth::reload_trust(
                         name.clone(),
@@ -545,8 +563,9 @@ struct Prepared {
     /// A freshly bound socket, for a new listener.
     socket: Option<TcpListener>,
     state: Arc<ListenerState>,
-    /// A new certificate manager, when the cert config is new or changed.
-    manager: Option<CertManager>,
+    /// New certificate managers, one per certificate, when the listener's
+    /// certificates are new or changed; empty when they carry on.
+    managers: Vec<CertManager>,
     /// A new client verifier, when client auth is new or changed.
     verifier: Option<Arc<ClientVerifier>>,
 }
@@ -559,14 +578,31 @@ fn prepare(
     challenges: &Arc<Challenges>,
 ) -> Result<Prepared, StartError> {
     let old_state = old.map(|o| o.state.load_full());
-    let cert_unchanged =
-        old.is_some_and(|o| o.config.cert == l.cert && o.config.cert_policy == l.cert_policy);
-    let (resolver, manager, acme_tls) = match (&old_state, cert_unchanged) {
-        (Some(state), true) => (Arc::clone(&state.resolver), None, state.acme_tls.clone()),
+    // The certificates change as a set: a changed one restarts every
+    // manager of the listener. Restarting costs little (a local-CA issuance,
+    // a file read, a cached ACME certificate) and keeps one task token per
+    // listener.
+    let certs_unchanged = old.is_some_and(|o| {
+        o.config.cert == l.cert
+            && o.config.cert_policy == l.cert_policy
+            && o.config.sni_certs == l.sni_certs
+    });
+    let (certs, managers, acme_tls) = match (&old_state, certs_unchanged) {
+        (Some(state), true) => (Arc::clone(&state.certs), Vec::new(), state.acme_tls.clone()),
         _ => {
-            let resolver = Arc::new(CertResolver::empty());
-            let (manager, acme_tls) = new_manager(l, config, local_ca, challenges, &resolver)?;
-            (resolver, Some(manager), acme_tls)
+            let mut resolvers = Vec::new();
+            let mut managers = Vec::new();
+            let mut acme_tls = None;
+            for (label, source, policy) in l.certs() {
+                let resolver = Arc::new(CertResolver::empty());
+                let (manager, tls) = new_manager(
+                    l, label, source, policy, config, local_ca, challenges, &resolver,
+                )?;
+                acme_tls = acme_tls.or(tls);
+                resolvers.push(resolver);
+                managers.push(manager);
+            }
+            (Arc::new(ListenerCerts::new(resolvers)), managers, acme_tls)
         }
     };
     let trust_unchanged = old.is_some_and(|o| o.config.client_auth == l.client_auth);
@@ -594,7 +630,7 @@ fn prepare(
         }
         _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l)),
     };
-    let state = build_state(l, resolver, acme_tls, verifier, http)?;
+    let state = build_state(l, certs, acme_tls, verifier, http)?;
     let socket = match old {
         Some(_) => None,
         None => Some(proxy::bind(l.bind).map_err(|source| StartError::Bind {
@@ -607,21 +643,42 @@ fn prepare(
         config: l.clone(),
         socket,
         state,
-        manager,
+        managers,
         verifier: new_verifier,
     })
 }
 
-/// A certificate manager for a listener, with its first certificate
-/// already installed when one can be had without the network.
+/// What the outside sees of a listener's certificates: each resolver with
+/// the status its manager keeps.
+fn cert_handles(certs: &ListenerCerts, managers: &[CertManager]) -> Vec<CertHandle> {
+    certs
+        .all()
+        .iter()
+        .zip(managers)
+        .map(|(resolver, manager)| CertHandle {
+            resolver: Arc::clone(resolver),
+            status: manager.status(),
+        })
+        .collect()
+}
+
+/// A manager for one of a listener's certificates, with its first
+/// certificate already installed when one can be had without the network.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, each argument distinct"
+)]
 fn new_manager(
     l: &ListenerConfig,
+    label: String,
+    source: &CertSource,
+    policy: &CertPolicy,
     config: &Config,
     local_ca: Option<&Arc<LocalCa>>,
     challenges: &Arc<Challenges>,
     resolver: &Arc<CertResolver>,
 ) -> Result<(CertManager, Option<Arc<rustls::ServerConfig>>), StartError> {
-    let (source, acme_tls) = match &l.cert {
+    let (source, acme_tls) = match source {
         CertSource::LocalCa { names, lifetime } => (
             Source::LocalCa {
                 ca: Arc::clone(local_ca.expect("local CA loaded when needed")),
@@ -649,8 +706,9 @@ fn new_manager(
     };
     let manager = CertManager::new(
         l.name.clone(),
+        label,
         source,
-        l.cert_policy.clone(),
+        policy.clone(),
         Arc::clone(resolver),
     );
     // Whatever can be had without the network is served from the first
@@ -679,7 +737,8 @@ async fn ensure_local_ca(
     let needed = config
         .listeners
         .iter()
-        .any(|l| matches!(l.cert, CertSource::LocalCa { .. }));
+        .flat_map(ListenerConfig::certs)
+        .any(|(_, source, _)| matches!(source, CertSource::LocalCa { .. }));
     if !needed {
         return Ok(current);
     }
@@ -705,8 +764,8 @@ async fn ensure_local_ca(
 
 fn http01_binds(config: &Config) -> Vec<SocketAddr> {
     let mut binds = Vec::new();
-    for l in &config.listeners {
-        if let CertSource::Acme(acme) = &l.cert {
+    for (_, source, _) in config.listeners.iter().flat_map(ListenerConfig::certs) {
+        if let CertSource::Acme(acme) = source {
             if let Some(bind) = acme.http01_bind {
                 if !binds.contains(&bind) {
                     binds.push(bind);
@@ -924,7 +983,7 @@ async fn reload_from(running: &Running, loader: &ConfigLoader) -> Result<u64, St
 
 fn build_state(
     listener: &ListenerConfig,
-    resolver: Arc<CertResolver>,
+    certs: Arc<ListenerCerts>,
     acme_tls: Option<Arc<rustls::ServerConfig>>,
     client_verifier: Option<Arc<ClientVerifier>>,
     http: Option<UpstreamClient>,
@@ -937,7 +996,7 @@ fn build_state(
         .clone()
         .map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
     let tls =
-        tls::server_config(resolver.clone(), alpn, verifier).map_err(|source| StartError::Tls {
+        tls::server_config(certs.clone(), alpn, verifier).map_err(|source| StartError::Tls {
             listener: listener.name.clone(),
             source,
         })?;
@@ -945,7 +1004,7 @@ fn build_state(
         config: Arc::new(listener.clone()),
         tls,
         acme_tls,
-        resolver,
+        certs,
         client_verifier,
         http,
     }))

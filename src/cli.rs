@@ -507,6 +507,7 @@ impl SingleListener {
                 timeouts,
                 cert,
                 cert_policy: Default::default(),
+                sni_certs: Vec::new(),
                 client_auth,
                 proxy_protocol,
             }],

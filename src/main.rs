@@ -199,6 +199,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             timeouts: Timeouts::default(),
             cert: CertSource::default_local_ca(),
             cert_policy: Default::default(),
+            sni_certs: Vec::new(),
             client_auth: Default::default(),
             proxy_protocol: None,
         }],

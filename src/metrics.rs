@@ -298,9 +298,11 @@ impl Collector for SheathCollector {
 
         // Certificates. Absent values (no certificate yet, never failed)
         // are left out rather than reported as 0, which would read as 1970.
+        // Each of a listener's certificates is told apart by `cert`:
+        // `default`, or `sni_cert[N]` in configuration order.
         let statuses: Vec<_> = listeners
             .iter()
-            .map(|l| (l.name.as_str(), l.cert_status()))
+            .flat_map(|l| l.cert_statuses().into_iter().map(|s| (l.name.as_str(), s)))
             .collect();
         let cert_gauges: [(&str, &str, CertValue); 6] = [
             (
@@ -339,7 +341,14 @@ impl Collector for SheathCollector {
             let mut f = family(&mut enc, name, help, unit, MetricType::Gauge)?;
             for (listener, status) in &statuses {
                 if let Some(v) = value(status) {
-                    f.gauge(&[("listener", listener), ("source", status.source)], v)?;
+                    f.gauge(
+                        &[
+                            ("listener", listener),
+                            ("cert", &status.cert),
+                            ("source", status.source),
+                        ],
+                        v,
+                    )?;
                 }
             }
         }
@@ -352,7 +361,11 @@ impl Collector for SheathCollector {
         )?;
         for (listener, status) in &statuses {
             f.gauge(
-                &[("listener", listener), ("source", status.source)],
+                &[
+                    ("listener", listener),
+                    ("cert", &status.cert),
+                    ("source", status.source),
+                ],
                 f64::from(status.consecutive_failures),
             )?;
         }
@@ -365,7 +378,11 @@ impl Collector for SheathCollector {
         )?;
         for (listener, status) in &statuses {
             f.counter(
-                &[("listener", listener), ("source", status.source)],
+                &[
+                    ("listener", listener),
+                    ("cert", &status.cert),
+                    ("source", status.source),
+                ],
                 status.installs,
             )?;
         }

@@ -14,7 +14,8 @@ use crate::config::ExportConfig;
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub async fn export(listener: &str, config: &ExportConfig, material: &Material) {
+/// Export for `listener`'s certificate `cert` (`default` or `sni_cert[N]`).
+pub async fn export(listener: &str, cert: &str, config: &ExportConfig, material: &Material) {
     let dir = config.dir.clone();
     let chain = material.chain_pem.clone();
     let key = material.key_pem.clone();
@@ -27,10 +28,10 @@ pub async fn export(listener: &str, config: &ExportConfig, material: &Material) 
     .await
     .expect("export task panicked");
     if let Err(e) = written {
-        tracing::error!(listener, dir = %config.dir.display(), error = %e, "certificate export failed");
+        tracing::error!(listener, cert, dir = %config.dir.display(), error = %e, "certificate export failed");
         return;
     }
-    tracing::info!(listener, dir = %config.dir.display(), serial = %material.info.serial, "certificate exported");
+    tracing::info!(listener, cert, dir = %config.dir.display(), serial = %material.info.serial, "certificate exported");
     let Some(command) = &config.on_renew else {
         return;
     };
@@ -39,6 +40,7 @@ pub async fn export(listener: &str, config: &ExportConfig, material: &Material) 
         .arg("-c")
         .arg(command)
         .env("SHEATH_LISTENER", listener)
+        .env("SHEATH_CERT", cert)
         .env("SHEATH_CERT_FILE", config.dir.join("fullchain.pem"))
         .env("SHEATH_KEY_FILE", config.dir.join("key.pem"))
         .env("SHEATH_CERT_SERIAL", &material.info.serial)
@@ -46,14 +48,16 @@ pub async fn export(listener: &str, config: &ExportConfig, material: &Material) 
         .kill_on_drop(true);
     match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
         Ok(Ok(status)) if status.success() => {
-            tracing::info!(listener, command, "on_renew hook succeeded")
+            tracing::info!(listener, cert, command, "on_renew hook succeeded")
         }
         Ok(Ok(status)) => {
-            tracing::error!(listener, command, %status, "on_renew hook failed")
+            tracing::error!(listener, cert, command, %status, "on_renew hook failed")
         }
-        Ok(Err(e)) => tracing::error!(listener, command, error = %e, "on_renew hook could not run"),
+        Ok(Err(e)) => {
+            tracing::error!(listener, cert, command, error = %e, "on_renew hook could not run")
+        }
         Err(_) => {
-            tracing::error!(listener, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
+            tracing::error!(listener, cert, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
         }
     }
 }

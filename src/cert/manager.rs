@@ -1,4 +1,4 @@
-//! One task per listener keeps its certificate current.
+//! One task per certificate keeps it current.
 //!
 //! The task obtains material from the listener's source, validates it
 //! (chain parses, key matches, names covered, within validity) and only then
@@ -72,10 +72,12 @@ impl From<CertError> for ObtainError {
     }
 }
 
-/// Keeps one listener's certificate fresh.
+/// Keeps one of a listener's certificates fresh.
 #[derive(Debug)]
 pub struct CertManager {
     pub listener: String,
+    /// Which of the listener's certificates (see [`CertStatus::cert`]).
+    pub cert: String,
     source: Source,
     policy: CertPolicy,
     resolver: Arc<CertResolver>,
@@ -88,12 +90,14 @@ pub struct CertManager {
 impl CertManager {
     pub fn new(
         listener: String,
+        cert: String,
         source: Source,
         policy: CertPolicy,
         resolver: Arc<CertResolver>,
     ) -> Self {
         let status = Arc::new(ArcSwap::from_pointee(CertStatus {
             listener: listener.clone(),
+            cert: cert.clone(),
             source: source.kind(),
             ..CertStatus::default()
         }));
@@ -103,6 +107,7 @@ impl CertManager {
         };
         CertManager {
             listener,
+            cert,
             source,
             policy,
             resolver,
@@ -151,6 +156,7 @@ impl CertManager {
         };
         tracing::info!(
             listener = %self.listener,
+            cert = %self.cert,
             source = self.source.kind(),
             serial = %info.serial,
             old_serial = old.as_ref().map_or("-", |o| o.info.serial.as_str()),
@@ -173,9 +179,9 @@ impl CertManager {
         }));
         if let Some(export) = &self.policy.export {
             let export = export.clone();
-            let listener = self.listener.clone();
+            let (listener, cert) = (self.listener.clone(), self.cert.clone());
             tokio::spawn(async move {
-                export::export(&listener, &export, &material).await;
+                export::export(&listener, &cert, &export, &material).await;
             });
         }
     }
@@ -228,7 +234,8 @@ impl CertManager {
                     if retry_at.is_some_and(|t| t > SystemTime::now()) {
                         continue;
                     }
-                    tracing::info!(listener = %self.listener, "certificate expired or missing at handshake time; renewing now");
+                    tracing::info!(listener = %self.listener,
+            cert = %self.cert, "certificate expired or missing at handshake time; renewing now");
                 }
             }
             let attempt = match &self.source {
@@ -269,15 +276,16 @@ impl CertManager {
                     let failures = self.record_failure(&e.message, Some(next));
                     let current = self.resolver.current();
                     tracing::error!(
-                        listener = %self.listener,
-                        source = self.source.kind(),
-                        error = %e.message,
-                        consecutive_failures = failures,
-                        retry_in = ?delay,
-                        serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
-                        serving_not_after = %current.as_ref().map_or("-".into(), |c| humantime::format_rfc3339_seconds(c.info.not_after).to_string()),
-                        "certificate renewal failed; the current certificate keeps serving"
-                    );
+                                listener = %self.listener,
+                    cert = %self.cert,
+                                source = self.source.kind(),
+                                error = %e.message,
+                                consecutive_failures = failures,
+                                retry_in = ?delay,
+                                serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                                serving_not_after = %current.as_ref().map_or("-".into(), |c| humantime::format_rfc3339_seconds(c.info.not_after).to_string()),
+                                "certificate renewal failed; the current certificate keeps serving"
+                            );
                 }
             }
         }
@@ -326,11 +334,12 @@ impl CertManager {
                     // The same broken state is seen on every poll; say it once.
                     if last_error.as_deref() != Some(message.as_str()) {
                         tracing::warn!(
-                            listener = %self.listener,
-                            error = %message,
-                            serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
-                            "certificate files not usable; the current certificate keeps serving"
-                        );
+                                        listener = %self.listener,
+                        cert = %self.cert,
+                                        error = %message,
+                                        serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                                        "certificate files not usable; the current certificate keeps serving"
+                                    );
                         last_error = Some(message);
                     }
                 }

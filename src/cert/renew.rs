@@ -60,11 +60,13 @@ impl Backoff {
     }
 }
 
-/// What is known about one listener's certificate, for logs, readiness and
-/// metrics. Times are wall-clock.
+/// What is known about one of a listener's certificates, for logs,
+/// readiness and metrics. Times are wall-clock.
 #[derive(Debug, Clone, Default)]
 pub struct CertStatus {
     pub listener: String,
+    /// Which of the listener's certificates: `default`, or `sni_cert[N]`.
+    pub cert: String,
     /// `local_ca`, `files` or `acme`.
     pub source: &'static str,
     /// The certificate being served, if any.

@@ -50,6 +50,9 @@ pub struct ListenerFile {
     #[serde(default)]
     pub timeouts: TimeoutsFile,
     pub cert: Option<Spanned<CertFile>>,
+    /// Further certificates, each served to clients whose SNI it names.
+    #[serde(default)]
+    pub sni_cert: Vec<Spanned<CertFile>>,
     pub client_auth: Option<Spanned<ClientAuthFile>>,
     pub proxy_protocol: Option<Spanned<String>>,
 }

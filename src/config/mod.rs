@@ -46,11 +46,36 @@ pub struct ListenerConfig {
     /// accept queue until a slot frees.
     pub max_connections: usize,
     pub timeouts: Timeouts,
+    /// The default certificate: served when the client's SNI names none of
+    /// the `sni_certs`, or when it sends none.
     pub cert: CertSource,
     pub cert_policy: CertPolicy,
+    /// Further certificates, each served to clients whose SNI matches one
+    /// of its names (exact names before wildcards, in the order given).
+    pub sni_certs: Vec<SniCert>,
     pub client_auth: ClientAuthConfig,
     /// TCP mode: announce the client to the upstream with a PROXY header.
     pub proxy_protocol: Option<ProxyProtocol>,
+}
+
+impl ListenerConfig {
+    /// Every certificate the listener serves, the default first, each with
+    /// the label that logs, metrics and the admin API use for it.
+    pub fn certs(&self) -> impl Iterator<Item = (String, &CertSource, &CertPolicy)> {
+        std::iter::once(("default".to_string(), &self.cert, &self.cert_policy)).chain(
+            self.sni_certs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (format!("sni_cert[{i}]"), &c.source, &c.policy)),
+        )
+    }
+}
+
+/// A certificate chosen by the name the client asks for (SNI).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SniCert {
+    pub source: CertSource,
+    pub policy: CertPolicy,
 }
 
 /// PROXY protocol version sent to the upstream.
@@ -539,61 +564,73 @@ impl Config {
             if let Some(max) = t.max_lifetime {
                 let _ = writeln!(out, "max_lifetime = {}", q(&dur(max)));
             }
-            let _ = writeln!(out, "\n[listener.cert]");
-            match &l.cert {
-                CertSource::LocalCa { names, lifetime } => {
-                    let _ = writeln!(out, "source = \"local_ca\"");
-                    let names: Vec<String> = names.iter().map(|n| q(n)).collect();
-                    let _ = writeln!(out, "names = [{}]", names.join(", "));
-                    let _ = writeln!(out, "lifetime = {}", q(&dur(*lifetime)));
-                }
-                CertSource::Files { cert, key } => {
-                    let _ = writeln!(out, "source = \"files\"");
-                    let _ = writeln!(out, "cert = {}", q(&cert.to_string_lossy()));
-                    let _ = writeln!(out, "key = {}", q(&key.to_string_lossy()));
-                }
-                CertSource::Acme(acme) => {
-                    let _ = writeln!(out, "source = \"acme\"");
-                    let names: Vec<String> = acme.names.iter().map(|n| q(n)).collect();
-                    let _ = writeln!(out, "names = [{}]", names.join(", "));
-                    let _ = writeln!(out, "directory = {}", q(&acme.directory));
-                    let contact: Vec<String> = acme.contact.iter().map(|n| q(n)).collect();
-                    let _ = writeln!(out, "contact = [{}]", contact.join(", "));
-                    let _ = writeln!(out, "challenge = {}", q(acme.challenge.as_str()));
-                    let _ = writeln!(out, "key_type = {}", q(acme.key_type.as_str()));
-                    if let Some(bind) = acme.http01_bind {
-                        let _ = writeln!(out, "http01_bind = {}", q(&bind.to_string()));
-                    }
-                    match &acme.trust {
-                        AcmeTrust::System => {}
-                        AcmeTrust::RootFile(p) => {
-                            let _ = writeln!(out, "ca_root = {}", q(&p.to_string_lossy()));
-                        }
-                        AcmeTrust::Fingerprint(f) => {
-                            let _ = writeln!(out, "ca_fingerprint = {}", q(f));
-                        }
-                    }
-                    if let Some((kid, _)) = &acme.eab {
-                        let _ = writeln!(out, "eab_kid = {}", q(kid));
-                        let _ = writeln!(out, "eab_hmac_key = \"<redacted>\"");
-                    }
-                }
-            }
-            let p = &l.cert_policy;
-            let _ = writeln!(out, "renew_ratio = {}", p.renew_ratio);
-            let _ = writeln!(out, "retry_min = {}", q(&dur(p.retry_min)));
-            let _ = writeln!(out, "retry_max = {}", q(&dur(p.retry_max)));
-            let _ = writeln!(out, "poll_interval = {}", q(&dur(p.poll_interval)));
-            if let Some(export) = &p.export {
-                let _ = writeln!(out, "\n[listener.cert.export]");
-                let _ = writeln!(out, "dir = {}", q(&export.dir.to_string_lossy()));
-                if let Some(cmd) = &export.on_renew {
-                    let _ = writeln!(out, "on_renew = {}", q(cmd));
-                }
+            render_cert(&mut out, "[listener.cert]", &l.cert, &l.cert_policy);
+            for c in &l.sni_certs {
+                render_cert(&mut out, "[[listener.sni_cert]]", &c.source, &c.policy);
             }
             render_client_auth(&mut out, &l.client_auth);
         }
         out
+    }
+}
+
+/// One certificate table: `[listener.cert]` or a `[[listener.sni_cert]]`.
+fn render_cert(out: &mut String, header: &str, source: &CertSource, policy: &CertPolicy) {
+    use std::fmt::Write as _;
+    let dur = |d: Duration| humantime::format_duration(d).to_string();
+    let q = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let _ = writeln!(out, "\n{header}");
+    match source {
+        CertSource::LocalCa { names, lifetime } => {
+            let _ = writeln!(out, "source = \"local_ca\"");
+            let names: Vec<String> = names.iter().map(|n| q(n)).collect();
+            let _ = writeln!(out, "names = [{}]", names.join(", "));
+            let _ = writeln!(out, "lifetime = {}", q(&dur(*lifetime)));
+        }
+        CertSource::Files { cert, key } => {
+            let _ = writeln!(out, "source = \"files\"");
+            let _ = writeln!(out, "cert = {}", q(&cert.to_string_lossy()));
+            let _ = writeln!(out, "key = {}", q(&key.to_string_lossy()));
+        }
+        CertSource::Acme(acme) => {
+            let _ = writeln!(out, "source = \"acme\"");
+            let names: Vec<String> = acme.names.iter().map(|n| q(n)).collect();
+            let _ = writeln!(out, "names = [{}]", names.join(", "));
+            let _ = writeln!(out, "directory = {}", q(&acme.directory));
+            let contact: Vec<String> = acme.contact.iter().map(|n| q(n)).collect();
+            let _ = writeln!(out, "contact = [{}]", contact.join(", "));
+            let _ = writeln!(out, "challenge = {}", q(acme.challenge.as_str()));
+            let _ = writeln!(out, "key_type = {}", q(acme.key_type.as_str()));
+            if let Some(bind) = acme.http01_bind {
+                let _ = writeln!(out, "http01_bind = {}", q(&bind.to_string()));
+            }
+            match &acme.trust {
+                AcmeTrust::System => {}
+                AcmeTrust::RootFile(p) => {
+                    let _ = writeln!(out, "ca_root = {}", q(&p.to_string_lossy()));
+                }
+                AcmeTrust::Fingerprint(f) => {
+                    let _ = writeln!(out, "ca_fingerprint = {}", q(f));
+                }
+            }
+            if let Some((kid, _)) = &acme.eab {
+                let _ = writeln!(out, "eab_kid = {}", q(kid));
+                let _ = writeln!(out, "eab_hmac_key = \"<redacted>\"");
+            }
+        }
+    }
+    let p = policy;
+    let _ = writeln!(out, "renew_ratio = {}", p.renew_ratio);
+    let _ = writeln!(out, "retry_min = {}", q(&dur(p.retry_min)));
+    let _ = writeln!(out, "retry_max = {}", q(&dur(p.retry_max)));
+    let _ = writeln!(out, "poll_interval = {}", q(&dur(p.poll_interval)));
+    if let Some(export) = &p.export {
+        let table = header.trim_matches(['[', ']']);
+        let _ = writeln!(out, "\n[{table}.export]");
+        let _ = writeln!(out, "dir = {}", q(&export.dir.to_string_lossy()));
+        if let Some(cmd) = &export.on_renew {
+            let _ = writeln!(out, "on_renew = {}", q(cmd));
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Raw file values → [`Config`]: the rules sheath enforces, each error
 //! naming where the value came from.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -14,8 +14,8 @@ use super::file::{
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
     ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
-    ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, Upstream, DEFAULT_IDENTITY_HEADER,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
+    ListenerConfig, Mode, Origin, ProxyProtocol, SniCert, Timeouts, Upstream,
+    DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,9 +106,12 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut names = HashSet::new();
     let mut binds = HashSet::new();
+    let mut exports = HashMap::new();
+    let mut cert_names = HashMap::new();
     for (index, spanned) in raw.listeners.into_iter().enumerate() {
         let table_origin = loc.at(&spanned);
-        let listener = validate_listener(&loc, index, &table_origin, spanned.into_inner())?;
+        let (listener, cert_origins) =
+            validate_listener(&loc, index, &table_origin, spanned.into_inner())?;
         if !names.insert(listener.name.clone()) {
             return Err(invalid(
                 table_origin,
@@ -124,6 +127,38 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 format!("{} is already used by another listener", listener.bind),
             ));
         }
+        for ((label, source, policy), origin) in listener.certs().zip(cert_origins) {
+            let table = cert_table_key(index, &label);
+            if let Some(export) = &policy.export {
+                if let Some(other) = exports.insert(export.dir.clone(), table.clone()) {
+                    return Err(invalid(
+                        origin,
+                        format!("{table}.export.dir"),
+                        format!(
+                            "{} is already the export directory of {other}; each certificate needs its own",
+                            export.dir.display()
+                        ),
+                    ));
+                }
+            }
+            let configured = match source {
+                CertSource::LocalCa { names, .. } => names.as_slice(),
+                CertSource::Acme(acme) => acme.names.as_slice(),
+                CertSource::Files { .. } => &[],
+            };
+            for name in configured {
+                if let Some(other) = cert_names.insert(name.to_ascii_lowercase(), table.clone()) {
+                    return Err(invalid(
+                        origin,
+                        format!("{table}.names"),
+                        format!(
+                            "`{name}` is also in {other}.names; a name can select only one certificate of a listener"
+                        ),
+                    ));
+                }
+            }
+        }
+        cert_names.clear();
         listeners.push(listener);
     }
 
@@ -136,12 +171,21 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
     })
 }
 
+/// Where a certificate's table sits in the file, from its label in
+/// [`ListenerConfig::certs`].
+fn cert_table_key(index: usize, label: &str) -> String {
+    match label {
+        "default" => format!("listener[{index}].cert"),
+        sni => format!("listener[{index}].{sni}"),
+    }
+}
+
 fn validate_listener(
     loc: &Locator<'_>,
     index: usize,
     table_origin: &Origin,
     raw: ListenerFile,
-) -> Result<ListenerConfig, ConfigError> {
+) -> Result<(ListenerConfig, Vec<Origin>), ConfigError> {
     let key = |k: &str| format!("listener[{index}].{k}");
     let name = match &raw.name {
         Some(n) if n.get_ref().trim().is_empty() => {
@@ -173,7 +217,19 @@ fn validate_listener(
         )
     })?;
 
-    let (cert, cert_policy) = validate_cert(loc, index, raw.cert)?;
+    // Where each certificate's table starts, for errors that involve two.
+    let mut cert_origins = vec![raw
+        .cert
+        .as_ref()
+        .map_or(table_origin.clone(), |c| loc.at(c))];
+    let (cert, cert_policy) = validate_cert(loc, &key("cert"), raw.cert, false)?;
+    let mut sni_certs = Vec::with_capacity(raw.sni_cert.len());
+    for (i, table) in raw.sni_cert.into_iter().enumerate() {
+        cert_origins.push(loc.at(&table));
+        let (source, policy) =
+            validate_cert(loc, &key(&format!("sni_cert[{i}]")), Some(table), true)?;
+        sni_certs.push(SniCert { source, policy });
+    }
     let client_auth = validate_client_auth(loc, index, raw.mode, raw.client_auth)?;
     let proxy_protocol = match &raw.proxy_protocol {
         None => None,
@@ -200,7 +256,7 @@ fn validate_listener(
         }
     };
 
-    Ok(ListenerConfig {
+    let listener = ListenerConfig {
         name,
         bind,
         upstream,
@@ -209,9 +265,11 @@ fn validate_listener(
         timeouts,
         cert,
         cert_policy,
+        sni_certs,
         client_auth,
         proxy_protocol,
-    })
+    };
+    Ok((listener, cert_origins))
 }
 
 fn validate_client_auth(
@@ -375,12 +433,15 @@ fn validate_client_auth(
     })
 }
 
+/// A `[listener.cert]` table (`sni: false`) or a `[[listener.sni_cert]]`
+/// one; `table_key` is its place in the file, for errors.
 fn validate_cert(
     loc: &Locator<'_>,
-    index: usize,
+    table_key: &str,
     raw: Option<Spanned<CertFile>>,
+    sni: bool,
 ) -> Result<(CertSource, CertPolicy), ConfigError> {
-    let key = |k: &str| format!("listener[{index}].cert.{k}");
+    let key = |k: &str| format!("{table_key}.{k}");
     let Some(spanned) = raw else {
         return Ok((CertSource::default_local_ca(), CertPolicy::default()));
     };
@@ -438,7 +499,10 @@ fn validate_cert(
 
     let source = match source {
         "local_ca" => {
-            let names = names(false)?.unwrap_or_else(|| match CertSource::default_local_ca() {
+            // The default names (localhost and its addresses) suit a
+            // listener's default certificate; an SNI certificate exists
+            // for the names it is given.
+            let names = names(sni)?.unwrap_or_else(|| match CertSource::default_local_ca() {
                 CertSource::LocalCa { names, .. } => names,
                 _ => unreachable!(),
             });
@@ -456,7 +520,7 @@ fn validate_cert(
             let (Some(c), Some(k)) = (&cert.cert, &cert.key) else {
                 return Err(invalid(
                     table,
-                    format!("listener[{index}].cert"),
+                    table_key.to_string(),
                     "source = \"files\" needs both `cert` (PEM chain) and `key` (PEM private key)",
                 ));
             };

@@ -20,7 +20,7 @@ use rustls::ServerConfig;
 use crate::config::ListenerConfig;
 use crate::shutdown::Drain;
 use crate::tls::client_auth::ClientIdentity;
-use crate::tls::CertResolver;
+use crate::tls::ListenerCerts;
 
 pub use listener::{bind, Listener, ListenerStats};
 
@@ -34,9 +34,10 @@ pub struct ListenerState {
     pub config: Arc<ListenerConfig>,
     pub tls: Arc<ServerConfig>,
     /// Server config for ACME TLS-ALPN-01 validation handshakes, on
-    /// listeners whose certificate comes from ACME.
+    /// listeners with a certificate from ACME.
     pub acme_tls: Option<Arc<ServerConfig>>,
-    pub resolver: Arc<CertResolver>,
+    /// Its certificates; the TLS config resolves through them.
+    pub certs: Arc<ListenerCerts>,
     /// The client certificate verifier, when client auth is on.
     pub client_verifier: Option<Arc<crate::tls::client_auth::ClientVerifier>>,
     /// Pooled upstream client, in HTTP mode.

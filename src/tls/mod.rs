@@ -8,5 +8,5 @@ pub mod resolver;
 pub mod server_config;
 
 pub use handshake::{accept, Accepted, HandshakeError};
-pub use resolver::CertResolver;
+pub use resolver::{CertResolver, ListenerCerts};
 pub use server_config::{server_config, ALPN_H2, ALPN_HTTP11};

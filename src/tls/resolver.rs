@@ -1,4 +1,5 @@
-//! The certificate a listener serves, behind an `ArcSwap`.
+//! The certificates a listener serves, each behind an `ArcSwap`, and the
+//! choice among them by SNI.
 //!
 //! rustls asks the resolver for a certificate on every handshake; loading
 //! from an `ArcSwap` is a couple of atomic operations and never blocks, so a
@@ -27,7 +28,7 @@ pub struct Served {
     pub info: CertInfo,
 }
 
-/// Serves one certificate per listener, swappable at any time.
+/// One certificate, swappable at any time.
 #[derive(Debug, Default)]
 pub struct CertResolver {
     current: ArcSwapOption<Served>,
@@ -64,8 +65,10 @@ impl CertResolver {
     }
 }
 
-impl ResolvesServerCert for CertResolver {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+impl CertResolver {
+    /// The key to serve now. Asking for an expired or missing certificate
+    /// wakes the manager.
+    fn pick(&self) -> Option<Arc<CertifiedKey>> {
         let current = self.current.load();
         match current.as_ref() {
             Some(served) => {
@@ -79,5 +82,81 @@ impl ResolvesServerCert for CertResolver {
                 None
             }
         }
+    }
+
+    /// Does one of the served certificate's names satisfy `matches`?
+    fn names_any(&self, matches: impl Fn(&str) -> bool) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|served| served.info.names.iter().any(|n| matches(n)))
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.pick()
+    }
+}
+
+/// Every certificate of one listener: the default first, then those chosen
+/// by the name the client asks for (SNI).
+///
+/// A certificate is chosen by the DNS names it carries now, not by names
+/// in the configuration, so a files certificate needs no list of its own
+/// and a renewal that changes the names changes the choice with it. An
+/// exact name wins over a wildcard (`*.example.com` covers one label, as
+/// RFC 6125 has it); among equals the SNI certificates come in their order
+/// and the default last. A client that sends no SNI (one that connects by
+/// IP address) or a name no certificate carries gets the default.
+#[derive(Debug)]
+pub struct ListenerCerts {
+    /// Never empty: the default is always there.
+    certs: Vec<Arc<CertResolver>>,
+}
+
+impl ListenerCerts {
+    /// `certs[0]` is the default.
+    pub fn new(certs: Vec<Arc<CertResolver>>) -> Self {
+        assert!(!certs.is_empty(), "a listener has a default certificate");
+        ListenerCerts { certs }
+    }
+
+    /// The default certificate, then the SNI ones in configuration order.
+    pub fn all(&self) -> &[Arc<CertResolver>] {
+        &self.certs
+    }
+
+    /// The certificate for a client that asked for `sni`.
+    pub fn select(&self, sni: Option<&str>) -> &Arc<CertResolver> {
+        let (default, by_name) = self.certs.split_first().expect("never empty");
+        let Some(sni) = sni else {
+            return default;
+        };
+        if by_name.is_empty() {
+            return default;
+        }
+        let candidates = || by_name.iter().chain(std::iter::once(default));
+        if let Some(exact) = candidates().find(|c| c.names_any(|n| n.eq_ignore_ascii_case(sni))) {
+            return exact;
+        }
+        if let Some((label, parent)) = sni.split_once('.') {
+            let covers = |n: &str| {
+                n.strip_prefix("*.")
+                    .is_some_and(|p| p.eq_ignore_ascii_case(parent))
+            };
+            if !label.is_empty() {
+                if let Some(wildcard) = candidates().find(|c| c.names_any(covers)) {
+                    return wildcard;
+                }
+            }
+        }
+        default
+    }
+}
+
+impl ResolvesServerCert for ListenerCerts {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.select(hello.server_name()).pick()
     }
 }

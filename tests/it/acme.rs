@@ -111,7 +111,7 @@ async fn tls_alpn_01_issuance_then_renewal_without_failed_handshakes() {
     ))
     .await;
     let handle = proxy.running().listener("l").unwrap();
-    let status = handle.cert_status.clone();
+    let status = handle.certs[0].status.clone();
     assert!(!status.load().valid_now(), "no certificate before issuance");
     wait_installs(&status, 1, &setup.pebble).await;
     let root = setup.pebble.issuing_root_pem().await;
@@ -165,7 +165,9 @@ async fn http_01_issuance_with_nonce_rejections_and_redirects() {
         ),
     );
     let proxy = Proxy::start(&toml).await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     wait_installs(&status, 1, &setup.pebble).await;
     let root = setup.pebble.issuing_root_pem().await;
     verified_roundtrip(proxy.addr("l"), &root).await.unwrap();
@@ -203,7 +205,9 @@ async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
         &format!("{}key_type = \"ecdsa-p384\"\n", ca_root(&setup)),
     );
     let mut proxy = Proxy::start(&toml).await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     wait_installs(&status, 1, &setup.pebble).await;
     let serial = status.load().current.as_ref().unwrap().serial.clone();
     let root = setup.pebble.issuing_root_pem().await;
@@ -260,7 +264,9 @@ async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
         &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
     ))
     .await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     wait_installs(&status, 1, &setup.pebble).await;
     let serial = status.load().current.as_ref().unwrap().serial.clone();
     let root = setup.pebble.issuing_root_pem().await;
@@ -322,7 +328,7 @@ async fn bootstrap_by_fingerprint_with_external_account_binding_and_export() {
     let export = dir.path().join("export");
     let hook_log = dir.path().join("hook.log");
     let extra = format!(
-        "ca_fingerprint = \"{}\"\neab_kid = \"{kid}\"\neab_hmac_key = \"{hmac}\"\n[listener.cert.export]\ndir = \"{}\"\non_renew = \"echo \\\"$SHEATH_LISTENER $SHEATH_CERT_SERIAL\\\" >> {}\"\n",
+        "ca_fingerprint = \"{}\"\neab_kid = \"{kid}\"\neab_hmac_key = \"{hmac}\"\n[listener.cert.export]\ndir = \"{}\"\non_renew = \"echo \\\"$SHEATH_LISTENER $SHEATH_CERT $SHEATH_CERT_SERIAL\\\" >> {}\"\n",
         setup.pebble.api_ca_sha256,
         export.display(),
         hook_log.display()
@@ -330,7 +336,9 @@ async fn bootstrap_by_fingerprint_with_external_account_binding_and_export() {
     let proxy = Proxy::start_in(&listener_toml(&setup, upstream, &extra), dir)
         .await
         .unwrap();
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     wait_installs(&status, 1, &setup.pebble).await;
     let serial = status.load().current.as_ref().unwrap().serial.clone();
 
@@ -350,7 +358,7 @@ async fn bootstrap_by_fingerprint_with_external_account_binding_and_export() {
     .await;
     assert_eq!(
         std::fs::read_to_string(&hook_log).unwrap().trim(),
-        format!("l {serial}")
+        format!("l default {serial}")
     );
     let chain = std::fs::read_to_string(export.join("fullchain.pem")).unwrap();
     let key_mode = std::os::unix::fs::PermissionsExt::mode(
@@ -468,7 +476,9 @@ async fn tls_alpn_01_works_on_a_listener_that_requires_client_certificates() {
         client_ca.display()
     );
     let proxy = Proxy::start_in(&toml, dir).await.unwrap();
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     // The validator presents no client certificate; issuance still works.
     wait_installs(&status, 1, &setup.pebble).await;
     let root = setup.pebble.issuing_root_pem().await;

@@ -12,7 +12,7 @@ use crate::common::client::{self, served_cert};
 use crate::common::{backend, eventually, within, Proxy, TestPki};
 
 /// Serve the admin endpoint of an in-process sheath on a fresh port.
-async fn admin_for(proxy: &Proxy) -> SocketAddr {
+pub async fn admin_for(proxy: &Proxy) -> SocketAddr {
     let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = socket.local_addr().unwrap();
     tokio::spawn(sheath::admin::serve(socket, proxy.running().observe()));
@@ -20,7 +20,7 @@ async fn admin_for(proxy: &Proxy) -> SocketAddr {
 }
 
 /// One HTTP/1.0 request; the status and body.
-async fn call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
+pub async fn call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) {
     within(&format!("{method} {path}"), async {
         let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
         tcp.write_all(format!("{method} {path} HTTP/1.0\r\n\r\n").as_bytes())
@@ -44,7 +44,7 @@ fn sample(scrape: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn value(scrape: &str, series: &str) -> f64 {
+pub fn value(scrape: &str, series: &str) -> f64 {
     sample(scrape, series).unwrap_or_else(|| panic!("no `{series}` in\n{scrape}"))
 }
 
@@ -174,7 +174,7 @@ async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
-    let cert_l = format!("{web_l},source=\"files\"");
+    let cert_l = format!("{web_l},cert=\"default\",source=\"files\"");
     assert_eq!(
         value(
             &scrape,
@@ -202,7 +202,9 @@ async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
         std::fs::write(&tmp, pem).unwrap();
         std::fs::rename(&tmp, path).unwrap();
     }
-    let status = proxy.running().listener("web").unwrap().cert_status.clone();
+    let status = proxy.running().listener("web").unwrap().certs[0]
+        .status
+        .clone();
     eventually("rotation", || status.load().installs == 2).await;
     let rotated = served_cert(web, pki.roots()).await.unwrap();
     assert_ne!(rotated.serial, served.serial);
@@ -310,7 +312,9 @@ async fn readiness_waits_for_the_first_acme_certificate() {
     ))
     .await;
     let admin = admin_for(&proxy).await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     eventually("a failed first attempt", || {
         status.load().consecutive_failures > 0
     })

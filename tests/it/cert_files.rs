@@ -57,7 +57,9 @@ fn new_pair(pki: &TestPki) -> (String, String) {
 /// Wait until the manager has recorded `n` failures (so the broken state
 /// was definitely read), then check the old certificate still serves.
 async fn rejected(proxy: &Proxy, pki: &TestPki, failures_before: u32, still: &str) -> String {
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     within("the broken files were read and rejected", async {
         while status.load().consecutive_failures <= failures_before {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -128,7 +130,9 @@ async fn broken_material_never_replaces_the_working_certificate() {
     let (cert, key) = (files.cert.clone(), files.key.clone());
     let original = serial_of(&files.cert_pem);
     let proxy = proxy_on(dir, &cert, &key).await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
 
     let (valid_cert, _) = new_pair(&pki);
     let (_, unrelated_key) = new_pair(&other);
@@ -179,7 +183,9 @@ async fn certificate_and_key_written_seconds_apart() {
     let (cert, key) = (files.cert.clone(), files.key.clone());
     let original = serial_of(&files.cert_pem);
     let proxy = proxy_on(dir, &cert, &key).await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
 
     let (c, k) = new_pair(&pki);
     // Non-atomic rewrite of the certificate in several writes, as `cp` or
@@ -320,7 +326,9 @@ async fn local_ca_leaf_is_renewed_before_it_expires() {
         "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\nlifetime = \"10s\"\n"
     ))
     .await;
-    let status = proxy.running().listener("l").unwrap().cert_status.clone();
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
     let first = status.load().current.clone().unwrap();
     let renew_at = status.load().renew_at.unwrap();
     // 2/3 of the lifetime after not_before, minus at most 5% jitter.

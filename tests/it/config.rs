@@ -326,3 +326,88 @@ fn rendered_config_parses_back_to_the_same_settings() {
     let again = parse(&c.render()).unwrap();
     assert_eq!(again.listeners, c.listeners);
 }
+
+#[test]
+fn sni_certificates_parse_render_and_are_told_apart() {
+    let text = r#"
+[[listener]]
+name = "web"
+bind = "127.0.0.1:8443"
+upstream = "127.0.0.1:8080"
+
+[listener.cert]
+source = "files"
+cert = "/etc/sheath/default.pem"
+key = "/etc/sheath/default.key"
+
+[[listener.sni_cert]]
+source = "local_ca"
+names = ["api.internal"]
+lifetime = "2h"
+
+[listener.sni_cert.export]
+dir = "/var/lib/sheath/api"
+
+[[listener.sni_cert]]
+source = "acme"
+directory = "https://ca.internal/acme/directory"
+names = ["*.apps.internal"]
+"#;
+    let config = parse(text).unwrap();
+    let l = &config.listeners[0];
+    assert_eq!(l.sni_certs.len(), 2);
+    assert!(matches!(l.cert, CertSource::Files { .. }));
+    assert!(matches!(l.sni_certs[0].source, CertSource::LocalCa { .. }));
+    assert!(matches!(l.sni_certs[1].source, CertSource::Acme(_)));
+    let labels: Vec<String> = l.certs().map(|(label, _, _)| label).collect();
+    assert_eq!(labels, ["default", "sni_cert[0]", "sni_cert[1]"]);
+    assert_eq!(
+        l.sni_certs[0].policy.export.as_ref().unwrap().dir,
+        Path::new("/var/lib/sheath/api")
+    );
+    let again = assert_round_trip(Path::new("/etc/sheath/test.toml"), &config);
+    assert_eq!(again, config, "rendered:\n{}", config.render());
+}
+
+#[test]
+fn sni_certificate_errors_name_their_table() {
+    let head = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+
+    // A local-CA SNI certificate exists for the names it is given.
+    let (line, key, message) = error_at(&format!(
+        "{head}[[listener.sni_cert]]\nsource = \"local_ca\"\n"
+    ));
+    assert_eq!(key, "listener[0].sni_cert[0].names");
+    assert_eq!(line, 4, "{message}");
+    assert!(message.contains("needs `names`"), "{message}");
+
+    // Source-specific keys are checked as in [listener.cert].
+    let (line, key, message) = error_at(&format!(
+        "{head}[[listener.sni_cert]]\nsource = \"files\"\ncert = \"a.pem\"\nkey = \"a.key\"\nnames = [\"a.test\"]\n"
+    ));
+    assert_eq!((line, key.as_str()), (8, "listener[0].sni_cert[0].names"));
+    assert!(message.contains("comes from the certificate"), "{message}");
+
+    // A name can select one certificate only: the second table is named.
+    let (line, key, message) = error_at(&format!(
+        "{head}[listener.cert]\nnames = [\"a.test\", \"localhost\"]\n\n[[listener.sni_cert]]\nnames = [\"b.test\"]\n\n[[listener.sni_cert]]\nnames = [\"B.test\"]\n"
+    ));
+    assert_eq!((line, key.as_str()), (10, "listener[0].sni_cert[1].names"));
+    assert!(
+        message.contains("`b.test` is also in listener[0].sni_cert[0].names"),
+        "{message}"
+    );
+
+    // Two certificates exporting into one directory would overwrite each other.
+    let (line, key, message) = error_at(&format!(
+        "{head}[listener.cert]\n[listener.cert.export]\ndir = \"/x\"\n[[listener.sni_cert]]\nnames = [\"b.test\"]\n[listener.sni_cert.export]\ndir = \"/x\"\n"
+    ));
+    assert_eq!(
+        (line, key.as_str()),
+        (7, "listener[0].sni_cert[0].export.dir")
+    );
+    assert!(
+        message.contains("already the export directory of listener[0].cert"),
+        "{message}"
+    );
+}

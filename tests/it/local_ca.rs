@@ -29,10 +29,7 @@ async fn local_ca_persists_across_restarts_with_the_same_fingerprint() {
     let upstream = backend::tcp_echo().await;
     let mut first = Proxy::start(&toml(upstream)).await;
     let fingerprint = first.running().local_ca().unwrap().info().sha256.clone();
-    let first_serial = first
-        .running()
-        .listener("tcp")
-        .unwrap()
+    let first_serial = first.running().listener("tcp").unwrap().certs[0]
         .resolver
         .current()
         .unwrap()
@@ -47,10 +44,7 @@ async fn local_ca_persists_across_restarts_with_the_same_fingerprint() {
         second.running().local_ca().unwrap().info().sha256,
         fingerprint
     );
-    let served = second
-        .running()
-        .listener("tcp")
-        .unwrap()
+    let served = second.running().listener("tcp").unwrap().certs[0]
         .resolver
         .current()
         .unwrap();

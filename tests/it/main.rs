@@ -18,4 +18,5 @@ mod pool;
 mod process;
 mod reload;
 mod shutdown;
+mod sni;
 mod tcp;

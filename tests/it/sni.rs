@@ -1,0 +1,331 @@
+//! Several certificates on one listener, chosen by the name the client asks
+//! for (SNI): exact names before wildcards, the default for everything
+//! else, each certificate renewed and reloaded on its own.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::pki_types::ServerName;
+use rustls::RootCertStore;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::admin::{admin_for, call, value};
+use crate::common::client::{client_config, connect_as};
+use crate::common::{backend, require_tool, within, Proxy, TestPki};
+
+/// Write a certificate for `names` as `<stem>.pem` / `<stem>.key`; its serial.
+fn write_cert(pki: &TestPki, dir: &Path, stem: &str, names: &[&str]) -> String {
+    let (cert, key) = pki.server_cert(names, Duration::from_secs(3600));
+    replace(&dir.join(format!("{stem}.key")), &key);
+    replace(&dir.join(format!("{stem}.pem")), &cert);
+    serial_of(&cert)
+}
+
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn serial_of(pem: &str) -> String {
+    let der = sheath::cert::parse_chain_pem("test", pem.as_bytes()).unwrap();
+    sheath::cert::CertInfo::from_der(&der[0]).unwrap().serial
+}
+
+fn files_table(header: &str, dir: &Path, stem: &str) -> String {
+    format!(
+        "\n{header}\nsource = \"files\"\ncert = \"{0}/{stem}.pem\"\nkey = \"{0}/{stem}.key\"\npoll_interval = \"5s\"\n",
+        dir.display()
+    )
+}
+
+/// The serial of the certificate served to a client that sends `sni`
+/// (none for `None`), whether or not it covers the name: the chain is not
+/// checked, only looked at.
+async fn served_serial(addr: SocketAddr, sni: Option<&str>) -> String {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(sheath::tls::danger::AcceptAnyChain(provider)))
+        .with_no_client_auth();
+    // A DNS name in ServerName is sent as SNI; an IP address is not.
+    config.enable_sni = true;
+    let name = match sni {
+        Some(n) => ServerName::try_from(n.to_string()).unwrap(),
+        None => ServerName::IpAddress(addr.ip().into()),
+    };
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    sheath::cert::CertInfo::from_der(&leaf).unwrap().serial
+}
+
+/// The serial served to a client that asks for `sni` and verifies the
+/// certificate against the test CA, name included.
+async fn verified_serial(addr: SocketAddr, roots: Arc<RootCertStore>, sni: &str) -> String {
+    let tls = connect_as(addr, client_config(roots, &[]), sni)
+        .await
+        .unwrap_or_else(|e| panic!("{sni}: {e}"));
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    sheath::cert::CertInfo::from_der(&leaf).unwrap().serial
+}
+
+#[tokio::test]
+async fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let default = write_cert(&pki, &d, "default", &["localhost", "127.0.0.1"]);
+    let api = write_cert(&pki, &d, "api", &["api.test"]);
+    let wildcard = write_cert(&pki, &d, "wild", &["*.apps.test"]);
+    let exact = write_cert(&pki, &d, "exact", &["exact.apps.test"]);
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}{}{}{}",
+        backend::http().await,
+        files_table("[listener.cert]", &d, "default"),
+        files_table("[[listener.sni_cert]]", &d, "api"),
+        files_table("[[listener.sni_cert]]", &d, "wild"),
+        files_table("[[listener.sni_cert]]", &d, "exact"),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+
+    // Each name gets the certificate that carries it, and a verifying
+    // client accepts it.
+    for (sni, want) in [
+        ("localhost", &default),
+        ("api.test", &api),
+        ("x.apps.test", &wildcard),
+        // An exact name wins over a wildcard listed before it.
+        ("exact.apps.test", &exact),
+    ] {
+        assert_eq!(
+            &verified_serial(addr, pki.roots(), sni).await,
+            want,
+            "SNI {sni}"
+        );
+    }
+    // Names matching nothing fall back to the default: a wildcard covers
+    // one label only, and a client without SNI gets the default too.
+    for sni in [
+        Some("a.b.apps.test"),
+        Some("apps.test"),
+        Some("other.test"),
+        None,
+    ] {
+        assert_eq!(
+            served_serial(addr, sni).await,
+            default,
+            "SNI {sni:?} must get the default certificate"
+        );
+    }
+
+    // A real client: curl verifies the name it asked for.
+    if require_tool("curl") {
+        let ca = pki.write_ca(proxy.dir.path());
+        for host in ["api.test", "x.apps.test"] {
+            let out = tokio::process::Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+                .arg(&ca)
+                .arg("--resolve")
+                .arg(format!("{host}:{}:127.0.0.1", addr.port()))
+                .arg(format!("https://{host}:{}/", addr.port()))
+                .output()
+                .await
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "200",
+                "curl to {host}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_sni_certificate_rotates_on_its_own_and_a_broken_one_keeps_serving() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let default = write_cert(&pki, &d, "default", &["localhost"]);
+    let first = write_cert(&pki, &d, "api", &["api.test"]);
+    // The SNI certificate is exported on its own, with its own hook.
+    let export = d.join("export");
+    let hook_log = d.join("hook.log");
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{}{}[listener.sni_cert.export]\ndir = \"{}\"\non_renew = 'echo \"$SHEATH_LISTENER $SHEATH_CERT $SHEATH_CERT_SERIAL\" >> {}'\n",
+        backend::tcp_echo().await,
+        files_table("[listener.cert]", &d, "default"),
+        files_table("[[listener.sni_cert]]", &d, "api"),
+        export.display(),
+        hook_log.display(),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let handle = proxy.running().listener("l").unwrap();
+    assert_eq!(handle.certs.len(), 2);
+    let sni_status = handle.certs[1].status.clone();
+    assert_eq!(sni_status.load().cert, "sni_cert[0]");
+    assert_eq!(verified_serial(addr, pki.roots(), "api.test").await, first);
+
+    // Rotation of the SNI certificate reaches only its own name.
+    let second = write_cert(&pki, &d, "api", &["api.test"]);
+    within("the rotated SNI certificate is served", async {
+        while verified_serial(addr, pki.roots(), "api.test").await != second {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        verified_serial(addr, pki.roots(), "localhost").await,
+        default
+    );
+    assert_eq!(sni_status.load().installs, 2);
+    assert_eq!(handle.certs[0].status.load().installs, 1);
+    // Each install runs the hook once (in whatever order two hooks finish).
+    let mut hooked = vec![
+        format!("l sni_cert[0] {first}"),
+        format!("l sni_cert[0] {second}"),
+    ];
+    hooked.sort();
+    within("the SNI certificate's hook ran for both installs", async {
+        loop {
+            let log = std::fs::read_to_string(&hook_log).unwrap_or_default();
+            let mut lines: Vec<String> = log.lines().map(str::to_string).collect();
+            lines.sort();
+            if lines == hooked {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let exported = std::fs::read_to_string(export.join("fullchain.pem")).unwrap();
+    assert_eq!(serial_of(&exported), second);
+
+    // A broken file is refused and the working certificate stays.
+    let failures = sni_status.load().consecutive_failures;
+    replace(
+        &d.join("api.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64\n",
+    );
+    within("the broken SNI certificate was read and refused", async {
+        while sni_status.load().consecutive_failures <= failures {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(verified_serial(addr, pki.roots(), "api.test").await, second);
+
+    // The admin view and the metrics tell the two certificates apart.
+    let admin = admin_for(&proxy).await;
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    for (cert, installs) in [("default", 1.0), ("sni_cert[0]", 2.0)] {
+        let labels = format!("listener=\"l\",cert=\"{cert}\",source=\"files\"");
+        assert_eq!(
+            value(
+                &scrape,
+                &format!("sheath_certificate_installs_total{{{labels}}}")
+            ),
+            installs
+        );
+        assert_eq!(
+            value(&scrape, &format!("sheath_certificate_valid{{{labels}}}")),
+            1.0
+        );
+    }
+    let observed = proxy.running().observe();
+    let certs = sheath::admin::certs(&observed);
+    let listener = &certs["listeners"][0];
+    assert_eq!(listener["certificate"]["serial"], default.as_str());
+    assert_eq!(listener["sni_certs"][0]["cert"], "sni_cert[0]");
+    assert_eq!(
+        listener["sni_certs"][0]["certificate"]["serial"],
+        second.as_str()
+    );
+    assert_eq!(listener["sni_certs"][0]["valid"], true);
+    assert!(listener["sni_certs"][0]["last_error"]
+        .as_str()
+        .is_some_and(|e| e.contains("api.pem")));
+    assert!(sheath::admin::readiness(&observed).is_empty());
+}
+
+#[tokio::test]
+async fn a_reload_adds_an_sni_certificate_and_open_connections_stay() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let default = write_cert(&pki, &d, "default", &["localhost"]);
+    let api = write_cert(&pki, &d, "api", &["api.test"]);
+    let head = format!(
+        "[global]\nstate_dir = \"{}\"\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{}",
+        d.join("state").display(),
+        backend::tcp_echo().await,
+        files_table("[listener.cert]", &d, "default"),
+    );
+    let proxy = Proxy::start_in(&head, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    assert_eq!(served_serial(addr, Some("api.test")).await, default);
+
+    // A connection open across the reload keeps working.
+    let mut open = connect_as(addr, client_config(pki.roots(), &[]), "localhost")
+        .await
+        .unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+
+    let with_sni = format!("{head}{}", files_table("[[listener.sni_cert]]", &d, "api"));
+    let config = sheath::config::Config::from_toml(&d.join("sheath.toml"), &with_sni).unwrap();
+    proxy.running().reload(config).await.unwrap();
+    assert_eq!(proxy.addr("l"), addr, "the listener kept its socket");
+    assert_eq!(verified_serial(addr, pki.roots(), "api.test").await, api);
+    assert_eq!(
+        verified_serial(addr, pki.roots(), "localhost").await,
+        default
+    );
+
+    open.write_all(b"after!").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+}
+
+#[tokio::test]
+async fn an_sni_certificate_not_yet_issued_holds_readiness_but_not_the_default() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let default = write_cert(&pki, &d, "default", &["localhost"]);
+    let ca = pki.write_ca(&d);
+    // An ACME server that is not there: the SNI certificate cannot be had.
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{}\n[[listener.sni_cert]]\nsource = \"acme\"\ndirectory = \"https://127.0.0.1:{}/dir\"\nca_root = \"{}\"\nnames = [\"api.test\"]\n",
+        backend::tcp_echo().await,
+        files_table("[listener.cert]", &d, "default"),
+        crate::common::backend::closed_port().await.port(),
+        ca.display(),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let observed = proxy.running().observe();
+    let reasons = sheath::admin::readiness(&observed);
+    assert_eq!(reasons.len(), 1, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("listener `l` sni_cert[0]: no certificate yet from acme"),
+        "{reasons:?}"
+    );
+    // Meanwhile every client is served the default certificate.
+    assert_eq!(served_serial(addr, Some("api.test")).await, default);
+    assert_eq!(
+        verified_serial(addr, pki.roots(), "localhost").await,
+        default
+    );
+}
