@@ -54,6 +54,12 @@ pub enum StartError {
         #[source]
         source: tls::client_auth::TrustError,
     },
+    #[error("listener `{listener}`: outbound TLS: {source}")]
+    Outbound {
+        listener: String,
+        #[source]
+        source: tls::outbound::OutboundError,
+    },
     #[error("local CA: {0}")]
     LocalCa(#[source] CertError),
     #[error("listener `{listener}`: TLS configuration: {source}")]
@@ -990,7 +996,7 @@ fn build_state(
 ) -> Result<Arc<ListenerState>, StartError> {
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
-        Mode::Tcp => &[],
+        Mode::Tcp | Mode::Outbound => &[],
     };
     let verifier = client_verifier
         .clone()
@@ -1000,6 +1006,19 @@ fn build_state(
             listener: listener.name.clone(),
             source,
         })?;
+    // Outbound mode presents the listener's (default) certificate; CA files
+    // are read again on every reload.
+    let outbound = match &listener.outbound {
+        Some(o) => Some(
+            tls::outbound::Outbound::new(o, Arc::clone(&certs.all()[0])).map_err(|source| {
+                StartError::Outbound {
+                    listener: listener.name.clone(),
+                    source,
+                }
+            })?,
+        ),
+        None => None,
+    };
     Ok(Arc::new(ListenerState {
         config: Arc::new(listener.clone()),
         tls,
@@ -1007,5 +1026,6 @@ fn build_state(
         certs,
         client_verifier,
         http,
+        outbound,
     }))
 }

@@ -412,6 +412,12 @@ impl SingleListener {
         let upstream = self.upstream.as_deref().ok_or_else(|| {
             flag_error("--upstream", "--listen needs --upstream (SHEATH_UPSTREAM)")
         })?;
+        if self.mode == Some(Mode::Outbound) {
+            return Err(flag_error(
+                "--mode",
+                "outbound listeners are set up in a config file ([listener.outbound]); the flags describe one inbound listener",
+            ));
+        }
         let bind = parse_bind(listen).map_err(|m| flag_error("--listen", m))?;
         let upstream = parse_upstream(upstream, self.allow_remote_upstream)
             .map_err(|m| flag_error("--upstream", m))?;
@@ -510,6 +516,7 @@ impl SingleListener {
                 sni_certs: Vec::new(),
                 client_auth,
                 proxy_protocol,
+                outbound: None,
             }],
         })
     }

@@ -200,6 +200,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             cert: CertSource::default_local_ca(),
             cert_policy: Default::default(),
             sni_certs: Vec::new(),
+            outbound: None,
             client_auth: Default::default(),
             proxy_protocol: None,
         }],

@@ -55,6 +55,15 @@ pub struct ListenerFile {
     pub sni_cert: Vec<Spanned<CertFile>>,
     pub client_auth: Option<Spanned<ClientAuthFile>>,
     pub proxy_protocol: Option<Spanned<String>>,
+    pub outbound: Option<Spanned<OutboundFile>>,
+}
+
+/// `[listener.outbound]`: how an outbound listener verifies its peer.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundFile {
+    pub ca: Option<Spanned<OneOrMany>>,
+    pub server_name: Option<Spanned<String>>,
 }
 
 /// A single value or a list, for keys like `ca` where one file is usual.

@@ -56,6 +56,8 @@ pub struct ListenerConfig {
     pub client_auth: ClientAuthConfig,
     /// TCP mode: announce the client to the upstream with a PROXY header.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// Outbound mode: verification of the remote peer.
+    pub outbound: Option<OutboundConfig>,
 }
 
 impl ListenerConfig {
@@ -214,7 +216,7 @@ impl fmt::Display for Upstream {
     }
 }
 
-/// How decrypted traffic is relayed.
+/// How traffic is relayed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -223,6 +225,10 @@ pub enum Mode {
     /// HTTP/1.1 and HTTP/2 termination with a pooled HTTP/1.1 upstream (L7).
     #[default]
     Http,
+    /// The other direction: plaintext from a local client, relayed byte
+    /// for byte over mutual TLS to a remote peer, with the listener's
+    /// certificate as the client certificate.
+    Outbound,
 }
 
 impl fmt::Display for Mode {
@@ -230,6 +236,7 @@ impl fmt::Display for Mode {
         f.write_str(match self {
             Mode::Tcp => "tcp",
             Mode::Http => "http",
+            Mode::Outbound => "outbound",
         })
     }
 }
@@ -240,9 +247,24 @@ impl std::str::FromStr for Mode {
         match s {
             "tcp" => Ok(Mode::Tcp),
             "http" => Ok(Mode::Http),
-            other => Err(format!("unknown mode `{other}`, expected `tcp` or `http`")),
+            "outbound" => Ok(Mode::Outbound),
+            other => Err(format!(
+                "unknown mode `{other}`, expected `tcp`, `http` or `outbound`"
+            )),
         }
     }
+}
+
+/// Outbound mode: how the remote peer is verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundConfig {
+    /// CA bundles the peer's certificate must chain to; empty means the
+    /// system's roots.
+    pub ca: Vec<PathBuf>,
+    /// The name sent as SNI and checked against the peer's certificate
+    /// (an IP literal is checked against its IP addresses, and no SNI is
+    /// sent).
+    pub server_name: String,
 }
 
 /// Every phase of a connection has a bound; nothing waits forever.
@@ -567,6 +589,14 @@ impl Config {
             render_cert(&mut out, "[listener.cert]", &l.cert, &l.cert_policy);
             for c in &l.sni_certs {
                 render_cert(&mut out, "[[listener.sni_cert]]", &c.source, &c.policy);
+            }
+            if let Some(o) = &l.outbound {
+                let _ = writeln!(out, "\n[listener.outbound]");
+                if !o.ca.is_empty() {
+                    let ca = quoted_list(o.ca.iter().map(|p| p.to_string_lossy()));
+                    let _ = writeln!(out, "ca = {ca}");
+                }
+                let _ = writeln!(out, "server_name = {}", q(&o.server_name));
             }
             render_client_auth(&mut out, &l.client_auth);
         }

@@ -9,12 +9,13 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    line_col, CertFile, ClientAuthFile, FileConfig, ListenerFile, OneOrMany, TimeoutsFile,
+    line_col, CertFile, ClientAuthFile, FileConfig, ListenerFile, OneOrMany, OutboundFile,
+    TimeoutsFile,
 };
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
     ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
-    ListenerConfig, Mode, Origin, ProxyProtocol, SniCert, Timeouts, Upstream,
+    ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert, Timeouts, Upstream,
     DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
 };
 
@@ -196,8 +197,23 @@ fn validate_listener(
     };
     let bind =
         parse_bind(raw.bind.get_ref()).map_err(|m| invalid(loc.at(&raw.bind), key("bind"), m))?;
-    let upstream = parse_upstream(raw.upstream.get_ref(), raw.allow_remote_upstream)
-        .map_err(|m| invalid(loc.at(&raw.upstream), key("upstream"), m))?;
+    // An outbound listener's upstream is the remote peer, so it may be
+    // anywhere; what must stay in the namespace is its plaintext side.
+    let outbound_mode = raw.mode == Mode::Outbound;
+    let upstream = parse_upstream(
+        raw.upstream.get_ref(),
+        raw.allow_remote_upstream || outbound_mode,
+    )
+    .map_err(|m| invalid(loc.at(&raw.upstream), key("upstream"), m))?;
+    if outbound_mode && !bind.ip().is_loopback() {
+        return Err(invalid(
+            loc.at(&raw.bind),
+            key("bind"),
+            format!(
+                "{bind}: an outbound listener takes plaintext and connects with this sidecar's certificate, so it binds a loopback address only (127.0.0.1 or [::1])"
+            ),
+        ));
+    }
     let max_connections = match &raw.max_connections {
         Some(n) if *n.get_ref() == 0 => {
             return Err(invalid(
@@ -217,6 +233,13 @@ fn validate_listener(
         )
     })?;
 
+    if let (true, Some(first)) = (outbound_mode, raw.sni_cert.first()) {
+        return Err(invalid(
+            loc.at(first),
+            key("sni_cert"),
+            "an outbound listener presents one certificate, [listener.cert]; SNI certificates need mode = \"http\" or \"tcp\"",
+        ));
+    }
     // Where each certificate's table starts, for errors that involve two.
     let mut cert_origins = vec![raw
         .cert
@@ -230,7 +253,19 @@ fn validate_listener(
             validate_cert(loc, &key(&format!("sni_cert[{i}]")), Some(table), true)?;
         sni_certs.push(SniCert { source, policy });
     }
+    let client_auth_origin = raw.client_auth.as_ref().map(|c| loc.at(c));
     let client_auth = validate_client_auth(loc, index, raw.mode, raw.client_auth)?;
+    if let (true, Some(origin)) = (
+        outbound_mode && client_auth.mode != ClientAuthMode::None,
+        client_auth_origin,
+    ) {
+        return Err(invalid(
+            origin,
+            key("client_auth.mode"),
+            "an outbound listener's clients are local and plaintext; it is the remote peer that verifies this sidecar's certificate",
+        ));
+    }
+    let outbound = validate_outbound(loc, index, raw.mode, &upstream, raw.outbound)?;
     let proxy_protocol = match &raw.proxy_protocol {
         None => None,
         Some(p) => {
@@ -268,8 +303,67 @@ fn validate_listener(
         sni_certs,
         client_auth,
         proxy_protocol,
+        outbound,
     };
     Ok((listener, cert_origins))
+}
+
+/// `[listener.outbound]`: only in outbound mode, where it is optional
+/// (system roots, the upstream's host as the name).
+fn validate_outbound(
+    loc: &Locator<'_>,
+    index: usize,
+    mode: Mode,
+    upstream: &Upstream,
+    raw: Option<Spanned<OutboundFile>>,
+) -> Result<Option<OutboundConfig>, ConfigError> {
+    let key = |k: &str| format!("listener[{index}].outbound{k}");
+    if mode != Mode::Outbound {
+        return match raw {
+            Some(table) => Err(invalid(
+                loc.at(&table),
+                key(""),
+                "[listener.outbound] needs mode = \"outbound\"",
+            )),
+            None => Ok(None),
+        };
+    }
+    let raw = raw.map(Spanned::into_inner).unwrap_or_default();
+    let ca = match raw.ca {
+        Some(list) => {
+            let origin = loc.at(&list);
+            let paths: Vec<PathBuf> = list
+                .into_inner()
+                .into_vec()
+                .iter()
+                .map(|p| loc.resolve_path(p))
+                .collect();
+            if paths.is_empty() {
+                return Err(invalid(
+                    origin,
+                    key(".ca"),
+                    "an empty list trusts nothing; leave `ca` out to use the system's roots",
+                ));
+            }
+            paths
+        }
+        None => Vec::new(),
+    };
+    let server_name = match raw.server_name {
+        Some(name) => {
+            let value = name.get_ref().to_ascii_lowercase();
+            if rustls::pki_types::ServerName::try_from(value.as_str()).is_err() {
+                return Err(invalid(
+                    loc.at(&name),
+                    key(".server_name"),
+                    format!("`{value}` is neither a DNS name nor an IP address"),
+                ));
+            }
+            value
+        }
+        None => upstream.host.clone(),
+    };
+    Ok(Some(OutboundConfig { ca, server_name }))
 }
 
 fn validate_client_auth(

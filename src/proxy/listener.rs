@@ -169,6 +169,15 @@ async fn handle(
 ) {
     stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(Arc::clone(&stats));
+    if state.config.mode == Mode::Outbound {
+        // Plaintext from a local client; TLS is on the upstream side.
+        let _ = tcp.set_nodelay(true);
+        Box::pin(super::outbound::relay(
+            tcp, peer, state, stats, permit, drain,
+        ))
+        .await;
+        return;
+    }
     // Each phase is boxed and awaited in turn. A task's future is as large
     // as its largest state, and locals an async fn has moved out of can
     // keep their room in it: inline, every connection task held the
@@ -279,5 +288,6 @@ fn serving(
     Some(match config.mode {
         Mode::Tcp => Box::pin(super::tcp::relay(accepted.stream, conn, permit)),
         Mode::Http => Box::pin(super::http::serve(accepted.stream, conn, permit)),
+        Mode::Outbound => unreachable!("outbound connections have no server handshake"),
     })
 }

@@ -8,6 +8,7 @@ pub mod forward;
 pub mod http;
 pub mod io;
 pub mod listener;
+pub mod outbound;
 pub mod proxy_protocol;
 pub mod tcp;
 pub mod upstream;
@@ -42,6 +43,8 @@ pub struct ListenerState {
     pub client_verifier: Option<Arc<crate::tls::client_auth::ClientVerifier>>,
     /// Pooled upstream client, in HTTP mode.
     pub http: Option<upstream::UpstreamClient>,
+    /// TLS client towards the remote peer, in outbound mode.
+    pub outbound: Option<crate::tls::outbound::Outbound>,
 }
 
 /// One accepted, TLS-terminated client connection.

@@ -6,26 +6,29 @@
 //! plus FIN towards the client, and the other direction keeps flowing until
 //! it ends too (half-close).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
+use tokio_util::sync::CancellationToken;
 
 use super::io::{Activity, Side, Tracked};
 use super::ConnInfo;
+use crate::config::ListenerConfig;
 
 /// Client to upstream: TLS records carry at most 16 KiB, so one read from
 /// the TLS stream rarely fills more.
-const UP_BUF: usize = 16 * 1024;
+pub(super) const UP_BUF: usize = 16 * 1024;
 
 /// Upstream to client: four full TLS records per read and per write.
 /// With 16 KiB, as for the other direction, a bulk download cost twice the
 /// CPU per megabyte (W6 in benches/compare.py: 3,150 -> 1,730 and 3,185 ->
 /// 1,380 us/MB; 32 KiB gave 1,700-1,925). The buffer exists only while the
 /// connection carries traffic.
-const DOWN_BUF: usize = 64 * 1024;
+pub(super) const DOWN_BUF: usize = 64 * 1024;
 
 /// Relay one TLS connection to the upstream until both directions end, it
 /// goes idle, or the drain cuts it.
@@ -92,18 +95,7 @@ pub fn relay(
             )
             .await
         };
-        let outcome = tokio::select! {
-            r = relay => match r {
-                Ok(_) => "closed",
-                Err(e) => {
-                    tracing::debug!(listener = %config.name, peer = %conn.peer, error = %e, "relay error");
-                    "error"
-                }
-            },
-            _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-            _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
-            _ = conn.drain.abort.cancelled() => "drain_timeout",
-        };
+        let outcome = run_relay(relay, &activity, config, conn.peer, &conn.drain.abort).await;
         let (bytes_in, bytes_out) = activity.totals();
         tracing::info!(
             listener = %config.name,
@@ -117,6 +109,30 @@ pub fn relay(
             outcome,
             "connection"
         );
+    }
+}
+
+/// Run `relay` until both directions end, the connection goes idle or
+/// outlives its maximum lifetime, or the drain cuts it; what ended it, for
+/// the connection's log line.
+pub(super) async fn run_relay(
+    relay: impl std::future::Future<Output = std::io::Result<(u64, u64)>>,
+    activity: &Activity,
+    config: &ListenerConfig,
+    peer: SocketAddr,
+    abort: &CancellationToken,
+) -> &'static str {
+    tokio::select! {
+        r = relay => match r {
+            Ok(_) => "closed",
+            Err(e) => {
+                tracing::debug!(listener = %config.name, peer = %peer, error = %e, "relay error");
+                "error"
+            }
+        },
+        _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+        _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
+        _ = abort.cancelled() => "drain_timeout",
     }
 }
 

@@ -79,10 +79,13 @@ pub enum FailureReason {
     Protocol,
     /// The connection failed underneath TLS (reset, early close).
     Io,
+    /// Outbound mode: the remote peer's certificate failed verification
+    /// (unknown CA, wrong name, expired).
+    PeerCertRejected,
 }
 
 impl FailureReason {
-    pub const ALL: [FailureReason; 9] = [
+    pub const ALL: [FailureReason; 10] = [
         FailureReason::Timeout,
         FailureReason::BadClientHello,
         FailureReason::Incompatible,
@@ -92,7 +95,17 @@ impl FailureReason {
         FailureReason::AlertReceived,
         FailureReason::Protocol,
         FailureReason::Io,
+        FailureReason::PeerCertRejected,
     ];
+
+    /// The class of a failed outbound (client-side) handshake.
+    pub fn of_outbound(e: &std::io::Error) -> FailureReason {
+        match rustls_error(e) {
+            Some(rustls::Error::InvalidCertificate(_)) => FailureReason::PeerCertRejected,
+            Some(e) => FailureReason::of(e),
+            None => FailureReason::Io,
+        }
+    }
 
     fn of(e: &rustls::Error) -> FailureReason {
         use rustls::Error as E;
@@ -120,6 +133,7 @@ impl FailureReason {
             FailureReason::AlertReceived => "alert_received",
             FailureReason::Protocol => "protocol_error",
             FailureReason::Io => "io_error",
+            FailureReason::PeerCertRejected => "peer_cert_rejected",
         }
     }
 

@@ -1,9 +1,11 @@
 //! TLS termination: the server configuration policy, the lock-free
-//! certificate resolver, and the handshake under one deadline.
+//! certificate resolver, and the handshake under one deadline; and the
+//! client side of outbound mode.
 
 pub mod client_auth;
 pub mod danger;
 pub mod handshake;
+pub mod outbound;
 pub mod resolver;
 pub mod server_config;
 

@@ -68,7 +68,7 @@ impl CertResolver {
 impl CertResolver {
     /// The key to serve now. Asking for an expired or missing certificate
     /// wakes the manager.
-    fn pick(&self) -> Option<Arc<CertifiedKey>> {
+    pub(crate) fn pick(&self) -> Option<Arc<CertifiedKey>> {
         let current = self.current.load();
         match current.as_ref() {
             Some(served) => {

@@ -35,7 +35,7 @@ fn ticketer() -> Result<Arc<dyn ProducesTickets>, rustls::Error> {
 /// crypto/tls choose. SHA-256 runs on the SHA extensions of current x86 and
 /// ARM cores while SHA-384 does not, so the handshake's transcript hash and
 /// key schedule cost less, and AES-128 bulk encryption takes fewer rounds.
-fn provider() -> rustls::crypto::CryptoProvider {
+pub(crate) fn provider() -> rustls::crypto::CryptoProvider {
     use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     let preferred = [

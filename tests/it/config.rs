@@ -411,3 +411,62 @@ fn sni_certificate_errors_name_their_table() {
         "{message}"
     );
 }
+
+#[test]
+fn outbound_listeners_bind_loopback_and_verify_their_peer() {
+    let text = r#"
+[[listener]]
+name = "billing"
+bind = "127.0.0.1:15001"
+upstream = "billing.internal:8443"
+mode = "outbound"
+
+[listener.cert]
+source = "local_ca"
+names = ["web.internal"]
+
+[listener.outbound]
+ca = "mesh-ca.pem"
+"#;
+    let config = parse(text).unwrap();
+    let l = &config.listeners[0];
+    assert_eq!(l.mode, Mode::Outbound);
+    let o = l.outbound.as_ref().unwrap();
+    // The upstream is remote without allow_remote_upstream, and its host
+    // is the name the peer's certificate must carry unless told otherwise.
+    assert_eq!(o.server_name, "billing.internal");
+    assert_eq!(o.ca, [Path::new("/etc/sheath/mesh-ca.pem")]);
+    let again = assert_round_trip(Path::new("/etc/sheath/test.toml"), &config);
+    assert_eq!(again, config, "rendered:\n{}", config.render());
+
+    let head = "[[listener]]\nupstream = \"peer.internal:8443\"\nmode = \"outbound\"\n";
+    // Its plaintext side must not be reachable from outside the namespace.
+    let (line, key, message) = error_at(&format!("{head}bind = \"0.0.0.0:15001\"\n"));
+    assert_eq!((line, key.as_str()), (4, "listener[0].bind"));
+    assert!(message.contains("loopback"), "{message}");
+
+    let local = format!("{head}bind = \"127.0.0.1:15001\"\n");
+    let (line, key, _) = error_at(&format!(
+        "{local}[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\n"
+    ));
+    assert_eq!((line, key.as_str()), (5, "listener[0].client_auth.mode"));
+    let (line, key, _) = error_at(&format!(
+        "{local}[listener.outbound]\nserver_name = \"not a name\"\n"
+    ));
+    assert_eq!(
+        (line, key.as_str()),
+        (6, "listener[0].outbound.server_name")
+    );
+    let (line, key, message) = error_at(&format!(
+        "{local}[[listener.sni_cert]]\nnames = [\"a.test\"]\n"
+    ));
+    assert_eq!((line, key.as_str()), (5, "listener[0].sni_cert"));
+    assert!(message.contains("one certificate"), "{message}");
+
+    // [listener.outbound] belongs to outbound mode only.
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.outbound]\nca = \"ca.pem\"\n",
+    );
+    assert_eq!((line, key.as_str()), (4, "listener[0].outbound"));
+    assert!(message.contains("needs mode = \"outbound\""), "{message}");
+}

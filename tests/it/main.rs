@@ -13,6 +13,7 @@ mod limits;
 mod local_ca;
 mod mtls;
 mod netns;
+mod outbound;
 mod pebble_smoke;
 mod pool;
 mod process;

@@ -1,0 +1,130 @@
+//! Outbound mode: a local plaintext client, relayed byte for byte over
+//! mutual TLS to a remote peer, presenting this sidecar's certificate.
+//!
+//! The mirror image of TCP mode. The application talks to a loopback port
+//! as if the peer were local; sheath connects to the peer, verifies its
+//! certificate against the configured CAs and the expected name, proves
+//! its own identity with the certificate it manages, and then relays. A
+//! client never reaches the peer unverified: if the handshake fails, its
+//! connection is closed without a byte relayed.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_rustls::TlsConnector;
+
+use super::io::{Activity, Side, Tracked};
+use super::tcp::{run_relay, DOWN_BUF, UP_BUF};
+use super::{ListenerState, ListenerStats};
+use crate::shutdown::Drain;
+use crate::tls::handshake::FailureReason;
+
+/// Connect to the peer for one local client and relay until done.
+///
+/// A plain function around an `async move` block, as in TCP mode, so the
+/// streams are stored once in the connection's future.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would store the streams twice"
+)]
+pub fn relay(
+    mut client: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ListenerState>,
+    stats: Arc<ListenerStats>,
+    permit: OwnedSemaphorePermit,
+    drain: Drain,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move {
+        let _permit = permit;
+        let started = Instant::now();
+        let config = &state.config;
+        let upstream = &config.upstream;
+        let Some(outbound) = &state.outbound else {
+            // Built with every outbound listener's state; never absent.
+            tracing::error!(listener = %config.name, "outbound listener without a TLS client");
+            return;
+        };
+        let tcp = tokio::select! {
+            r = super::upstream::connect(upstream, config.timeouts.connect) => r,
+            _ = drain.abort.cancelled() => return,
+        };
+        let tcp = match tcp {
+            Ok(s) => s,
+            Err(e) => {
+                stats
+                    .upstream_connect_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(listener = %config.name, peer = %peer, upstream = %upstream, error = %e, "upstream connect failed");
+                return;
+            }
+        };
+        let handshake = TlsConnector::from(Arc::clone(&outbound.tls))
+            .connect(outbound.server_name.clone(), tcp);
+        let handshake = tokio::select! {
+            r = tokio::time::timeout(config.timeouts.handshake, handshake) => r,
+            _ = drain.abort.cancelled() => return,
+        };
+        let mut tls = match handshake {
+            Ok(Ok(tls)) => tls,
+            failed => {
+                let (reason, error) = match failed {
+                    Ok(Err(e)) => (FailureReason::of_outbound(&e), e.to_string()),
+                    _ => (
+                        FailureReason::Timeout,
+                        format!("no handshake within {:?}", config.timeouts.handshake),
+                    ),
+                };
+                stats.handshake_failed(reason);
+                tracing::warn!(
+                    listener = %config.name,
+                    peer = %peer,
+                    upstream = %upstream,
+                    server_name = ?outbound.server_name,
+                    reason = %reason,
+                    error,
+                    "TLS handshake with the upstream failed"
+                );
+                return;
+            }
+        };
+        stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        let session = tls.get_ref().1;
+        let tls_version = session
+            .protocol_version()
+            .and_then(|v| v.as_str())
+            .unwrap_or("-");
+
+        let activity = Activity::new(Some(Arc::clone(&stats)));
+        let relay = async {
+            // Client side plaintext in, upstream TLS out; the larger buffer
+            // carries what the peer sends (downloads), as in TCP mode.
+            let mut client = Tracked::new(&mut client, activity.clone(), Side::Client);
+            let mut upstream_io = Tracked::new(&mut tls, activity.clone(), Side::Upstream);
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut client,
+                &mut upstream_io,
+                UP_BUF,
+                DOWN_BUF,
+            )
+            .await
+        };
+        let outcome = run_relay(relay, &activity, config, peer, &drain.abort).await;
+        let (bytes_in, bytes_out) = activity.totals();
+        tracing::info!(
+            listener = %config.name,
+            peer = %peer,
+            upstream = %upstream,
+            tls = tls_version,
+            bytes_in,
+            bytes_out,
+            duration_ms = started.elapsed().as_millis() as u64,
+            outcome,
+            "connection"
+        );
+    }
+}

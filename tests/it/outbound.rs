@@ -1,0 +1,195 @@
+//! Outbound mode: a local plaintext client, relayed over mutual TLS to a
+//! remote peer with the certificate sheath manages. The peers are real: a
+//! second sheath that requires client certificates, and `openssl s_server`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::backend::{read_to_end, CountingBackend};
+use crate::common::pebble::free_port;
+use crate::common::{require_tool, within, Proxy, TestPki};
+use sheath::tls::handshake::FailureReason;
+
+/// The peer: an HTTP listener that requires a client certificate from
+/// `client_ca` and forwards the caller's identity as XFCC to a backend
+/// that echoes request heads. It serves a certificate for `peer.test`.
+async fn peer(pki: &TestPki, client_ca: &Path) -> (Proxy, CountingBackend) {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = CountingBackend::start().await;
+    let files = pki.write_server(dir.path(), "peer");
+    let (cert, key) = pki.server_cert(&["peer.test"], Duration::from_secs(3600));
+    std::fs::write(&files.cert, cert).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
+        upstream.addr,
+        crate::common::pki::files_cert_toml(&files),
+        client_ca.display()
+    );
+    (Proxy::start_in(&toml, dir).await.unwrap(), upstream)
+}
+
+/// An outbound sheath whose identity comes from its local CA (names
+/// `web.test`), towards `target`, trusting the test CA for `server_name`.
+async fn outbound(
+    dir: tempfile::TempDir,
+    target: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+) -> Proxy {
+    let toml = format!(
+        "[global]\nstate_dir = \"{0}/state\"\n\n[[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nupstream = \"{target}\"\nmode = \"outbound\"\n\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"web.test\"]\n\n[listener.outbound]\nca = \"{1}\"\nserver_name = \"{server_name}\"\n",
+        dir.path().display(),
+        ca.display(),
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+/// The local CA the outbound sheath will use, created ahead so the peer
+/// can be told to trust it.
+fn local_ca_root(dir: &Path) -> std::path::PathBuf {
+    let ca = sheath::cert::LocalCa::load_or_create(&dir.join("state")).unwrap();
+    ca.cert_path()
+}
+
+/// A plaintext HTTP/1.1 request through the outbound port; the whole answer.
+async fn plain_get(addr: SocketAddr, path: &str) -> String {
+    within(&format!("GET {path} through {addr}"), async {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: peer.test\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        String::from_utf8(read_to_end(&mut tcp).await.unwrap()).unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_local_client_reaches_the_peer_as_the_managed_identity() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = local_ca_root(dir.path());
+    let (peer, _backend) = peer(&pki, &client_ca).await;
+    let test_ca = pki.write_ca(dir.path());
+    let out = outbound(dir, peer.addr("in"), &test_ca, "peer.test").await;
+
+    let answer = plain_get(out.addr("out"), "/headers").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The peer verified sheath's local-CA certificate and says so.
+    let xfcc = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-forwarded-client-cert: "))
+        .unwrap_or_else(|| panic!("no XFCC in {answer}"));
+    assert!(xfcc.contains("DNS=web.test"), "{xfcc}");
+
+    // The certificate presented is the one the manager serves now.
+    let serving = out.running().listener("out").unwrap().cert_status();
+    let serial = serving.current.as_ref().unwrap().sha256.clone();
+    assert!(
+        xfcc.contains(&format!("Hash={serial}")),
+        "{xfcc} vs {serial}"
+    );
+    let stats = &out.running().listener("out").unwrap().stats;
+    assert_eq!(
+        stats.handshakes.load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_fails_verification_gets_nothing() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = local_ca_root(dir.path());
+    let (peer, backend) = peer(&pki, &client_ca).await;
+    let test_ca = pki.write_ca(dir.path());
+    // The peer's certificate is for peer.test; this listener expects
+    // another name, so the peer must be refused before any byte goes out.
+    let out = outbound(dir, peer.addr("in"), &test_ca, "billing.test").await;
+
+    let mut tcp = TcpStream::connect(out.addr("out")).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let read = within("the client is closed", tcp.read_to_end(&mut got)).await;
+    // Closed (reset, as the request was never read) without a byte.
+    assert!(
+        got.is_empty()
+            && read.as_ref().map_or_else(
+                |e| e.kind() == std::io::ErrorKind::ConnectionReset,
+                |n| *n == 0
+            ),
+        "the client got {read:?} {got:?}"
+    );
+    let stats = &out.running().listener("out").unwrap().stats;
+    assert_eq!(stats.handshake_failures(FailureReason::PeerCertRejected), 1);
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "a request reached the peer's backend"
+    );
+}
+
+#[tokio::test]
+async fn openssl_s_server_sees_the_client_certificate() {
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = local_ca_root(dir.path());
+    let (cert, key) = pki.server_cert(&["peer.test"], Duration::from_secs(3600));
+    let (cert_path, key_path) = (dir.path().join("s.pem"), dir.path().join("s.key"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let port = free_port();
+    // -Verify: a client certificate is required; -www answers a GET with
+    // the session, including the client certificate's subject.
+    let mut server = tokio::process::Command::new("openssl")
+        .args([
+            "s_server",
+            "-quiet",
+            "-www",
+            "-Verify",
+            "1",
+            "-verify_return_error",
+        ])
+        .arg("-accept")
+        .arg(port.to_string())
+        .arg("-cert")
+        .arg(&cert_path)
+        .arg("-key")
+        .arg(&key_path)
+        .arg("-CAfile")
+        .arg(&client_ca)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let target: SocketAddr = ([127, 0, 0, 1], port).into();
+    within("s_server listens", async {
+        while TcpStream::connect(target).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let test_ca = pki.write_ca(dir.path());
+    let out = outbound(dir, target, &test_ca, "peer.test").await;
+
+    let answer = plain_get(out.addr("out"), "/").await;
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(
+        answer.contains("CN=web.test") || answer.contains("CN = web.test"),
+        "{answer}"
+    );
+    server.kill().await.unwrap();
+}
