@@ -78,6 +78,11 @@ impl Outbound {
                 .with_client_cert_resolver(Arc::new(Identity(identity)));
         // A relay has nothing to send early; 0-RTT data could be replayed.
         tls.enable_early_data = false;
+        // Every connection is a full handshake, as on sheath's own mTLS
+        // listeners: a resumed session carries the identity of the
+        // handshake that created it, so after a renewal (or a revocation
+        // on the peer's side) the peer would go on seeing the old one.
+        tls.resumption = rustls::client::Resumption::disabled();
         Ok(Outbound {
             tls: Arc::new(tls),
             server_name,

@@ -193,3 +193,48 @@ async fn openssl_s_server_sees_the_client_certificate() {
     );
     server.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_renewed_identity_is_presented_from_the_next_connection() {
+    use crate::common::pki::ClientSpec;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let test_ca = pki.write_ca(dir.path());
+    let (peer, _backend) = peer(&pki, &test_ca).await;
+    let identity = |n: u32| {
+        let mut spec = ClientSpec::new("web");
+        spec.uris = vec![format!("spiffe://mesh.test/web/{n}")];
+        pki.client(&spec)
+    };
+    let (cert, key) = identity(1).write(dir.path(), "id");
+    let toml = format!(
+        "[[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"outbound\"\n\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\npoll_interval = \"5s\"\n\n[listener.outbound]\nca = \"{}\"\nserver_name = \"peer.test\"\n",
+        peer.addr("in"),
+        cert.display(),
+        key.display(),
+        test_ca.display(),
+    );
+    let out = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = out.addr("out");
+    let answer = plain_get(addr, "/headers").await;
+    assert!(answer.contains("URI=spiffe://mesh.test/web/1"), "{answer}");
+
+    // Renewal by file replacement: key, then certificate, each renamed in.
+    let next = identity(2);
+    for (path, pem) in [(&key, &next.key_pem), (&cert, &next.cert_pem)] {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, pem).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    let status = out.running().listener("out").unwrap().certs[0]
+        .status
+        .clone();
+    within("the new identity is installed", async {
+        while status.load().installs < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let answer = plain_get(addr, "/headers").await;
+    assert!(answer.contains("URI=spiffe://mesh.test/web/2"), "{answer}");
+}
