@@ -164,7 +164,7 @@ pub struct ExportFile {
 /// Parse TOML text into the raw file types, turning serde errors into
 /// messages with the file, line and dotted key.
 pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    let de = toml::Deserializer::new(text);
+    let de = toml::Deserializer::parse(text).map_err(|err| syntax_error(path, text, err))?;
     serde_path_to_error::deserialize(de).map_err(|err| {
         let key = dotted_key(err.path());
         let inner = err.into_inner();
@@ -182,6 +182,23 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> 
             message: inner.message().trim_end().to_string(),
         }
     })
+}
+
+/// A document that is not TOML at all: no key to name, only a place.
+fn syntax_error(path: &Path, text: &str, err: toml::de::Error) -> ConfigError {
+    let (line, column) = err
+        .span()
+        .map(|span| line_col(text, span.start))
+        .unwrap_or((1, 1));
+    ConfigError::Invalid {
+        origin: Origin::File {
+            path: path.to_path_buf(),
+            line,
+            column,
+        },
+        key: String::new(),
+        message: err.message().trim_end().to_string(),
+    }
 }
 
 /// 1-based line and column of a byte offset.

@@ -470,3 +470,19 @@ ca = "mesh-ca.pem"
     assert_eq!((line, key.as_str()), (4, "listener[0].outbound"));
     assert!(message.contains("needs mode = \"outbound\""), "{message}");
 }
+
+#[test]
+fn a_cert_table_opened_only_by_its_export_subtable_is_the_default_source() {
+    // `[listener.cert.export]` alone defines `[listener.cert]` implicitly:
+    // the default local-CA certificate, exported.
+    let config = parse(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.cert.export]\ndir = \"/var/lib/sheath/export\"\n",
+    )
+    .unwrap();
+    let l = &config.listeners[0];
+    assert!(matches!(l.cert, CertSource::LocalCa { .. }));
+    assert_eq!(
+        l.cert_policy.export.as_ref().unwrap().dir,
+        Path::new("/var/lib/sheath/export")
+    );
+}
