@@ -105,9 +105,10 @@ impl Listener {
                     let state = self.state.load_full();
                     let stats = Arc::clone(&self.stats);
                     let conn_drain = drain.clone();
+                    let local = self.local_addr;
                     drain
                         .tracker
-                        .spawn(handle(tcp, peer, state, stats, permit, conn_drain));
+                        .spawn(handle(tcp, peer, local, state, stats, permit, conn_drain));
                 }
                 Err(e) if is_connection_error(&e) => {
                     // The client gave up before we accepted; nothing to fix.
@@ -159,9 +160,11 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// `listening` is the listener's own address; see `handshake` for why.
 async fn handle(
     tcp: TcpStream,
     peer: SocketAddr,
+    listening: SocketAddr,
     state: Arc<ListenerState>,
     stats: Arc<ListenerStats>,
     permit: OwnedSemaphorePermit,
@@ -184,7 +187,7 @@ async fn handle(
     // handshake's, HTTP's and TCP's state together for its whole life
     // (7.5 KiB, half the memory of an idle connection). Boxed, a phase's
     // state is freed when the phase ends.
-    let handshake = Box::pin(handshake(tcp, peer, state, stats, permit, drain));
+    let handshake = Box::pin(handshake(tcp, peer, listening, state, stats, permit, drain));
     let serving = handshake.await;
     if let Some(serving) = serving {
         serving.await;
@@ -198,13 +201,22 @@ type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
+    listening: SocketAddr,
     state: Arc<ListenerState>,
     stats: Arc<ListenerStats>,
     permit: OwnedSemaphorePermit,
     drain: Drain,
 ) -> Option<Serving> {
     let _ = tcp.set_nodelay(true);
-    let local = tcp.local_addr().unwrap_or_else(|_| state.config.bind);
+    // The address the client connected to. A listener on one address is
+    // connected to at that address; only a wildcard bind needs the kernel
+    // to say which of the host's addresses it was (a syscall per
+    // connection).
+    let local = if listening.ip().is_unspecified() {
+        tcp.local_addr().unwrap_or(listening)
+    } else {
+        listening
+    };
     let config = &state.config;
     let handshake = tokio::select! {
         r = tls::accept(tcp, |hello| pick_config(&state, hello), config.timeouts.handshake) => r,

@@ -15,10 +15,12 @@
 //! body and an idempotent method, as nginx does: the upstream may have
 //! acted on anything else.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -171,7 +173,25 @@ impl<B: RequestBody> UpstreamClient<B> {
 /// Open a TCP connection to the upstream, for HTTP mode's pool and for
 /// each TCP-mode client.
 pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let connect = TcpStream::connect((upstream.host.as_str(), upstream.port));
+    let connect = async {
+        match upstream.host.parse::<IpAddr>() {
+            Ok(ip) => TcpStream::connect(SocketAddr::new(ip, upstream.port)).await,
+            Err(_) => {
+                let addrs = resolve(&upstream.host, upstream.port).await?;
+                // In order, as getaddrinfo sorted them (RFC 6724): `localhost`
+                // is often ::1 first, and an upstream bound to 127.0.0.1 only
+                // refuses that at once.
+                let mut last = None;
+                for addr in addrs.iter() {
+                    match TcpStream::connect(addr).await {
+                        Ok(stream) => return Ok(stream),
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.expect("resolve returns at least one address"))
+            }
+        }
+    };
     let stream = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
         Ok(result) => result.map_err(UpstreamError::Connect)?,
@@ -184,6 +204,62 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream
         tracing::debug!(error = %e, "TCP keep-alive not set on upstream connection");
     }
     Ok(stream)
+}
+
+/// How long the addresses of an upstream name are reused. Resolving runs
+/// getaddrinfo on tokio's blocking pool; once per TCP-mode connection that
+/// cost ~10% of the connection's CPU with `localhost`. Short enough to
+/// follow DNS changes (Envoy refreshes every 5 s by default).
+const RESOLVE_TTL: Duration = Duration::from_secs(5);
+
+/// Resolved upstream names, process-wide. Keys come from the configuration
+/// only, so the map stays as small as the set of upstream names.
+type ResolveCache = Mutex<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>;
+
+/// The addresses of `host:port`, from the cache while fresh. When a new
+/// lookup fails, the last addresses that resolved are used rather than
+/// failing every connection while the resolver is down.
+async fn resolve(host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
+    static CACHE: OnceLock<ResolveCache> = OnceLock::new();
+    let cache = CACHE.get_or_init(Default::default);
+    let key = (host.to_string(), port);
+    let stale = match cache.lock().expect("poisoned").get(&key) {
+        Some((at, addrs)) if at.elapsed() < RESOLVE_TTL => return Ok(Arc::clone(addrs)),
+        Some((_, addrs)) => Some(Arc::clone(addrs)),
+        None => None,
+    };
+    let looked_up = tokio::net::lookup_host((host, port))
+        .await
+        .and_then(|found| {
+            let addrs: Arc<[SocketAddr]> = found.collect();
+            if addrs.is_empty() {
+                Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{host} has no address"),
+                ))
+            } else {
+                Ok(addrs)
+            }
+        });
+    match (looked_up, stale) {
+        (Ok(addrs), _) => {
+            cache
+                .lock()
+                .expect("poisoned")
+                .insert(key, (Instant::now(), Arc::clone(&addrs)));
+            Ok(addrs)
+        }
+        (Err(e), Some(addrs)) => {
+            tracing::warn!(host, error = %e, "resolving the upstream failed; using the addresses it last had");
+            // Asked again after another TTL, not on every connection.
+            cache
+                .lock()
+                .expect("poisoned")
+                .insert(key, (Instant::now(), Arc::clone(&addrs)));
+            Ok(addrs)
+        }
+        (Err(e), None) => Err(e),
+    }
 }
 
 /// A request that can be sent again if its connection fails under it: no
@@ -402,6 +478,33 @@ mod tests {
     use http_body_util::{BodyExt, Empty};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
+
+    #[tokio::test]
+    async fn an_upstream_name_is_resolved_once_per_ttl_and_connected_by_name() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let first = resolve("localhost", port).await.unwrap();
+        assert!(first
+            .iter()
+            .any(|a| a.ip().is_loopback() && a.port() == port));
+        // The second lookup within the TTL is the same allocation: the
+        // cache answered, not getaddrinfo.
+        let second = resolve("localhost", port).await.unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+
+        // A name whose first address refuses (::1 when only 127.0.0.1
+        // listens, wherever localhost has both) still connects.
+        let upstream = crate::config::parse_upstream(&format!("localhost:{port}"), false).unwrap();
+        let (connected, accepted) = tokio::join!(
+            connect(&upstream, Duration::from_secs(5)),
+            listener.accept()
+        );
+        let stream = connected.unwrap();
+        assert_eq!(
+            stream.peer_addr().unwrap(),
+            accepted.unwrap().0.local_addr().unwrap()
+        );
+    }
 
     fn client_for(upstream: std::net::SocketAddr) -> UpstreamClient<Empty<Bytes>> {
         let text = format!(
