@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::config::{
     self, parse_bind, parse_fingerprint, parse_names, parse_upstream, AcmeChallenge, AcmeConfig,
     AcmeTrust, AllowList, CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError,
-    ForwardIdentity, ListenerConfig, Mode, Origin, ProxyProtocol, Timeouts, DEFAULT_DRAIN_TIMEOUT,
-    DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
+    ForwardIdentity, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, Timeouts,
+    DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::logging::LogFormat;
 
@@ -166,9 +166,20 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_UPSTREAM")]
     pub upstream: Option<String>,
 
-    /// Relay mode: `http` or `tcp` [default: http].
+    /// Relay mode: `http`, `tcp` or `outbound` [default: http]. Outbound:
+    /// --listen is a loopback plaintext port, --upstream the mTLS peer.
     #[arg(long, env = "SHEATH_MODE")]
     pub mode: Option<Mode>,
+
+    /// Outbound mode: CA bundle(s) the peer's certificate must chain to
+    /// (comma-separated) [default: the system's roots].
+    #[arg(long, env = "SHEATH_PEER_CA", value_delimiter = ',')]
+    pub peer_ca: Vec<PathBuf>,
+
+    /// Outbound mode: the name expected in the peer's certificate and sent
+    /// as SNI [default: the host of --upstream].
+    #[arg(long, env = "SHEATH_PEER_NAME")]
+    pub peer_name: Option<String>,
 
     /// Allow an upstream outside this network namespace's loopback.
     #[arg(long, env = "SHEATH_ALLOW_REMOTE_UPSTREAM")]
@@ -293,6 +304,8 @@ impl SingleListener {
             listen: _,
             upstream: _,
             mode,
+            peer_ca,
+            peer_name,
             allow_remote_upstream,
             names,
             cert_lifetime,
@@ -329,6 +342,8 @@ impl SingleListener {
             }
         };
         flag(mode.is_some(), "--mode");
+        flag(!peer_ca.is_empty(), "--peer-ca");
+        flag(peer_name.is_some(), "--peer-name");
         flag(*allow_remote_upstream, "--allow-remote-upstream");
         flag(!names.is_empty(), "--name");
         flag(cert_lifetime.is_some(), "--cert-lifetime");
@@ -412,15 +427,31 @@ impl SingleListener {
         let upstream = self.upstream.as_deref().ok_or_else(|| {
             flag_error("--upstream", "--listen needs --upstream (SHEATH_UPSTREAM)")
         })?;
-        if self.mode == Some(Mode::Outbound) {
-            return Err(flag_error(
-                "--mode",
-                "outbound listeners are set up in a config file ([listener.outbound]); the flags describe one inbound listener",
-            ));
-        }
+        let outbound_mode = self.mode == Some(Mode::Outbound);
         let bind = parse_bind(listen).map_err(|m| flag_error("--listen", m))?;
-        let upstream = parse_upstream(upstream, self.allow_remote_upstream)
+        let upstream = parse_upstream(upstream, self.allow_remote_upstream || outbound_mode)
             .map_err(|m| flag_error("--upstream", m))?;
+        let outbound = if outbound_mode {
+            config::check_outbound_bind(bind).map_err(|m| flag_error("--listen", m))?;
+            let server_name = match &self.peer_name {
+                Some(n) => {
+                    config::parse_server_name(n).map_err(|m| flag_error("--peer-name", m))?
+                }
+                None => upstream.host.clone(),
+            };
+            Some(OutboundConfig {
+                ca: self.peer_ca.clone(),
+                server_name,
+            })
+        } else {
+            if !self.peer_ca.is_empty() {
+                return Err(flag_error("--peer-ca", "needs --mode outbound"));
+            }
+            if self.peer_name.is_some() {
+                return Err(flag_error("--peer-name", "needs --mode outbound"));
+            }
+            None
+        };
         let names = if self.names.is_empty() {
             None
         } else {
@@ -452,6 +483,12 @@ impl SingleListener {
         };
         let mode = self.mode.unwrap_or_default();
         let client_auth = self.client_auth_config(mode)?;
+        if outbound_mode && client_auth.mode != ClientAuthMode::None {
+            return Err(flag_error(
+                "--client-auth",
+                "an outbound listener's clients are local and plaintext; it is the remote peer that verifies this sidecar's certificate",
+            ));
+        }
         let proxy_protocol = match self.proxy_protocol.as_deref() {
             None => None,
             Some(_) if mode != Mode::Tcp => {
@@ -516,7 +553,7 @@ impl SingleListener {
                 sni_certs: Vec::new(),
                 client_auth,
                 proxy_protocol,
-                outbound: None,
+                outbound,
             }],
         })
     }

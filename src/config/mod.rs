@@ -10,8 +10,8 @@ mod validate;
 
 pub use file::FileConfig;
 pub use validate::{
-    parse_bind, parse_fingerprint, parse_names, parse_upstream, DEFAULT_ADMIN,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
+    check_outbound_bind, parse_bind, parse_fingerprint, parse_names, parse_server_name,
+    parse_upstream, DEFAULT_ADMIN, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
 };
 
 use std::fmt;

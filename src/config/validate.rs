@@ -205,14 +205,8 @@ fn validate_listener(
         raw.allow_remote_upstream || outbound_mode,
     )
     .map_err(|m| invalid(loc.at(&raw.upstream), key("upstream"), m))?;
-    if outbound_mode && !bind.ip().is_loopback() {
-        return Err(invalid(
-            loc.at(&raw.bind),
-            key("bind"),
-            format!(
-                "{bind}: an outbound listener takes plaintext and connects with this sidecar's certificate, so it binds a loopback address only (127.0.0.1 or [::1])"
-            ),
-        ));
+    if outbound_mode {
+        check_outbound_bind(bind).map_err(|m| invalid(loc.at(&raw.bind), key("bind"), m))?;
     }
     let max_connections = match &raw.max_connections {
         Some(n) if *n.get_ref() == 0 => {
@@ -350,20 +344,32 @@ fn validate_outbound(
         None => Vec::new(),
     };
     let server_name = match raw.server_name {
-        Some(name) => {
-            let value = name.get_ref().to_ascii_lowercase();
-            if rustls::pki_types::ServerName::try_from(value.as_str()).is_err() {
-                return Err(invalid(
-                    loc.at(&name),
-                    key(".server_name"),
-                    format!("`{value}` is neither a DNS name nor an IP address"),
-                ));
-            }
-            value
-        }
+        Some(name) => parse_server_name(name.get_ref())
+            .map_err(|m| invalid(loc.at(&name), key(".server_name"), m))?,
         None => upstream.host.clone(),
     };
     Ok(Some(OutboundConfig { ca, server_name }))
+}
+
+/// An outbound listener's plaintext side: anyone who reaches it speaks
+/// with this sidecar's identity, so it must stay inside the namespace.
+pub fn check_outbound_bind(bind: SocketAddr) -> Result<(), String> {
+    if bind.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{bind}: an outbound listener takes plaintext and connects with this sidecar's certificate, so it binds a loopback address only (127.0.0.1 or [::1])"
+        ))
+    }
+}
+
+/// The name an outbound listener expects in its peer's certificate.
+pub fn parse_server_name(value: &str) -> Result<String, String> {
+    let value = value.to_ascii_lowercase();
+    match rustls::pki_types::ServerName::try_from(value.as_str()) {
+        Ok(_) => Ok(value),
+        Err(_) => Err(format!("`{value}` is neither a DNS name nor an IP address")),
+    }
 }
 
 fn validate_client_auth(

@@ -17,7 +17,7 @@ use sheath::tls::handshake::FailureReason;
 /// The peer: an HTTP listener that requires a client certificate from
 /// `client_ca` and forwards the caller's identity as XFCC to a backend
 /// that echoes request heads. It serves a certificate for `peer.test`.
-async fn peer(pki: &TestPki, client_ca: &Path) -> (Proxy, CountingBackend) {
+pub(crate) async fn peer(pki: &TestPki, client_ca: &Path) -> (Proxy, CountingBackend) {
     let dir = tempfile::tempdir().unwrap();
     let upstream = CountingBackend::start().await;
     let files = pki.write_server(dir.path(), "peer");
@@ -51,13 +51,13 @@ async fn outbound(
 
 /// The local CA the outbound sheath will use, created ahead so the peer
 /// can be told to trust it.
-fn local_ca_root(dir: &Path) -> std::path::PathBuf {
+pub(crate) fn local_ca_root(dir: &Path) -> std::path::PathBuf {
     let ca = sheath::cert::LocalCa::load_or_create(&dir.join("state")).unwrap();
     ca.cert_path()
 }
 
 /// A plaintext HTTP/1.1 request through the outbound port; the whole answer.
-async fn plain_get(addr: SocketAddr, path: &str) -> String {
+pub(crate) async fn plain_get(addr: SocketAddr, path: &str) -> String {
     within(&format!("GET {path} through {addr}"), async {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         tcp.write_all(

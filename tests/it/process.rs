@@ -332,6 +332,8 @@ async fn check_reports_file_line_and_key() {
 fn flag_sample(long: &str) -> &'static str {
     match long {
         "mode" => "tcp",
+        "peer-ca" => "ca.pem",
+        "peer-name" => "peer.internal",
         "name" => "app.internal",
         "max-connections" => "10",
         "cert-lifetime"
@@ -1279,4 +1281,29 @@ async fn upgrade_after_replacing_the_binary_runs_the_new_file_and_keeps_the_serv
         .args(["-TERM", &successor.to_string()])
         .status();
     notify.wait_for("STOPPING=1\n").await;
+}
+
+#[tokio::test]
+async fn outbound_mode_from_flags_alone() {
+    let pki = pki::TestPki::new();
+    let state = tempfile::tempdir().unwrap();
+    let client_ca = crate::outbound::local_ca_root(state.path());
+    let (peer, _backend) = crate::outbound::peer(&pki, &client_ca).await;
+    let test_ca = pki.write_ca(state.path());
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "run", "--mode", "outbound"])
+        .args(["--listen", "127.0.0.1:0", "--name", "web.test"])
+        .arg("--upstream")
+        .arg(peer.addr("in").to_string())
+        .arg("--peer-ca")
+        .arg(&test_ca)
+        .args(["--peer-name", "peer.test", "--state-dir"])
+        .arg(state.path().join("state"));
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+    let answer = crate::outbound::plain_get(addr, "/headers").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("DNS=web.test"), "{answer}");
+    proxy.signal("TERM");
+    assert_eq!(proxy.exit_code(common::DEADLINE).await, 0);
 }
