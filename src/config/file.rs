@@ -164,28 +164,17 @@ pub struct ExportFile {
 /// Parse TOML text into the raw file types, turning serde errors into
 /// messages with the file, line and dotted key.
 pub(super) fn parse(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    let de = toml::Deserializer::parse(text).map_err(|err| syntax_error(path, text, err))?;
+    // Not TOML at all: there is no key to name, only a place.
+    let de =
+        toml::Deserializer::parse(text).map_err(|err| located(path, text, &err, String::new()))?;
     serde_path_to_error::deserialize(de).map_err(|err| {
         let key = dotted_key(err.path());
-        let inner = err.into_inner();
-        let (line, column) = inner
-            .span()
-            .map(|span| line_col(text, span.start))
-            .unwrap_or((1, 1));
-        ConfigError::Invalid {
-            origin: Origin::File {
-                path: path.to_path_buf(),
-                line,
-                column,
-            },
-            key,
-            message: inner.message().trim_end().to_string(),
-        }
+        located(path, text, &err.into_inner(), key)
     })
 }
 
-/// A document that is not TOML at all: no key to name, only a place.
-fn syntax_error(path: &Path, text: &str, err: toml::de::Error) -> ConfigError {
+/// A TOML error at its line and column, under `key`.
+fn located(path: &Path, text: &str, err: &toml::de::Error, key: String) -> ConfigError {
     let (line, column) = err
         .span()
         .map(|span| line_col(text, span.start))
@@ -196,7 +185,7 @@ fn syntax_error(path: &Path, text: &str, err: toml::de::Error) -> ConfigError {
             line,
             column,
         },
-        key: String::new(),
+        key,
         message: err.message().trim_end().to_string(),
     }
 }

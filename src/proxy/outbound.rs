@@ -17,8 +17,8 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 
-use super::io::{Activity, Side, Tracked};
-use super::tcp::{run_relay, DOWN_BUF, UP_BUF};
+use super::io::Activity;
+use super::tcp::{copy_both_ways, run_relay};
 use super::{ListenerState, ListenerStats};
 use crate::shutdown::Drain;
 use crate::tls::handshake::FailureReason;
@@ -100,19 +100,10 @@ pub fn relay(
             .unwrap_or("-");
 
         let activity = Activity::new(Some(Arc::clone(&stats)));
-        let relay = async {
-            // Client side plaintext in, upstream TLS out; the larger buffer
-            // carries what the peer sends (downloads), as in TCP mode.
-            let mut client = Tracked::new(&mut client, activity.clone(), Side::Client);
-            let mut upstream_io = Tracked::new(&mut tls, activity.clone(), Side::Upstream);
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream_io,
-                UP_BUF,
-                DOWN_BUF,
-            )
-            .await
-        };
+        // No waiting for first traffic before the buffers exist, as TCP
+        // mode does: a peer that speaks first (a greeting) may have sent it
+        // with its last handshake flight, already read into rustls.
+        let relay = copy_both_ways(&mut client, &mut tls, &activity);
         let outcome = run_relay(relay, &activity, config, peer, &drain.abort).await;
         let (bytes_in, bytes_out) = activity.totals();
         tracing::info!(

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
@@ -21,14 +22,14 @@ use crate::config::ListenerConfig;
 
 /// Client to upstream: TLS records carry at most 16 KiB, so one read from
 /// the TLS stream rarely fills more.
-pub(super) const UP_BUF: usize = 16 * 1024;
+const UP_BUF: usize = 16 * 1024;
 
 /// Upstream to client: four full TLS records per read and per write.
 /// With 16 KiB, as for the other direction, a bulk download cost twice the
 /// CPU per megabyte (W6 in benches/compare.py: 3,150 -> 1,730 and 3,185 ->
 /// 1,380 us/MB; 32 KiB gave 1,700-1,925). The buffer exists only while the
 /// connection carries traffic.
-pub(super) const DOWN_BUF: usize = 64 * 1024;
+const DOWN_BUF: usize = 64 * 1024;
 
 /// Relay one TLS connection to the upstream until both directions end, it
 /// goes idle, or the drain cuts it.
@@ -84,16 +85,7 @@ pub fn relay(
             // has something to say, not while a connection sits idle after
             // its handshake (W7 in benches/compare.py).
             first_traffic(&mut client, &upstream_stream).await;
-            let mut client = Tracked::new(&mut client, activity.clone(), Side::Client);
-            let mut upstream_io =
-                Tracked::new(&mut upstream_stream, activity.clone(), Side::Upstream);
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut client,
-                &mut upstream_io,
-                UP_BUF,
-                DOWN_BUF,
-            )
-            .await
+            copy_both_ways(&mut client, &mut upstream_stream, &activity).await
         };
         let outcome = run_relay(relay, &activity, config, conn.peer, &conn.drain.abort).await;
         let (bytes_in, bytes_out) = activity.totals();
@@ -110,6 +102,22 @@ pub fn relay(
             "connection"
         );
     }
+}
+
+/// Copy between the client's side and the upstream's until both have
+/// ended, counting traffic in `activity`.
+pub(super) async fn copy_both_ways<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    activity: &Arc<Activity>,
+) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Tracked::new(client, Arc::clone(activity), Side::Client);
+    let mut upstream = Tracked::new(upstream, Arc::clone(activity), Side::Upstream);
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, UP_BUF, DOWN_BUF).await
 }
 
 /// Run `relay` until both directions end, the connection goes idle or
