@@ -172,15 +172,6 @@ async fn handle(
 ) {
     stats.active.fetch_add(1, Ordering::Relaxed);
     let _active = ActiveGuard(Arc::clone(&stats));
-    if state.config.mode == Mode::Outbound {
-        // Plaintext from a local client; TLS is on the upstream side.
-        let _ = tcp.set_nodelay(true);
-        Box::pin(super::outbound::relay(
-            tcp, peer, state, stats, permit, drain,
-        ))
-        .await;
-        return;
-    }
     // Each phase is boxed and awaited in turn. A task's future is as large
     // as its largest state, and locals an async fn has moved out of can
     // keep their room in it: inline, every connection task held the
@@ -197,7 +188,8 @@ async fn handle(
 /// Type of a connection's serving phase.
 type Serving = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
-/// The TLS handshake, then the serving phase it leads to, if any.
+/// The TLS handshake, then the serving phase it leads to, if any; in
+/// outbound mode, where the client speaks plaintext, the relay at once.
 async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
@@ -208,6 +200,12 @@ async fn handshake(
     drain: Drain,
 ) -> Option<Serving> {
     let _ = tcp.set_nodelay(true);
+    if state.config.mode == Mode::Outbound {
+        // Plaintext from a local client; TLS is on the upstream side.
+        return Some(Box::pin(super::outbound::relay(
+            tcp, peer, state, stats, permit, drain,
+        )));
+    }
     // The address the client connected to. A listener on one address is
     // connected to at that address; only a wildcard bind needs the kernel
     // to say which of the host's addresses it was (a syscall per

@@ -18,7 +18,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
 
 use super::io::Activity;
-use super::tcp::{copy_both_ways, run_relay};
+use super::tcp::{copy_both_ways, max_lifetime};
 use super::{ListenerState, ListenerStats};
 use crate::shutdown::Drain;
 use crate::tls::handshake::FailureReason;
@@ -104,7 +104,18 @@ pub fn relay(
         // mode does: a peer that speaks first (a greeting) may have sent it
         // with its last handshake flight, already read into rustls.
         let relay = copy_both_ways(&mut client, &mut tls, &activity);
-        let outcome = run_relay(relay, &activity, config, peer, &drain.abort).await;
+        let outcome = tokio::select! {
+            r = relay => match r {
+                Ok(_) => "closed",
+                Err(e) => {
+                    tracing::debug!(listener = %config.name, peer = %peer, error = %e, "relay error");
+                    "error"
+                }
+            },
+            _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+            _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
+            _ = drain.abort.cancelled() => "drain_timeout",
+        };
         let (bytes_in, bytes_out) = activity.totals();
         tracing::info!(
             listener = %config.name,
