@@ -42,9 +42,11 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("listener `{listener}`: certificate: {source}")]
+    #[error("listener `{listener}`: {}: {source}", cert_what(.cert))]
     Cert {
         listener: String,
+        /// `default`, or `sni_cert[N]`.
+        cert: String,
         #[source]
         source: CertError,
     },
@@ -68,6 +70,14 @@ pub enum StartError {
         #[source]
         source: rustls::Error,
     },
+}
+
+/// "certificate", naming which one when the listener has several.
+fn cert_what(label: &str) -> String {
+    match label {
+        "default" => "certificate".into(),
+        sni => format!("certificate {sni}"),
+    }
 }
 
 /// Why a reload was not applied. The running configuration is unchanged.
@@ -722,13 +732,19 @@ fn new_manager(
     // empty and is not ready until its first issuance.
     match manager.initial() {
         Ok(Some(material)) => manager.install(material, "startup"),
-        Ok(None) => tracing::info!(
+        Ok(None) if manager.cert == "default" => tracing::info!(
             listener = %l.name,
             "no certificate yet; handshakes fail until the first issuance"
+        ),
+        Ok(None) => tracing::info!(
+            listener = %l.name,
+            cert = %manager.cert,
+            "no certificate yet; its names get the default certificate until the first issuance"
         ),
         Err(source) => {
             return Err(StartError::Cert {
                 listener: l.name.clone(),
+                cert: manager.cert.clone(),
                 source,
             })
         }

@@ -107,6 +107,14 @@ pub fn relay(
         let outcome = tokio::select! {
             r = relay => match r {
                 Ok(_) => "closed",
+                Err(e) if peer_refused(&e) => {
+                    // In TLS 1.3 the client's side of the handshake is done
+                    // before the server has checked the client certificate,
+                    // so a peer refusing this sidecar's identity shows only
+                    // as an alert on the first read.
+                    tracing::warn!(listener = %config.name, peer = %peer, upstream = %upstream, error = %e, "the upstream refused this sidecar's certificate");
+                    "refused"
+                }
                 Err(e) => {
                     tracing::debug!(listener = %config.name, peer = %peer, error = %e, "relay error");
                     "error"
@@ -129,4 +137,25 @@ pub fn relay(
             "connection"
         );
     }
+}
+
+/// A fatal alert from the peer about our certificate.
+fn peer_refused(e: &std::io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    let alert = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    matches!(
+        alert,
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::CertificateRequired
+        ))
+    )
 }

@@ -238,3 +238,28 @@ async fn a_renewed_identity_is_presented_from_the_next_connection() {
     let answer = plain_get(addr, "/headers").await;
     assert!(answer.contains("URI=spiffe://mesh.test/web/2"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_peer_that_refuses_the_identity_closes_the_client_without_an_answer() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    // The peer trusts some other CA for its clients, not sheath's local CA.
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let other_ca = TestPki::new().write_ca(stranger_dir.path());
+    let (peer, backend) = peer(&pki, &other_ca).await;
+    let test_ca = pki.write_ca(dir.path());
+    let out = outbound(dir, peer.addr("in"), &test_ca, "peer.test").await;
+
+    let answer = plain_get(out.addr("out"), "/").await;
+    assert_eq!(answer, "", "the client got an answer");
+    let peer_stats = &peer.running().listener("in").unwrap().stats;
+    crate::common::eventually("the peer counted the refusal", || {
+        peer_stats.handshake_failures(FailureReason::ClientCertRejected) == 1
+    })
+    .await;
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "a request reached the peer's backend"
+    );
+}
