@@ -87,7 +87,10 @@ pub(crate) async fn wait_installs(status: &arc_swap::ArcSwap<CertStatus>, n: u64
 
 /// A handshake as `app.test`, verified against Pebble's issuing root, and
 /// an echo round trip through the proxy.
-async fn verified_roundtrip(addr: std::net::SocketAddr, root_pem: &str) -> std::io::Result<String> {
+pub(crate) async fn verified_roundtrip(
+    addr: std::net::SocketAddr,
+    root_pem: &str,
+) -> std::io::Result<String> {
     let config = client_config(roots_from_pem(root_pem), &[]);
     let mut tls = connect_as(addr, config, NAME).await?;
     tls.write_all(b"ping").await?;

@@ -329,3 +329,41 @@ async fn an_sni_certificate_not_yet_issued_holds_readiness_but_not_the_default()
         default
     );
 }
+
+#[tokio::test]
+async fn an_acme_sni_certificate_is_issued_over_the_listeners_own_port() {
+    use crate::acme::{ca_root, pebble, verified_roundtrip, wait_installs};
+    // Pebble validates TLS-ALPN-01 on this listener's port, asking for
+    // app.test: the validation handshake must reach the challenge
+    // certificate although the listener serves several by SNI.
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let default = write_cert(&pki, &d, "default", &["localhost"]);
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:{}\"\nupstream = \"{}\"\nmode = \"tcp\"\n{}\n[[listener.sni_cert]]\nsource = \"acme\"\nnames = [\"app.test\"]\ndirectory = \"{}\"\nretry_min = \"200ms\"\nretry_max = \"2s\"\n{}",
+        setup.port,
+        backend::tcp_echo().await,
+        files_table("[listener.cert]", &d, "default"),
+        setup.pebble.directory,
+        ca_root(&setup),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let status = proxy.running().listener("l").unwrap().certs[1]
+        .status
+        .clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+
+    let root = setup.pebble.issuing_root_pem().await;
+    let served = verified_roundtrip(addr, &root).await.unwrap();
+    assert_eq!(served, status.load().current.as_ref().unwrap().serial);
+    assert_eq!(
+        verified_serial(addr, pki.roots(), "localhost").await,
+        default
+    );
+    assert!(sheath::admin::readiness(&proxy.running().observe()).is_empty());
+}
