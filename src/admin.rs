@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use crate::app::Observed;
 use crate::cert::CertStatus;
+use crate::config::CertRef;
 use crate::metrics;
 
 const TEXT: &str = "text/plain; charset=utf-8";
@@ -156,8 +157,8 @@ pub fn readiness(observed: &Observed) -> Vec<String> {
     for l in listeners.iter() {
         for status in l.cert_statuses() {
             if let Some(why) = cert_not_ready(&status) {
-                match status.cert.as_str() {
-                    "default" => reasons.push(format!("listener `{}`: {why}", l.name)),
+                match status.cert {
+                    CertRef::Default => reasons.push(format!("listener `{}`: {why}", l.name)),
                     cert => reasons.push(format!("listener `{}` {cert}: {why}", l.name)),
                 }
             }
@@ -213,7 +214,7 @@ pub fn certs(observed: &Observed) -> serde_json::Value {
                     .iter()
                     .map(|s| {
                         let mut c = cert_json(s);
-                        c["cert"] = s.cert.clone().into();
+                        c["cert"] = s.cert.to_string().into();
                         c
                     })
                     .collect();

@@ -23,8 +23,8 @@ use crate::cert::acme::AcmeIssuer;
 use crate::cert::manager::Source;
 use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
 use crate::config::{
-    AcmeChallenge, CertPolicy, CertSource, ClientAuthMode, Config, ConfigError, ListenerConfig,
-    Mode,
+    AcmeChallenge, CertPolicy, CertRef, CertSource, ClientAuthMode, Config, ConfigError,
+    ListenerConfig, Mode,
 };
 use crate::proxy::{self, upstream::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
@@ -42,11 +42,10 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("listener `{listener}`: {}: {source}", cert_what(.cert))]
+    #[error("listener `{listener}`: {}: {source}", cert_what(*.cert))]
     Cert {
         listener: String,
-        /// `default`, or `sni_cert[N]`.
-        cert: String,
+        cert: CertRef,
         #[source]
         source: CertError,
     },
@@ -73,9 +72,9 @@ pub enum StartError {
 }
 
 /// "certificate", naming which one when the listener has several.
-fn cert_what(label: &str) -> String {
-    match label {
-        "default" => "certificate".into(),
+fn cert_what(cert: CertRef) -> String {
+    match cert {
+        CertRef::Default => "certificate".into(),
         sni => format!("certificate {sni}"),
     }
 }
@@ -609,10 +608,10 @@ fn prepare(
             let mut resolvers = Vec::new();
             let mut managers = Vec::new();
             let mut acme_tls = None;
-            for (label, source, policy) in l.certs() {
+            for (cert, source, policy) in l.certs() {
                 let resolver = Arc::new(CertResolver::empty());
                 let (manager, tls) = new_manager(
-                    l, label, source, policy, config, local_ca, challenges, &resolver,
+                    l, cert, source, policy, config, local_ca, challenges, &resolver,
                 )?;
                 acme_tls = acme_tls.or(tls);
                 resolvers.push(resolver);
@@ -686,7 +685,7 @@ fn cert_handles(certs: &ListenerCerts, managers: &[CertManager]) -> Vec<CertHand
 )]
 fn new_manager(
     l: &ListenerConfig,
-    label: String,
+    cert: CertRef,
     source: &CertSource,
     policy: &CertPolicy,
     config: &Config,
@@ -722,7 +721,7 @@ fn new_manager(
     };
     let manager = CertManager::new(
         l.name.clone(),
-        label,
+        cert,
         source,
         policy.clone(),
         Arc::clone(resolver),
@@ -732,7 +731,7 @@ fn new_manager(
     // empty and is not ready until its first issuance.
     match manager.initial() {
         Ok(Some(material)) => manager.install(material, "startup"),
-        Ok(None) if manager.cert == "default" => tracing::info!(
+        Ok(None) if manager.cert == CertRef::Default => tracing::info!(
             listener = %l.name,
             "no certificate yet; handshakes fail until the first issuance"
         ),
@@ -744,7 +743,7 @@ fn new_manager(
         Err(source) => {
             return Err(StartError::Cert {
                 listener: l.name.clone(),
-                cert: manager.cert.clone(),
+                cert: manager.cert,
                 source,
             })
         }
@@ -1026,7 +1025,7 @@ fn build_state(
     // are read again on every reload.
     let outbound = match &listener.outbound {
         Some(o) => Some(
-            tls::outbound::Outbound::new(o, Arc::clone(&certs.all()[0])).map_err(|source| {
+            tls::outbound::client_config(o, Arc::clone(&certs.all()[0])).map_err(|source| {
                 StartError::Outbound {
                     listener: listener.name.clone(),
                     source,

@@ -437,7 +437,8 @@ impl SingleListener {
                 Some(n) => {
                     config::parse_server_name(n).map_err(|m| flag_error("--peer-name", m))?
                 }
-                None => upstream.host.clone(),
+                None => config::parse_server_name(&upstream.host)
+                    .map_err(|m| flag_error("--upstream", format!("{m}; give --peer-name")))?,
             };
             Some(OutboundConfig {
                 ca: self.peer_ca.clone(),
@@ -484,10 +485,7 @@ impl SingleListener {
         let mode = self.mode.unwrap_or_default();
         let client_auth = self.client_auth_config(mode)?;
         if outbound_mode && client_auth.mode != ClientAuthMode::None {
-            return Err(flag_error(
-                "--client-auth",
-                "an outbound listener's clients are local and plaintext; it is the remote peer that verifies this sidecar's certificate",
-            ));
+            return Err(flag_error("--client-auth", config::OUTBOUND_CLIENT_AUTH));
         }
         let proxy_protocol = match self.proxy_protocol.as_deref() {
             None => None,

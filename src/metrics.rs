@@ -302,7 +302,11 @@ impl Collector for SheathCollector {
         // `default`, or `sni_cert[N]` in configuration order.
         let statuses: Vec<_> = listeners
             .iter()
-            .flat_map(|l| l.cert_statuses().into_iter().map(|s| (l.name.as_str(), s)))
+            .flat_map(|l| {
+                l.cert_statuses()
+                    .into_iter()
+                    .map(|s| (l.name.as_str(), s.cert.to_string(), s))
+            })
             .collect();
         let cert_gauges: [(&str, &str, CertValue); 6] = [
             (
@@ -339,12 +343,12 @@ impl Collector for SheathCollector {
         for (name, help, value) in cert_gauges {
             let unit = (name != "sheath_certificate_valid").then_some(&seconds_unit);
             let mut f = family(&mut enc, name, help, unit, MetricType::Gauge)?;
-            for (listener, status) in &statuses {
+            for (listener, cert, status) in &statuses {
                 if let Some(v) = value(status) {
                     f.gauge(
                         &[
                             ("listener", listener),
-                            ("cert", &status.cert),
+                            ("cert", cert),
                             ("source", status.source),
                         ],
                         v,
@@ -359,11 +363,11 @@ impl Collector for SheathCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (listener, status) in &statuses {
+        for (listener, cert, status) in &statuses {
             f.gauge(
                 &[
                     ("listener", listener),
-                    ("cert", &status.cert),
+                    ("cert", cert),
                     ("source", status.source),
                 ],
                 f64::from(status.consecutive_failures),
@@ -376,11 +380,11 @@ impl Collector for SheathCollector {
             None,
             MetricType::Counter,
         )?;
-        for (listener, status) in &statuses {
+        for (listener, cert, status) in &statuses {
             f.counter(
                 &[
                     ("listener", listener),
-                    ("cert", &status.cert),
+                    ("cert", cert),
                     ("source", status.source),
                 ],
                 status.installs,

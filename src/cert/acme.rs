@@ -392,9 +392,7 @@ impl AcmeIssuer {
         let mut roots = RootCertStore::empty();
         match &self.config.trust {
             AcmeTrust::System => {
-                let found = rustls_native_certs::load_native_certs();
-                let (added, _) = roots.add_parsable_certificates(found.certs);
-                if added == 0 {
+                if crate::tls::add_system_roots(&mut roots) == 0 {
                     return Err(
                         "no system root certificates found; set ca_root or ca_fingerprint".into(),
                     );

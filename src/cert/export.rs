@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use super::manager::Material;
 use super::store::{self, PRIVATE, PUBLIC};
-use crate::config::ExportConfig;
+use crate::config::{CertRef, ExportConfig};
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Export for `listener`'s certificate `cert` (`default` or `sni_cert[N]`).
-pub async fn export(listener: &str, cert: &str, config: &ExportConfig, material: &Material) {
+/// Export `listener`'s certificate `cert`.
+pub async fn export(listener: &str, cert: CertRef, config: &ExportConfig, material: &Material) {
+    let cert = cert.to_string();
+    let cert = cert.as_str();
     let dir = config.dir.clone();
     let chain = material.chain_pem.clone();
     let key = material.key_pem.clone();

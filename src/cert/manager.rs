@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use super::acme::AcmeIssuer;
 use super::renew::{self, Backoff, CertStatus};
 use super::{export, files, CertError, CertInfo, LocalCa};
-use crate::config::CertPolicy;
+use crate::config::{CertPolicy, CertRef};
 use crate::tls::CertResolver;
 
 /// Validated certificate material, in every form the manager needs.
@@ -76,8 +76,8 @@ impl From<CertError> for ObtainError {
 #[derive(Debug)]
 pub struct CertManager {
     pub listener: String,
-    /// Which of the listener's certificates (see [`CertStatus::cert`]).
-    pub cert: String,
+    /// Which of the listener's certificates.
+    pub cert: CertRef,
     source: Source,
     policy: CertPolicy,
     resolver: Arc<CertResolver>,
@@ -90,14 +90,14 @@ pub struct CertManager {
 impl CertManager {
     pub fn new(
         listener: String,
-        cert: String,
+        cert: CertRef,
         source: Source,
         policy: CertPolicy,
         resolver: Arc<CertResolver>,
     ) -> Self {
         let status = Arc::new(ArcSwap::from_pointee(CertStatus {
             listener: listener.clone(),
-            cert: cert.clone(),
+            cert,
             source: source.kind(),
             ..CertStatus::default()
         }));
@@ -179,9 +179,9 @@ impl CertManager {
         }));
         if let Some(export) = &self.policy.export {
             let export = export.clone();
-            let (listener, cert) = (self.listener.clone(), self.cert.clone());
+            let (listener, cert) = (self.listener.clone(), self.cert);
             tokio::spawn(async move {
-                export::export(&listener, &cert, &export, &material).await;
+                export::export(&listener, cert, &export, &material).await;
             });
         }
     }
@@ -234,8 +234,7 @@ impl CertManager {
                     if retry_at.is_some_and(|t| t > SystemTime::now()) {
                         continue;
                     }
-                    tracing::info!(listener = %self.listener,
-            cert = %self.cert, "certificate expired or missing at handshake time; renewing now");
+                    tracing::info!(listener = %self.listener, cert = %self.cert, "certificate expired or missing at handshake time; renewing now");
                 }
             }
             let attempt = match &self.source {
@@ -276,16 +275,16 @@ impl CertManager {
                     let failures = self.record_failure(&e.message, Some(next));
                     let current = self.resolver.current();
                     tracing::error!(
-                                listener = %self.listener,
-                    cert = %self.cert,
-                                source = self.source.kind(),
-                                error = %e.message,
-                                consecutive_failures = failures,
-                                retry_in = ?delay,
-                                serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
-                                serving_not_after = %current.as_ref().map_or("-".into(), |c| humantime::format_rfc3339_seconds(c.info.not_after).to_string()),
-                                "certificate renewal failed; the current certificate keeps serving"
-                            );
+                        listener = %self.listener,
+                        cert = %self.cert,
+                        source = self.source.kind(),
+                        error = %e.message,
+                        consecutive_failures = failures,
+                        retry_in = ?delay,
+                        serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                        serving_not_after = %current.as_ref().map_or("-".into(), |c| humantime::format_rfc3339_seconds(c.info.not_after).to_string()),
+                        "certificate renewal failed; the current certificate keeps serving"
+                    );
                 }
             }
         }
@@ -334,12 +333,12 @@ impl CertManager {
                     // The same broken state is seen on every poll; say it once.
                     if last_error.as_deref() != Some(message.as_str()) {
                         tracing::warn!(
-                                        listener = %self.listener,
-                        cert = %self.cert,
-                                        error = %message,
-                                        serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
-                                        "certificate files not usable; the current certificate keeps serving"
-                                    );
+                            listener = %self.listener,
+                            cert = %self.cert,
+                            error = %message,
+                            serving_serial = current.as_ref().map_or("-", |c| c.info.serial.as_str()),
+                            "certificate files not usable; the current certificate keeps serving"
+                        );
                         last_error = Some(message);
                     }
                 }

@@ -9,6 +9,7 @@
 use std::time::{Duration, SystemTime};
 
 use super::CertInfo;
+use crate::config::CertRef;
 
 /// Renewal moment for a certificate.
 pub fn renew_at(info: &CertInfo, ratio: f64) -> SystemTime {
@@ -65,8 +66,8 @@ impl Backoff {
 #[derive(Debug, Clone, Default)]
 pub struct CertStatus {
     pub listener: String,
-    /// Which of the listener's certificates: `default`, or `sni_cert[N]`.
-    pub cert: String,
+    /// Which of the listener's certificates.
+    pub cert: CertRef,
     /// `local_ca`, `files` or `acme`.
     pub source: &'static str,
     /// The certificate being served, if any.

@@ -12,6 +12,7 @@ pub use file::FileConfig;
 pub use validate::{
     check_outbound_bind, parse_bind, parse_fingerprint, parse_names, parse_server_name,
     parse_upstream, DEFAULT_ADMIN, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
+    OUTBOUND_CLIENT_AUTH,
 };
 
 use std::fmt;
@@ -61,15 +62,43 @@ pub struct ListenerConfig {
 }
 
 impl ListenerConfig {
-    /// Every certificate the listener serves, the default first, each with
-    /// the label that logs, metrics and the admin API use for it.
-    pub fn certs(&self) -> impl Iterator<Item = (String, &CertSource, &CertPolicy)> {
-        std::iter::once(("default".to_string(), &self.cert, &self.cert_policy)).chain(
+    /// Every certificate the listener serves, the default first.
+    pub fn certs(&self) -> impl Iterator<Item = (CertRef, &CertSource, &CertPolicy)> {
+        std::iter::once((CertRef::Default, &self.cert, &self.cert_policy)).chain(
             self.sni_certs
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (format!("sni_cert[{i}]"), &c.source, &c.policy)),
+                .map(|(i, c)| (CertRef::Sni(i), &c.source, &c.policy)),
         )
+    }
+}
+
+/// Which of a listener's certificates: `[listener.cert]`, or the Nth
+/// `[[listener.sni_cert]]`. Shown as `default` or `sni_cert[N]` in logs,
+/// metrics, the admin API and the `on_renew` hook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CertRef {
+    #[default]
+    Default,
+    Sni(usize),
+}
+
+impl CertRef {
+    /// The certificate's table in listener `index`, for config errors.
+    pub fn table_key(self, index: usize) -> String {
+        match self {
+            CertRef::Default => format!("listener[{index}].cert"),
+            CertRef::Sni(_) => format!("listener[{index}].{self}"),
+        }
+    }
+}
+
+impl fmt::Display for CertRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertRef::Default => f.write_str("default"),
+            CertRef::Sni(i) => write!(f, "sni_cert[{i}]"),
+        }
     }
 }
 
@@ -264,7 +293,7 @@ pub struct OutboundConfig {
     /// The name sent as SNI and checked against the peer's certificate
     /// (an IP literal is checked against its IP addresses, and no SNI is
     /// sent).
-    pub server_name: String,
+    pub server_name: rustls::pki_types::ServerName<'static>,
 }
 
 /// Every phase of a connection has a bound; nothing waits forever.
@@ -596,7 +625,7 @@ impl Config {
                     let ca = quoted_list(o.ca.iter().map(|p| p.to_string_lossy()));
                     let _ = writeln!(out, "ca = {ca}");
                 }
-                let _ = writeln!(out, "server_name = {}", q(&o.server_name));
+                let _ = writeln!(out, "server_name = {}", q(&o.server_name.to_str()));
             }
             render_client_auth(&mut out, &l.client_auth);
         }

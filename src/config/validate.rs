@@ -13,10 +13,11 @@ use super::file::{
     TimeoutsFile,
 };
 use super::{
-    default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertSource,
-    ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig, ForwardIdentity, KeyType,
-    ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert, Timeouts, Upstream,
-    DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
+    default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
+    CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig,
+    ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert,
+    Timeouts, Upstream, DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,7 +109,6 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
     let mut names = HashSet::new();
     let mut binds = HashSet::new();
     let mut exports = HashMap::new();
-    let mut cert_names = HashMap::new();
     for (index, spanned) in raw.listeners.into_iter().enumerate() {
         let table_origin = loc.at(&spanned);
         let (listener, cert_origins) =
@@ -128,8 +128,10 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 format!("{} is already used by another listener", listener.bind),
             ));
         }
-        for ((label, source, policy), origin) in listener.certs().zip(cert_origins) {
-            let table = cert_table_key(index, &label);
+        // A name selects at most one certificate of a listener.
+        let mut cert_names = HashMap::new();
+        for ((cert, source, policy), origin) in listener.certs().zip(cert_origins) {
+            let table = cert.table_key(index);
             if let Some(export) = &policy.export {
                 if let Some(other) = exports.insert(export.dir.clone(), table.clone()) {
                     return Err(invalid(
@@ -147,8 +149,9 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 CertSource::Acme(acme) => acme.names.as_slice(),
                 CertSource::Files { .. } => &[],
             };
+            // Lowercase already (parse_names).
             for name in configured {
-                if let Some(other) = cert_names.insert(name.to_ascii_lowercase(), table.clone()) {
+                if let Some(other) = cert_names.insert(name, table.clone()) {
                     return Err(invalid(
                         origin,
                         format!("{table}.names"),
@@ -159,7 +162,6 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 }
             }
         }
-        cert_names.clear();
         listeners.push(listener);
     }
 
@@ -170,15 +172,6 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         listeners,
         admin,
     })
-}
-
-/// Where a certificate's table sits in the file, from its label in
-/// [`ListenerConfig::certs`].
-fn cert_table_key(index: usize, label: &str) -> String {
-    match label {
-        "default" => format!("listener[{index}].cert"),
-        sni => format!("listener[{index}].{sni}"),
-    }
 }
 
 fn validate_listener(
@@ -239,12 +232,13 @@ fn validate_listener(
         .cert
         .as_ref()
         .map_or(table_origin.clone(), |c| loc.at(c))];
-    let (cert, cert_policy) = validate_cert(loc, &key("cert"), raw.cert, false)?;
+    let (cert, cert_policy) =
+        validate_cert(loc, &CertRef::Default.table_key(index), raw.cert, false)?;
     let mut sni_certs = Vec::with_capacity(raw.sni_cert.len());
     for (i, table) in raw.sni_cert.into_iter().enumerate() {
         cert_origins.push(loc.at(&table));
-        let (source, policy) =
-            validate_cert(loc, &key(&format!("sni_cert[{i}]")), Some(table), true)?;
+        let table_key = CertRef::Sni(i).table_key(index);
+        let (source, policy) = validate_cert(loc, &table_key, Some(table), true)?;
         sni_certs.push(SniCert { source, policy });
     }
     let client_auth_origin = raw.client_auth.as_ref().map(|c| loc.at(c));
@@ -256,10 +250,16 @@ fn validate_listener(
         return Err(invalid(
             origin,
             key("client_auth.mode"),
-            "an outbound listener's clients are local and plaintext; it is the remote peer that verifies this sidecar's certificate",
+            OUTBOUND_CLIENT_AUTH,
         ));
     }
-    let outbound = validate_outbound(loc, index, raw.mode, &upstream, raw.outbound)?;
+    let outbound = validate_outbound(
+        loc,
+        index,
+        raw.mode,
+        (&upstream, &raw.upstream),
+        raw.outbound,
+    )?;
     let proxy_protocol = match &raw.proxy_protocol {
         None => None,
         Some(p) => {
@@ -308,7 +308,7 @@ fn validate_outbound(
     loc: &Locator<'_>,
     index: usize,
     mode: Mode,
-    upstream: &Upstream,
+    (upstream, upstream_span): (&Upstream, &Spanned<String>),
     raw: Option<Spanned<OutboundFile>>,
 ) -> Result<Option<OutboundConfig>, ConfigError> {
     let key = |k: &str| format!("listener[{index}].outbound{k}");
@@ -346,7 +346,16 @@ fn validate_outbound(
     let server_name = match raw.server_name {
         Some(name) => parse_server_name(name.get_ref())
             .map_err(|m| invalid(loc.at(&name), key(".server_name"), m))?,
-        None => upstream.host.clone(),
+        // The upstream syntax is looser than a DNS name (`peer..internal`
+        // passes it); what the peer's certificate is checked against must
+        // be a name a certificate can carry.
+        None => parse_server_name(&upstream.host).map_err(|m| {
+            invalid(
+                loc.at(upstream_span),
+                format!("listener[{index}].upstream"),
+                format!("{m}; set [listener.outbound] server_name"),
+            )
+        })?,
     };
     Ok(Some(OutboundConfig { ca, server_name }))
 }
@@ -364,13 +373,13 @@ pub fn check_outbound_bind(bind: SocketAddr) -> Result<(), String> {
 }
 
 /// The name an outbound listener expects in its peer's certificate.
-pub fn parse_server_name(value: &str) -> Result<String, String> {
-    let value = value.to_ascii_lowercase();
-    match rustls::pki_types::ServerName::try_from(value.as_str()) {
-        Ok(_) => Ok(value),
-        Err(_) => Err(format!("`{value}` is neither a DNS name nor an IP address")),
-    }
+pub fn parse_server_name(value: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
+    rustls::pki_types::ServerName::try_from(value.to_ascii_lowercase())
+        .map_err(|_| format!("`{value}` is neither a DNS name nor an IP address"))
 }
+
+/// Why an outbound listener takes no client-certificate settings.
+pub const OUTBOUND_CLIENT_AUTH: &str = "an outbound listener's clients are local and plaintext; it is the remote peer that verifies this sidecar's certificate";
 
 fn validate_client_auth(
     loc: &Locator<'_>,

@@ -44,7 +44,7 @@ pub struct ListenerState {
     /// Pooled upstream client, in HTTP mode.
     pub http: Option<upstream::UpstreamClient>,
     /// TLS client towards the remote peer, in outbound mode.
-    pub outbound: Option<crate::tls::outbound::Outbound>,
+    pub outbound: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// One accepted, TLS-terminated client connection.

@@ -44,7 +44,7 @@ pub fn relay(
         let started = Instant::now();
         let config = &state.config;
         let upstream = &config.upstream;
-        let Some(outbound) = &state.outbound else {
+        let (Some(client_tls), Some(outbound)) = (&state.outbound, &config.outbound) else {
             // Built with every outbound listener's state; never absent.
             tracing::error!(listener = %config.name, "outbound listener without a TLS client");
             return;
@@ -63,8 +63,8 @@ pub fn relay(
                 return;
             }
         };
-        let handshake = TlsConnector::from(Arc::clone(&outbound.tls))
-            .connect(outbound.server_name.clone(), tcp);
+        let handshake =
+            TlsConnector::from(Arc::clone(client_tls)).connect(outbound.server_name.clone(), tcp);
         let handshake = tokio::select! {
             r = tokio::time::timeout(config.timeouts.handshake, handshake) => r,
             _ = drain.abort.cancelled() => return,

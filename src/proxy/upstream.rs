@@ -177,13 +177,13 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream
         match upstream.host.parse::<IpAddr>() {
             Ok(ip) => TcpStream::connect(SocketAddr::new(ip, upstream.port)).await,
             Err(_) => {
-                let addrs = resolve(&upstream.host, upstream.port).await?;
+                let ips = resolve(&upstream.host).await?;
                 // In order, as getaddrinfo sorted them (RFC 6724): `localhost`
                 // is often ::1 first, and an upstream bound to 127.0.0.1 only
                 // refuses that at once.
                 let mut last = None;
-                for addr in addrs.iter() {
-                    match TcpStream::connect(addr).await {
+                for ip in ips.iter() {
+                    match TcpStream::connect(SocketAddr::new(*ip, upstream.port)).await {
                         Ok(stream) => return Ok(stream),
                         Err(e) => last = Some(e),
                     }
@@ -214,52 +214,45 @@ const RESOLVE_TTL: Duration = Duration::from_secs(5);
 
 /// Resolved upstream names, process-wide. Keys come from the configuration
 /// only, so the map stays as small as the set of upstream names.
-type ResolveCache = Mutex<HashMap<(String, u16), (Instant, Arc<[SocketAddr]>)>>;
+type ResolveCache = Mutex<HashMap<String, (Instant, Arc<[IpAddr]>)>>;
 
-/// The addresses of `host:port`, from the cache while fresh. When a new
-/// lookup fails, the last addresses that resolved are used rather than
-/// failing every connection while the resolver is down.
-async fn resolve(host: &str, port: u16) -> io::Result<Arc<[SocketAddr]>> {
+/// The addresses of `host`, from the cache while fresh. When a new lookup
+/// fails, the last addresses that resolved are used rather than failing
+/// every connection while the resolver is down.
+async fn resolve(host: &str) -> io::Result<Arc<[IpAddr]>> {
     static CACHE: OnceLock<ResolveCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
-    let key = (host.to_string(), port);
-    let stale = match cache.lock().expect("poisoned").get(&key) {
-        Some((at, addrs)) if at.elapsed() < RESOLVE_TTL => return Ok(Arc::clone(addrs)),
-        Some((_, addrs)) => Some(Arc::clone(addrs)),
+    let stale = match cache.lock().expect("poisoned").get(host) {
+        Some((at, ips)) if at.elapsed() < RESOLVE_TTL => return Ok(Arc::clone(ips)),
+        Some((_, ips)) => Some(Arc::clone(ips)),
         None => None,
     };
-    let looked_up = tokio::net::lookup_host((host, port))
-        .await
-        .and_then(|found| {
-            let addrs: Arc<[SocketAddr]> = found.collect();
-            if addrs.is_empty() {
-                Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{host} has no address"),
-                ))
-            } else {
-                Ok(addrs)
-            }
-        });
-    match (looked_up, stale) {
-        (Ok(addrs), _) => {
-            cache
-                .lock()
-                .expect("poisoned")
-                .insert(key, (Instant::now(), Arc::clone(&addrs)));
-            Ok(addrs)
+    let looked_up = tokio::net::lookup_host((host, 0)).await.and_then(|found| {
+        let ips: Arc<[IpAddr]> = found.map(|a| a.ip()).collect();
+        if ips.is_empty() {
+            Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{host} has no address"),
+            ))
+        } else {
+            Ok(ips)
         }
-        (Err(e), Some(addrs)) => {
+    });
+    let ips = match (looked_up, stale) {
+        (Ok(ips), _) => ips,
+        (Err(e), Some(ips)) => {
             tracing::warn!(host, error = %e, "resolving the upstream failed; using the addresses it last had");
-            // Asked again after another TTL, not on every connection.
-            cache
-                .lock()
-                .expect("poisoned")
-                .insert(key, (Instant::now(), Arc::clone(&addrs)));
-            Ok(addrs)
+            ips
         }
-        (Err(e), None) => Err(e),
-    }
+        (Err(e), None) => return Err(e),
+    };
+    // After a failure too: asked again after another TTL, not on every
+    // connection.
+    cache
+        .lock()
+        .expect("poisoned")
+        .insert(host.to_string(), (Instant::now(), Arc::clone(&ips)));
+    Ok(ips)
 }
 
 /// A request that can be sent again if its connection fails under it: no
@@ -483,13 +476,11 @@ mod tests {
     async fn an_upstream_name_is_resolved_once_per_ttl_and_connected_by_name() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let first = resolve("localhost", port).await.unwrap();
-        assert!(first
-            .iter()
-            .any(|a| a.ip().is_loopback() && a.port() == port));
+        let first = resolve("localhost").await.unwrap();
+        assert!(first.iter().any(|ip| ip.is_loopback()));
         // The second lookup within the TTL is the same allocation: the
         // cache answered, not getaddrinfo.
-        let second = resolve("localhost", port).await.unwrap();
+        let second = resolve("localhost").await.unwrap();
         assert!(Arc::ptr_eq(&first, &second));
 
         // A name whose first address refuses (::1 when only 127.0.0.1

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,24 +51,7 @@ pub enum TrustError {
 
 /// Load CA bundles and CRLs into a webpki verifier.
 pub fn load_verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVerifier>, TrustError> {
-    let mut roots = RootCertStore::empty();
-    for path in &config.ca {
-        let shown = path.display().to_string();
-        let pem = read(path)?;
-        let certs = parse_chain_pem(&shown, &pem).map_err(|e| TrustError::Invalid {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
-        if certs.is_empty() {
-            return Err(TrustError::NoCa { path: shown });
-        }
-        for cert in certs {
-            roots.add(cert).map_err(|e| TrustError::Invalid {
-                path: shown.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-    }
+    let roots = load_roots(&config.ca)?;
     let mut crls = Vec::new();
     for path in &config.crl {
         let shown = path.display().to_string();
@@ -91,6 +74,30 @@ pub fn load_verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVeri
     builder
         .build()
         .map_err(|e| TrustError::Verifier(e.to_string()))
+}
+
+/// PEM CA bundles as trust anchors; a file without a certificate is an
+/// error, not an empty trust.
+pub fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore, TrustError> {
+    let mut roots = RootCertStore::empty();
+    for path in paths {
+        let shown = path.display().to_string();
+        let pem = read(path)?;
+        let certs = parse_chain_pem(&shown, &pem).map_err(|e| TrustError::Invalid {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        if certs.is_empty() {
+            return Err(TrustError::NoCa { path: shown });
+        }
+        for cert in certs {
+            roots.add(cert).map_err(|e| TrustError::Invalid {
+                path: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    Ok(roots)
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TrustError> {

@@ -359,7 +359,7 @@ names = ["*.apps.internal"]
     assert!(matches!(l.cert, CertSource::Files { .. }));
     assert!(matches!(l.sni_certs[0].source, CertSource::LocalCa { .. }));
     assert!(matches!(l.sni_certs[1].source, CertSource::Acme(_)));
-    let labels: Vec<String> = l.certs().map(|(label, _, _)| label).collect();
+    let labels: Vec<String> = l.certs().map(|(cert, _, _)| cert.to_string()).collect();
     assert_eq!(labels, ["default", "sni_cert[0]", "sni_cert[1]"]);
     assert_eq!(
         l.sni_certs[0].policy.export.as_ref().unwrap().dir,
@@ -434,7 +434,7 @@ ca = "mesh-ca.pem"
     let o = l.outbound.as_ref().unwrap();
     // The upstream is remote without allow_remote_upstream, and its host
     // is the name the peer's certificate must carry unless told otherwise.
-    assert_eq!(o.server_name, "billing.internal");
+    assert_eq!(o.server_name.to_str(), "billing.internal");
     assert_eq!(o.ca, [Path::new("/etc/sheath/mesh-ca.pem")]);
     let again = assert_round_trip(Path::new("/etc/sheath/test.toml"), &config);
     assert_eq!(again, config, "rendered:\n{}", config.render());
@@ -462,6 +462,17 @@ ca = "mesh-ca.pem"
     ));
     assert_eq!((line, key.as_str()), (5, "listener[0].sni_cert"));
     assert!(message.contains("one certificate"), "{message}");
+
+    // A host the upstream syntax takes but no certificate can carry needs an
+    // explicit name to verify.
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"127.0.0.1:15001\"\nupstream = \"peer..internal:8443\"\nmode = \"outbound\"\n",
+    );
+    assert_eq!((line, key.as_str()), (3, "listener[0].upstream"));
+    assert!(
+        message.contains("set [listener.outbound] server_name"),
+        "{message}"
+    );
 
     // [listener.outbound] belongs to outbound mode only.
     let (line, key, message) = error_at(

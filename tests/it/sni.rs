@@ -173,7 +173,7 @@ async fn an_sni_certificate_rotates_on_its_own_and_a_broken_one_keeps_serving() 
     let handle = proxy.running().listener("l").unwrap();
     assert_eq!(handle.certs.len(), 2);
     let sni_status = handle.certs[1].status.clone();
-    assert_eq!(sni_status.load().cert, "sni_cert[0]");
+    assert_eq!(sni_status.load().cert, sheath::config::CertRef::Sni(0));
     assert_eq!(verified_serial(addr, pki.roots(), "api.test").await, first);
 
     // Rotation of the SNI certificate reaches only its own name.
