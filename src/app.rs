@@ -639,7 +639,8 @@ fn prepare(
             if o.config.upstream == l.upstream
                 && o.config.timeouts.connect == l.timeouts.connect
                 && o.config.timeouts.upstream_idle == l.timeouts.upstream_idle
-                && o.config.mode == l.mode =>
+                && o.config.mode == l.mode
+                && o.config.upstream_protocol == l.upstream_protocol =>
         {
             state.http.clone()
         }

@@ -13,7 +13,7 @@ use crate::config::{
     self, parse_bind, parse_fingerprint, parse_names, parse_upstream, AcmeChallenge, AcmeConfig,
     AcmeTrust, AllowList, CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError,
     ForwardIdentity, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, Timeouts,
-    DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
+    UpstreamProtocol, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
 };
 use crate::logging::LogFormat;
 
@@ -261,6 +261,10 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_PROXY_PROTOCOL")]
     pub proxy_protocol: Option<String>,
 
+    /// HTTP mode: HTTP version to the upstream, `http1`, `h2c` (gRPC) or `auto` (the client's).
+    #[arg(long, env = "SHEATH_UPSTREAM_PROTOCOL")]
+    pub upstream_protocol: Option<String>,
+
     /// ACME directory URL; certificates for --name are then issued by ACME.
     #[arg(long, env = "SHEATH_ACME_DIRECTORY")]
     pub acme_directory: Option<String>,
@@ -326,6 +330,7 @@ impl SingleListener {
             allow_cn,
             forward_identity,
             proxy_protocol,
+            upstream_protocol,
             acme_directory,
             acme_challenge,
             acme_http01_bind,
@@ -364,6 +369,7 @@ impl SingleListener {
         flag(!allow_cn.is_empty(), "--allow-cn");
         flag(!forward_identity.is_empty(), "--forward-identity");
         flag(proxy_protocol.is_some(), "--proxy-protocol");
+        flag(upstream_protocol.is_some(), "--upstream-protocol");
         flag(acme_directory.is_some(), "--acme-directory");
         flag(acme_challenge.is_some(), "--acme-challenge");
         flag(acme_http01_bind.is_some(), "--acme-http01-bind");
@@ -501,6 +507,21 @@ impl SingleListener {
                 ))
             }
         };
+        let upstream_protocol = match self.upstream_protocol.as_deref() {
+            None => UpstreamProtocol::default(),
+            Some(_) if mode != Mode::Http => {
+                return Err(flag_error("--upstream-protocol", "needs --mode http"))
+            }
+            Some(name) => UpstreamProtocol::parse(name).ok_or_else(|| {
+                flag_error(
+                    "--upstream-protocol",
+                    format!(
+                        "unknown protocol `{name}`, expected {}",
+                        UpstreamProtocol::NAMES
+                    ),
+                )
+            })?,
+        };
         let d = Timeouts::default();
         let positive = |flag: &'static str, v: Option<Duration>, default: Duration| match v {
             Some(v) if v.is_zero() => Err(flag_error(flag, "must be greater than zero")),
@@ -551,6 +572,7 @@ impl SingleListener {
                 sni_certs: Vec::new(),
                 client_auth,
                 proxy_protocol,
+                upstream_protocol,
                 outbound,
             }],
         })

@@ -203,6 +203,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             outbound: None,
             client_auth: Default::default(),
             proxy_protocol: None,
+            upstream_protocol: Default::default(),
         }],
     })
 }

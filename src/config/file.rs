@@ -55,6 +55,7 @@ pub struct ListenerFile {
     pub sni_cert: Vec<Spanned<CertFile>>,
     pub client_auth: Option<Spanned<ClientAuthFile>>,
     pub proxy_protocol: Option<Spanned<String>>,
+    pub upstream_protocol: Option<Spanned<String>>,
     pub outbound: Option<Spanned<OutboundFile>>,
 }
 

@@ -57,6 +57,8 @@ pub struct ListenerConfig {
     pub client_auth: ClientAuthConfig,
     /// TCP mode: announce the client to the upstream with a PROXY header.
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// HTTP mode: the HTTP version spoken to the upstream.
+    pub upstream_protocol: UpstreamProtocol,
     /// Outbound mode: verification of the remote peer.
     pub outbound: Option<OutboundConfig>,
 }
@@ -258,6 +260,53 @@ pub enum Mode {
     /// for byte over mutual TLS to a remote peer, with the listener's
     /// certificate as the client certificate.
     Outbound,
+}
+
+/// The HTTP version HTTP mode speaks to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over a pool of keep-alive connections, whatever the
+    /// client spoke.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge (RFC 9113 §3.3), on one
+    /// multiplexed connection: what gRPC servers speak.
+    H2c,
+    /// The client's version: HTTP/2 clients over h2c, HTTP/1.1 clients
+    /// (and their WebSocket upgrades) over HTTP/1.1.
+    Auto,
+}
+
+impl UpstreamProtocol {
+    pub const NAMES: &'static str = "`http1`, `h2c` or `auto`";
+
+    pub fn parse(name: &str) -> Option<UpstreamProtocol> {
+        match name {
+            "http1" => Some(UpstreamProtocol::Http1),
+            "h2c" => Some(UpstreamProtocol::H2c),
+            "auto" => Some(UpstreamProtocol::Auto),
+            _ => None,
+        }
+    }
+
+    /// Whether a request that came in as `client` goes upstream over h2c.
+    pub fn h2c_for(self, client: http::Version) -> bool {
+        match self {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::H2c => true,
+            UpstreamProtocol::Auto => client == http::Version::HTTP_2,
+        }
+    }
+}
+
+impl fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2c => "h2c",
+            UpstreamProtocol::Auto => "auto",
+        })
+    }
 }
 
 impl fmt::Display for Mode {
@@ -603,6 +652,13 @@ impl Config {
             let _ = writeln!(out, "max_connections = {}", l.max_connections);
             if let Some(p) = l.proxy_protocol {
                 let _ = writeln!(out, "proxy_protocol = {}", q(p.as_str()));
+            }
+            if l.mode == Mode::Http {
+                let _ = writeln!(
+                    out,
+                    "upstream_protocol = {}",
+                    q(&l.upstream_protocol.to_string())
+                );
             }
             let t = &l.timeouts;
             let _ = writeln!(out, "\n[listener.timeouts]");

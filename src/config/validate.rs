@@ -16,7 +16,7 @@ use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
     CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig,
     ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert,
-    Timeouts, Upstream, DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS,
+    Timeouts, Upstream, UpstreamProtocol, DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TRUST_POLL_INTERVAL,
 };
 
@@ -284,6 +284,33 @@ fn validate_listener(
             Some(v)
         }
     };
+    let upstream_protocol = match &raw.upstream_protocol {
+        None => UpstreamProtocol::default(),
+        Some(p) => {
+            let Some(protocol) = UpstreamProtocol::parse(p.get_ref()) else {
+                return Err(invalid(
+                    loc.at(p),
+                    key("upstream_protocol"),
+                    format!(
+                        "unknown upstream protocol `{}`, expected {}",
+                        p.get_ref(),
+                        UpstreamProtocol::NAMES
+                    ),
+                ));
+            };
+            if raw.mode != Mode::Http {
+                return Err(invalid(
+                    loc.at(p),
+                    key("upstream_protocol"),
+                    format!(
+                        "needs mode = \"http\"; mode = \"{}\" relays bytes, whatever the protocol",
+                        raw.mode
+                    ),
+                ));
+            }
+            protocol
+        }
+    };
 
     let listener = ListenerConfig {
         name,
@@ -297,6 +324,7 @@ fn validate_listener(
         sni_certs,
         client_auth,
         proxy_protocol,
+        upstream_protocol,
         outbound,
     };
     Ok((listener, cert_origins))

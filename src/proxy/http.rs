@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::header::{HeaderValue, CONTENT_TYPE, HOST, TE};
+use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -395,6 +396,20 @@ async fn forward_request(
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
     };
 
+    // Only HTTP/1.1 carries Upgrade, so upgrades never go over h2c.
+    let h2c = !upgrading && config.upstream_protocol.h2c_for(req.version());
+    // `TE: trailers` is the one TE an HTTP/2 request may carry, and gRPC
+    // servers require it (it tells them trailers will get through).
+    let te_trailers = h2c
+        && req
+            .headers()
+            .get(TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+
     let (mut parts, body) = req.into_parts();
     // The request's own path and query become the upstream request target
     // as they are: no copy, no second parse.
@@ -409,23 +424,45 @@ async fn forward_request(
 
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
-    *upstream_req.uri_mut() = Uri::from(path_and_query);
-    *upstream_req.version_mut() = Version::HTTP_11;
     *upstream_req.headers_mut() = parts.headers;
-    let headers = upstream_req.headers_mut();
-    forward::strip_hop_by_hop(headers, upgrading);
-    match &host {
-        Some(host) if !headers.contains_key(HOST) => {
-            headers.insert(HOST, host.clone());
+    forward::strip_hop_by_hop(upstream_req.headers_mut(), upgrading);
+    if h2c {
+        // HTTP/2 names the host in :authority, which hyper takes from an
+        // absolute URI; a Host header beside it would only be a second copy.
+        let authority = host
+            .as_ref()
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| client.authority().clone());
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(path_and_query);
+        *upstream_req.uri_mut() =
+            Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+        *upstream_req.version_mut() = Version::HTTP_2;
+        let headers = upstream_req.headers_mut();
+        headers.remove(HOST);
+        if te_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
         }
-        Some(_) => {}
-        // An HTTP/1.0 client may name no host; HTTP/1.1 requires one.
-        None => {
-            if let Ok(authority) = HeaderValue::from_str(client.authority().as_str()) {
-                headers.insert(HOST, authority);
+    } else {
+        *upstream_req.uri_mut() = Uri::from(path_and_query);
+        *upstream_req.version_mut() = Version::HTTP_11;
+        let headers = upstream_req.headers_mut();
+        match &host {
+            Some(host) if !headers.contains_key(HOST) => {
+                headers.insert(HOST, host.clone());
+            }
+            Some(_) => {}
+            // An HTTP/1.0 client may name no host; HTTP/1.1 requires one.
+            None => {
+                if let Ok(authority) = HeaderValue::from_str(client.authority().as_str()) {
+                    headers.insert(HOST, authority);
+                }
             }
         }
     }
+    let headers = upstream_req.headers_mut();
     forward::set_forwarded(headers, &ctx.client_addr, host.as_ref());
     forward::set_identity(
         headers,
@@ -456,6 +493,9 @@ async fn forward_request(
     } else {
         forward::strip_hop_by_hop(resp.headers_mut(), false);
     }
+    // Whichever version the upstream spoke, the client's connection
+    // writes the response in its own.
+    *resp.version_mut() = Version::HTTP_11;
     Ok(resp.map(Either::Left))
 }
 

@@ -1,4 +1,5 @@
-//! Keep-alive HTTP/1.1 connections to the upstream, pooled per listener.
+//! Keep-alive HTTP/1.1 connections to the upstream, pooled per listener,
+//! and one multiplexed HTTP/2 (h2c) connection for upstreams that speak it.
 //!
 //! Built on hyper's connection-level client rather than hyper-util's
 //! general-purpose one: sheath talks to a single origin, so the pool is one
@@ -30,10 +31,11 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::config::{ListenerConfig, Upstream};
+use crate::config::{ListenerConfig, Upstream, UpstreamProtocol};
 
 /// Most idle connections kept; more are closed as their responses end.
 const MAX_IDLE: usize = 1024;
@@ -46,19 +48,24 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct UpstreamClient<B = Incoming> {
     pool: Arc<Pool<B>>,
+    /// The HTTP/2 connection, for listeners whose `upstream_protocol`
+    /// sends some or all requests over h2c.
+    h2: Option<Arc<H2Conn<B>>>,
 }
 
 impl<B> Clone for UpstreamClient<B> {
     fn clone(&self) -> Self {
         UpstreamClient {
             pool: Arc::clone(&self.pool),
+            h2: self.h2.clone(),
         }
     }
 }
 
-/// What a request body must be to be sent on a pooled connection.
-pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static {}
-impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + 'static> RequestBody for B {}
+/// What a request body must be to be sent on a pooled connection (or the
+/// h2c connection, whose driver needs it `Unpin`).
+pub trait RequestBody: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static {}
+impl<B: Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static> RequestBody for B {}
 
 /// What goes on an upstream connection: the client's body, or nothing when
 /// a bodiless request is sent again.
@@ -116,6 +123,16 @@ impl UpstreamError {
 
 impl<B: RequestBody> UpstreamClient<B> {
     pub fn new(config: &ListenerConfig) -> UpstreamClient<B> {
+        let h2 = (config.upstream_protocol != UpstreamProtocol::Http1).then(|| {
+            Arc::new(H2Conn {
+                upstream: config.upstream.clone(),
+                connect_timeout: config.timeouts.connect,
+                idle_timeout: config.timeouts.upstream_idle,
+                current: Mutex::new(None),
+                connecting: tokio::sync::Mutex::new(()),
+                sweeping: AtomicBool::new(false),
+            })
+        });
         UpstreamClient {
             pool: Arc::new(Pool {
                 upstream: config.upstream.clone(),
@@ -124,6 +141,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                 idle: Mutex::new(Vec::new()),
                 sweeping: AtomicBool::new(false),
             }),
+            h2,
         }
     }
 
@@ -132,10 +150,20 @@ impl<B: RequestBody> UpstreamClient<B> {
         &self.pool.upstream.authority
     }
 
-    /// Send a request (origin-form URI, `Host` set) and return the response
-    /// head. The connection returns to the pool when the body ends; a
-    /// `101 Switching Protocols` response keeps it for the upgrade.
+    /// Send a request and return the response head. An HTTP/1.1 request
+    /// (origin-form URI, `Host` set) goes on a pooled connection, which
+    /// returns to the pool when the body ends; a `101 Switching Protocols`
+    /// response keeps it for the upgrade. An HTTP/2 request (absolute URI,
+    /// whose authority becomes `:authority`) goes on the h2c connection,
+    /// if the listener has one.
     pub async fn send(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
+        match &self.h2 {
+            Some(h2) if req.version() == http::Version::HTTP_2 => h2.send(req).await,
+            _ => self.send_http1(req).await,
+        }
+    }
+
+    async fn send_http1(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let mut req = req.map(Either::Left);
         loop {
             let (mut sender, reused) = match self.pool.checkout() {
@@ -397,6 +425,131 @@ async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>, idle_timeout: Duration) {
         let now = Instant::now();
         pool.lock()
             .retain(|c| c.sender.is_ready() && now.duration_since(c.since) < idle_timeout);
+    }
+}
+
+/// The HTTP/2 connection to an upstream that speaks h2c. One connection
+/// carries every request, as many at once as the upstream's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` allows (h2 queues the rest); a new
+/// one is opened when it has closed (GOAWAY, a restart) or has gone
+/// unused for the upstream idle timeout.
+#[derive(Debug)]
+struct H2Conn<B> {
+    upstream: Upstream,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    current: Mutex<Option<H2Sender<B>>>,
+    /// Held while connecting, so requests that find no connection wait
+    /// for one handshake instead of each opening their own.
+    connecting: tokio::sync::Mutex<()>,
+    sweeping: AtomicBool,
+}
+
+#[derive(Debug)]
+struct H2Sender<B> {
+    sender: http2::SendRequest<Outgoing<B>>,
+    used: Instant,
+}
+
+impl<B: RequestBody> H2Conn<B> {
+    /// The open connection, marked used now, unless it closed or idled out.
+    fn checkout(&self) -> Option<http2::SendRequest<Outgoing<B>>> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        match current.as_mut() {
+            Some(c) if !c.sender.is_closed() && now.duration_since(c.used) < self.idle_timeout => {
+                c.used = now;
+                Some(c.sender.clone())
+            }
+            // Dropping the last sender lets the connection close once its
+            // streams in flight are done.
+            _ => {
+                *current = None;
+                None
+            }
+        }
+    }
+
+    async fn sender(
+        self: &Arc<Self>,
+    ) -> Result<(http2::SendRequest<Outgoing<B>>, bool), UpstreamError> {
+        if let Some(sender) = self.checkout() {
+            return Ok((sender, true));
+        }
+        let _connecting = self.connecting.lock().await;
+        // Someone else may have connected while this request waited.
+        if let Some(sender) = self.checkout() {
+            return Ok((sender, true));
+        }
+        let stream = connect(&self.upstream, self.connect_timeout).await?;
+        let handshake = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(TokioIo::new(stream));
+        let (sender, connection) = match tokio::time::timeout(self.connect_timeout, handshake).await
+        {
+            Err(_) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
+            Ok(result) => result.map_err(UpstreamError::Http)?,
+        };
+        let upstream = self.upstream.clone();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(upstream = %upstream, error = %e, "upstream h2c connection ended");
+            }
+        });
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Sender {
+            sender: sender.clone(),
+            used: Instant::now(),
+        });
+        if !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep_h2(Arc::downgrade(self), self.idle_timeout));
+        }
+        Ok((sender, false))
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        req: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, UpstreamError> {
+        let mut req = req.map(Either::Left);
+        loop {
+            let (mut sender, reused) = self.sender().await?;
+            let resend = (reused && replayable(&req)).then(|| Head::of(&req));
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(|body| PooledBody { body, lease: None })),
+                Err(mut e) => match (e.take_message(), resend) {
+                    // The connection closed before the stream was opened.
+                    (Some(unsent), _) if reused => {
+                        tracing::debug!(upstream = %self.upstream, "h2c connection closed before the request was sent; sending again");
+                        req = unsent;
+                    }
+                    (None, Some(head)) if closed_without_response(e.error()) => {
+                        tracing::debug!(upstream = %self.upstream, error = %e.error(), "h2c connection closed under an idempotent request; sending again");
+                        req = head.into_request();
+                    }
+                    _ => return Err(UpstreamError::Http(e.into_error())),
+                },
+            }
+        }
+    }
+}
+
+/// Let the h2c connection go once unused for `idle_timeout`, so an idle
+/// sidecar holds no upstream connection open forever. Runs until the
+/// client is dropped (a reload that changed the upstream, or shutdown).
+async fn sweep_h2<B>(conn: Weak<H2Conn<B>>, idle_timeout: Duration) {
+    let mut tick = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(conn) = conn.upgrade() else { return };
+        let mut current = conn.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current
+            .as_ref()
+            .is_some_and(|c| c.sender.is_closed() || c.used.elapsed() >= idle_timeout)
+        {
+            *current = None;
+        }
     }
 }
 

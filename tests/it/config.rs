@@ -280,6 +280,17 @@ fn type_errors_and_bad_values_are_located() {
     );
     assert!(message.contains("needs `header` in forward"), "{message}");
 
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nupstream_protocol = \"h3\"\n",
+    );
+    assert_eq!((line, key.as_str()), (4, "listener[0].upstream_protocol"));
+    assert!(message.contains("`http1`, `h2c` or `auto`"), "{message}");
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nmode = \"tcp\"\nupstream_protocol = \"h2c\"\n",
+    );
+    assert_eq!((line, key.as_str()), (5, "listener[0].upstream_protocol"));
+    assert!(message.contains("needs mode = \"http\""), "{message}");
+
     // The admin address is checked like any other.
     let (line, key, _) = error_at(
         "[admin]\nbind = \"localhost:nine\"\n[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n",

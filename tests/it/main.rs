@@ -8,6 +8,7 @@ mod acme;
 mod admin;
 mod cert_files;
 mod config;
+mod grpc;
 mod http;
 mod limits;
 mod local_ca;

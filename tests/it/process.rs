@@ -351,6 +351,7 @@ fn flag_sample(long: &str) -> &'static str {
         "allow-dns" | "allow-cn" => "web",
         "forward-identity" => "xfcc",
         "proxy-protocol" => "v2",
+        "upstream-protocol" => "h2c",
         "acme-directory" => "https://ca.internal/acme/directory",
         "acme-challenge" => "http-01",
         "acme-http01-bind" => "127.0.0.1:0",
@@ -1306,4 +1307,39 @@ async fn outbound_mode_from_flags_alone() {
     assert!(answer.contains("DNS=web.test"), "{answer}");
     proxy.signal("TERM");
     assert_eq!(proxy.exit_code(common::DEADLINE).await, 0);
+}
+
+#[tokio::test]
+async fn the_upstream_protocol_flag_sets_the_listener_and_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |extra: &'static [&'static str]| {
+        let mut cmd = sheath();
+        cmd.args([
+            "check",
+            "--listen",
+            "127.0.0.1:8443",
+            "--upstream",
+            "127.0.0.1:8080",
+        ])
+        .args(extra)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"));
+        output("sheath check", cmd)
+    };
+    let out = run(&["--upstream-protocol", "h2c"]).await;
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .lines()
+            .any(|l| l == "upstream_protocol = \"h2c\""),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = run(&["--mode", "tcp", "--upstream-protocol", "h2c"]).await;
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("--upstream-protocol: needs --mode http"),
+        "{}",
+        text(&out.stderr)
+    );
 }

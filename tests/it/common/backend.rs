@@ -12,7 +12,7 @@ use http::{Request, Response};
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -46,6 +46,8 @@ pub async fn closed_port() -> SocketAddr {
 /// An HTTP/1.1 backend with a few routes:
 /// - `/headers`: the request head, one `name: value` per line
 /// - `/echo`: streams the request body back as it arrives
+/// - `/trailers`: `done`, then the trailers `grpc-status: 0` and
+///   `grpc-message: all%20good`
 /// - `/slow?ms=N`: answers after N milliseconds
 /// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
 /// - `/close`: `ok` with `Connection: close`, then closes
@@ -65,8 +67,23 @@ pub struct CountingBackend {
     close: tokio::sync::watch::Sender<u64>,
 }
 
+/// What a [`CountingBackend`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Speaks {
+    Http1,
+    /// HTTP/2 with prior knowledge only, as gRPC servers do: an HTTP/1.1
+    /// request gets nothing.
+    H2c,
+    /// Either, told apart by the HTTP/2 preface.
+    Both,
+}
+
 impl CountingBackend {
     pub async fn start() -> CountingBackend {
+        CountingBackend::speaking(Speaks::Http1).await
+    }
+
+    pub async fn speaking(speaks: Speaks) -> CountingBackend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
@@ -85,8 +102,27 @@ impl CountingBackend {
                 let open = Arc::clone(&open);
                 let mut closing = close.subscribe();
                 tokio::spawn(async move {
-                    let serve = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service_fn(route));
+                    let io = TokioIo::new(stream);
+                    let serve = async move {
+                        let _ = match speaks {
+                            Speaks::Http1 => hyper::server::conn::http1::Builder::new()
+                                .serve_connection(io, service_fn(route))
+                                .await
+                                .map_err(|e| e.to_string()),
+                            Speaks::H2c => {
+                                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                    .serve_connection(io, service_fn(route))
+                                    .await
+                                    .map_err(|e| e.to_string())
+                            }
+                            Speaks::Both => {
+                                hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                                    .serve_connection(io, service_fn(route))
+                                    .await
+                                    .map_err(|e| e.to_string())
+                            }
+                        };
+                    };
                     tokio::select! {
                         _ = serve => {}
                         _ = closing.changed() => {}
@@ -147,6 +183,19 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             full(text)
         }
         "/echo" => req.into_body().map_err(std::io::Error::other).boxed(),
+        // A body followed by trailers, as every gRPC response is.
+        "/trailers" => {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", "0".parse().unwrap());
+            trailers.insert("grpc-message", "all%20good".parse().unwrap());
+            let frames = [
+                Frame::data(Bytes::from_static(b"done")),
+                Frame::trailers(trailers),
+            ];
+            BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+                frames.map(Ok::<_, std::io::Error>),
+            )))
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query(&req, "ms", 1000))).await;
             full("slow ok")

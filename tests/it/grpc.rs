@@ -1,0 +1,240 @@
+//! HTTP/2 to the upstream (`upstream_protocol = "h2c"` and `"auto"`): what
+//! gRPC backends need. A real gRPC server and client (grpcio) through
+//! sheath, and hyper backends that speak only HTTP/2 to show what travels
+//! on the upstream connection.
+
+use std::process::Stdio;
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::common::backend::{CountingBackend, Speaks};
+use crate::common::client::{self, body_text, get, get_h2, header, parse_headers};
+use crate::common::{pki, within, Proxy, TestPki};
+use crate::http::http_proxy;
+
+/// Debian's interpreter, where `python3-grpcio` installs; a `python3`
+/// earlier on PATH (pyenv, a virtualenv) may not have it.
+const PYTHON: &str = "/usr/bin/python3";
+
+/// Is grpcio importable? Same convention as `require_tool`.
+fn require_grpcio() -> bool {
+    let found = std::process::Command::new(PYTHON)
+        .args(["-c", "import grpc"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{PYTHON} with grpcio (Debian's python3-grpcio) is required under CI=true");
+        }
+        eprintln!("SKIPPED: {PYTHON} cannot import grpc; install python3-grpcio to run this test");
+    }
+    found
+}
+
+fn peer_script() -> String {
+    format!("{}/tests/it/grpc_peer.py", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The grpcio server: its port, and the process (stops when dropped: its
+/// stdin closes and it is killed).
+async fn grpc_server() -> (u16, tokio::process::Child) {
+    let mut child = tokio::process::Command::new(PYTHON)
+        .args([peer_script().as_str(), "server"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the gRPC server");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    within(
+        "the gRPC server's port",
+        BufReader::new(stdout).read_line(&mut line),
+    )
+    .await
+    .unwrap();
+    let port = line.trim().parse().expect("a port number");
+    (port, child)
+}
+
+/// Run the grpcio client against `target`; its JSON report, or its stderr
+/// when it failed.
+async fn grpc_client(
+    target: std::net::SocketAddr,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let output = within(
+        "the gRPC client",
+        tokio::process::Command::new(PYTHON)
+            .args([peer_script().as_str(), "client", &target.to_string()])
+            .args(args)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("run the gRPC client");
+    if !output.status.success() {
+        return Err(String::from_utf8_lossy(&output.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&output.stdout).expect("JSON from the client"))
+}
+
+#[tokio::test]
+async fn a_grpc_client_reaches_a_grpc_server_over_h2c_with_its_identity() {
+    if !require_grpcio() {
+        return;
+    }
+    let (port, _server) = grpc_server().await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let ca = pki.write_ca(dir.path());
+    let client_cert = pki.client(&pki::ClientSpec::new("billing"));
+    let (cert, key) = client_cert.write(dir.path(), "client");
+    let listener = |name: &str, extra: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:{port}\"\n{extra}\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
+            pki::files_cert_toml(&files),
+            ca.display()
+        )
+    };
+    let toml = listener("grpc", "upstream_protocol = \"h2c\"") + &listener("plain", "");
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let ca = ca.to_str().unwrap();
+    let identity = [ca, cert.to_str().unwrap(), key.to_str().unwrap()];
+
+    let report = grpc_client(proxy.addr("grpc"), &identity).await.unwrap();
+    // Unary: the request and its metadata reached the server, with the
+    // identity sheath vouches for instead of the client's forged one.
+    assert_eq!(report["echo"]["message"], "hello", "{report}");
+    let seen = &report["echo"]["metadata"];
+    let xfcc = seen["x-forwarded-client-cert"].as_str().unwrap();
+    assert!(xfcc.starts_with("Hash="), "{xfcc}");
+    assert!(xfcc.contains("CN=billing"), "{xfcc}");
+    assert_eq!(seen["x-forwarded-proto"], "https", "{report}");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1", "{report}");
+    // A gRPC error is a status in the trailers: it arrives as sent.
+    assert_eq!(report["fail"]["code"], "NOT_FOUND", "{report}");
+    assert_eq!(
+        report["fail"]["details"], "no such thing: widget",
+        "{report}"
+    );
+    // Server streaming: every message, then the trailing metadata.
+    let messages: Vec<String> = (0..50).map(|i| i.to_string()).collect();
+    assert_eq!(report["count"]["messages"], serde_json::json!(messages));
+    assert_eq!(report["count"]["trailers"]["x-count"], "50", "{report}");
+    assert_eq!(report["count"]["code"], "OK", "{report}");
+
+    // The same server behind an HTTP/1.1 upstream cannot work: that is
+    // what the setting is for.
+    let refused = grpc_client(proxy.addr("plain"), &identity).await;
+    assert!(refused.is_err(), "gRPC worked over HTTP/1.1: {refused:?}");
+}
+
+#[tokio::test]
+async fn h2c_carries_every_request_on_one_connection_with_trailers() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+
+    // An HTTP/2 client: what the upstream saw.
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let req = Request::get("https://app.example:8443/headers?a=1")
+        .header("te", "trailers")
+        .header("x-forwarded-client-cert", "forged")
+        .body(client::empty())
+        .unwrap();
+    let resp = within("h2 response", h2.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = body_text(resp).await;
+    assert!(
+        text.starts_with("GET http://app.example:8443/headers?a=1 HTTP/2.0\n"),
+        "{text}"
+    );
+    let h = parse_headers(&text);
+    assert_eq!(header(&h, "te"), ["trailers"], "{text}");
+    assert!(header(&h, "host").is_empty(), "{text}");
+    assert!(header(&h, "x-forwarded-client-cert").is_empty(), "{text}");
+    assert_eq!(header(&h, "x-forwarded-host"), ["app.example:8443"]);
+
+    // Trailers come back to the client.
+    let resp = h2.send_request(get_h2("/trailers")).await.unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "all%20good");
+    assert_eq!(collected.to_bytes(), "done");
+
+    // Many requests at once share the connection.
+    let requests = (0..32).map(|_| {
+        let mut h2 = h2.clone();
+        async move { h2.send_request(get_h2("/slow?ms=50")).await }
+    });
+    for resp in within(
+        "32 concurrent requests",
+        futures_util::future::join_all(requests),
+    )
+    .await
+    {
+        assert_eq!(body_text(resp.unwrap()).await, "slow ok");
+    }
+
+    // An HTTP/1.1 client's request goes over HTTP/2 too: this backend
+    // answers nothing else.
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("h1 response", h1.send_request(get("/headers")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(body_text(resp)
+        .await
+        .starts_with("GET http://localhost/headers HTTP/2.0\n"));
+    assert_eq!(backend.accepted(), 1, "every request on one h2c connection");
+
+    // The upstream goes away (a restart): the next request opens a new
+    // connection instead of failing.
+    backend.close_all().await;
+    let resp = within("after the upstream closed", h2.send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "ok");
+    assert_eq!(backend.accepted(), 2);
+}
+
+#[tokio::test]
+async fn auto_speaks_to_the_upstream_as_the_client_spoke_to_sheath() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::Both).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"auto\"").await;
+
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within("h2", h2.send_request(get_h2("/headers")))
+        .await
+        .unwrap();
+    assert!(body_text(resp).await.contains(" HTTP/2.0\n"));
+
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let req = Request::post("/echo")
+        .header("host", "localhost")
+        .body(
+            http_body_util::Full::new(Bytes::from_static(b"ping"))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let resp = within("h1 echo", h1.send_request(req)).await.unwrap();
+    assert_eq!(body_text(resp).await, "ping");
+    let resp = within("h1", h1.send_request(get("/headers")))
+        .await
+        .unwrap();
+    let text = body_text(resp).await;
+    assert!(text.starts_with("GET /headers HTTP/1.1\n"), "{text}");
+    assert_eq!(header(&parse_headers(&text), "host"), ["localhost"]);
+    // One HTTP/2 connection and one HTTP/1.1 connection.
+    assert_eq!(backend.accepted(), 2);
+}
