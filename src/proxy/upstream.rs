@@ -407,24 +407,32 @@ impl<B: RequestBody> Pool<B> {
             });
         }
         if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep(Arc::downgrade(&self), self.idle_timeout));
+            let idle_timeout = self.idle_timeout;
+            tokio::spawn(sweep(
+                Arc::downgrade(&self),
+                idle_timeout,
+                move |pool, now| {
+                    pool.lock().retain(|c| {
+                        c.sender.is_ready() && now.duration_since(c.since) < idle_timeout
+                    });
+                },
+            ));
         }
     }
 }
 
-/// Close connections idle for longer than `idle_timeout`, until the pool
-/// is dropped (a reload that changed the upstream, or shutdown).
-async fn sweep<B: RequestBody>(pool: Weak<Pool<B>>, idle_timeout: Duration) {
+/// Every third of `idle_timeout`, let `retire` close what has been unused
+/// for longer, until `owner` is dropped (a reload that changed the
+/// upstream, or shutdown).
+async fn sweep<T>(owner: Weak<T>, idle_timeout: Duration, retire: impl Fn(&T, Instant)) {
     // At least 1 ms: an interval must not be zero, whatever was configured.
     let mut tick = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        let Some(pool) = pool.upgrade() else { return };
-        let now = Instant::now();
-        pool.lock()
-            .retain(|c| c.sender.is_ready() && now.duration_since(c.since) < idle_timeout);
+        let Some(owner) = owner.upgrade() else { return };
+        retire(&owner, Instant::now());
     }
 }
 
@@ -501,7 +509,20 @@ impl<B: RequestBody> H2Conn<B> {
             used: Instant::now(),
         });
         if !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep_h2(Arc::downgrade(self), self.idle_timeout));
+            // So an idle sidecar holds no upstream connection open forever.
+            let idle_timeout = self.idle_timeout;
+            tokio::spawn(sweep(
+                Arc::downgrade(self),
+                idle_timeout,
+                move |conn, now| {
+                    let mut current = conn.current.lock().unwrap_or_else(|p| p.into_inner());
+                    if current.as_ref().is_some_and(|c| {
+                        c.sender.is_closed() || now.duration_since(c.used) >= idle_timeout
+                    }) {
+                        *current = None;
+                    }
+                },
+            ));
         }
         Ok((sender, false))
     }
@@ -529,26 +550,6 @@ impl<B: RequestBody> H2Conn<B> {
                     _ => return Err(UpstreamError::Http(e.into_error())),
                 },
             }
-        }
-    }
-}
-
-/// Let the h2c connection go once unused for `idle_timeout`, so an idle
-/// sidecar holds no upstream connection open forever. Runs until the
-/// client is dropped (a reload that changed the upstream, or shutdown).
-async fn sweep_h2<B>(conn: Weak<H2Conn<B>>, idle_timeout: Duration) {
-    let mut tick = tokio::time::interval((idle_timeout / 3).max(Duration::from_millis(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        let Some(conn) = conn.upgrade() else { return };
-        let mut current = conn.current.lock().unwrap_or_else(|p| p.into_inner());
-        if current
-            .as_ref()
-            .is_some_and(|c| c.sender.is_closed() || c.used.elapsed() >= idle_timeout)
-        {
-            *current = None;
         }
     }
 }

@@ -6,7 +6,7 @@
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 
-use crate::common::backend::CountingBackend;
+use crate::common::backend::{CountingBackend, Speaks};
 use crate::common::client::{self, body_text, get, get_h2};
 use crate::common::{eventually, within, TestPki};
 use crate::http::http_proxy;
@@ -111,26 +111,29 @@ async fn a_response_the_client_abandons_does_not_return_its_connection() {
 
 #[tokio::test]
 async fn an_unused_upstream_connection_is_closed_after_upstream_idle() {
-    let pki = TestPki::new();
-    let backend = CountingBackend::start().await;
-    let proxy = http_proxy(
-        &pki,
-        backend.addr,
-        "[listener.timeouts]\nupstream_idle = \"300ms\"\n",
-    )
-    .await;
-    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
-    let resp = within("first", h1.send_request(get("/"))).await.unwrap();
-    assert_eq!(body_text(resp).await, "ok");
-    assert_eq!(backend.open(), 1);
+    // The pooled HTTP/1.1 connections and the h2c connection alike.
+    for (speaks, protocol) in [(Speaks::Http1, "http1"), (Speaks::H2c, "h2c")] {
+        let pki = TestPki::new();
+        let backend = CountingBackend::speaking(speaks).await;
+        let proxy = http_proxy(
+            &pki,
+            backend.addr,
+            &format!("upstream_protocol = \"{protocol}\"\n[listener.timeouts]\nupstream_idle = \"300ms\"\n"),
+        )
+        .await;
+        let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+        let resp = within("first", h1.send_request(get("/"))).await.unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+        assert_eq!(backend.open(), 1, "{protocol}");
 
-    // sheath closes it, not the upstream: the backend sees its only
-    // connection go while the client connection stays open.
-    eventually("sheath closed its idle upstream connection", || {
-        backend.open() == 0
-    })
-    .await;
-    let resp = within("after", h1.send_request(get("/"))).await.unwrap();
-    assert_eq!(body_text(resp).await, "ok");
-    assert_eq!(backend.accepted(), 2);
+        // sheath closes it, not the upstream: the backend sees its only
+        // connection go while the client connection stays open.
+        eventually("sheath closed its idle upstream connection", || {
+            backend.open() == 0
+        })
+        .await;
+        let resp = within("after", h1.send_request(get("/"))).await.unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+        assert_eq!(backend.accepted(), 2, "{protocol}");
+    }
 }
