@@ -253,7 +253,7 @@ impl fmt::Display for Upstream {
 pub enum Mode {
     /// Byte-for-byte relay of the decrypted stream (L4).
     Tcp,
-    /// HTTP/1.1 and HTTP/2 termination with a pooled HTTP/1.1 upstream (L7).
+    /// HTTP/1.1 and HTTP/2 termination, HTTP/1.1 or h2c to the upstream (L7).
     #[default]
     Http,
     /// The other direction: plaintext from a local client, relayed byte

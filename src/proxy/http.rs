@@ -1,5 +1,6 @@
 //! HTTP mode: HTTP/1.1 or HTTP/2 towards the client (chosen by ALPN),
-//! pooled keep-alive HTTP/1.1 towards the upstream.
+//! pooled keep-alive HTTP/1.1 or multiplexed HTTP/2 (h2c) towards the
+//! upstream, as `upstream_protocol` says.
 //!
 //! Bodies stream in both directions and are never buffered whole. WebSocket
 //! and other `Upgrade` requests become a byte tunnel once the upstream
