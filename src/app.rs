@@ -1010,9 +1010,11 @@ fn build_state(
     client_verifier: Option<Arc<ClientVerifier>>,
     http: Option<UpstreamClient>,
 ) -> Result<Arc<ListenerState>, StartError> {
+    let configured: Vec<&[u8]> = listener.alpn.iter().map(|p| p.as_bytes()).collect();
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
-        Mode::Tcp | Mode::Outbound => &[],
+        Mode::Tcp => &configured,
+        Mode::Outbound => &[],
     };
     let verifier = client_verifier
         .clone()

@@ -265,6 +265,10 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_UPSTREAM_PROTOCOL")]
     pub upstream_protocol: Option<String>,
 
+    /// TCP mode: ALPN protocols offered to clients (comma-separated), e.g. `h2` or `postgresql`.
+    #[arg(long, env = "SHEATH_ALPN", value_delimiter = ',')]
+    pub alpn: Vec<String>,
+
     /// ACME directory URL; certificates for --name are then issued by ACME.
     #[arg(long, env = "SHEATH_ACME_DIRECTORY")]
     pub acme_directory: Option<String>,
@@ -331,6 +335,7 @@ impl SingleListener {
             forward_identity,
             proxy_protocol,
             upstream_protocol,
+            alpn,
             acme_directory,
             acme_challenge,
             acme_http01_bind,
@@ -370,6 +375,7 @@ impl SingleListener {
         flag(!forward_identity.is_empty(), "--forward-identity");
         flag(proxy_protocol.is_some(), "--proxy-protocol");
         flag(upstream_protocol.is_some(), "--upstream-protocol");
+        flag(!alpn.is_empty(), "--alpn");
         flag(acme_directory.is_some(), "--acme-directory");
         flag(acme_challenge.is_some(), "--acme-challenge");
         flag(acme_http01_bind.is_some(), "--acme-http01-bind");
@@ -522,6 +528,12 @@ impl SingleListener {
                 )
             })?,
         };
+        if !self.alpn.is_empty() {
+            if mode != Mode::Tcp {
+                return Err(flag_error("--alpn", "needs --mode tcp"));
+            }
+            config::check_alpn(&self.alpn).map_err(|m| flag_error("--alpn", m))?;
+        }
         let d = Timeouts::default();
         let positive = |flag: &'static str, v: Option<Duration>, default: Duration| match v {
             Some(v) if v.is_zero() => Err(flag_error(flag, "must be greater than zero")),
@@ -573,6 +585,7 @@ impl SingleListener {
                 client_auth,
                 proxy_protocol,
                 upstream_protocol,
+                alpn: self.alpn.clone(),
                 outbound,
             }],
         })

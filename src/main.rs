@@ -204,6 +204,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             client_auth: Default::default(),
             proxy_protocol: None,
             upstream_protocol: Default::default(),
+            alpn: Vec::new(),
         }],
     })
 }

@@ -56,6 +56,7 @@ pub struct ListenerFile {
     pub client_auth: Option<Spanned<ClientAuthFile>>,
     pub proxy_protocol: Option<Spanned<String>>,
     pub upstream_protocol: Option<Spanned<String>>,
+    pub alpn: Option<Spanned<Vec<String>>>,
     pub outbound: Option<Spanned<OutboundFile>>,
 }
 

@@ -10,7 +10,7 @@ mod validate;
 
 pub use file::FileConfig;
 pub use validate::{
-    check_outbound_bind, parse_bind, parse_fingerprint, parse_names, parse_server_name,
+    check_alpn, check_outbound_bind, parse_bind, parse_fingerprint, parse_names, parse_server_name,
     parse_upstream, DEFAULT_ADMIN, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
     OUTBOUND_CLIENT_AUTH,
 };
@@ -59,6 +59,9 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP mode: the HTTP version spoken to the upstream.
     pub upstream_protocol: UpstreamProtocol,
+    /// TCP mode: the ALPN protocols offered to clients, in order of
+    /// preference (HTTP mode always negotiates `h2` and `http/1.1`).
+    pub alpn: Vec<String>,
     /// Outbound mode: verification of the remote peer.
     pub outbound: Option<OutboundConfig>,
 }
@@ -659,6 +662,10 @@ impl Config {
                     "upstream_protocol = {}",
                     q(&l.upstream_protocol.to_string())
                 );
+            }
+            if !l.alpn.is_empty() {
+                let names: Vec<String> = l.alpn.iter().map(|p| q(p)).collect();
+                let _ = writeln!(out, "alpn = [{}]", names.join(", "));
             }
             let t = &l.timeouts;
             let _ = writeln!(out, "\n[listener.timeouts]");

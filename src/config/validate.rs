@@ -311,6 +311,20 @@ fn validate_listener(
             protocol
         }
     };
+    let alpn = match &raw.alpn {
+        None => Vec::new(),
+        Some(list) => {
+            let error = |m: String| invalid(loc.at(list), key("alpn"), m);
+            if raw.mode != Mode::Tcp {
+                return Err(error(format!(
+                    "needs mode = \"tcp\"; mode = \"{}\" negotiates its own protocols",
+                    raw.mode
+                )));
+            }
+            check_alpn(list.get_ref()).map_err(error)?;
+            list.get_ref().clone()
+        }
+    };
 
     let listener = ListenerConfig {
         name,
@@ -325,6 +339,7 @@ fn validate_listener(
         client_auth,
         proxy_protocol,
         upstream_protocol,
+        alpn,
         outbound,
     };
     Ok((listener, cert_origins))
@@ -948,4 +963,22 @@ pub fn parse_names(names: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// ALPN protocol names as RFC 7301 allows them: 1 to 255 bytes, each once.
+pub fn check_alpn(names: &[String]) -> Result<(), String> {
+    if names.is_empty() {
+        return Err("must name at least one protocol, or be left out".into());
+    }
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || name.len() > 255 {
+            return Err(format!(
+                "`{name}`: a protocol name is 1 to 255 bytes (RFC 7301)"
+            ));
+        }
+        if names[..i].contains(name) {
+            return Err(format!("`{name}` is listed twice"));
+        }
+    }
+    Ok(())
 }

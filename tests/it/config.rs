@@ -291,6 +291,17 @@ fn type_errors_and_bad_values_are_located() {
     assert_eq!((line, key.as_str()), (5, "listener[0].upstream_protocol"));
     assert!(message.contains("needs mode = \"http\""), "{message}");
 
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nalpn = [\"h2\"]\n",
+    );
+    assert_eq!((line, key.as_str()), (4, "listener[0].alpn"));
+    assert!(message.contains("needs mode = \"tcp\""), "{message}");
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nmode = \"tcp\"\nalpn = [\"h2\", \"h2\"]\n",
+    );
+    assert_eq!((line, key.as_str()), (5, "listener[0].alpn"));
+    assert!(message.contains("listed twice"), "{message}");
+
     // The admin address is checked like any other.
     let (line, key, _) = error_at(
         "[admin]\nbind = \"localhost:nine\"\n[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n",

@@ -352,6 +352,7 @@ fn flag_sample(long: &str) -> &'static str {
         "forward-identity" => "xfcc",
         "proxy-protocol" => "v2",
         "upstream-protocol" => "h2c",
+        "alpn" => "h2",
         "acme-directory" => "https://ca.internal/acme/directory",
         "acme-challenge" => "http-01",
         "acme-http01-bind" => "127.0.0.1:0",

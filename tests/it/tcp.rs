@@ -170,3 +170,66 @@ async fn bytes_sent_with_the_client_finished_are_relayed() {
         .unwrap();
     assert_eq!(echoed, b"ping");
 }
+
+#[tokio::test]
+async fn alpn_offers_the_configured_protocols_and_refuses_clients_with_none_of_them() {
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(
+        &pki,
+        backend::tcp_echo().await,
+        "alpn = [\"postgresql\", \"h2\"]",
+    )
+    .await;
+    let addr = proxy.addr("tcp");
+
+    // A client asking for one of them gets it, then the relay as usual.
+    let config = client::client_config(pki.roots(), &[b"h2"]);
+    let mut tls = client::connect(addr, config).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    tls.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    within("echo", tls.read_exact(&mut echoed)).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+
+    // The server's order decides between two the client offers.
+    let config = client::client_config(pki.roots(), &[b"h2", b"postgresql"]);
+    let tls = client::connect(addr, config).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"postgresql"[..]));
+
+    // A client that offers ALPN but none of these is refused (RFC 7301
+    // no_application_protocol) instead of relayed to a backend that would
+    // not understand it.
+    let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+    let refused = client::connect(addr, config).await;
+    let error = refused.expect_err("handshake without a common protocol");
+    assert!(
+        error.to_string().contains("NoApplicationProtocol"),
+        "{error}"
+    );
+
+    // A client that offers no ALPN at all is served, as before.
+    let config = client::client_config(pki.roots(), &[]);
+    let tls = client::connect(addr, config).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+
+    // And a real peer: openssl s_client asking for `postgresql`.
+    if crate::common::require_tool("openssl") {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki.write_ca(dir.path());
+        let out = within(
+            "openssl s_client",
+            tokio::process::Command::new("openssl")
+                .args(["s_client", "-connect", &addr.to_string()])
+                .args(["-servername", "localhost", "-alpn", "postgresql"])
+                .arg("-CAfile")
+                .arg(&ca)
+                .arg("-verify_return_error")
+                .stdin(std::process::Stdio::null())
+                .output(),
+        )
+        .await
+        .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("ALPN protocol: postgresql"), "{text}");
+    }
+}
