@@ -1014,6 +1014,7 @@ fn build_state(
     let alpn: &[&[u8]] = match listener.mode {
         Mode::Http => &[ALPN_H2, ALPN_HTTP11],
         Mode::Tcp => &configured,
+        // Offered to the peer instead, by the TLS client below.
         Mode::Outbound => &[],
     };
     let verifier = client_verifier
@@ -1028,12 +1029,12 @@ fn build_state(
     // are read again on every reload.
     let outbound = match &listener.outbound {
         Some(o) => Some(
-            tls::outbound::client_config(o, Arc::clone(&certs.all()[0])).map_err(|source| {
-                StartError::Outbound {
+            tls::outbound::client_config(o, &listener.alpn, Arc::clone(&certs.all()[0])).map_err(
+                |source| StartError::Outbound {
                     listener: listener.name.clone(),
                     source,
-                }
-            })?,
+                },
+            )?,
         ),
         None => None,
     };

@@ -265,7 +265,7 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_UPSTREAM_PROTOCOL")]
     pub upstream_protocol: Option<String>,
 
-    /// TCP mode: ALPN protocols offered to clients (comma-separated), e.g. `h2` or `postgresql`.
+    /// TCP mode: ALPN protocols offered to clients; outbound mode: to the peer (comma-separated).
     #[arg(long, env = "SHEATH_ALPN", value_delimiter = ',')]
     pub alpn: Vec<String>,
 
@@ -529,8 +529,8 @@ impl SingleListener {
             })?,
         };
         if !self.alpn.is_empty() {
-            if mode != Mode::Tcp {
-                return Err(flag_error("--alpn", "needs --mode tcp"));
+            if mode == Mode::Http {
+                return Err(flag_error("--alpn", "needs --mode tcp or outbound"));
             }
             config::check_alpn(&self.alpn).map_err(|m| flag_error("--alpn", m))?;
         }

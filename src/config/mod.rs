@@ -60,7 +60,8 @@ pub struct ListenerConfig {
     /// HTTP mode: the HTTP version spoken to the upstream.
     pub upstream_protocol: UpstreamProtocol,
     /// TCP mode: the ALPN protocols offered to clients, in order of
-    /// preference (HTTP mode always negotiates `h2` and `http/1.1`).
+    /// preference; outbound mode: those offered to the peer. (HTTP mode
+    /// always negotiates `h2` and `http/1.1`.)
     pub alpn: Vec<String>,
     /// Outbound mode: verification of the remote peer.
     pub outbound: Option<OutboundConfig>,

@@ -315,11 +315,10 @@ fn validate_listener(
         None => Vec::new(),
         Some(list) => {
             let error = |m: String| invalid(loc.at(list), key("alpn"), m);
-            if raw.mode != Mode::Tcp {
-                return Err(error(format!(
-                    "needs mode = \"tcp\"; mode = \"{}\" negotiates its own protocols",
-                    raw.mode
-                )));
+            if raw.mode == Mode::Http {
+                return Err(error(
+                    "needs mode = \"tcp\" or \"outbound\"; HTTP mode negotiates `h2` and `http/1.1` itself".into(),
+                ));
             }
             check_alpn(list.get_ref()).map_err(error)?;
             list.get_ref().clone()

@@ -51,6 +51,7 @@ impl ResolvesClientCert for Identity {
 /// versions and suites as the listeners.
 pub fn client_config(
     config: &OutboundConfig,
+    alpn: &[String],
     identity: Arc<CertResolver>,
 ) -> Result<Arc<ClientConfig>, OutboundError> {
     let roots = roots(&config.ca)?;
@@ -65,6 +66,9 @@ pub fn client_config(
     // handshake that created it, so after a renewal (or a revocation
     // on the peer's side) the peer would go on seeing the old one.
     tls.resumption = rustls::client::Resumption::disabled();
+    // What the local client speaks, for a peer that picks its handling by
+    // ALPN (sheath's HTTP mode takes a connection without one for HTTP/1.1).
+    tls.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(Arc::new(tls))
 }
 

@@ -295,7 +295,10 @@ fn type_errors_and_bad_values_are_located() {
         "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nalpn = [\"h2\"]\n",
     );
     assert_eq!((line, key.as_str()), (4, "listener[0].alpn"));
-    assert!(message.contains("needs mode = \"tcp\""), "{message}");
+    assert!(
+        message.contains("needs mode = \"tcp\" or \"outbound\""),
+        "{message}"
+    );
     let (line, key, message) = error_at(
         "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nmode = \"tcp\"\nalpn = [\"h2\", \"h2\"]\n",
     );

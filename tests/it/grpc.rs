@@ -238,3 +238,62 @@ async fn auto_speaks_to_the_upstream_as_the_client_spoke_to_sheath() {
     // One HTTP/2 connection and one HTTP/1.1 connection.
     assert_eq!(backend.accepted(), 2);
 }
+
+/// The mesh shape: a plaintext gRPC client next to an outbound sheath,
+/// which offers `h2` by ALPN to a peer sheath in HTTP mode, which sends
+/// the calls to its gRPC server over h2c with the caller's identity.
+#[tokio::test]
+async fn grpc_crosses_an_outbound_sheath_and_a_peer_sheath() {
+    if !require_grpcio() {
+        return;
+    }
+    let (port, _server) = grpc_server().await;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = crate::outbound::local_ca_root(dir.path());
+    let test_ca = pki.write_ca(dir.path());
+
+    let peer_dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(peer_dir.path(), "peer");
+    let (cert, key) = pki.server_cert(&["peer.test"], std::time::Duration::from_secs(3600));
+    std::fs::write(&files.cert, cert).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    let peer = Proxy::start_in(
+        &format!(
+            "[[listener]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:{port}\"\nupstream_protocol = \"h2c\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
+            pki::files_cert_toml(&files),
+            client_ca.display()
+        ),
+        peer_dir,
+    )
+    .await
+    .unwrap();
+
+    let out = |name: &str, alpn: &str| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"outbound\"\n{alpn}\n\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"web.test\"]\n\n[listener.outbound]\nca = \"{}\"\nserver_name = \"peer.test\"\n",
+            peer.addr("in"),
+            test_ca.display()
+        )
+    };
+    let toml = format!(
+        "[global]\nstate_dir = \"{}/state\"\n\n{}\n{}",
+        dir.path().display(),
+        out("h2", "alpn = [\"h2\"]"),
+        out("none", "")
+    );
+    let outbound = Proxy::start_in(&toml, dir).await.unwrap();
+
+    let report = grpc_client(outbound.addr("h2"), &[]).await.unwrap();
+    assert_eq!(report["echo"]["message"], "hello", "{report}");
+    let xfcc = report["echo"]["metadata"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap();
+    assert!(xfcc.contains("DNS=web.test"), "{xfcc}");
+    assert_eq!(report["fail"]["code"], "NOT_FOUND", "{report}");
+    assert_eq!(report["count"]["trailers"]["x-count"], "50", "{report}");
+
+    // Without ALPN the peer takes the connection for HTTP/1.1.
+    let refused = grpc_client(outbound.addr("none"), &[]).await;
+    assert!(refused.is_err(), "gRPC worked without ALPN: {refused:?}");
+}

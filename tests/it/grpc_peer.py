@@ -3,9 +3,10 @@
     grpc_peer.py server
         Serves /sheath.test.Echo/{Echo,Fail,Count} in plaintext HTTP/2 on
         127.0.0.1, prints the port, and stops when stdin closes.
-    grpc_peer.py client TARGET CA [CERT KEY]
+    grpc_peer.py client TARGET [CA [CERT KEY]]
         Calls each method over TLS (verifying TARGET as `localhost` against
-        CA, presenting CERT/KEY if given) and prints one JSON object.
+        CA, presenting CERT/KEY if given), or in plaintext HTTP/2 without
+        CA, and prints one JSON object.
 
 Messages are raw bytes, so no generated code is needed.
 """
@@ -59,7 +60,10 @@ def serve():
     server.wait_for_termination()
 
 
-def call(target, ca, cert=None, key=None):
+def channel_to(target, ca=None, cert=None, key=None):
+    if ca is None:
+        return grpc.insecure_channel(target)
+
     def read(path):
         with open(path, "rb") as f:
             return f.read()
@@ -70,8 +74,12 @@ def call(target, ca, cert=None, key=None):
         certificate_chain=read(cert) if cert else None,
     )
     options = (("grpc.ssl_target_name_override", "localhost"),)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def call(target, *tls):
     out = {}
-    with grpc.secure_channel(target, credentials, options=options) as channel:
+    with channel_to(target, *tls) as channel:
         echo_call = channel.unary_unary(f"/{SERVICE}/Echo")
         reply = echo_call(b"hello", timeout=10, metadata=(("x-forwarded-client-cert", "forged"),))
         out["echo"] = json.loads(reply)
