@@ -478,6 +478,12 @@ impl<B: RequestBody> H2Conn<B> {
         }
     }
 
+    /// Stop handing out the current connection; requests in flight on it
+    /// finish there.
+    fn forget(&self) {
+        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     async fn sender(
         self: &Arc<Self>,
     ) -> Result<(http2::SendRequest<Outgoing<B>>, bool), UpstreamError> {
@@ -537,18 +543,23 @@ impl<B: RequestBody> H2Conn<B> {
             let resend = (reused && replayable(&req)).then(|| Head::of(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|body| PooledBody { body, lease: None })),
-                Err(mut e) => match (e.take_message(), resend) {
-                    // The connection closed before the stream was opened.
-                    (Some(unsent), _) if reused => {
-                        tracing::debug!(upstream = %self.upstream, "h2c connection closed before the request was sent; sending again");
-                        req = unsent;
+                Err(mut e) => {
+                    match (e.take_message(), resend) {
+                        // The connection closed before the stream was opened.
+                        (Some(unsent), _) if reused => {
+                            tracing::debug!(upstream = %self.upstream, "h2c connection closed before the request was sent; sending again");
+                            req = unsent;
+                        }
+                        (None, Some(head)) if closed_without_response(e.error()) => {
+                            tracing::debug!(upstream = %self.upstream, error = %e.error(), "h2c connection closed under an idempotent request; sending again");
+                            req = head.into_request();
+                        }
+                        _ => return Err(UpstreamError::Http(e.into_error())),
                     }
-                    (None, Some(head)) if closed_without_response(e.error()) => {
-                        tracing::debug!(upstream = %self.upstream, error = %e.error(), "h2c connection closed under an idempotent request; sending again");
-                        req = head.into_request();
-                    }
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
+                    // Sent again on a new connection, not on one that may
+                    // not know yet that it is closing: one retry at most.
+                    self.forget();
+                }
             }
         }
     }
