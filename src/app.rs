@@ -1020,21 +1020,26 @@ fn build_state(
     let verifier = client_verifier
         .clone()
         .map(|v| v as Arc<dyn rustls::server::danger::ClientCertVerifier>);
-    let tls =
-        tls::server_config(certs.clone(), alpn, verifier).map_err(|source| StartError::Tls {
+    let tls = tls::server_config(certs.clone(), alpn, verifier, listener.tls_min_version).map_err(
+        |source| StartError::Tls {
             listener: listener.name.clone(),
             source,
-        })?;
+        },
+    )?;
     // Outbound mode presents the listener's (default) certificate; CA files
     // are read again on every reload.
     let outbound = match &listener.outbound {
         Some(o) => Some(
-            tls::outbound::client_config(o, &listener.alpn, Arc::clone(&certs.all()[0])).map_err(
-                |source| StartError::Outbound {
-                    listener: listener.name.clone(),
-                    source,
-                },
-            )?,
+            tls::outbound::client_config(
+                o,
+                &listener.alpn,
+                listener.tls_min_version,
+                Arc::clone(&certs.all()[0]),
+            )
+            .map_err(|source| StartError::Outbound {
+                listener: listener.name.clone(),
+                source,
+            })?,
         ),
         None => None,
     };

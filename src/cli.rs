@@ -13,7 +13,8 @@ use crate::config::{
     self, parse_bind, parse_fingerprint, parse_names, parse_upstream, AcmeChallenge, AcmeConfig,
     AcmeTrust, AllowList, CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError,
     ForwardIdentity, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, Timeouts,
-    UpstreamProtocol, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME, DEFAULT_MAX_CONNECTIONS,
+    TlsVersion, UpstreamProtocol, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
+    DEFAULT_MAX_CONNECTIONS,
 };
 use crate::logging::LogFormat;
 
@@ -269,6 +270,10 @@ pub struct SingleListener {
     #[arg(long, env = "SHEATH_ALPN", value_delimiter = ',')]
     pub alpn: Vec<String>,
 
+    /// Oldest TLS version negotiated: `1.2` (default) or `1.3`.
+    #[arg(long, env = "SHEATH_TLS_MIN_VERSION")]
+    pub tls_min_version: Option<String>,
+
     /// ACME directory URL; certificates for --name are then issued by ACME.
     #[arg(long, env = "SHEATH_ACME_DIRECTORY")]
     pub acme_directory: Option<String>,
@@ -336,6 +341,7 @@ impl SingleListener {
             proxy_protocol,
             upstream_protocol,
             alpn,
+            tls_min_version,
             acme_directory,
             acme_challenge,
             acme_http01_bind,
@@ -376,6 +382,7 @@ impl SingleListener {
         flag(proxy_protocol.is_some(), "--proxy-protocol");
         flag(upstream_protocol.is_some(), "--upstream-protocol");
         flag(!alpn.is_empty(), "--alpn");
+        flag(tls_min_version.is_some(), "--tls-min-version");
         flag(acme_directory.is_some(), "--acme-directory");
         flag(acme_challenge.is_some(), "--acme-challenge");
         flag(acme_http01_bind.is_some(), "--acme-http01-bind");
@@ -534,6 +541,15 @@ impl SingleListener {
             }
             config::check_alpn(&self.alpn).map_err(|m| flag_error("--alpn", m))?;
         }
+        let tls_min_version = match self.tls_min_version.as_deref() {
+            None => TlsVersion::default(),
+            Some(name) => TlsVersion::parse(name).ok_or_else(|| {
+                flag_error(
+                    "--tls-min-version",
+                    format!("unknown version `{name}`, expected {}", TlsVersion::NAMES),
+                )
+            })?,
+        };
         let d = Timeouts::default();
         let positive = |flag: &'static str, v: Option<Duration>, default: Duration| match v {
             Some(v) if v.is_zero() => Err(flag_error(flag, "must be greater than zero")),
@@ -586,6 +602,7 @@ impl SingleListener {
                 proxy_protocol,
                 upstream_protocol,
                 alpn: self.alpn.clone(),
+                tls_min_version,
                 outbound,
             }],
         })

@@ -205,6 +205,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
             proxy_protocol: None,
             upstream_protocol: Default::default(),
             alpn: Vec::new(),
+            tls_min_version: Default::default(),
         }],
     })
 }

@@ -57,6 +57,7 @@ pub struct ListenerFile {
     pub proxy_protocol: Option<Spanned<String>>,
     pub upstream_protocol: Option<Spanned<String>>,
     pub alpn: Option<Spanned<Vec<String>>>,
+    pub tls_min_version: Option<Spanned<String>>,
     pub outbound: Option<Spanned<OutboundFile>>,
 }
 

@@ -59,6 +59,8 @@ pub struct ListenerConfig {
     pub proxy_protocol: Option<ProxyProtocol>,
     /// HTTP mode: the HTTP version spoken to the upstream.
     pub upstream_protocol: UpstreamProtocol,
+    /// The oldest TLS version negotiated, with clients or (outbound) the peer.
+    pub tls_min_version: TlsVersion,
     /// TCP mode: the ALPN protocols offered to clients, in order of
     /// preference; outbound mode: those offered to the peer. (HTTP mode
     /// always negotiates `h2` and `http/1.1`.)
@@ -264,6 +266,45 @@ pub enum Mode {
     /// for byte over mutual TLS to a remote peer, with the listener's
     /// certificate as the client certificate.
     Outbound,
+}
+
+/// The oldest TLS version a listener accepts (or, in outbound mode,
+/// offers to the peer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, PartialOrd, Ord)]
+pub enum TlsVersion {
+    #[default]
+    V1_2,
+    V1_3,
+}
+
+impl TlsVersion {
+    pub const NAMES: &'static str = "`1.2` or `1.3`";
+
+    pub fn parse(name: &str) -> Option<TlsVersion> {
+        match name {
+            "1.2" => Some(TlsVersion::V1_2),
+            "1.3" => Some(TlsVersion::V1_3),
+            _ => None,
+        }
+    }
+
+    /// The protocol versions rustls may negotiate from this one up.
+    pub fn and_newer(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
+        static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+        match self {
+            TlsVersion::V1_2 => rustls::ALL_VERSIONS,
+            TlsVersion::V1_3 => TLS13_ONLY,
+        }
+    }
+}
+
+impl fmt::Display for TlsVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TlsVersion::V1_2 => "1.2",
+            TlsVersion::V1_3 => "1.3",
+        })
+    }
 }
 
 /// The HTTP version HTTP mode speaks to the upstream.
@@ -664,6 +705,11 @@ impl Config {
                     q(&l.upstream_protocol.to_string())
                 );
             }
+            let _ = writeln!(
+                out,
+                "tls_min_version = {}",
+                q(&l.tls_min_version.to_string())
+            );
             if !l.alpn.is_empty() {
                 let names: Vec<String> = l.alpn.iter().map(|p| q(p)).collect();
                 let _ = writeln!(out, "alpn = [{}]", names.join(", "));

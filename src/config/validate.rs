@@ -16,8 +16,8 @@ use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
     CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig,
     ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert,
-    Timeouts, Upstream, UpstreamProtocol, DEFAULT_IDENTITY_HEADER, DEFAULT_MAX_CONNECTIONS,
-    DEFAULT_TRUST_POLL_INTERVAL,
+    Timeouts, TlsVersion, Upstream, UpstreamProtocol, DEFAULT_IDENTITY_HEADER,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -324,6 +324,20 @@ fn validate_listener(
             list.get_ref().clone()
         }
     };
+    let tls_min_version = match &raw.tls_min_version {
+        None => TlsVersion::default(),
+        Some(v) => TlsVersion::parse(v.get_ref()).ok_or_else(|| {
+            invalid(
+                loc.at(v),
+                key("tls_min_version"),
+                format!(
+                    "unknown TLS version `{}`, expected {}",
+                    v.get_ref(),
+                    TlsVersion::NAMES
+                ),
+            )
+        })?,
+    };
 
     let listener = ListenerConfig {
         name,
@@ -338,6 +352,7 @@ fn validate_listener(
         client_auth,
         proxy_protocol,
         upstream_protocol,
+        tls_min_version,
         alpn,
         outbound,
     };

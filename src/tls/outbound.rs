@@ -14,6 +14,7 @@ use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 
 use super::CertResolver;
 use crate::config::OutboundConfig;
+use crate::config::TlsVersion;
 
 /// Why an outbound listener's TLS client could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -52,11 +53,12 @@ impl ResolvesClientCert for Identity {
 pub fn client_config(
     config: &OutboundConfig,
     alpn: &[String],
+    min_version: TlsVersion,
     identity: Arc<CertResolver>,
 ) -> Result<Arc<ClientConfig>, OutboundError> {
     let roots = roots(&config.ca)?;
     let mut tls = ClientConfig::builder_with_provider(Arc::new(super::server_config::provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_protocol_versions(min_version.and_newer())?
         .with_root_certificates(roots)
         .with_client_cert_resolver(Arc::new(Identity(identity)));
     // A relay has nothing to send early; 0-RTT data could be replayed.

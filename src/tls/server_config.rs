@@ -11,6 +11,8 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls::server::{ProducesTickets, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::ServerConfig;
 
+use crate::config::TlsVersion;
+
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
@@ -68,10 +70,11 @@ pub fn server_config(
     resolver: Arc<dyn ResolvesServerCert>,
     alpn: &[&[u8]],
     client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    min_version: TlsVersion,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let provider = Arc::new(provider());
     let builder = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+        .with_protocol_versions(min_version.and_newer())?;
     let mtls = client_verifier.is_some();
     let mut config = match client_verifier {
         Some(verifier) => builder.with_client_cert_verifier(verifier),
@@ -134,7 +137,8 @@ mod tests {
             rustls::sign::CertifiedKey::from_der(vec![cert.cert.der().clone()], key, &provider)
                 .unwrap();
         let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
-        let server_config = server_config(resolver, &[ALPN_HTTP11], None).unwrap();
+        let server_config =
+            server_config(resolver, &[ALPN_HTTP11], None, TlsVersion::default()).unwrap();
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.cert.der().clone()).unwrap();

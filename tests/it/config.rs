@@ -305,6 +305,12 @@ fn type_errors_and_bad_values_are_located() {
     assert_eq!((line, key.as_str()), (5, "listener[0].alpn"));
     assert!(message.contains("listed twice"), "{message}");
 
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\ntls_min_version = \"1.1\"\n",
+    );
+    assert_eq!((line, key.as_str()), (4, "listener[0].tls_min_version"));
+    assert!(message.contains("`1.2` or `1.3`"), "{message}");
+
     // The admin address is checked like any other.
     let (line, key, _) = error_at(
         "[admin]\nbind = \"localhost:nine\"\n[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n",

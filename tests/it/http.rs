@@ -302,3 +302,68 @@ async fn large_download_streams_completely() {
         .to_bytes();
     assert_eq!(body.len(), 256 * 65536);
 }
+
+#[tokio::test]
+async fn tls_min_version_1_3_refuses_tls_1_2_clients() {
+    let pki = TestPki::new();
+    let upstream = backend::http().await;
+    let strict = http_proxy(&pki, upstream, "tls_min_version = \"1.3\"").await;
+    let default = http_proxy(&pki, upstream, "").await;
+    let tls12_only = {
+        sheath::install_crypto_provider();
+        let mut config =
+            rustls::ClientConfig::builder_with_protocol_versions(&[&rustls::version::TLS12])
+                .with_root_certificates(pki.roots())
+                .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        std::sync::Arc::new(config)
+    };
+    let refused = client::connect(strict.addr("web"), tls12_only.clone()).await;
+    let error = refused.expect_err("a TLS 1.2 handshake with a 1.3-only listener");
+    assert!(error.to_string().contains("ProtocolVersion"), "{error}");
+    // TLS 1.3 clients are served, and the default still takes TLS 1.2.
+    let tls13 = client::connect(
+        strict.addr("web"),
+        client::client_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tls13.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    let tls12 = client::connect(default.addr("web"), tls12_only)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls12.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_2)
+    );
+
+    // A real peer: OpenSSL limited to TLS 1.2 gets no session.
+    if crate::common::require_tool("openssl") {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki.write_ca(dir.path());
+        let s_client = |version: &'static str| {
+            let addr = strict.addr("web").to_string();
+            let ca = ca.clone();
+            async move {
+                tokio::process::Command::new("openssl")
+                    .args(["s_client", "-connect", &addr, "-servername", "localhost"])
+                    .arg(version)
+                    .arg("-CAfile")
+                    .arg(&ca)
+                    .arg("-verify_return_error")
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await
+                    .unwrap()
+            }
+        };
+        let out = within("openssl -tls1_2", s_client("-tls1_2")).await;
+        assert!(!out.status.success(), "TLS 1.2 accepted");
+        let out = within("openssl -tls1_3", s_client("-tls1_3")).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("New, TLSv1.3, Cipher is"), "{text}");
+    }
+}

@@ -353,6 +353,7 @@ fn flag_sample(long: &str) -> &'static str {
         "proxy-protocol" => "v2",
         "upstream-protocol" => "h2c",
         "alpn" => "h2",
+        "tls-min-version" => "1.3",
         "acme-directory" => "https://ca.internal/acme/directory",
         "acme-challenge" => "http-01",
         "acme-http01-bind" => "127.0.0.1:0",
