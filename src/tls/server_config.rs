@@ -126,6 +126,56 @@ mod tests {
         panic!("handshake did not complete");
     }
 
+    /// Clients that offer the X25519MLKEM768 hybrid first get it (rustls
+    /// takes the group in the client's order), so a recorded session
+    /// cannot be decrypted later with a quantum computer; clients that
+    /// offer only classical groups still connect.
+    #[test]
+    fn post_quantum_hybrid_key_exchange_when_the_client_offers_it() {
+        use rustls::crypto::aws_lc_rs::kx_group;
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+        let provider = rustls::crypto::aws_lc_rs::default_provider();
+        let certified =
+            rustls::sign::CertifiedKey::from_der(vec![cert.cert.der().clone()], key, &provider)
+                .unwrap();
+        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
+        let server_config =
+            server_config(resolver, &[ALPN_HTTP11], None, TlsVersion::default()).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.cert.der().clone()).unwrap();
+        for (groups, want) in [
+            (
+                vec![kx_group::X25519MLKEM768, kx_group::X25519],
+                rustls::NamedGroup::X25519MLKEM768,
+            ),
+            (vec![kx_group::X25519], rustls::NamedGroup::X25519),
+            (vec![kx_group::SECP256R1], rustls::NamedGroup::secp256r1),
+        ] {
+            let client_provider = rustls::crypto::CryptoProvider {
+                kx_groups: groups,
+                ..rustls::crypto::aws_lc_rs::default_provider()
+            };
+            let client_config =
+                rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_root_certificates(roots.clone())
+                    .with_no_client_auth();
+            let mut client = rustls::ClientConnection::new(
+                Arc::new(client_config),
+                "localhost".try_into().unwrap(),
+            )
+            .unwrap();
+            let mut server = rustls::ServerConnection::new(Arc::clone(&server_config)).unwrap();
+            handshake(&mut client, &mut server);
+            assert_eq!(
+                server.negotiated_key_exchange_group().map(|g| g.name()),
+                Some(want)
+            );
+        }
+    }
+
     /// The server's order decides, so a client that lists AES-256 first
     /// (as OpenSSL does) still gets AES-128-GCM, in TLS 1.3 and 1.2.
     #[test]
