@@ -126,13 +126,13 @@ mod tests {
         panic!("handshake did not complete");
     }
 
-    /// Clients that offer the X25519MLKEM768 hybrid first get it (rustls
-    /// takes the group in the client's order), so a recorded session
-    /// cannot be decrypted later with a quantum computer; clients that
-    /// offer only classical groups still connect.
-    #[test]
-    fn post_quantum_hybrid_key_exchange_when_the_client_offers_it() {
-        use rustls::crypto::aws_lc_rs::kx_group;
+    /// A handshake in memory between a client built on `client_provider`
+    /// (limited to `versions`) and sheath's server config for a
+    /// self-signed `localhost`; the server side, done.
+    fn serve_one(
+        client_provider: rustls::crypto::CryptoProvider,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> rustls::ServerConnection {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
         let provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -144,6 +144,26 @@ mod tests {
             server_config(resolver, &[ALPN_HTTP11], None, TlsVersion::default()).unwrap();
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.cert.der().clone()).unwrap();
+        let client_config = rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut client =
+            rustls::ClientConnection::new(Arc::new(client_config), "localhost".try_into().unwrap())
+                .unwrap();
+        let mut server = rustls::ServerConnection::new(server_config).unwrap();
+        handshake(&mut client, &mut server);
+        server
+    }
+
+    /// Clients that offer the X25519MLKEM768 hybrid first get it (rustls
+    /// takes the group in the client's order), so a recorded session
+    /// cannot be decrypted later with a quantum computer; clients that
+    /// offer only classical groups still connect.
+    #[test]
+    fn post_quantum_hybrid_key_exchange_when_the_client_offers_it() {
+        use rustls::crypto::aws_lc_rs::kx_group;
         for (groups, want) in [
             (
                 vec![kx_group::X25519MLKEM768, kx_group::X25519],
@@ -156,19 +176,7 @@ mod tests {
                 kx_groups: groups,
                 ..rustls::crypto::aws_lc_rs::default_provider()
             };
-            let client_config =
-                rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
-                    .with_safe_default_protocol_versions()
-                    .unwrap()
-                    .with_root_certificates(roots.clone())
-                    .with_no_client_auth();
-            let mut client = rustls::ClientConnection::new(
-                Arc::new(client_config),
-                "localhost".try_into().unwrap(),
-            )
-            .unwrap();
-            let mut server = rustls::ServerConnection::new(Arc::clone(&server_config)).unwrap();
-            handshake(&mut client, &mut server);
+            let server = serve_one(client_provider, rustls::DEFAULT_VERSIONS);
             assert_eq!(
                 server.negotiated_key_exchange_group().map(|g| g.name()),
                 Some(want)
@@ -180,18 +188,6 @@ mod tests {
     /// (as OpenSSL does) still gets AES-128-GCM, in TLS 1.3 and 1.2.
     #[test]
     fn aes_128_gcm_wins_over_a_client_preferring_aes_256() {
-        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-        let provider = rustls::crypto::aws_lc_rs::default_provider();
-        let certified =
-            rustls::sign::CertifiedKey::from_der(vec![cert.cert.der().clone()], key, &provider)
-                .unwrap();
-        let resolver = Arc::new(rustls::sign::SingleCertAndKey::from(certified));
-        let server_config =
-            server_config(resolver, &[ALPN_HTTP11], None, TlsVersion::default()).unwrap();
-
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.cert.der().clone()).unwrap();
         for (version, client_order, want) in [
             (
                 &rustls::version::TLS13,
@@ -211,19 +207,7 @@ mod tests {
                 cipher_suites: client_order,
                 ..rustls::crypto::aws_lc_rs::default_provider()
             };
-            let client_config =
-                rustls::ClientConfig::builder_with_provider(Arc::new(client_provider))
-                    .with_protocol_versions(&[version])
-                    .unwrap()
-                    .with_root_certificates(roots.clone())
-                    .with_no_client_auth();
-            let mut client = rustls::ClientConnection::new(
-                Arc::new(client_config),
-                "localhost".try_into().unwrap(),
-            )
-            .unwrap();
-            let mut server = rustls::ServerConnection::new(Arc::clone(&server_config)).unwrap();
-            handshake(&mut client, &mut server);
+            let server = serve_one(client_provider, &[version]);
             assert_eq!(
                 server.negotiated_cipher_suite().map(|s| s.suite()),
                 Some(want.suite())
