@@ -264,7 +264,7 @@ pub struct SingleListener {
 
     /// HTTP mode: HTTP version to the upstream, `http1`, `h2c` (gRPC) or `auto` (the client's).
     #[arg(long, env = "SHEATH_UPSTREAM_PROTOCOL")]
-    pub upstream_protocol: Option<String>,
+    pub upstream_protocol: Option<UpstreamProtocol>,
 
     /// TCP mode: ALPN protocols offered to clients; outbound mode: to the peer (comma-separated).
     #[arg(long, env = "SHEATH_ALPN", value_delimiter = ',')]
@@ -272,7 +272,7 @@ pub struct SingleListener {
 
     /// Oldest TLS version negotiated: `1.2` (default) or `1.3`.
     #[arg(long, env = "SHEATH_TLS_MIN_VERSION")]
-    pub tls_min_version: Option<String>,
+    pub tls_min_version: Option<TlsVersion>,
 
     /// ACME directory URL; certificates for --name are then issued by ACME.
     #[arg(long, env = "SHEATH_ACME_DIRECTORY")]
@@ -520,36 +520,15 @@ impl SingleListener {
                 ))
             }
         };
-        let upstream_protocol = match self.upstream_protocol.as_deref() {
-            None => UpstreamProtocol::default(),
-            Some(_) if mode != Mode::Http => {
-                return Err(flag_error("--upstream-protocol", "needs --mode http"))
-            }
-            Some(name) => UpstreamProtocol::parse(name).ok_or_else(|| {
-                flag_error(
-                    "--upstream-protocol",
-                    format!(
-                        "unknown protocol `{name}`, expected {}",
-                        UpstreamProtocol::NAMES
-                    ),
-                )
-            })?,
-        };
+        if self.upstream_protocol.is_some() && mode != Mode::Http {
+            return Err(flag_error("--upstream-protocol", "needs --mode http"));
+        }
         if !self.alpn.is_empty() {
             if mode == Mode::Http {
                 return Err(flag_error("--alpn", "needs --mode tcp or outbound"));
             }
             config::check_alpn(&self.alpn).map_err(|m| flag_error("--alpn", m))?;
         }
-        let tls_min_version = match self.tls_min_version.as_deref() {
-            None => TlsVersion::default(),
-            Some(name) => TlsVersion::parse(name).ok_or_else(|| {
-                flag_error(
-                    "--tls-min-version",
-                    format!("unknown version `{name}`, expected {}", TlsVersion::NAMES),
-                )
-            })?,
-        };
         let d = Timeouts::default();
         let positive = |flag: &'static str, v: Option<Duration>, default: Duration| match v {
             Some(v) if v.is_zero() => Err(flag_error(flag, "must be greater than zero")),
@@ -600,9 +579,9 @@ impl SingleListener {
                 sni_certs: Vec::new(),
                 client_auth,
                 proxy_protocol,
-                upstream_protocol,
+                upstream_protocol: self.upstream_protocol.unwrap_or_default(),
                 alpn: self.alpn.clone(),
-                tls_min_version,
+                tls_min_version: self.tls_min_version.unwrap_or_default(),
                 outbound,
             }],
         })

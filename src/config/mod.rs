@@ -277,17 +277,20 @@ pub enum TlsVersion {
     V1_3,
 }
 
-impl TlsVersion {
-    pub const NAMES: &'static str = "`1.2` or `1.3`";
-
-    pub fn parse(name: &str) -> Option<TlsVersion> {
-        match name {
-            "1.2" => Some(TlsVersion::V1_2),
-            "1.3" => Some(TlsVersion::V1_3),
-            _ => None,
+impl std::str::FromStr for TlsVersion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "1.2" => Ok(TlsVersion::V1_2),
+            "1.3" => Ok(TlsVersion::V1_3),
+            other => Err(format!(
+                "unknown TLS version `{other}`, expected `1.2` or `1.3`"
+            )),
         }
     }
+}
 
+impl TlsVersion {
     /// The protocol versions rustls may negotiate from this one up.
     pub fn and_newer(self) -> &'static [&'static rustls::SupportedProtocolVersion] {
         static TLS13_ONLY: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
@@ -322,18 +325,21 @@ pub enum UpstreamProtocol {
     Auto,
 }
 
-impl UpstreamProtocol {
-    pub const NAMES: &'static str = "`http1`, `h2c` or `auto`";
-
-    pub fn parse(name: &str) -> Option<UpstreamProtocol> {
-        match name {
-            "http1" => Some(UpstreamProtocol::Http1),
-            "h2c" => Some(UpstreamProtocol::H2c),
-            "auto" => Some(UpstreamProtocol::Auto),
-            _ => None,
+impl std::str::FromStr for UpstreamProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http1" => Ok(UpstreamProtocol::Http1),
+            "h2c" => Ok(UpstreamProtocol::H2c),
+            "auto" => Ok(UpstreamProtocol::Auto),
+            other => Err(format!(
+                "unknown upstream protocol `{other}`, expected `http1`, `h2c` or `auto`"
+            )),
         }
     }
+}
 
+impl UpstreamProtocol {
     /// Whether a request that came in as `client` goes upstream over h2c.
     pub fn h2c_for(self, client: http::Version) -> bool {
         match self {

@@ -287,17 +287,10 @@ fn validate_listener(
     let upstream_protocol = match &raw.upstream_protocol {
         None => UpstreamProtocol::default(),
         Some(p) => {
-            let Some(protocol) = UpstreamProtocol::parse(p.get_ref()) else {
-                return Err(invalid(
-                    loc.at(p),
-                    key("upstream_protocol"),
-                    format!(
-                        "unknown upstream protocol `{}`, expected {}",
-                        p.get_ref(),
-                        UpstreamProtocol::NAMES
-                    ),
-                ));
-            };
+            let protocol = p
+                .get_ref()
+                .parse::<UpstreamProtocol>()
+                .map_err(|m| invalid(loc.at(p), key("upstream_protocol"), m))?;
             if raw.mode != Mode::Http {
                 return Err(invalid(
                     loc.at(p),
@@ -326,17 +319,10 @@ fn validate_listener(
     };
     let tls_min_version = match &raw.tls_min_version {
         None => TlsVersion::default(),
-        Some(v) => TlsVersion::parse(v.get_ref()).ok_or_else(|| {
-            invalid(
-                loc.at(v),
-                key("tls_min_version"),
-                format!(
-                    "unknown TLS version `{}`, expected {}",
-                    v.get_ref(),
-                    TlsVersion::NAMES
-                ),
-            )
-        })?,
+        Some(v) => v
+            .get_ref()
+            .parse()
+            .map_err(|m| invalid(loc.at(v), key("tls_min_version"), m))?,
     };
 
     let listener = ListenerConfig {

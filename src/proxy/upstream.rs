@@ -191,20 +191,34 @@ impl<B: RequestBody> UpstreamClient<B> {
                     });
                     return Ok(resp.map(|body| PooledBody { body, lease }));
                 }
-                Err(mut e) => match (e.take_message(), resend) {
-                    // Not written: the pooled connection closed under it.
-                    (Some(unsent), _) if reused => {
-                        tracing::debug!(upstream = %self.pool.upstream, "pooled connection closed before the request was sent; sending again");
-                        req = unsent;
-                    }
-                    (None, Some(head)) if closed_without_response(e.error()) => {
-                        tracing::debug!(upstream = %self.pool.upstream, error = %e.error(), "pooled connection closed under an idempotent request; sending again");
-                        req = head.into_request();
-                    }
-                    _ => return Err(UpstreamError::Http(e.into_error())),
-                },
+                Err(e) => req = send_again(e, reused, resend, &self.pool.upstream)?,
             }
         }
+    }
+}
+
+/// The request to send again after `error` on a connection, or the error
+/// to answer with. A request that was never written goes again if its
+/// connection was a reused one (it closed under it); one that was written
+/// and got no response byte only if it can be replayed (`resend`, kept for
+/// reused connections only). A fresh connection's failure is the
+/// upstream's answer.
+fn send_again<B>(
+    mut error: hyper::client::conn::TrySendError<Request<Outgoing<B>>>,
+    reused: bool,
+    resend: Option<Head>,
+    upstream: &Upstream,
+) -> Result<Request<Outgoing<B>>, UpstreamError> {
+    match (error.take_message(), resend) {
+        (Some(unsent), _) if reused => {
+            tracing::debug!(upstream = %upstream, "connection closed before the request was sent; sending again");
+            Ok(unsent)
+        }
+        (None, Some(head)) if closed_without_response(error.error()) => {
+            tracing::debug!(upstream = %upstream, error = %error.error(), "connection closed under an idempotent request; sending again");
+            Ok(head.into_request())
+        }
+        _ => Err(UpstreamError::Http(error.into_error())),
     }
 }
 
@@ -553,19 +567,8 @@ impl<B: RequestBody> H2Conn<B> {
             let resend = (reused && replayable(&req)).then(|| Head::of(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|body| PooledBody { body, lease: None })),
-                Err(mut e) => {
-                    match (e.take_message(), resend) {
-                        // The connection closed before the stream was opened.
-                        (Some(unsent), _) if reused => {
-                            tracing::debug!(upstream = %self.upstream, "h2c connection closed before the request was sent; sending again");
-                            req = unsent;
-                        }
-                        (None, Some(head)) if closed_without_response(e.error()) => {
-                            tracing::debug!(upstream = %self.upstream, error = %e.error(), "h2c connection closed under an idempotent request; sending again");
-                            req = head.into_request();
-                        }
-                        _ => return Err(UpstreamError::Http(e.into_error())),
-                    }
+                Err(e) => {
+                    req = send_again(e, reused, resend, &self.upstream)?;
                     // Sent again on a new connection, not on one that may
                     // not know yet that it is closing: one retry at most.
                     self.forget();

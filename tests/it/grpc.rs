@@ -26,13 +26,10 @@ fn require_grpcio() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{PYTHON} with grpcio (Debian's python3-grpcio) is required under CI=true");
-        }
-        eprintln!("SKIPPED: {PYTHON} cannot import grpc; install python3-grpcio to run this test");
-    }
-    found
+    crate::common::require(
+        found,
+        &format!("{PYTHON} cannot import grpc; install python3-grpcio to run this test"),
+    )
 }
 
 fn peer_script() -> String {
@@ -253,21 +250,13 @@ async fn grpc_crosses_an_outbound_sheath_and_a_peer_sheath() {
     let client_ca = crate::outbound::local_ca_root(dir.path());
     let test_ca = pki.write_ca(dir.path());
 
-    let peer_dir = tempfile::tempdir().unwrap();
-    let files = pki.write_server(peer_dir.path(), "peer");
-    let (cert, key) = pki.server_cert(&["peer.test"], std::time::Duration::from_secs(3600));
-    std::fs::write(&files.cert, cert).unwrap();
-    std::fs::write(&files.key, key).unwrap();
-    let peer = Proxy::start_in(
-        &format!(
-            "[[listener]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:{port}\"\nupstream_protocol = \"h2c\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
-            pki::files_cert_toml(&files),
-            client_ca.display()
-        ),
-        peer_dir,
+    let peer = crate::outbound::peer_of(
+        &pki,
+        &client_ca,
+        ([127, 0, 0, 1], port).into(),
+        "upstream_protocol = \"h2c\"",
     )
-    .await
-    .unwrap();
+    .await;
 
     let out = |name: &str, alpn: &str| {
         format!(

@@ -18,19 +18,28 @@ use sheath::tls::handshake::FailureReason;
 /// `client_ca` and forwards the caller's identity as XFCC to a backend
 /// that echoes request heads. It serves a certificate for `peer.test`.
 pub(crate) async fn peer(pki: &TestPki, client_ca: &Path) -> (Proxy, CountingBackend) {
-    let dir = tempfile::tempdir().unwrap();
     let upstream = CountingBackend::start().await;
+    (peer_of(pki, client_ca, upstream.addr, "").await, upstream)
+}
+
+/// [`peer`] in front of `upstream`, with `extra` lines in its listener.
+pub(crate) async fn peer_of(
+    pki: &TestPki,
+    client_ca: &Path,
+    upstream: SocketAddr,
+    extra: &str,
+) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
     let files = pki.write_server(dir.path(), "peer");
     let (cert, key) = pki.server_cert(&["peer.test"], Duration::from_secs(3600));
     std::fs::write(&files.cert, cert).unwrap();
     std::fs::write(&files.key, key).unwrap();
     let toml = format!(
-        "[[listener]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
-        upstream.addr,
+        "[[listener]]\nname = \"in\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n{extra}\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nforward = [\"xfcc\"]\n",
         crate::common::pki::files_cert_toml(&files),
         client_ca.display()
     );
-    (Proxy::start_in(&toml, dir).await.unwrap(), upstream)
+    Proxy::start_in(&toml, dir).await.unwrap()
 }
 
 /// An outbound sheath whose identity comes from its local CA (names

@@ -104,11 +104,20 @@ pub fn require_tool(tool: &str) -> bool {
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
+    require(
+        found,
+        &format!("{tool} not found on PATH; install it to run this test"),
+    )
+}
+
+/// `found`, after failing the test under `CI=true` when it is false, or
+/// saying clearly that the test is skipped and `why` elsewhere.
+pub fn require(found: bool, why: &str) -> bool {
     if !found {
         if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is required under CI=true but was not found on PATH");
+            panic!("required under CI=true: {why}");
         }
-        eprintln!("SKIPPED: {tool} not found on PATH; install it to run this test");
+        eprintln!("SKIPPED: {why}");
     }
     found
 }
@@ -117,14 +126,10 @@ pub fn require_tool(tool: &str) -> bool {
 /// `CI=true` (where tests run as root) not being root fails the test;
 /// elsewhere the test says clearly that it is skipped and why.
 pub fn require_root(why: &str) -> bool {
-    let root = rustix::process::geteuid().is_root();
-    if !root {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("this test must run as root under CI=true: {why}");
-        }
-        eprintln!("SKIPPED: not running as root; {why}");
-    }
-    root
+    require(
+        rustix::process::geteuid().is_root(),
+        &format!("not running as root; {why}"),
+    )
 }
 
 /// SHA-256 of a byte string, hex.
