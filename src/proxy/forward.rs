@@ -9,7 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use http::header::{
     HeaderMap, HeaderName, HeaderValue, CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE,
-    TRAILER, TRANSFER_ENCODING, UPGRADE,
+    TRANSFER_ENCODING, UPGRADE,
 };
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -128,14 +128,15 @@ fn xfcc_value(v: &str) -> String {
 
 /// Headers that describe one hop (RFC 9110 §7.6.1) and never travel on.
 /// Names rather than strings, so matching one is a comparison, not a parse.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// `Trailer` is not one of them: it names the trailer fields end to end,
+/// and an HTTP/1.1 message's trailers are only written when it is there.
+static HOP_BY_HOP: [HeaderName; 8] = [
     CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
     TE,
-    TRAILER,
     TRANSFER_ENCODING,
     UPGRADE,
 ];
@@ -313,10 +314,14 @@ mod tests {
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("te", HeaderValue::from_static("trailers"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         h.insert("x-kept", HeaderValue::from_static("1"));
+        // End to end: it announces the trailers.
+        h.insert("trailer", HeaderValue::from_static("x-checksum"));
         strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1);
+        assert_eq!(h.len(), 2, "{h:?}");
         assert!(h.contains_key("x-kept"));
+        assert_eq!(h["trailer"], "x-checksum");
     }
 
     #[test]

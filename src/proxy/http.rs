@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONTENT_TYPE, HOST, TE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -399,9 +399,10 @@ async fn forward_request(
 
     // Only HTTP/1.1 carries Upgrade, so upgrades never go over h2c.
     let h2c = !upgrading && config.upstream_protocol.h2c_for(req.version());
-    // `TE: trailers` is the one TE an HTTP/2 request may carry, and gRPC
-    // servers require it (it tells them trailers will get through).
-    let te_trailers = h2c
+    // `TE: trailers` says the client reads trailers, and sheath passes
+    // them on, so it goes on to the upstream (the one TE an HTTP/2 request
+    // may carry; gRPC servers require it).
+    let te_trailers = !upgrading
         && req
             .headers()
             .get(TE)
@@ -441,11 +442,7 @@ async fn forward_request(
         *upstream_req.uri_mut() =
             Uri::from_parts(uri).expect("scheme, authority and path make a URI");
         *upstream_req.version_mut() = Version::HTTP_2;
-        let headers = upstream_req.headers_mut();
-        headers.remove(HOST);
-        if te_trailers {
-            headers.insert(TE, HeaderValue::from_static("trailers"));
-        }
+        upstream_req.headers_mut().remove(HOST);
     } else {
         *upstream_req.uri_mut() = Uri::from(path_and_query);
         *upstream_req.version_mut() = Version::HTTP_11;
@@ -464,6 +461,14 @@ async fn forward_request(
         }
     }
     let headers = upstream_req.headers_mut();
+    if te_trailers {
+        headers.insert(TE, HeaderValue::from_static("trailers"));
+        if !h2c {
+            // HTTP/1.1 makes TE a hop-by-hop field, which its sender must
+            // name in `Connection` (RFC 9110 §10.1.4).
+            headers.insert(CONNECTION, HeaderValue::from_static("te"));
+        }
+    }
     forward::set_forwarded(headers, &ctx.client_addr, host.as_ref());
     forward::set_identity(
         headers,

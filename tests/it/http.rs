@@ -245,6 +245,94 @@ async fn websocket_upgrade_echoes() {
     ws.close(None).await.unwrap();
 }
 
+/// Trailers travel end to end over HTTP/1.1 as well: the upstream's to
+/// the client, the client's to the upstream. An HTTP/1.1 sender writes
+/// only the trailers it announced in `Trailer`, and a server only to a
+/// client that said `TE: trailers`, so a proxy that drops either header
+/// drops the trailers.
+#[tokio::test]
+async fn trailers_pass_both_ways_over_an_http1_upstream() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+
+    let mut req = get("/trailers");
+    req.headers_mut().insert("te", "trailers".parse().unwrap());
+    let resp = within("response", s.send_request(req)).await.unwrap();
+    assert_eq!(resp.headers()["trailer"], "grpc-status, grpc-message");
+    let body = within("body", resp.into_body().collect()).await.unwrap();
+    let trailers = body.trailers().cloned().expect("trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["grpc-message"], "all%20good");
+    assert_eq!(body.to_bytes(), "done");
+
+    // A chunked upload with a trailer, echoed back by the upstream.
+    let mut sent = http::HeaderMap::new();
+    sent.insert("x-checksum", "c0ffee".parse().unwrap());
+    let frames = [
+        Frame::data(Bytes::from_static(b"payload")),
+        Frame::trailers(sent),
+    ];
+    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+        frames.map(Ok::<_, hyper::Error>),
+    )));
+    let req = Request::post("/echo")
+        .header("host", "localhost")
+        .header("trailer", "x-checksum")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let resp = within("echo", s.send_request(req)).await.unwrap();
+    let body = within("echo body", resp.into_body().collect())
+        .await
+        .unwrap();
+    let trailers = body
+        .trailers()
+        .cloned()
+        .expect("the request's trailer came back");
+    assert_eq!(trailers["x-checksum"], "c0ffee");
+    assert_eq!(body.to_bytes(), "payload");
+
+    // An HTTP/2 client's trailers come from the HTTP/1.1 upstream too.
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let mut req = get_h2("/trailers");
+    req.headers_mut().insert("te", "trailers".parse().unwrap());
+    let resp = within("h2 response", h2.send_request(req)).await.unwrap();
+    let body = within("h2 body", resp.into_body().collect()).await.unwrap();
+    let trailers = body
+        .trailers()
+        .cloned()
+        .expect("trailers reach the h2 client");
+    assert_eq!(trailers["grpc-status"], "0");
+}
+
+/// A client that reads trailers says so with `TE: trailers`; sheath says it
+/// again to the upstream (naming TE in `Connection`, as HTTP/1.1 requires)
+/// and drops any other TE, which describes only the client's hop.
+#[tokio::test]
+async fn te_trailers_is_said_again_to_the_upstream() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+    for (te, expected) in [("trailers", Some("trailers")), ("gzip", None)] {
+        let mut req = get("/headers");
+        req.headers_mut().insert("te", te.parse().unwrap());
+        let resp = within("response", s.send_request(req)).await.unwrap();
+        let text = body_text(resp).await;
+        let h = parse_headers(&text);
+        match expected {
+            Some(v) => {
+                assert_eq!(header(&h, "te"), [v], "{text}");
+                assert_eq!(header(&h, "connection"), ["te"], "{text}");
+            }
+            None => {
+                assert!(header(&h, "te").is_empty(), "{text}");
+                assert!(header(&h, "connection").is_empty(), "{text}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn upstream_refusing_gives_502_with_reason() {
     let pki = TestPki::new();

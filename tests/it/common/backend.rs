@@ -45,9 +45,10 @@ pub async fn closed_port() -> SocketAddr {
 
 /// An HTTP/1.1 backend with a few routes:
 /// - `/headers`: the request head, one `name: value` per line
-/// - `/echo`: streams the request body back as it arrives
+/// - `/echo`: streams the request body back as it arrives, trailers too
+///   (announced in `Trailer` as the request announced them)
 /// - `/trailers`: `done`, then the trailers `grpc-status: 0` and
-///   `grpc-message: all%20good`
+///   `grpc-message: all%20good` (announced in `Trailer`)
 /// - `/slow?ms=N`: answers after N milliseconds
 /// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
 /// - `/close`: `ok` with `Connection: close`, then closes
@@ -182,7 +183,14 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             }
             full(text)
         }
-        "/echo" => req.into_body().map_err(std::io::Error::other).boxed(),
+        "/echo" => {
+            let announced = req.headers().get(http::header::TRAILER).cloned();
+            let mut resp = Response::new(req.into_body().map_err(std::io::Error::other).boxed());
+            if let Some(announced) = announced {
+                resp.headers_mut().insert(http::header::TRAILER, announced);
+            }
+            return Ok(resp);
+        }
         // A body followed by trailers, as every gRPC response is.
         "/trailers" => {
             let mut trailers = http::HeaderMap::new();
@@ -192,9 +200,16 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                 Frame::data(Bytes::from_static(b"done")),
                 Frame::trailers(trailers),
             ];
-            BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+            let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
                 frames.map(Ok::<_, std::io::Error>),
-            )))
+            )));
+            // An HTTP/1.1 server writes only the trailers it announced.
+            let mut resp = Response::new(body);
+            resp.headers_mut().insert(
+                http::header::TRAILER,
+                "grpc-status, grpc-message".parse().unwrap(),
+            );
+            return Ok(resp);
         }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(query(&req, "ms", 1000))).await;
