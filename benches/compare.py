@@ -1335,7 +1335,8 @@ def render(results: dict, peers: list[str], workloads: list[str], meta: dict) ->
 
 
 # Counts add up over rounds (an error in any round shows); every other
-# figure is the median of the rounds.
+# figure is the median of the rounds, and each round's value is kept in
+# `per_round` so the spread behind a median can be read from --json.
 SUMMED = {"errors", "installs", "rotations", "requests"}
 
 
@@ -1351,7 +1352,8 @@ def merge_rounds(visits: list[dict]) -> dict:
             merged[wid] = runs[0]
             continue
         out: dict = {"round_count": len(ok)}
-        for key in {k for r in ok for k in r}:
+        per_round: dict = {}
+        for key in sorted({k for r in ok for k in r}):
             values = [r[key] for r in ok if key in r]
             if key in SUMMED:
                 out[key] = sum(values)
@@ -1359,8 +1361,11 @@ def merge_rounds(visits: list[dict]) -> dict:
                 out[key] = [x for v in values for x in v]
             elif all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in values):
                 out[key] = statistics.median(values)
+                per_round[key] = values
             else:
                 out[key] = values[0]
+        if per_round:
+            out["per_round"] = per_round
         if len(ok) < len(runs):
             out["failed_rounds"] = len(runs) - len(ok)
         merged[wid] = out
