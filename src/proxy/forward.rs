@@ -141,10 +141,11 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     UPGRADE,
 ];
 
-/// Does the `Connection` header carry `token`?
-pub fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+/// Does a list-valued header (`Connection`, `TE`), in any of its lines,
+/// carry `token`?
+pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
     headers
-        .get_all(CONNECTION)
+        .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
@@ -366,7 +367,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("connection", HeaderValue::from_static("Upgrade"));
         h.insert("upgrade", HeaderValue::from_static("websocket"));
-        assert!(connection_has(&h, "upgrade"));
+        assert!(has_token(&h, &CONNECTION, "upgrade"));
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");

@@ -385,7 +385,7 @@ async fn forward_request(
     // Only HTTP/1.1 can switch protocols this way; HTTP/2 has no Upgrade.
     let upgrading = req.version() == Version::HTTP_11
         && req.headers().contains_key(http::header::UPGRADE)
-        && forward::connection_has(req.headers(), "upgrade");
+        && forward::has_token(req.headers(), &CONNECTION, "upgrade");
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
 
     // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
@@ -402,15 +402,7 @@ async fn forward_request(
     // `TE: trailers` says the client reads trailers, and sheath passes
     // them on, so it goes on to the upstream (the one TE an HTTP/2 request
     // may carry; gRPC servers require it).
-    let te_trailers = !upgrading
-        && req
-            .headers()
-            .get(TE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
+    let te_trailers = !upgrading && forward::has_token(req.headers(), &TE, "trailers");
 
     let (mut parts, body) = req.into_parts();
     // The request's own path and query become the upstream request target
