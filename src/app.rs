@@ -172,7 +172,8 @@ struct Live {
     /// Stops the trust reloader (replaced when client auth changes).
     trust_task: CancellationToken,
     drain: Drain,
-    accept: JoinHandle<()>,
+    /// The accept loops, one per worker.
+    accept: Vec<JoinHandle<()>>,
     /// A duplicate of the listening socket, to hand to a successor. It
     /// lives exactly as long as the listener, so a removed listener's port
     /// really closes.
@@ -459,7 +460,7 @@ impl Running {
                     abort: self.drain.abort.child_token(),
                     tracker: self.drain.tracker.clone(),
                 };
-                let accept = tokio::spawn(listener.run(stop_accepting.clone(), drain.clone()));
+                let accept = listener.spawn(&stop_accepting, &drain);
                 Live {
                     config,
                     handle,
@@ -528,7 +529,9 @@ impl Running {
         // The accept loops drop their sockets when they return; waiting for
         // them makes "refused from now on" true before draining starts.
         for l in inner.listeners {
-            let _ = l.accept.await;
+            for accept in l.accept {
+                let _ = accept.await;
+            }
         }
         self.stop_background.cancel();
         let timeout = inner.config.drain_timeout;

@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod shutdown;
 pub mod tls;
 pub mod upgrade;
+pub mod workers;
 
 pub use app::{Running, ShutdownOutcome};
 pub use config::{Config, ConfigError};

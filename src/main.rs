@@ -243,23 +243,19 @@ fn serve(
         || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         usize::from,
     );
-    // With one worker, a current-thread runtime does the same work with
-    // 20-30% less CPU per keep-alive request than a multi-thread runtime
-    // of one worker (benches/compare.py, W1 and W8): no work-stealing
-    // queues, no handing off between the worker and the thread in
-    // `block_on`. Blocking work goes to the blocking pool either way.
-    let mut builder = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(workers);
-        b
-    };
-    builder.enable_all().thread_name("sheath-worker");
-    let runtime = match builder.build() {
+    // One single-threaded runtime per worker, this thread's included
+    // (see `sheath::workers` for why not tokio's multi-thread runtime).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("sheath-blocking")
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return report(&e, 1),
     };
+    if let Err(e) = sheath::workers::start(runtime.handle(), workers.saturating_sub(1)) {
+        return report(&e, 1);
+    }
     let code = runtime.block_on(async move {
         if demo {
             let backend = match sheath::demo::start_backend().await {

@@ -217,6 +217,20 @@ impl Collector for SheathCollector {
             Gauge,
             |s| load(&s.active)
         );
+        // Counted only where connections are spread over several workers.
+        let per_worker = crate::workers::open_connections();
+        if !per_worker.is_empty() {
+            let mut f = family(
+                &mut enc,
+                "sheath_worker_connections_active",
+                "Connections open now on each worker thread, all listeners together",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (worker, open) in per_worker.iter().enumerate() {
+                f.gauge(&[("worker", &worker.to_string())], *open as f64)?;
+            }
+        }
         per_listener!(
             "sheath_received",
             "Decrypted bytes received from clients (counted when a connection closes)",

@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +17,7 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{ConnInfo, ListenerState};
@@ -80,6 +82,44 @@ impl Listener {
         })
     }
 
+    /// Run the accept loop on every worker (see [`crate::workers`]), each
+    /// on its own duplicate of the socket. The port closes when the last
+    /// loop has returned.
+    pub fn spawn(self, stop: &CancellationToken, drain: &Drain) -> Vec<JoinHandle<()>> {
+        let mut loops = Vec::with_capacity(crate::workers::count());
+        for worker in crate::workers::others() {
+            let socket = match self.socket.as_fd().try_clone_to_owned() {
+                Ok(fd) => std::net::TcpListener::from(fd),
+                Err(e) => {
+                    // Out of descriptors at start or reload: the other
+                    // workers still accept, so serve rather than fail.
+                    tracing::warn!(listener = %self.name, error = %e, "a worker cannot accept on this listener");
+                    continue;
+                }
+            };
+            let name = self.name.clone();
+            let (state, stats, limit) = (
+                Arc::clone(&self.state),
+                Arc::clone(&self.stats),
+                Arc::clone(&self.limit),
+            );
+            let (stop, drain) = (stop.clone(), drain.clone());
+            loops.push(worker.spawn(async move {
+                // Registered with this worker's reactor, so only here.
+                let listener = TcpListener::from_std(socket)
+                    .and_then(|socket| Listener::new(socket, state, stats, limit));
+                match listener {
+                    Ok(listener) => listener.run(stop, drain).await,
+                    Err(e) => {
+                        tracing::warn!(listener = %name, error = %e, "a worker cannot accept on this listener");
+                    }
+                }
+            }));
+        }
+        loops.push(tokio::spawn(self.run(stop.clone(), drain.clone())));
+        loops
+    }
+
     /// Accept until `stop` fires, then close the socket so that new
     /// connections are refused while existing ones drain.
     pub async fn run(self, stop: CancellationToken, drain: Drain) {
@@ -106,9 +146,7 @@ impl Listener {
                     let stats = Arc::clone(&self.stats);
                     let conn_drain = drain.clone();
                     let local = self.local_addr;
-                    drain
-                        .tracker
-                        .spawn(handle(tcp, peer, local, state, stats, permit, conn_drain));
+                    start(tcp, peer, local, state, stats, permit, conn_drain);
                 }
                 Err(e) if is_connection_error(&e) => {
                     // The client gave up before we accepted; nothing to fix.
@@ -129,6 +167,44 @@ impl Listener {
         }
         tracing::debug!(listener = %self.name, addr = %self.local_addr, "stopped accepting");
     }
+}
+
+/// Run a new connection on the worker with the fewest open (see
+/// [`crate::workers`]), tracked for the drain.
+fn start(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    state: Arc<ListenerState>,
+    stats: Arc<ListenerStats>,
+    permit: OwnedSemaphorePermit,
+    drain: Drain,
+) {
+    let tracker = drain.tracker.clone();
+    let assigned = crate::workers::Assigned::pick();
+    let Some(worker) = assigned.as_ref().and_then(|a| a.elsewhere()) else {
+        tracker.spawn(async move {
+            let _assigned = assigned;
+            handle(tcp, peer, local, state, stats, permit, drain).await;
+        });
+        return;
+    };
+    // Moved to the other worker's reactor; a socket that cannot be is
+    // dropped like a failed accept.
+    let tcp = match tcp.into_std() {
+        Ok(tcp) => tcp,
+        Err(e) => {
+            tracing::debug!(error = %e, "handing a connection to a worker failed");
+            return;
+        }
+    };
+    worker.spawn(tracker.track_future(async move {
+        let _assigned = assigned;
+        match TcpStream::from_std(tcp) {
+            Ok(tcp) => handle(tcp, peer, local, state, stats, permit, drain).await,
+            Err(e) => tracing::debug!(error = %e, "handing a connection to a worker failed"),
+        }
+    }));
 }
 
 /// ACME validators get the challenge config; everyone else the listener's.

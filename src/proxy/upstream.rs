@@ -43,20 +43,24 @@ const MAX_IDLE: usize = 1024;
 /// vanished without a FIN is eventually noticed.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 
-/// A pool of HTTP/1.1 connections to one upstream, for requests with
-/// bodies of type `B` (the client's, in sheath). Clones share the pool.
+/// Pools of HTTP/1.1 connections to one upstream, for requests with
+/// bodies of type `B` (the client's, in sheath). Clones share the pools.
+///
+/// Each worker (see [`crate::workers`]) has a pool, and an h2c connection,
+/// of its own: a connection is driven by a task on the worker that opened
+/// it, and a request from another worker would cross threads twice.
 #[derive(Debug)]
 pub struct UpstreamClient<B = Incoming> {
-    pool: Arc<Pool<B>>,
-    /// The HTTP/2 connection, for listeners whose `upstream_protocol`
+    pools: Arc<[Arc<Pool<B>>]>,
+    /// The HTTP/2 connections, for listeners whose `upstream_protocol`
     /// sends some or all requests over h2c.
-    h2: Option<Arc<H2Conn<B>>>,
+    h2: Option<Arc<[Arc<H2Conn<B>>]>>,
 }
 
 impl<B> Clone for UpstreamClient<B> {
     fn clone(&self) -> Self {
         UpstreamClient {
-            pool: Arc::clone(&self.pool),
+            pools: Arc::clone(&self.pools),
             h2: self.h2.clone(),
         }
     }
@@ -123,31 +127,43 @@ impl UpstreamError {
 
 impl<B: RequestBody> UpstreamClient<B> {
     pub fn new(config: &ListenerConfig) -> UpstreamClient<B> {
+        let workers = crate::workers::count();
         let h2 = (config.upstream_protocol != UpstreamProtocol::Http1).then(|| {
-            Arc::new(H2Conn {
-                upstream: config.upstream.clone(),
-                connect_timeout: config.timeouts.connect,
-                idle_timeout: config.timeouts.upstream_idle,
-                current: Mutex::new(None),
-                connecting: tokio::sync::Mutex::new(()),
-                sweeping: AtomicBool::new(false),
-            })
+            (0..workers)
+                .map(|_| {
+                    Arc::new(H2Conn {
+                        upstream: config.upstream.clone(),
+                        connect_timeout: config.timeouts.connect,
+                        idle_timeout: config.timeouts.upstream_idle,
+                        current: Mutex::new(None),
+                        connecting: tokio::sync::Mutex::new(()),
+                        sweeping: AtomicBool::new(false),
+                    })
+                })
+                .collect()
         });
-        UpstreamClient {
-            pool: Arc::new(Pool {
-                upstream: config.upstream.clone(),
-                connect_timeout: config.timeouts.connect,
-                idle_timeout: config.timeouts.upstream_idle,
-                idle: Mutex::new(Vec::new()),
-                sweeping: AtomicBool::new(false),
-            }),
-            h2,
-        }
+        let pools = (0..workers)
+            .map(|_| {
+                Arc::new(Pool {
+                    upstream: config.upstream.clone(),
+                    connect_timeout: config.timeouts.connect,
+                    idle_timeout: config.timeouts.upstream_idle,
+                    idle: Mutex::new(Vec::new()),
+                    sweeping: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        UpstreamClient { pools, h2 }
+    }
+
+    /// This worker's pool.
+    fn pool(&self) -> &Arc<Pool<B>> {
+        &self.pools[crate::workers::index() % self.pools.len()]
     }
 
     /// `host:port` of the upstream, for requests that name no host.
     pub fn authority(&self) -> &Authority {
-        &self.pool.upstream.authority
+        &self.pools[0].upstream.authority
     }
 
     /// Send a request and return the response head. An HTTP/1.1 request
@@ -167,6 +183,7 @@ impl<B: RequestBody> UpstreamClient<B> {
             // every request's future twice the size, HTTP/1.1 ones included
             // (960 -> 2,048 bytes), and with it the copying per request.
             Some(h2) if req.version() == http::Version::HTTP_2 => {
+                let h2 = &h2[crate::workers::index() % h2.len()];
                 tokio_util::either::Either::Left(Box::pin(h2.send(req)))
             }
             _ => tokio_util::either::Either::Right(self.send_http1(req)),
@@ -175,10 +192,11 @@ impl<B: RequestBody> UpstreamClient<B> {
 
     async fn send_http1(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let mut req = req.map(Either::Left);
+        let pool = self.pool();
         loop {
-            let (mut sender, reused) = match self.pool.checkout() {
+            let (mut sender, reused) = match pool.checkout() {
                 Some(sender) => (sender, true),
-                None => (self.pool.connect().await?, false),
+                None => (pool.connect().await?, false),
             };
             // Kept only where sending again is allowed; a fresh connection
             // that fails is the upstream's answer.
@@ -187,11 +205,11 @@ impl<B: RequestBody> UpstreamClient<B> {
                 Ok(resp) => {
                     let lease = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
                         sender,
-                        pool: Arc::clone(&self.pool),
+                        pool: Arc::clone(pool),
                     });
                     return Ok(resp.map(|body| PooledBody { body, lease }));
                 }
-                Err(e) => req = send_again(e, reused, resend, &self.pool.upstream)?,
+                Err(e) => req = send_again(e, reused, resend, &pool.upstream)?,
             }
         }
     }
@@ -745,7 +763,7 @@ mod tests {
         let first = exchange(&client, &listener, http::Method::GET).await;
         assert_eq!(first.unwrap(), "ok");
         {
-            let idle = client.pool.lock();
+            let idle = client.pool().lock();
             assert_eq!(idle.len(), 1, "the connection was returned");
             assert!(idle[0].sender.is_ready(), "its close is not seen yet");
         }
@@ -792,6 +810,6 @@ mod tests {
         };
         let (resp, _stream) = tokio::join!(client.send(request(http::Method::GET)), serve);
         drop(resp.unwrap());
-        assert!(client.pool.lock().is_empty());
+        assert!(client.pool().lock().is_empty());
     }
 }

@@ -713,9 +713,9 @@ async fn config_file_changes_and_sighup_reload_in_place() {
     };
     write(&listener("a", pa));
     let mut cmd = sheath();
-    cmd.arg("--log-format")
-        .arg("json")
-        .arg("--state-dir")
+    // Two workers, so that every worker's accept loop has to come up for
+    // a new listener and let go of a removed one.
+    cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
         .arg(&state);
     cmd.arg("run").arg("--config").arg(&path);
     let mut proc = Process::spawn(cmd);
@@ -783,6 +783,79 @@ async fn config_file_changes_and_sighup_reload_in_place() {
         200
     );
 
+    // Removed: `b`'s port closes once no worker accepts on it any more.
+    write(&listener("a", pa));
+    within("listener b's port to close", async {
+        while TcpStream::connect(b).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        sa.send_request(client::get("/")).await.unwrap().status(),
+        200
+    );
+
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}
+
+/// With several workers, connections go to the one with the fewest open,
+/// whichever worker accepted them, and each serves its own.
+#[tokio::test]
+async fn workers_share_the_connections_between_them() {
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+    let mut cmd = sheath();
+    cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
+        .arg(state.path());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string());
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    let addr = proc.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(state.path())).unwrap());
+
+    // Opened at once, as a client opens its pool: the first worker to
+    // wake accepts most of them and must pass every other one on.
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        conns.push(client::h1(addr, roots.clone()));
+    }
+    let mut conns = futures_util::future::join_all(conns).await;
+    for conn in &mut conns {
+        assert_eq!(
+            conn.send_request(client::get("/")).await.unwrap().status(),
+            200
+        );
+    }
+    let open = |scrape: &str, worker: usize| {
+        crate::admin::value(
+            scrape,
+            &format!("sheath_worker_connections_active{{worker=\"{worker}\"}}"),
+        )
+    };
+    let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+    assert_eq!((open(&scrape, 0), open(&scrape, 1)), (2.0, 2.0), "{scrape}");
+    // Keep-alive on both workers, each with its own upstream pool.
+    for conn in &mut conns {
+        assert_eq!(
+            conn.send_request(client::get("/")).await.unwrap().status(),
+            200
+        );
+    }
+
+    drop(conns);
+    within("both workers' connections to close", async {
+        loop {
+            let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+            if (open(&scrape, 0), open(&scrape, 1)) == (0.0, 0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
