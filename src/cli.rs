@@ -34,7 +34,8 @@ pub struct Cli {
     #[arg(long, global = true, env = "SHEATH_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
 
-    /// Runtime worker threads [default: CPUs available to the process].
+    /// Worker threads, each a single-threaded event loop that owns the
+    /// connections it is given [default: CPUs available to the process].
     #[arg(long, global = true, env = "SHEATH_WORKERS", value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: Option<u16>,
 
