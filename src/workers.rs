@@ -1,15 +1,15 @@
 //! One single-threaded runtime per worker, each accepting on every listener.
 //!
-//! A connection stays on the worker that accepted it for its whole life:
-//! its task, the tasks it spawns (HTTP/2 streams) and, through a pool of
-//! the worker's own, the upstream connections its requests use. Nothing
-//! is handed between threads on the request path, so no work-stealing
-//! queue, no cross-thread wake-up and no contended lock is paid per request,
-//! which is what tokio's multi-thread scheduler costs: 20-30% more CPU per
-//! keep-alive request with one worker, 12-15% with two (W1 and W8 of
-//! `benches/compare.py`, see the README's levers). This is the model of
-//! nginx, HAProxy and Envoy; the price is that one busy connection cannot
-//! move to an idle core.
+//! A connection stays on one worker for its whole life: its task, the
+//! tasks it spawns (HTTP/2 streams) and, through a pool of the worker's
+//! own, the upstream connections its requests use. Nothing is handed
+//! between threads on the request path, so no work-stealing queue, no
+//! cross-thread wake-up and no contended lock is paid per request, which
+//! is what tokio's multi-thread scheduler costs: 20-30% more CPU per
+//! keep-alive request with one worker, 12-15% with two (the workloads W1
+//! and W8, see the README's levers). This is the model of nginx, HAProxy
+//! and Envoy; the price is that one busy connection cannot move to an
+//! idle core.
 //!
 //! Every worker waits on the same listening socket (a duplicate of its
 //! descriptor), which keeps one socket per listener for the handover to a
