@@ -66,6 +66,16 @@ pub fn others() -> impl Iterator<Item = &'static Handle> {
     all().iter().skip(1).map(|w| &w.handle)
 }
 
+/// One `T` per worker, for state each worker keeps to itself.
+pub fn each<T>(mut make: impl FnMut() -> T) -> std::sync::Arc<[T]> {
+    (0..count()).map(|_| make()).collect()
+}
+
+/// This worker's own entry of a slice made by [`each`].
+pub fn mine<T>(per_worker: &[T]) -> &T {
+    &per_worker[index() % per_worker.len()]
+}
+
 /// Start `extra` worker threads besides `main`, the main thread's runtime.
 /// They run until the process exits; a connection still open on one at
 /// exit is closed by the kernel like every other descriptor. Call once,

@@ -127,38 +127,33 @@ impl UpstreamError {
 
 impl<B: RequestBody> UpstreamClient<B> {
     pub fn new(config: &ListenerConfig) -> UpstreamClient<B> {
-        let workers = crate::workers::count();
         let h2 = (config.upstream_protocol != UpstreamProtocol::Http1).then(|| {
-            (0..workers)
-                .map(|_| {
-                    Arc::new(H2Conn {
-                        upstream: config.upstream.clone(),
-                        connect_timeout: config.timeouts.connect,
-                        idle_timeout: config.timeouts.upstream_idle,
-                        current: Mutex::new(None),
-                        connecting: tokio::sync::Mutex::new(()),
-                        sweeping: AtomicBool::new(false),
-                    })
-                })
-                .collect()
-        });
-        let pools = (0..workers)
-            .map(|_| {
-                Arc::new(Pool {
+            crate::workers::each(|| {
+                Arc::new(H2Conn {
                     upstream: config.upstream.clone(),
                     connect_timeout: config.timeouts.connect,
                     idle_timeout: config.timeouts.upstream_idle,
-                    idle: Mutex::new(Vec::new()),
+                    current: Mutex::new(None),
+                    connecting: tokio::sync::Mutex::new(()),
                     sweeping: AtomicBool::new(false),
                 })
             })
-            .collect();
+        });
+        let pools = crate::workers::each(|| {
+            Arc::new(Pool {
+                upstream: config.upstream.clone(),
+                connect_timeout: config.timeouts.connect,
+                idle_timeout: config.timeouts.upstream_idle,
+                idle: Mutex::new(Vec::new()),
+                sweeping: AtomicBool::new(false),
+            })
+        });
         UpstreamClient { pools, h2 }
     }
 
     /// This worker's pool.
     fn pool(&self) -> &Arc<Pool<B>> {
-        &self.pools[crate::workers::index() % self.pools.len()]
+        crate::workers::mine(&self.pools)
     }
 
     /// `host:port` of the upstream, for requests that name no host.
@@ -183,7 +178,7 @@ impl<B: RequestBody> UpstreamClient<B> {
             // every request's future twice the size, HTTP/1.1 ones included
             // (960 -> 2,048 bytes), and with it the copying per request.
             Some(h2) if req.version() == http::Version::HTTP_2 => {
-                let h2 = &h2[crate::workers::index() % h2.len()];
+                let h2 = crate::workers::mine(h2);
                 tokio_util::either::Either::Left(Box::pin(h2.send(req)))
             }
             _ => tokio_util::either::Either::Right(self.send_http1(req)),
