@@ -394,7 +394,7 @@ async fn forward_request(
         None => req
             .uri()
             .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            .and_then(|a| ctx.client_addr.host_value(a.as_str())),
     };
 
     // Only HTTP/1.1 carries Upgrade, so upgrades never go over h2c.
