@@ -172,8 +172,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         None
     };
-    // What `Connection` names nearly always goes anyway (`keep-alive`,
-    // `upgrade`, `te`) or names no field (`close`); only other names are
+    // What `Connection` names is nearly always a hop-by-hop field that
+    // goes anyway (`keep-alive`, `upgrade`, `te`); only other names are
     // collected, so the usual message allocates nothing here.
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -181,10 +181,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|t| {
-            !t.eq_ignore_ascii_case("close")
-                && !HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n))
-        })
+        .filter(|t| !HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n)))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     remove_listed(headers, &HOP_BY_HOP);
@@ -396,7 +393,7 @@ mod tests {
     }
 
     #[test]
-    fn connection_tokens_that_name_no_other_field_remove_nothing_else() {
+    fn connection_tokens_naming_hop_by_hop_fields_remove_nothing_else() {
         let mut h = HeaderMap::new();
         h.append("connection", HeaderValue::from_static("close, Keep-Alive"));
         h.append("connection", HeaderValue::from_static("TE"));
