@@ -13,15 +13,11 @@ use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 pub static CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
 pub static CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
-pub static X_CLIENT_IDENTITY: HeaderName =
-    HeaderName::from_static(crate::config::DEFAULT_IDENTITY_HEADER);
 
 /// The forwarding headers sheath replaces. The lists of names to remove
 /// are strings: a header name's string is at hand (a table entry for a
@@ -239,20 +235,24 @@ impl ClientAddr {
     /// The whole `Forwarded` value for a request naming `host` (`text`
     /// is the same, as a string).
     fn forwarded_with_host(&self, host: &HeaderValue, text: &str) -> HeaderValue {
-        if let Some((first, forwarded)) = self.first_host.get() {
-            if first == host {
-                return forwarded.clone();
+        let format = || {
+            header_value(&format!(
+                "{};host={};proto=https",
+                self.forwarded_for,
+                quote(text)
+            ))
+        };
+        match self.first_host.get() {
+            Some((first, forwarded)) if first == host => forwarded.clone(),
+            // Kept for the first host only: a connection whose requests
+            // name many hosts formats each and holds one value.
+            Some(_) => format(),
+            None => {
+                let forwarded = format();
+                let _ = self.first_host.set((host.clone(), forwarded.clone()));
+                forwarded
             }
         }
-        let forwarded = header_value(&format!(
-            "{};host={};proto=https",
-            self.forwarded_for,
-            quote(text)
-        ));
-        // Kept for the first host only: a connection whose requests name
-        // many hosts formats each, as before, and holds one value.
-        let _ = self.first_host.set((host.clone(), forwarded.clone()));
-        forwarded
     }
 }
 
