@@ -58,7 +58,7 @@ PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 HTTP_PEERS = ["sheath", "nginx", "haproxy", "caddy"]
 TCP_PEERS = ["sheath-tcp", "hitch", "stunnel"]
 ALL_PEERS = HTTP_PEERS + TCP_PEERS
-ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8", "W9"]
+ALL_WORKLOADS = ["W1", "W2", "W3", "W4", "W5", "W5L", "W6", "W7", "W8", "W9"]
 
 # Debian package for each command the benchmark runs.
 PACKAGES = {
@@ -634,8 +634,8 @@ class Bench:
         self.sheath_bin = (REPO / target / "release" / "sheath").resolve()
 
     def build_handshake_load(self) -> None:
-        """The W3 load client, benches/handshake_load.rs."""
-        log("building the W3 load client (cargo build --release --bench handshake_load)")
+        """The W3 and W5L load client, benches/handshake_load.rs."""
+        log("building the handshake load client (cargo build --release --bench handshake_load)")
         out = subprocess.run(
             ["cargo", "build", "--release", "--bench", "handshake_load", "--message-format=json"],
             cwd=REPO, check=True, stdout=subprocess.PIPE, text=True,
@@ -770,17 +770,17 @@ class Bench:
         r["p99_added"] = r["p99"] - direct["p99"]
         return r
 
-    def w3(self, inst: Instance) -> dict:
-        # Full handshakes need a client that never offers a session: h2load
-        # 1.52 offers the previous one when it reconnects, and OpenSSL 3.0
-        # clients (s_time) are too slow to load a proxy. See
-        # benches/handshake_load.rs.
+    def handshakes(self, inst: Instance, port: int, client_auth: list[str]) -> dict:
+        """Full handshakes from benches/handshake_load.rs, one request each."""
         assert self.handshake_load is not None
         d = self.args.duration
 
         def run():
             out = self.procs.run(
-                [self.handshake_load, f"127.0.0.1:{inst.port}", str(W3_CLIENTS), str(d), "/small"],
+                [
+                    self.handshake_load, f"127.0.0.1:{port}", str(W3_CLIENTS), str(d), "/small",
+                    *client_auth,
+                ],
                 timeout=d + 60,
             )
             m = re.search(r"(\d+) connections, (\d+) errors in ([\d.]+) s", out)
@@ -790,8 +790,16 @@ class Bench:
 
         r, cpu, wall = self.measured(inst, run)
         r["rps"] = r["requests"] / r["seconds"] if r["seconds"] else 0.0
-        r["protocol"] = handshake_probe(inst.port)
         return per_op(r, cpu, wall, r["requests"])
+
+    def w3(self, inst: Instance) -> dict:
+        # Full handshakes need a client that never offers a session: h2load
+        # 1.52 offers the previous one when it reconnects, and OpenSSL 3.0
+        # clients (s_time) are too slow to load a proxy. See
+        # benches/handshake_load.rs.
+        r = self.handshakes(inst, inst.port, [])
+        r["protocol"] = handshake_probe(inst.port)
+        return r
 
     def w4(self, inst: Instance) -> dict:
         # wrk reconnects after `Connection: close` and offers the previous
@@ -847,6 +855,16 @@ class Bench:
         r, cpu, wall = self.measured(inst, run)
         r["rps"] = r["requests"] / wall
         return per_op(r, cpu, wall, r["requests"])
+
+    def w5l(self, inst: Instance) -> dict:
+        # W5 at a load that fills the proxy's core: s_time spends ~1.4 ms of
+        # CPU per handshake, so W5 holds every proxy well below its core and
+        # its CPU per handshake includes waking from idle. The W3 client
+        # presents the same client certificate s_time does.
+        assert self.pki is not None
+        return self.handshakes(
+            inst, inst.mtls_port, [str(self.pki.client_cert), str(self.pki.client_key)]
+        )
 
     def w6(self, inst: Instance) -> dict:
         r, cpu, wall = self.measured(
@@ -1123,6 +1141,8 @@ ROWS = [
     ("W4", "proxy CPU µs/conn", "cpu_us", "cpu", None),
     ("W5", "mTLS handshakes/s", "rps", "high", None),
     ("W5", "proxy CPU µs/handshake", "cpu_us", "cpu", (">=", 3.0)),
+    ("W5L", "mTLS handshakes/s", "rps", "high", None),
+    ("W5L", "proxy CPU µs/handshake", "cpu_us", "cpu", (">=", 3.0)),
     ("W6", "MB/s", "mbps", "high", None),
     ("W6", "proxy CPU µs/MB", "cpu_us", "cpu", (">=", 1.3)),
     ("W7", "KiB/idle conn", "kib_per_conn", "low", ("<", 1.0)),
@@ -1137,6 +1157,7 @@ TITLES = {
     "W3": f"full handshakes, one request each (benches/handshake_load.rs, {W3_CLIENTS} conns)",
     "W4": f"new conn per request, resumed (wrk -c{W4_CONNS} Connection: close)",
     "W5": f"mTLS full handshakes (openssl s_time -new x{W5_PROCS})",
+    "W5L": f"mTLS full handshakes at load (benches/handshake_load.rs with a client certificate, {W3_CLIENTS} conns)",
     "W6": "bulk download, 1 stream (h2load --h1 -c1, 32 MiB file)",
     "W7": f"{W7_CONNS} idle TLS connections (RSS delta)",
     "W8": f"HTTP/2, {W8_CLIENTS} conns x {W8_STREAMS} streams (h2load)",
@@ -1459,7 +1480,7 @@ def main() -> int:
     try:
         bench = Bench(args, tmp, procs)
         bench.build_sheath()
-        if "W3" in workloads:
+        if "W3" in workloads or "W5L" in workloads:
             bench.build_handshake_load()
         meta["versions"]["sheath"] = subprocess.run(
             [bench.sheath_bin, "--version"], capture_output=True, text=True
@@ -1486,7 +1507,7 @@ def main() -> int:
                 meta["failures"].setdefault(peer, []).append(f"did not start: {e}")
                 continue
             try:
-                order = ["W7", "W1", "W9", "W2", "W3", "W4", "W5", "W6", "W8"]
+                order = ["W7", "W1", "W9", "W2", "W3", "W4", "W5", "W5L", "W6", "W8"]
                 for wid in order:
                     if wid not in workloads:
                         continue
