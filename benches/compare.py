@@ -314,6 +314,9 @@ class Pki:
     client_ca: Path
     client_cert: Path
     client_key: Path
+    # A client certificate like the one above from a CA no proxy trusts.
+    stranger_cert: Path
+    stranger_key: Path
 
 
 def make_pki(dir: Path) -> Pki:
@@ -322,16 +325,21 @@ def make_pki(dir: Path) -> Pki:
     combined = dir / "server-combined.pem"
     combined.write_text(cert.read_text() + key.read_text())
     client_ca, client_ca_key = make_ca(dir, "client-ca")
-    client_cert, client_key = issue(
-        dir, "client", client_ca, client_ca_key, "bench-client",
-        [
-            "subjectAltName=URI:spiffe://bench.test/client",
-            "basicConstraints=critical,CA:FALSE",
-            "keyUsage=critical,digitalSignature",
-            "extendedKeyUsage=clientAuth",
-        ],
+    client_exts = [
+        "subjectAltName=URI:spiffe://bench.test/client",
+        "basicConstraints=critical,CA:FALSE",
+        "keyUsage=critical,digitalSignature",
+        "extendedKeyUsage=clientAuth",
+    ]
+    client_cert, client_key = issue(dir, "client", client_ca, client_ca_key, "bench-client", client_exts)
+    other_ca, other_ca_key = make_ca(dir, "stranger-ca")
+    stranger_cert, stranger_key = issue(
+        dir, "stranger", other_ca, other_ca_key, "bench-client", client_exts
     )
-    return Pki(ca, ca_key, cert, key, combined, client_ca, client_cert, client_key)
+    return Pki(
+        ca, ca_key, cert, key, combined, client_ca, client_cert, client_key,
+        stranger_cert, stranger_key,
+    )
 
 
 def free_port() -> int:
@@ -530,6 +538,9 @@ frontend = {{
 frontend = {{
     host = "127.0.0.1"
     port = "{mport}"
+    # hitch 1.7 applies a frontend's client-verify only to a frontend with
+    # a pem-file of its own; without one it accepts any client.
+    pem-file = "{pki.combined}"
     client-verify = required
     client-verify-ca = "{pki.client_ca}"
 }}
@@ -815,6 +826,12 @@ class Bench:
         r["resumed"] = resumed
         return per_op(r, cpu, wall, r["requests"])
 
+    def check_client_auth(self, inst: Instance) -> None:
+        assert self.pki is not None
+        problem = client_auth_probe(inst.mtls_port, self.pki)
+        if problem is not None:
+            raise RuntimeError(f"not measured: its mTLS listener {problem}")
+
     def w5(self, inst: Instance) -> dict:
         # openssl s_time is the client that presents a certificate; `-new`
         # makes every connection a full handshake and `-www` a request, so
@@ -822,6 +839,7 @@ class Bench:
         # and answered. One s_time is sequential: run several.
         assert self.pki is not None
         d = self.args.duration
+        self.check_client_auth(inst)
 
         def run():
             procs = [
@@ -862,6 +880,7 @@ class Bench:
         # its CPU per handshake includes waking from idle. The W3 client
         # presents the same client certificate s_time does.
         assert self.pki is not None
+        self.check_client_auth(inst)
         return self.handshakes(
             inst, inst.mtls_port, [str(self.pki.client_cert), str(self.pki.client_key)]
         )
@@ -1044,6 +1063,45 @@ def resumption_probe(port: int) -> str:
     except OSError as e:
         return f"probe failed: {e}"
     return f"{version} {'resumed' if reused else 'not resumed'}"
+
+
+def client_auth_probe(port: int, pki: Pki) -> str | None:
+    """Does the proxy refuse a client without a certificate, and one whose
+    certificate its client CA did not issue, and answer one whose
+    certificate it did? None if so, else what went wrong: a proxy that
+    does not check would be measured doing less than mTLS."""
+    import ssl
+
+    def request(cert: Path | None, key: Path | None) -> bool:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if cert is not None:
+            ctx.load_cert_chain(cert, key)
+        answer = b""
+        try:
+            # SNI and Host name the same server (see handshake_load.rs).
+            with ctx.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5),
+                server_hostname="localhost",
+            ) as s:
+                s.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                while len(answer) < 12:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    answer += chunk
+        except (ssl.SSLError, OSError):
+            return False
+        return answer.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200"))
+
+    if request(None, None):
+        return "answered a client without a certificate"
+    if request(pki.stranger_cert, pki.stranger_key):
+        return "answered a client whose certificate another CA issued"
+    if not request(pki.client_cert, pki.client_key):
+        return "did not answer a client with a valid certificate"
+    return None
 
 
 def handshake_probe(port: int) -> str:
