@@ -11,7 +11,8 @@ What it does (see /work/shared/docs/PERFORMANCE.md for the method):
   missing and this runs as root (``--no-install`` to only look for them);
 * builds sheath in release mode (``--sheath-bin`` to use a built binary);
 * generates one ECDSA P-256 server certificate for every proxy, and a
-  client CA plus client certificate for the mTLS workload;
+  client CA plus client certificate for the mTLS workloads (W5, W5L), which
+  first check that each proxy refuses clients it should;
 * starts a plaintext nginx backend on CPU 1 (``/small``: ``return 200``,
   ``/large``: a static file), then each proxy in turn on CPU 0 with one
   worker, and drives it with the load tools on CPU 1;
