@@ -15,16 +15,18 @@
 //! handshake_load ADDR CONNECTIONS SECONDS PATH [CLIENT_CERT CLIENT_KEY]
 //! ```
 //!
+//! prints `N connections, E errors in S s` (and the first error on stderr).
+//! A connection counts once the proxy completed the handshake and answered
+//! 200. `cargo bench` runs every bench target with `--bench`; this one has
+//! nothing to measure alone and says so.
+//!
 //! With a client certificate and key (PEM) it presents them when the proxy
 //! asks, for mutual TLS: each handshake then costs the proxy a verification
-//! of the chain and of the client's signature too. It also names the server
-//! `localhost` in SNI then, as in the request's `Host`: a server that
-//! verifies clients on some names only (Caddy) refuses a request whose
-//! `Host` names another server than the handshake did. It prints `N
-//! connections, E errors in S s`. A connection counts once the
-//! proxy completed the handshake and answered 200. `cargo bench` runs
-//! every bench target with `--bench`; this one has nothing to measure
-//! alone and says so.
+//! of the client's signature too (and of its chain, for a proxy that does
+//! not remember verified chains). It names the server `localhost` in SNI
+//! then, as the request's `Host` does: a server that verifies clients on
+//! some names only (Caddy) refuses a request whose `Host` names another
+//! server than the handshake did.
 
 #![forbid(unsafe_code)]
 
@@ -67,15 +69,13 @@ fn main() {
         std::process::exit(2);
     };
     let path = args[3].clone();
-    let config = match args.get(4..6) {
-        Some([cert, key]) => load_client_auth(cert, key).and_then(|pair| client_config(Some(pair))),
-        _ => client_config(None),
-    };
-    let server_name = if args.len() == 6 {
-        ServerName::DnsName(DnsName::try_from("localhost").expect("a DNS name"))
-    } else {
+    let (config, server_name) = match args.get(4..6) {
+        Some([cert, key]) => (
+            load_client_auth(cert, key).and_then(|auth| client_config(Some(auth))),
+            ServerName::DnsName(DnsName::try_from("localhost").expect("a DNS name")),
+        ),
         // An IP address: no SNI, as h2load and s_time send for 127.0.0.1.
-        ServerName::IpAddress(addr.ip().into())
+        _ => (client_config(None), ServerName::IpAddress(addr.ip().into())),
     };
     let config = config.unwrap_or_else(|e| {
         eprintln!("handshake_load: {e}");
