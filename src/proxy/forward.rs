@@ -10,35 +10,33 @@ use std::sync::OnceLock;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
 
-pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-pub static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+// Each name sheath sets, spelled once: the inserts use the `HeaderName`s,
+// the removal lists below the strings.
+const XFF: &str = "x-forwarded-for";
+const XFP: &str = "x-forwarded-proto";
+const XFH: &str = "x-forwarded-host";
+const FWD: &str = "forwarded";
+const XFCC: &str = "x-forwarded-client-cert";
+const CC: &str = "client-cert";
+const CCC: &str = "client-cert-chain";
 
-pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-pub static CLIENT_CERT: HeaderName = HeaderName::from_static("client-cert");
-pub static CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static("client-cert-chain");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static(XFF);
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(XFP);
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static(XFH);
+static FORWARDED: HeaderName = HeaderName::from_static(FWD);
+
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static(XFCC);
+static CLIENT_CERT: HeaderName = HeaderName::from_static(CC);
+static CLIENT_CERT_CHAIN: HeaderName = HeaderName::from_static(CCC);
 
 /// The forwarding headers sheath replaces. The lists of names to remove
 /// are strings: a header name's string is at hand (a table entry for a
 /// standard name), and strings of another length, most of them, differ
 /// at the first comparison.
-static FORWARDING: [&str; 6] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-forwarded-port",
-    "x-real-ip",
-    "forwarded",
-];
+static FORWARDING: [&str; 6] = [XFF, XFP, XFH, "x-forwarded-port", "x-real-ip", FWD];
 
 /// The client identity headers sheath removes from every request.
-static IDENTITY: [&str; 4] = [
-    "x-forwarded-client-cert",
-    "client-cert",
-    "client-cert-chain",
-    crate::config::DEFAULT_IDENTITY_HEADER,
-];
+static IDENTITY: [&str; 4] = [XFCC, CC, CCC, crate::config::DEFAULT_IDENTITY_HEADER];
 
 /// Remove every header of `names` that the map holds: one walk over the
 /// map's names notes which of `names` are there, then each goes with one
