@@ -35,10 +35,17 @@ use crate::tls::ALPN_H2;
 /// Response bodies: the upstream's, streamed, or a short one of sheath's own.
 pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
 
-/// Largest HTTP/1 request head accepted from a client.
+/// Largest request head accepted from a client (HTTP/1 head, chunked
+/// trailers, HTTP/2 header list); past it, HTTP/1 gets 431 and a close.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per client connection.
 const MAX_H2_STREAMS: u32 = 256;
+/// HTTP/2 streams the client reset before sheath took them up, after which
+/// the connection ends with GOAWAY ENHANCE_YOUR_CALM: a client opening and
+/// resetting streams as fast as it can (CVE-2023-44487) costs sheath a
+/// stream's setup each time and the client nothing. h2's own default, said
+/// here so that a change of default cannot lift it.
+const MAX_H2_PENDING_RESETS: usize = 20;
 
 /// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
 ///
@@ -116,6 +123,7 @@ async fn serve_http(
         builder
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_H2_STREAMS)
+            .max_pending_accept_reset_streams(MAX_H2_PENDING_RESETS)
             .max_header_list_size(MAX_HEADER_BYTES as u32);
         drive(
             builder.serve_connection(io, service),
@@ -130,6 +138,10 @@ async fn serve_http(
         builder
             .timer(TokioTimer::new())
             .header_read_timeout(header_read)
+            // The head's own size: the read buffer's bound alone lets a
+            // whole head through when it arrives in one read, and one
+            // plaintext read from TLS can hold far more than 64 KiB.
+            .max_header_size(MAX_HEADER_BYTES)
             .max_buf_size(MAX_HEADER_BYTES)
             .writev(false);
         drive(

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod abuse;
 mod acme;
 mod admin;
 mod cert_files;

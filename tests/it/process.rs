@@ -597,6 +597,77 @@ async fn second_signal_forces_exit() {
     assert!(matches!(after, Ok(0) | Err(_)), "read {after:?}");
 }
 
+/// User plus system CPU time of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses; utime and
+    // stime are the 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn out_of_file_descriptors_accept_backs_off_and_recovers() {
+    use rustix::process::{getrlimit, prlimit, Pid, Resource, Rlimit};
+
+    let state = tempfile::tempdir().unwrap();
+    let (mut proxy, mut open) = tcp_proxy_with_open_connection(state.path(), "5s", "1").await;
+    let addr = proxy.listening_addr().await;
+
+    // Leave sheath four descriptors beyond those it holds now.
+    let held = std::fs::read_dir(format!("/proc/{}/fd", proxy.pid))
+        .unwrap()
+        .count() as u64;
+    let hard = getrlimit(Resource::Nofile).maximum;
+    prlimit(
+        Pid::from_raw(proxy.pid as i32),
+        Resource::Nofile,
+        Rlimit {
+            current: Some(held + 4),
+            maximum: hard,
+        },
+    )
+    .expect("lower sheath's descriptor limit");
+
+    // Plain TCP connections that never say hello: the first few take the
+    // last descriptors, the rest wait in the listen queue, where accept
+    // fails with EMFILE for as long as they are there.
+    let mut hogs = Vec::new();
+    for _ in 0..16 {
+        hogs.push(TcpStream::connect(addr).await.unwrap());
+    }
+    proxy.wait_log("accept failed").await;
+
+    // Out of descriptors, sheath waits instead of retrying at once: over a
+    // second it uses a small part of a core, where a retry loop uses all.
+    let ticks = rustix::param::clock_ticks_per_second();
+    let before = cpu_ticks(proxy.pid);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_ticks(proxy.pid) - before;
+    assert!(
+        used * 5 < ticks,
+        "sheath used {used} of {ticks} ticks in a second without descriptors"
+    );
+    // An open connection needs no new descriptor and is served throughout.
+    echo_round_trip(&mut open, b"still served").await;
+
+    // Once the hogs are gone, new clients are served again.
+    drop(hogs);
+    let pem = std::fs::read_to_string(ca_pem_path(state.path())).unwrap();
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    let mut fresh = within("TLS connect after recovery", async {
+        loop {
+            if let Ok(tls) = client::connect(addr, config.clone()).await {
+                return tls;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    echo_round_trip(&mut fresh, b"served again").await;
+}
+
 #[tokio::test]
 async fn drain_timeout_cuts_stuck_connection_and_exits_nonzero() {
     let state = tempfile::tempdir().unwrap();

@@ -1,0 +1,217 @@
+//! Clients that abuse HTTP on purpose: request heads sent a byte at a time,
+//! heads too large or with too many fields, and HTTP/2 streams opened and
+//! reset as fast as a client can (CVE-2023-44487). Each must be cut off
+//! without reaching the backend, while other clients are served.
+
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::common::backend::CountingBackend;
+use crate::common::client::{self, body_text, get};
+use crate::common::{within, TestPki};
+use crate::http::http_proxy;
+
+/// Everything the server sends until it closes, and whether it closed
+/// within `bound`: a TLS close, a reset or EOF all count as closed.
+async fn read_until_closed(
+    tls: &mut (impl AsyncReadExt + Unpin),
+    bound: Duration,
+) -> (Vec<u8>, bool) {
+    let mut seen = Vec::new();
+    let closed = tokio::time::timeout(bound, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .is_ok();
+    (seen, closed)
+}
+
+#[tokio::test]
+async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    // The idle timeout is far beyond the test: only the header deadline
+    // can close a connection that keeps sending.
+    let proxy = http_proxy(
+        &pki,
+        backend.addr,
+        "[listener.timeouts]\nheader_read = \"600ms\"\nidle = \"1m\"\n",
+    )
+    .await;
+    let addr = proxy.addr("web");
+    let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+    let mut slow = client::connect(addr, config).await.unwrap();
+    let started = Instant::now();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+
+    // A field that never ends, one byte every 50 ms, for up to 5 s.
+    let drip = async {
+        slow.write_all(b"X-Slow: ").await?;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            slow.write_all(b"a").await?;
+            slow.flush().await?;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    // While it drips, another client is served.
+    let served = async {
+        let mut sender = client::h1(addr, pki.roots()).await;
+        let resp = within("response", sender.send_request(get("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body_text(resp).await, "ok");
+    };
+    // Writing fails once sheath has closed the connection; whether it did
+    // or every byte went out, the read below decides.
+    let (_dripped, ()) = tokio::join!(drip, served);
+    let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    let waited = started.elapsed();
+    assert!(closed, "a dripping request head kept its connection");
+    assert!(
+        waited >= Duration::from_millis(550) && waited < Duration::from_secs(5),
+        "closed after {waited:?}, header_read is 600ms"
+    );
+    // Only the good client's request reached the backend.
+    assert_eq!(backend.accepted(), 1);
+}
+
+#[tokio::test]
+async fn oversized_or_overlong_request_heads_get_431_and_never_reach_the_backend() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let addr = proxy.addr("web");
+    let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+
+    // One 100 KiB field (the limit is 64 KiB), then 200 small fields (the
+    // limit is 100): each is refused with 431 and its connection closed.
+    let huge = format!(
+        "GET /headers HTTP/1.1\r\nHost: localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(100 * 1024)
+    );
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: localhost\r\n");
+    for i in 0..200 {
+        many.push_str(&format!("X-Field-{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    for (what, head) in [("one huge field", huge), ("200 fields", many)] {
+        let mut tls = client::connect(addr, config.clone()).await.unwrap();
+        // The server may answer and close before the whole head is
+        // written; what it said is read either way.
+        let _ = tls.write_all(head.as_bytes()).await;
+        let (seen, closed) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+        let text = String::from_utf8_lossy(&seen);
+        assert!(
+            text.starts_with("HTTP/1.1 431 "),
+            "{what}: answered {:?}",
+            &text[..text.len().min(600)]
+        );
+        assert!(closed, "{what}: the connection stayed open");
+    }
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "a refused request reached the backend"
+    );
+
+    // The listener serves well-formed requests as before.
+    let mut sender = client::h1(addr, pki.roots()).await;
+    let resp = within("response", sender.send_request(get("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let addr = proxy.addr("web");
+    let tls = client::connect(addr, client::client_config(pki.roots(), &[b"h2"]))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(tls).await.unwrap();
+    let connection = tokio::spawn(connection);
+
+    // One whole exchange first: sheath's SETTINGS have arrived after it.
+    // It bounds the streams a client may have open, and says so.
+    let mut sender = within("h2 ready", sender.ready()).await.unwrap();
+    let (response, _) = sender
+        .send_request(Request::get("https://localhost/").body(()).unwrap(), true)
+        .unwrap();
+    let response = within("first response", response).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(sender.current_max_send_streams(), 256);
+    let baseline = backend.accepted();
+
+    // Open streams and reset each at once (dropping every handle sends
+    // RST_STREAM), as many as the connection lets us. The backend answers
+    // `/slow` after a second, so no stream completes before it is reset.
+    const ATTEMPTS: usize = 10_000;
+    let mut sent = 0;
+    let mut refused = None;
+    for _ in 0..ATTEMPTS {
+        sender = match within("h2 ready", sender.ready()).await {
+            Ok(ready) => ready,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        };
+        let req = Request::get("https://localhost/slow?ms=1000")
+            .body(())
+            .unwrap();
+        match sender.send_request(req, true) {
+            Ok((response, _)) => drop(response),
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+        sent += 1;
+        // Let the connection task flush now and then, as a real attacker's
+        // stream of frames would arrive.
+        if sent % 64 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    // The client learns it from the GOAWAY (its own connection task may
+    // then fail writing to the closed socket), and the connection ends.
+    let reason = refused.as_ref().and_then(h2::Error::reason);
+    assert_eq!(
+        reason,
+        Some(h2::Reason::ENHANCE_YOUR_CALM),
+        "after {sent} reset streams the client saw {refused:?}"
+    );
+    // Ended either way: the GOAWAY read, or the write after it failing.
+    let _ended: Result<(), h2::Error> = within("the connection ends", connection)
+        .await
+        .expect("connection task");
+    // Every stream that reached the backend held a connection there; far
+    // fewer than the streams opened did.
+    let reached = backend.accepted() - baseline;
+    assert!(
+        reached < 300,
+        "{reached} backend connections for {sent} reset streams"
+    );
+
+    // A new connection is served.
+    let mut sender = client::h2(addr, pki.roots()).await;
+    let resp = within("response", sender.send_request(client::get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
