@@ -23,3 +23,4 @@ mod reload;
 mod shutdown;
 mod sni;
 mod tcp;
+mod testssl;
