@@ -1,4 +1,4 @@
-//! Handshake deadline and connection limit.
+//! Handshake deadline, connection limit and input that is not TLS.
 
 use std::time::{Duration, Instant};
 
@@ -128,6 +128,77 @@ async fn garbage_instead_of_client_hello_is_rejected_without_harm() {
         .unwrap();
     let mut rest = Vec::new();
     let _ = within("junk connection closed", junk.read_to_end(&mut rest)).await;
+    let mut good = client::connect(addr, client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    echo_roundtrip(&mut good).await;
+}
+
+/// A TLS record header: handshake content, legacy version, `len` bytes.
+fn record_header(len: u16) -> Vec<u8> {
+    let mut header = vec![0x16, 0x03, 0x01];
+    header.extend_from_slice(&len.to_be_bytes());
+    header
+}
+
+#[tokio::test]
+async fn malformed_records_and_oversized_client_hellos_are_refused_at_once() {
+    let pki = TestPki::new();
+    // A handshake deadline far beyond the test's: only refusing the input
+    // can close these connections in time.
+    let proxy = proxy(&pki, "[listener.timeouts]\nhandshake = \"5m\"\n").await;
+    let addr = proxy.addr("tcp");
+
+    // A ClientHello that says it is 16 MiB long (TLS allows 64 KiB less a
+    // byte for one), sent as full records for as long as sheath reads; a
+    // record longer than TLS allows (2^14 + 256 bytes of ciphertext at
+    // most); a record that is not TLS's at all (content type 0x42).
+    let mut huge_hello = record_header(0x4000);
+    huge_hello.extend_from_slice(&[0x01, 0xff, 0xff, 0xff]);
+    huge_hello.resize(5 + 0x4000, 0);
+    let mut overlong = record_header(0x4801);
+    overlong.resize(5 + 0x4801, 0);
+    let mut alien = record_header(16);
+    alien[0] = 0x42;
+    alien.resize(5 + 16, 0);
+    for (what, first) in [
+        ("16 MiB ClientHello", huge_hello.clone()),
+        ("record past 2^14 + 256", overlong),
+        ("unknown content type", alien),
+    ] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let write = async {
+            stream.write_all(&first).await?;
+            // More of the same, as an attacker would keep sending.
+            for _ in 0..64 {
+                stream.write_all(&huge_hello[5..]).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), write).await;
+        let mut answer = Vec::new();
+        let closed = format!("{what}: connection closed");
+        within(&closed, async {
+            let mut buf = [0u8; 512];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => answer.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        // If anything came back, it is a TLS alert and nothing else (the
+        // alert can be lost to the reset that closing a socket with unread
+        // input sends).
+        assert!(
+            answer.is_empty() || answer[0] == 0x15,
+            "{what}: answered {:02x?}",
+            &answer[..answer.len().min(16)]
+        );
+    }
+
+    // The listener serves real clients as before.
     let mut good = client::connect(addr, client::client_config(pki.roots(), &[]))
         .await
         .unwrap();
