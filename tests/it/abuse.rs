@@ -1,7 +1,8 @@
 //! Clients that abuse HTTP on purpose: request heads sent a byte at a time,
-//! heads too large or with too many fields, and HTTP/2 streams opened and
-//! reset as fast as a client can (CVE-2023-44487). Each must be cut off
-//! without reaching the backend, while other clients are served.
+//! heads too large or with too many fields, HTTP/2 streams opened and reset
+//! as fast as a client can (CVE-2023-44487), and an HTTP/2 header block
+//! continued without end (the 2024 CONTINUATION floods). Each must be cut
+//! off without reaching the backend, while other clients are served.
 
 use std::time::{Duration, Instant};
 
@@ -209,6 +210,77 @@ async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
     );
 
     // A new connection is served.
+    let mut sender = client::h2(addr, pki.roots()).await;
+    let resp = within("response", sender.send_request(client::get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// An HTTP/2 frame: `kind`, `flags`, on stream `stream`, carrying `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut frame = len.to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+#[tokio::test]
+async fn an_http2_continuation_flood_is_cut_off() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let addr = proxy.addr("web");
+    let mut tls = client::connect(addr, client::client_config(pki.roots(), &[b"h2"]))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+
+    // A request whose header block never ends: HEADERS without
+    // END_HEADERS, then CONTINUATION frames of ~15 KiB of small literal
+    // fields each, up to 16 MiB in all.
+    const HEADERS: u8 = 0x1;
+    const CONTINUATION: u8 = 0x9;
+    const SETTINGS: u8 = 0x4;
+    const END_STREAM: u8 = 0x1;
+    let mut start = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    start.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    // :method GET, :scheme https, :path / from HPACK's static table.
+    start.extend(h2_frame(HEADERS, END_STREAM, 1, &[0x82, 0x87, 0x84]));
+    let fields: Vec<u8> = b"\x00\x01x\x01y".repeat(3000);
+    let continuation = h2_frame(CONTINUATION, 0, 1, &fields);
+    let budget = 16 << 20;
+
+    let flood = async {
+        tls.write_all(&start).await?;
+        let mut sent = 0;
+        while sent < budget {
+            tls.write_all(&continuation).await?;
+            sent += continuation.len();
+        }
+        tls.flush().await?;
+        Ok::<_, std::io::Error>(sent)
+    };
+    let flooded = within("the flood to end", flood).await;
+    // sheath stops reading and closes long before 16 MiB: writing fails,
+    // or, if the last writes still fit in the socket buffers, the read
+    // below sees the end.
+    if let Ok(sent) = flooded {
+        let (_, closed) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+        assert!(
+            closed,
+            "sheath took all {sent} bytes and kept the connection"
+        );
+    }
+    assert_eq!(
+        backend.accepted(),
+        0,
+        "the endless request reached the backend"
+    );
+
+    // Other clients are served.
     let mut sender = client::h2(addr, pki.roots()).await;
     let resp = within("response", sender.send_request(client::get_h2("/")))
         .await
