@@ -4,6 +4,7 @@
 //! continued without end (the 2024 CONTINUATION floods). Each must be cut
 //! off without reaching the backend, while other clients are served.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use http::{Request, StatusCode};
@@ -11,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::backend::CountingBackend;
 use crate::common::client::{self, body_text, get};
-use crate::common::{within, TestPki};
+use crate::common::{within, Proxy, TestPki};
 use crate::http::http_proxy;
 
 /// Everything the server sends until it closes, and whether it closed
@@ -35,18 +36,40 @@ async fn read_until_closed(
     (seen, closed)
 }
 
-#[tokio::test]
-async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
+/// An HTTP listener with `extra` TOML in its table, in front of a backend
+/// that counts the connections it gets.
+async fn guarded(extra: &str) -> (TestPki, CountingBackend, Proxy) {
     let pki = TestPki::new();
     let backend = CountingBackend::start().await;
+    let proxy = http_proxy(&pki, backend.addr, extra).await;
+    (pki, backend, proxy)
+}
+
+/// A well-behaved HTTP/1.1 client on a new connection gets its answer.
+async fn serves_http1(addr: SocketAddr, pki: &TestPki) {
+    let mut sender = client::h1(addr, pki.roots()).await;
+    let resp = within("response", sender.send_request(get("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(body_text(resp).await, "ok");
+}
+
+/// The same over HTTP/2.
+async fn serves_http2(addr: SocketAddr, pki: &TestPki) {
+    let mut sender = client::h2(addr, pki.roots()).await;
+    let resp = within("response", sender.send_request(client::get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
     // The idle timeout is far beyond the test: only the header deadline
     // can close a connection that keeps sending.
-    let proxy = http_proxy(
-        &pki,
-        backend.addr,
-        "[listener.timeouts]\nheader_read = \"600ms\"\nidle = \"1m\"\n",
-    )
-    .await;
+    let (pki, backend, proxy) =
+        guarded("[listener.timeouts]\nheader_read = \"600ms\"\nidle = \"1m\"\n").await;
     let addr = proxy.addr("web");
     let config = client::client_config(pki.roots(), &[b"http/1.1"]);
     let mut slow = client::connect(addr, config).await.unwrap();
@@ -67,12 +90,7 @@ async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout(
     };
     // While it drips, another client is served.
     let served = async {
-        let mut sender = client::h1(addr, pki.roots()).await;
-        let resp = within("response", sender.send_request(get("/")))
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(body_text(resp).await, "ok");
+        serves_http1(addr, &pki).await;
     };
     // Writing fails once sheath has closed the connection; whether it did
     // or every byte went out, the read below decides.
@@ -90,9 +108,7 @@ async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout(
 
 #[tokio::test]
 async fn oversized_or_overlong_request_heads_get_431_and_never_reach_the_backend() {
-    let pki = TestPki::new();
-    let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let (pki, backend, proxy) = guarded("").await;
     let addr = proxy.addr("web");
     let config = client::client_config(pki.roots(), &[b"http/1.1"]);
 
@@ -128,18 +144,12 @@ async fn oversized_or_overlong_request_heads_get_431_and_never_reach_the_backend
     );
 
     // The listener serves well-formed requests as before.
-    let mut sender = client::h1(addr, pki.roots()).await;
-    let resp = within("response", sender.send_request(get("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    serves_http1(addr, &pki).await;
 }
 
 #[tokio::test]
 async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
-    let pki = TestPki::new();
-    let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let (pki, backend, proxy) = guarded("").await;
     let addr = proxy.addr("web");
     let tls = client::connect(addr, client::client_config(pki.roots(), &[b"h2"]))
         .await
@@ -210,11 +220,7 @@ async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
     );
 
     // A new connection is served.
-    let mut sender = client::h2(addr, pki.roots()).await;
-    let resp = within("response", sender.send_request(client::get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    serves_http2(addr, &pki).await;
 }
 
 /// An HTTP/2 frame: `kind`, `flags`, on stream `stream`, carrying `payload`.
@@ -229,9 +235,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn an_http2_continuation_flood_is_cut_off() {
-    let pki = TestPki::new();
-    let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let (pki, backend, proxy) = guarded("").await;
     let addr = proxy.addr("web");
     let mut tls = client::connect(addr, client::client_config(pki.roots(), &[b"h2"]))
         .await
@@ -281,9 +285,5 @@ async fn an_http2_continuation_flood_is_cut_off() {
     );
 
     // Other clients are served.
-    let mut sender = client::h2(addr, pki.roots()).await;
-    let resp = within("response", sender.send_request(client::get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    serves_http2(addr, &pki).await;
 }
