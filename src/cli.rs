@@ -681,7 +681,9 @@ impl SingleListener {
             match f.as_str() {
                 "xfcc" => forward.xfcc = true,
                 "client-cert" => forward.client_cert = true,
-                "header" => forward.header = Some(config::DEFAULT_IDENTITY_HEADER.into()),
+                "header" => {
+                    forward.header = Some(http::HeaderName::from_static(config::DEFAULT_IDENTITY_HEADER))
+                }
                 other => {
                     return Err(flag_error(
                         "--forward-identity",

@@ -230,8 +230,9 @@ pub struct ForwardIdentity {
     pub xfcc: bool,
     /// RFC 9440 `Client-Cert` and `Client-Cert-Chain`.
     pub client_cert: bool,
-    /// A plain header carrying the SPIFFE ID (URI SAN) or else the CN.
-    pub header: Option<String>,
+    /// A plain header carrying the SPIFFE ID (URI SAN) or else the CN,
+    /// parsed with the config so requests only compare and clone it.
+    pub header: Option<http::HeaderName>,
 }
 
 /// Where a listener sends decrypted traffic.
@@ -863,7 +864,7 @@ fn render_client_auth(out: &mut String, c: &ClientAuthConfig) {
         let _ = writeln!(out, "forward = {}", quoted_list(forward));
     }
     if let Some(header) = &f.header {
-        let _ = writeln!(out, "identity_header = {}", q(header));
+        let _ = writeln!(out, "identity_header = {}", q(header.as_str()));
     }
 }
 

@@ -526,11 +526,17 @@ fn validate_client_auth(
                 "xfcc" => forward.xfcc = true,
                 "client-cert" => forward.client_cert = true,
                 "header" => {
-                    forward.header = Some(
-                        raw.identity_header
-                            .as_ref()
-                            .map_or(DEFAULT_IDENTITY_HEADER.to_string(), |h| h.get_ref().to_ascii_lowercase()),
-                    )
+                    forward.header = Some(match &raw.identity_header {
+                        None => http::HeaderName::from_static(DEFAULT_IDENTITY_HEADER),
+                        // Case-insensitive: the parsed name is lowercase.
+                        Some(h) => http::HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
+                            invalid(
+                                loc.at(h),
+                                key("identity_header"),
+                                format!("`{}` is not a valid header name", h.get_ref()),
+                            )
+                        })?,
+                    })
                 }
                 other => {
                     return Err(invalid(
@@ -557,13 +563,6 @@ fn validate_client_auth(
                 loc.at(h),
                 key("identity_header"),
                 "identity_header needs `header` in forward, e.g. forward = [\"header\"]",
-            ));
-        }
-        if http::HeaderName::from_bytes(h.get_ref().as_bytes()).is_err() {
-            return Err(invalid(
-                loc.at(h),
-                key("identity_header"),
-                format!("`{}` is not a valid header name", h.get_ref()),
             ));
         }
     }

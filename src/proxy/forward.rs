@@ -73,8 +73,7 @@ pub fn set_identity(
     // The default simple header goes too when it is not the configured
     // one: a backend written for sheath's default keeps trusting it after
     // forwarding is switched off or renamed.
-    if let Some(custom) = forward.header.as_deref() {
-        // By its name as a string: parsed on the stack, not allocated.
+    if let Some(custom) = &forward.header {
         headers.remove(custom);
     }
     let Some(id) = identity else {
@@ -99,12 +98,8 @@ pub fn set_identity(
             headers.insert(CLIENT_CERT_CHAIN.clone(), header_value(&chain.join(", ")));
         }
     }
-    let custom = forward
-        .header
-        .as_deref()
-        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok());
-    if let (Some(name), Some(principal)) = (custom, id.principal()) {
-        headers.insert(name, header_value(principal));
+    if let (Some(name), Some(principal)) = (&forward.header, id.principal()) {
+        headers.insert(name.clone(), header_value(principal));
     }
 }
 
@@ -424,7 +419,7 @@ mod tests {
         };
         let custom = crate::config::ForwardIdentity {
             xfcc: true,
-            header: Some("x-spiffe-id".into()),
+            header: Some(HeaderName::from_static("x-spiffe-id")),
             ..Default::default()
         };
         // Forwarding off: an unconfigured custom name means nothing to

@@ -88,13 +88,10 @@ async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout(
         }
         Ok::<_, std::io::Error>(())
     };
-    // While it drips, another client is served.
-    let served = async {
-        serves_http1(addr, &pki).await;
-    };
-    // Writing fails once sheath has closed the connection; whether it did
-    // or every byte went out, the read below decides.
-    let (_dripped, ()) = tokio::join!(drip, served);
+    // While it drips, another client is served. Writing fails once sheath
+    // has closed the connection; whether it did or every byte went out,
+    // the read below decides.
+    let (_dripped, ()) = tokio::join!(drip, serves_http1(addr, &pki));
     let (_, closed) = read_until_closed(&mut slow, Duration::from_secs(5)).await;
     let waited = started.elapsed();
     assert!(closed, "a dripping request head kept its connection");

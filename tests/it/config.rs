@@ -279,6 +279,14 @@ fn type_errors_and_bad_values_are_located() {
         (7, "listener[0].client_auth.identity_header")
     );
     assert!(message.contains("needs `header` in forward"), "{message}");
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\nforward = [\"header\"]\nidentity_header = \"X Caller\"\n",
+    );
+    assert_eq!(
+        (line, key.as_str()),
+        (8, "listener[0].client_auth.identity_header")
+    );
+    assert!(message.contains("not a valid header name"), "{message}");
 
     let (line, key, message) = error_at(
         "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\nupstream_protocol = \"h3\"\n",
