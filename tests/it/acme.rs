@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::admin::{admin_for, call, value};
+use crate::common::acme_front::{AcmeFront, Fault};
 use crate::common::client::{client_config, connect_as};
 use crate::common::pebble::{free_port, Pebble, PebbleOptions};
 use crate::common::pki::roots_from_pem;
@@ -317,6 +319,159 @@ async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
         serial
     );
     assert_eq!(status.load().consecutive_failures, 0);
+}
+
+/// `consecutive_failures` as the metrics endpoint reports it.
+async fn failures_metric(admin: std::net::SocketAddr) -> f64 {
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    value(
+        &scrape,
+        "sheath_certificate_renewal_consecutive_failures{listener=\"l\",cert=\"default\",source=\"acme\"}",
+    )
+}
+
+/// A CA failing a renewal the ways production CAs do, through a front
+/// that answers new orders itself: server errors are retried with growing
+/// gaps, a rate limit's `Retry-After` is waited out where the backoff step
+/// is shorter, and all the while the old certificate serves and the
+/// metrics count the failures.
+#[tokio::test]
+async fn server_errors_back_off_and_rate_limits_are_waited_out() {
+    let Some(setup) = pebble(Some(60), false, None, 0).await else {
+        return;
+    };
+    let front = AcmeFront::start(&setup.pebble).await;
+    let upstream = backend::tcp_echo().await;
+    // retry_min 200ms, retry_max 2s: steps of 200, 400 and 800 ms.
+    let toml = listener_toml(
+        &setup,
+        upstream,
+        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
+    )
+    .replace(&setup.pebble.directory, &front.directory);
+    let proxy = Proxy::start(&toml).await;
+    let admin = admin_for(&proxy).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let serial = status.load().current.as_ref().unwrap().serial.clone();
+    let root = setup.pebble.issuing_root_pem().await;
+
+    // Renewal is due 6 s after issuance; its first three orders fail.
+    let server_error = Fault {
+        path: "/order-plz",
+        status: 500,
+        problem: "serverInternal",
+        retry_after_secs: None,
+    };
+    let rate_limited = Fault {
+        path: "/order-plz",
+        status: 429,
+        problem: "rateLimited",
+        retry_after_secs: Some(3),
+    };
+    front.inject([server_error.clone(), server_error, rate_limited]);
+    within("three failed renewals", async {
+        while status.load().consecutive_failures < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let s = status.load_full();
+    let error = s.last_error.as_deref().unwrap_or_default();
+    assert!(error.contains("rateLimited"), "{error}");
+    let wait = s
+        .next_retry
+        .unwrap()
+        .duration_since(s.last_failure.unwrap())
+        .unwrap();
+    assert!(
+        wait >= Duration::from_millis(2900),
+        "the next attempt is {wait:?} after a 429 asking for 3 s"
+    );
+    assert_eq!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert_eq!(failures_metric(admin).await, 3.0);
+
+    wait_installs(&status, 2, &setup.pebble).await;
+    let orders = front.hits("/order-plz");
+    let statuses: Vec<u16> = orders.iter().map(|h| h.status).collect();
+    assert_eq!(statuses, [201, 500, 500, 429, 201], "{orders:?}");
+    let gaps: Vec<Duration> = orders[1..]
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    assert!(
+        gaps[0] >= Duration::from_millis(200) && gaps[1] >= Duration::from_millis(400),
+        "server errors are not retried with growing gaps: {gaps:?}"
+    );
+    assert!(
+        gaps[2] >= Duration::from_millis(2900),
+        "the CA was asked again {:?} after its Retry-After of 3 s",
+        gaps[2]
+    );
+    assert_ne!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert_eq!(status.load().consecutive_failures, 0);
+    assert_eq!(failures_metric(admin).await, 0.0);
+}
+
+/// A challenge the CA cannot validate (its DNS sends the validator to an
+/// address where sheath does not listen) fails the renewal without
+/// touching the served certificate; once the name resolves again, the
+/// next attempt renews.
+#[tokio::test]
+async fn an_invalid_challenge_keeps_the_old_certificate_until_validation_succeeds() {
+    let Some(setup) = pebble(Some(60), false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let proxy = Proxy::start(&listener_toml(
+        &setup,
+        upstream,
+        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
+    ))
+    .await;
+    let admin = admin_for(&proxy).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let serial = status.load().current.as_ref().unwrap().serial.clone();
+    let root = setup.pebble.issuing_root_pem().await;
+
+    setup.pebble.resolve(NAME, "127.0.0.2").await;
+    within("two failed renewals", async {
+        while status.load().consecutive_failures < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let s = status.load_full();
+    let error = s.last_error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("tls-alpn-01") && error.contains("127.0.0.2"),
+        "{error}"
+    );
+    assert_eq!(s.installs, 1);
+    assert_eq!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert!(failures_metric(admin).await >= 2.0);
+
+    setup.pebble.clear_resolve(NAME).await;
+    wait_installs(&status, 2, &setup.pebble).await;
+    assert_ne!(
+        verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
+        serial
+    );
+    assert_eq!(failures_metric(admin).await, 0.0);
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! helper that starts sheath in-process from TOML.
 #![allow(dead_code)]
 
+pub mod acme_front;
 pub mod backend;
 pub mod client;
 pub mod pebble;

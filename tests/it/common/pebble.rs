@@ -199,6 +199,42 @@ impl Pebble {
         self.wait_ready().await;
     }
 
+    /// Make Pebble's DNS (challtestsrv) answer `ip` for `host` instead of
+    /// 127.0.0.1, so its validator connects elsewhere.
+    pub async fn resolve(&self, host: &str, ip: &str) {
+        let body = format!(
+            r#"{{"host":{},"addresses":[{}]}}"#,
+            json_str(host),
+            json_str(ip)
+        );
+        self.challtestsrv("/add-a", &body).await;
+    }
+
+    /// Back to the default answer, 127.0.0.1, for `host`.
+    pub async fn clear_resolve(&self, host: &str) {
+        let body = format!(r#"{{"host":{}}}"#, json_str(host));
+        self.challtestsrv("/clear-a", &body).await;
+    }
+
+    /// POST to challtestsrv's management API (plain HTTP).
+    async fn challtestsrv(&self, path: &str, body: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.challtestsrv_mgmt_port))
+            .await
+            .unwrap();
+        let request = format!(
+            "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        tcp.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        tcp.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+            "challtestsrv {path} {body}: {response}"
+        );
+    }
+
     /// The last lines of both processes' logs, for failure messages.
     pub fn log_tail(&self) -> String {
         format!(
