@@ -144,7 +144,9 @@ impl LocalCa {
         params.not_after = (now + CA_LIFETIME).into();
         let cert = params.self_signed(&key)?;
 
-        let tmp = state_dir.join(format!(".{DIR}.tmp.{}", std::process::id()));
+        let prefix = format!(".{DIR}.tmp.");
+        store::remove_stale_temporaries(state_dir, &prefix);
+        let tmp = state_dir.join(format!("{prefix}{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         store::create_private_dir(&tmp).map_err(write_err(&tmp))?;
         let key_path = tmp.join(KEY_FILE);

@@ -9,6 +9,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
+use std::time::Duration;
 
 /// Permissions for private keys and account credentials.
 pub const PRIVATE: u32 = 0o600;
@@ -22,7 +23,9 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         .file_name()
         .ok_or_else(|| std::io::Error::other("path has no file name"))?
         .to_string_lossy();
-    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let prefix = format!(".{file_name}.tmp.");
+    remove_stale_temporaries(dir, &prefix);
+    let tmp = dir.join(format!("{prefix}{}", std::process::id()));
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
@@ -41,6 +44,64 @@ pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// A temporary untouched for this long has no writer left, whatever its
+/// pid says: a write takes milliseconds.
+const ABANDONED_AFTER: Duration = Duration::from_secs(600);
+
+/// Remove the temporaries (`<prefix><pid>`, files or directories) that
+/// writers killed part-way left in `dir`, so a crash leaves no litter (the
+/// temporary of a key is a copy of the key) once the next write happens.
+///
+/// A temporary is abandoned when no process with its pid exists here, or
+/// when it is old: the writer may run in another pid namespace sharing the
+/// directory, where its pid means nothing to us. Our own temporaries, and
+/// young ones of live pids, are left alone.
+pub fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    // Without /proc nothing can be said about a pid.
+    let pids_visible = Path::new("/proc/self").exists();
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else {
+            continue;
+        };
+        let gone = pids_visible && !Path::new("/proc").join(pid.to_string()).exists();
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > ABANDONED_AFTER);
+        if gone || old {
+            let path = entry.path();
+            let removed = if meta.is_dir() {
+                fs::remove_dir_all(&path)
+            } else {
+                fs::remove_file(&path)
+            };
+            match removed {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "removed a temporary left by an interrupted write")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot remove a temporary left by an interrupted write")
+                }
+            }
+        }
+    }
 }
 
 /// The directory that holds `path`, for the temporary file and the sync.
@@ -69,6 +130,41 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporaries_of_dead_writers_go_and_others_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = std::process::id();
+        // pid 1 is alive in any namespace; no pid reaches u32::MAX - 1.
+        let dead = u32::MAX - 1;
+        for name in [
+            format!(".ca.pem.tmp.{dead}"),
+            format!(".ca.pem.tmp.{ours}"),
+            ".ca.pem.tmp.1".to_string(),
+            format!(".ca.key.tmp.{dead}"),
+            "ca.pem".to_string(),
+        ] {
+            fs::write(dir.path().join(name), "x").unwrap();
+        }
+        fs::create_dir(dir.path().join(format!(".local-ca.tmp.{dead}"))).unwrap();
+        fs::write(dir.path().join(format!(".local-ca.tmp.{dead}/ca.key")), "x").unwrap();
+
+        remove_stale_temporaries(dir.path(), ".ca.pem.tmp.");
+        remove_stale_temporaries(dir.path(), ".local-ca.tmp.");
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            ".ca.key.tmp.4294967294".to_string(),
+            ".ca.pem.tmp.1".to_string(),
+            format!(".ca.pem.tmp.{ours}"),
+            "ca.pem".to_string(),
+        ];
+        want.sort();
+        assert_eq!(left, want);
+    }
 
     #[test]
     fn parent_of_a_bare_file_name_is_the_current_directory() {

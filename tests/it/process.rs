@@ -535,6 +535,79 @@ async fn ca_export_is_stable_and_private() {
     assert_eq!(mode, 0o600, "CA key mode is {mode:o}");
 }
 
+/// Every temporary (`.NAME.tmp.PID`) under `dir`, at any depth.
+fn temporaries(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if entry.file_name().to_string_lossy().contains(".tmp.") {
+            found.push(path.display().to_string());
+        } else if path.is_dir() {
+            found.extend(temporaries(&path));
+        }
+    }
+    found
+}
+
+/// A process killed at any moment while writing its state leaves the old
+/// state or the new, never half of it. strace kills `sheath ca export`
+/// (SIGKILL) on entering each system call that creates, writes, syncs or
+/// renames a file as it creates the local CA, one run per call; each time
+/// sheath must start again, with the very CA it had if it got as far as
+/// having one, and the temporaries of the killed run are cleared.
+#[tokio::test]
+async fn killed_at_any_point_of_writing_state_leaves_no_half_file() {
+    if !common::require_tool("strace") {
+        return;
+    }
+    let export = |state: &Path| {
+        let mut cmd = sheath();
+        cmd.args(["ca", "export", "--state-dir"]).arg(state);
+        cmd
+    };
+    let mut kills = Vec::new();
+    for syscall in ["mkdir", "openat", "write", "fsync", "rename"] {
+        for nth in 1.. {
+            let state = tempfile::tempdir().unwrap();
+            let mut cmd = isolated(Command::new("strace"));
+            cmd.args(["-f", "-qq", "-o", "/dev/null"])
+                .arg(format!("--trace={syscall}"))
+                .arg(format!("--inject={syscall}:signal=KILL:when={nth}"))
+                .arg(BIN)
+                .args(["ca", "export", "--state-dir"])
+                .arg(state.path());
+            let run = output("sheath ca export under strace", cmd).await;
+            if run.status.success() {
+                // Past the last such call of the run.
+                assert!(nth > 1, "strace did not stop sheath at {syscall}");
+                break;
+            }
+            kills.push(format!("{syscall}#{nth}"));
+            let had = std::fs::read_to_string(ca_pem_path(state.path())).ok();
+            let again = output("sheath ca export after a kill", export(state.path())).await;
+            assert!(
+                again.status.success(),
+                "killed on {syscall} #{nth}, sheath does not start again: {}",
+                text(&again.stderr)
+            );
+            if let Some(had) = had {
+                assert_eq!(
+                    text(&again.stdout),
+                    had,
+                    "killed on {syscall} #{nth}: the CA was replaced"
+                );
+            }
+            let left = temporaries(state.path());
+            assert!(left.is_empty(), "killed on {syscall} #{nth}: {left:?} left");
+        }
+    }
+    // The calls that matter are among them: two directories, the two
+    // files' writes and syncs, three renames.
+    for point in ["mkdir#2", "write#2", "fsync#4", "rename#3"] {
+        assert!(kills.iter().any(|k| k == point), "{point} not in {kills:?}");
+    }
+}
+
 /// sheath in TCP mode in front of an echo backend, with one TLS connection
 /// through it that is proven live and then left open. `workers` of 1 runs
 /// sheath's single-threaded runtime, where signals, accepting and relaying
