@@ -451,3 +451,174 @@ async fn tls_min_version_1_3_refuses_tls_1_2_clients() {
         assert!(text.contains("New, TLSv1.3, Cipher is"), "{text}");
     }
 }
+
+/// What the flapping backend does with each request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Flap {
+    /// `200 ok`, keep-alive.
+    Serve,
+    /// Reads the request, then resets the connection.
+    ResetBeforeAnswering,
+    /// Sends the head and a first 1 KiB chunk of the body, then resets.
+    ResetMidBody,
+}
+
+/// A backend on a fixed port that can go down (nothing listening, its
+/// connections closed), come back, and misbehave.
+struct Flapping {
+    addr: std::net::SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Flapping {
+    fn new() -> Flapping {
+        let port = crate::common::pebble::free_port();
+        Flapping {
+            addr: ([127, 0, 0, 1], port).into(),
+            task: None,
+        }
+    }
+
+    fn down(&mut self) {
+        if let Some(task) = self.task.take() {
+            // Dropping the accept loop drops its connections' JoinSet.
+            task.abort();
+        }
+    }
+
+    async fn up(&mut self, flap: Flap) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.down();
+        let listener = within("rebind", async {
+            loop {
+                match tokio::net::TcpListener::bind(self.addr).await {
+                    Ok(listener) => return listener,
+                    // The aborted loop's socket closes as its task is dropped.
+                    Err(_) => tokio::task::yield_now().await,
+                }
+            }
+        })
+        .await;
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((mut tcp, _)) = listener.accept().await {
+                connections.spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match tcp.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.clear();
+                        match flap {
+                            Flap::Serve => {
+                                let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                                if tcp.write_all(ok).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Flap::ResetBeforeAnswering => {
+                                tcp.set_zero_linger().unwrap();
+                                return;
+                            }
+                            Flap::ResetMidBody => {
+                                // Chunked: only the missing last chunk says
+                                // the body is incomplete.
+                                let mut partial =
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n"
+                                        .to_vec();
+                                partial.extend_from_slice(&[b'x'; 1024]);
+                                partial.extend_from_slice(b"\r\n");
+                                let _ = tcp.write_all(&partial).await;
+                                tcp.set_zero_linger().unwrap();
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        }));
+    }
+}
+
+/// One request on a fresh HTTP/1.1 connection through `proxy`: the status
+/// and the body, or the error reading them, and how long it took.
+async fn timed_get(
+    proxy: std::net::SocketAddr,
+    pki: &TestPki,
+) -> (StatusCode, Result<Bytes, hyper::Error>, std::time::Duration) {
+    let started = std::time::Instant::now();
+    let mut s = client::h1(proxy, pki.roots()).await;
+    let resp = within("response", s.send_request(get("/"))).await.unwrap();
+    let status = resp.status();
+    let body = within("body", resp.into_body().collect())
+        .await
+        .map(|b| b.to_bytes());
+    (status, body, started.elapsed())
+}
+
+/// A backend that goes down, comes back, resets connections before and
+/// while answering: each failure is a prompt 502 (or, once the response
+/// has begun, a response the client can tell is cut short), and each
+/// recovery is used by the very next request, with no penalty carried
+/// over from the failures.
+#[tokio::test]
+async fn a_flapping_and_resetting_backend_gets_prompt_502s_and_immediate_recovery() {
+    let pki = TestPki::new();
+    let mut backend = Flapping::new();
+    let proxy = http_proxy(&pki, backend.addr, "").await;
+    let web = proxy.addr("web");
+    let prompt = std::time::Duration::from_secs(2);
+    // One client connection across every phase as well.
+    let mut kept = client::h1(web, pki.roots()).await;
+    let mut kept_get = async || {
+        let resp = within("response", kept.send_request(get("/")))
+            .await
+            .unwrap();
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        status
+    };
+
+    for round in 0..3 {
+        backend.down();
+        let (status, _, took) = timed_get(web, &pki).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "round {round}, down");
+        assert!(took < prompt, "a 502 for a refused connect took {took:?}");
+        assert_eq!(kept_get().await, StatusCode::BAD_GATEWAY);
+
+        backend.up(Flap::Serve).await;
+        let (status, body, _) = timed_get(web, &pki).await;
+        assert_eq!(status, StatusCode::OK, "round {round}, back up");
+        assert_eq!(body.unwrap(), "ok");
+        assert_eq!(kept_get().await, StatusCode::OK, "round {round}, back up");
+
+        backend.up(Flap::ResetBeforeAnswering).await;
+        let (status, _, took) = timed_get(web, &pki).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "round {round}, reset");
+        assert!(took < prompt, "a 502 for a reset took {took:?}");
+        assert_eq!(kept_get().await, StatusCode::BAD_GATEWAY);
+
+        backend.up(Flap::ResetMidBody).await;
+        let (status, body, took) = timed_get(web, &pki).await;
+        assert_eq!(status, StatusCode::OK, "round {round}, the head was sent");
+        assert!(
+            body.is_err(),
+            "a body cut short by the backend reached the client as complete: {} bytes",
+            body.unwrap().len()
+        );
+        assert!(took < prompt, "the cut took {took:?} to reach the client");
+        let mut h2 = client::h2(web, pki.roots()).await;
+        let resp = within("h2 response", h2.send_request(get_h2("/")))
+            .await
+            .unwrap();
+        let body = within("h2 body", resp.into_body().collect()).await;
+        assert!(body.is_err(), "HTTP/2: a body cut short arrived complete");
+    }
+    backend.up(Flap::Serve).await;
+    let (status, body, _) = timed_get(web, &pki).await;
+    assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
+}

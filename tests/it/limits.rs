@@ -204,3 +204,155 @@ async fn malformed_records_and_oversized_client_hellos_are_refused_at_once() {
         .unwrap();
     echo_roundtrip(&mut good).await;
 }
+
+/// Descriptors this test process holds (nextest runs each test alone in
+/// its process).
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// How a churning client ends its connection.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// RST straight after connecting: in the accept queue, or just taken.
+    ResetAtConnect,
+    /// Half a ClientHello, then RST: mid-handshake.
+    ResetInHandshake,
+    /// RST on an established session that never sent a byte.
+    ResetIdle,
+    /// RST with the request sent and the response on its way.
+    ResetMidRequest,
+    /// The whole exchange, closed with close_notify and FIN.
+    Clean,
+}
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+
+async fn churn_once(
+    addr: std::net::SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+    ending: Ending,
+) {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    match ending {
+        Ending::ResetAtConnect => tcp.set_zero_linger().unwrap(),
+        Ending::ResetInHandshake => {
+            let mut tcp = tcp;
+            let mut hello = record_header(512);
+            hello.extend_from_slice(&[0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]);
+            tcp.write_all(&hello).await.unwrap();
+            tcp.set_zero_linger().unwrap();
+        }
+        Ending::ResetIdle | Ending::ResetMidRequest | Ending::Clean => {
+            let mut tls = connector.connect(name, tcp).await.unwrap();
+            if matches!(ending, Ending::ResetMidRequest | Ending::Clean) {
+                tls.write_all(REQUEST).await.unwrap();
+            }
+            if let Ending::Clean = ending {
+                let response = backend::read_to_end(&mut tls).await.unwrap();
+                assert!(response.starts_with(b"HTTP/1.1 200"));
+            }
+            tls.get_ref().0.set_zero_linger().unwrap();
+        }
+    }
+}
+
+/// Hundreds of connections to a listener of four slots, most of them
+/// ending in a reset at some point of their life: afterwards no connection
+/// is counted, no task is left, the backend holds no connection, and the
+/// listener serves four clients at once again (a leaked slot would block
+/// one of them) and no fifth.
+async fn churn_leaks_no_slot(mode: &str) {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let upstream = backend::CountingBackend::start().await;
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"{mode}\"\nmax_connections = 4\n{}",
+        upstream.addr,
+        pki::files_cert_toml(&files)
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let config = client::client_config(pki.roots(), &[]);
+    let fds_before = open_fds();
+
+    let endings = [
+        Ending::ResetAtConnect,
+        Ending::ResetInHandshake,
+        Ending::ResetIdle,
+        Ending::ResetMidRequest,
+        Ending::Clean,
+    ];
+    within("churn", async {
+        for round in 0..15 {
+            let mut clients = tokio::task::JoinSet::new();
+            for i in 0..20 {
+                let ending = endings[(round + i) % endings.len()];
+                clients.spawn(churn_once(addr, config.clone(), ending));
+            }
+            while let Some(done) = clients.join_next().await {
+                done.unwrap();
+            }
+        }
+    })
+    .await;
+    eventually("no connection counted or running", || {
+        proxy.running().active_connections() == 0 && proxy.running().connection_tasks() == 0
+    })
+    .await;
+    if mode == "tcp" {
+        // (HTTP mode keeps its idle upstream connections pooled.)
+        eventually("no upstream connection or descriptor left", || {
+            upstream.open() == 0 && open_fds() <= fds_before
+        })
+        .await;
+    }
+
+    let mut full = Vec::new();
+    for _ in 0..4 {
+        let mut tls = within(
+            "a client within the limit",
+            client::connect(addr, config.clone()),
+        )
+        .await
+        .unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        within("its response", tls.read_exact(&mut head))
+            .await
+            .unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        full.push(tls);
+    }
+    let fifth = tokio::spawn(client::connect(addr, config.clone()));
+    let served = tokio::time::timeout(Duration::from_millis(500), async {
+        while !fifth.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_err(),
+        "a fifth connection was served past the limit"
+    );
+    drop(full);
+    within("the fifth once a slot frees", fifth)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn churn_and_resets_leak_no_connection_slot_in_tcp_mode() {
+    churn_leaks_no_slot("tcp").await;
+}
+
+#[tokio::test]
+async fn churn_and_resets_leak_no_connection_slot_in_http_mode() {
+    churn_leaks_no_slot("http").await;
+}
