@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_rustls::client::TlsStream;
 
-use crate::common::{self, backend, client, pki, within};
+use crate::common::{self, backend, client, pki, within, TestPki};
 
 pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_sheath");
 
@@ -533,6 +533,78 @@ async fn ca_export_is_stable_and_private() {
     let key = state.path().join("local-ca").join("ca.key");
     let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "CA key mode is {mode:o}");
+}
+
+/// Certificates as Docker mounts secrets: each file bind-mounted on its
+/// own, read-only, into sheath's mount namespace (`unshare --mount`), and
+/// rotated by rewriting the files in place on the host's side (a rename
+/// would never reach a file bind mount). sheath serves the pair, follows
+/// the rotation by polling (no inotify event reaches the mount's view of
+/// a file written through another path) and needs no write access there.
+#[tokio::test]
+async fn read_only_secret_files_are_served_and_their_rotation_followed() {
+    if !common::require_root("bind mounts in a mount namespace need root")
+        || !common::require_tool("unshare")
+    {
+        return;
+    }
+    let pki = TestPki::new();
+    let host = tempfile::tempdir().unwrap();
+    let files = pki.write_server(host.path(), "tls");
+    let secrets = tempfile::tempdir().unwrap();
+    let (cert, key) = (
+        secrets.path().join("tls.crt"),
+        secrets.path().join("tls.key"),
+    );
+    for mount_point in [&cert, &key] {
+        std::fs::write(mount_point, "").unwrap();
+    }
+    let state = tempfile::tempdir().unwrap();
+    let config = common::write_config(
+        state.path(),
+        &format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\npoll_interval = \"300ms\"\n",
+            backend::tcp_echo().await,
+            cert.display(),
+            key.display()
+        ),
+    );
+    let mut cmd = isolated(Command::new("unshare"));
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind -o ro "$1" "$3" && mount --bind -o ro "$2" "$4" && shift 4 && exec "$@""#)
+        .arg("sh")
+        .args([&files.cert, &files.key, &cert, &key])
+        .arg(BIN)
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&config);
+    let mut proc = Process::spawn(cmd);
+    let addr = proc.listening_addr().await;
+    let serial_of = |pem: &str| {
+        let der = sheath::cert::parse_chain_pem("test", pem.as_bytes()).unwrap();
+        sheath::cert::CertInfo::from_der(&der[0]).unwrap().serial
+    };
+    let served = client::served_cert(addr, pki.roots()).await.unwrap();
+    assert_eq!(served.serial, serial_of(&files.cert_pem));
+    // Outside sheath's namespace the mount points are still the empty files.
+    assert_eq!(std::fs::read_to_string(&cert).unwrap(), "");
+
+    let (cert_pem, key_pem) = pki.server_cert(&["localhost"], Duration::from_secs(3600));
+    std::fs::write(&files.key, &key_pem).unwrap();
+    std::fs::write(&files.cert, &cert_pem).unwrap();
+    within("the rotated pair served", async {
+        while client::served_cert(addr, pki.roots()).await.unwrap().serial != serial_of(&cert_pem) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        proc.stderr
+            .find(&|l| l.contains("\"level\":\"ERROR\""))
+            .is_none(),
+        "{}",
+        proc.stderr.text()
+    );
 }
 
 /// Every temporary (`.NAME.tmp.PID`) under `dir`, at any depth.
