@@ -717,6 +717,126 @@ async fn echo_round_trip(tls: &mut TlsStream<TcpStream>, msg: &[u8]) {
     assert_eq!(buf, msg);
 }
 
+/// What one looping client saw while sheath drained.
+#[derive(Debug, Default)]
+struct LoopOutcome {
+    /// Complete responses.
+    answered: u64,
+    /// Responses whose head arrived but whose body did not complete.
+    cut: u64,
+}
+
+/// GET / over keep-alive HTTP/1.1 connections until sheath refuses new
+/// ones. A request on a kept connection that sheath closes as it drains
+/// is sent again on a new one, as HTTP clients retry idempotent requests
+/// (RFC 9112, 9.3.1): its loss is not counted; a response cut short is.
+async fn keep_requesting(
+    addr: SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+    go: Arc<AtomicBool>,
+) -> LoopOutcome {
+    use http_body_util::BodyExt;
+    let mut outcome = LoopOutcome::default();
+    loop {
+        let config = client::client_config(Arc::clone(&roots), &[b"http/1.1"]);
+        let Ok(tls) = client::connect(addr, config).await else {
+            return outcome;
+        };
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await
+        else {
+            continue;
+        };
+        tokio::spawn(conn);
+        loop {
+            go.store(true, Ordering::SeqCst);
+            let Ok(resp) = sender.send_request(client::get("/")).await else {
+                break;
+            };
+            match resp.into_body().collect().await.map(|b| b.to_bytes()) {
+                Ok(body) if body == "ok" => outcome.answered += 1,
+                _ => {
+                    outcome.cut += 1;
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// SIGTERM while clients loop requests and a download is under way: the
+/// download completes byte for byte, no response is cut short, new
+/// connections are refused, and sheath exits 0 within the drain bound.
+#[tokio::test]
+async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"http\"\n{}",
+            backend::http().await,
+            pki::files_cert_toml(&files)
+        ),
+    );
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&config);
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+
+    let started = Arc::new(AtomicBool::new(false));
+    let loops: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(keep_requesting(addr, pki.roots(), Arc::clone(&started))))
+        .collect();
+    let mut download = client::h1(addr, pki.roots()).await;
+    // 40 chunks of 32 KiB, 25 ms apart: about a second of transfer.
+    let response = within(
+        "download head",
+        download.send_request(client::get("/drip?chunks=40&size=32768&ms=25")),
+    )
+    .await
+    .unwrap();
+    common::eventually("the clients are looping", || started.load(Ordering::SeqCst)).await;
+
+    proxy.signal("TERM");
+    let signalled = Instant::now();
+    let body = within("the download during the drain", async {
+        use http_body_util::BodyExt;
+        response.into_body().collect().await
+    })
+    .await
+    .expect("the download completes")
+    .to_bytes();
+    assert_eq!(body.len(), 40 * 32768);
+    assert!(
+        body.iter().all(|&b| b == b'x'),
+        "the download's bytes changed"
+    );
+
+    let mut answered = 0;
+    for outcome in loops {
+        let outcome = within("a looping client stops at the refusal", outcome)
+            .await
+            .unwrap();
+        assert_eq!(outcome.cut, 0, "responses cut short: {outcome:?}");
+        answered += outcome.answered;
+    }
+    assert!(answered > 0, "no request was answered");
+    // The drain bound is write_config's 5 s.
+    assert_eq!(proxy.exit_code(Duration::from_secs(8)).await, 0);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "exit {:?} after the signal",
+        signalled.elapsed()
+    );
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "something still accepts on {addr}"
+    );
+}
+
 #[tokio::test]
 async fn second_signal_forces_exit() {
     let state = tempfile::tempdir().unwrap();
