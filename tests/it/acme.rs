@@ -257,24 +257,64 @@ async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
     );
 }
 
-#[tokio::test]
-async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
-    let Some(mut setup) = pebble(Some(60), false, None, 0).await else {
-        return;
+/// sheath with one ACME certificate due for renewal 6 s after it is
+/// issued (60 s lifetime, `renew_ratio` 0.1), once that first certificate
+/// is installed; `directory` replaces Pebble's own (a front for it).
+struct Renewing {
+    proxy: Proxy,
+    status: Arc<arc_swap::ArcSwap<CertStatus>>,
+    /// The first certificate's serial.
+    serial: String,
+    /// Pebble's issuing root.
+    root: String,
+}
+
+async fn renewing(setup: &Setup, directory: Option<&str>) -> Renewing {
+    let toml = listener_toml(
+        setup,
+        backend::tcp_echo().await,
+        &format!("{}renew_ratio = 0.1\n", ca_root(setup)),
+    );
+    let toml = match directory {
+        Some(directory) => toml.replace(&setup.pebble.directory, directory),
+        None => toml,
     };
-    let upstream = backend::tcp_echo().await;
-    let proxy = Proxy::start(&listener_toml(
-        &setup,
-        upstream,
-        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
-    ))
-    .await;
+    let proxy = Proxy::start(&toml).await;
     let status = proxy.running().listener("l").unwrap().certs[0]
         .status
         .clone();
     wait_installs(&status, 1, &setup.pebble).await;
     let serial = status.load().current.as_ref().unwrap().serial.clone();
     let root = setup.pebble.issuing_root_pem().await;
+    Renewing {
+        proxy,
+        status,
+        serial,
+        root,
+    }
+}
+
+/// Wait until `n` renewals in a row have failed.
+async fn failures_reach(status: &arc_swap::ArcSwap<CertStatus>, n: u32) {
+    within(&format!("{n} failed renewals"), async {
+        while status.load().consecutive_failures < n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
+    let Some(mut setup) = pebble(Some(60), false, None, 0).await else {
+        return;
+    };
+    let Renewing {
+        proxy,
+        status,
+        serial,
+        root,
+    } = renewing(&setup, None).await;
     setup.pebble.stop();
 
     // Renewal is due after 6 s; watch the failures pile up with growing gaps.
@@ -341,22 +381,14 @@ async fn server_errors_back_off_and_rate_limits_are_waited_out() {
         return;
     };
     let front = AcmeFront::start(&setup.pebble).await;
-    let upstream = backend::tcp_echo().await;
     // retry_min 200ms, retry_max 2s: steps of 200, 400 and 800 ms.
-    let toml = listener_toml(
-        &setup,
-        upstream,
-        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
-    )
-    .replace(&setup.pebble.directory, &front.directory);
-    let proxy = Proxy::start(&toml).await;
+    let Renewing {
+        proxy,
+        status,
+        serial,
+        root,
+    } = renewing(&setup, Some(&front.directory)).await;
     let admin = admin_for(&proxy).await;
-    let status = proxy.running().listener("l").unwrap().certs[0]
-        .status
-        .clone();
-    wait_installs(&status, 1, &setup.pebble).await;
-    let serial = status.load().current.as_ref().unwrap().serial.clone();
-    let root = setup.pebble.issuing_root_pem().await;
 
     // Renewal is due 6 s after issuance; its first three orders fail.
     let server_error = Fault {
@@ -372,12 +404,7 @@ async fn server_errors_back_off_and_rate_limits_are_waited_out() {
         retry_after_secs: Some(3),
     };
     front.inject([server_error.clone(), server_error, rate_limited]);
-    within("three failed renewals", async {
-        while status.load().consecutive_failures < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    failures_reach(&status, 3).await;
     let s = status.load_full();
     let error = s.last_error.as_deref().unwrap_or_default();
     assert!(error.contains("rateLimited"), "{error}");
@@ -430,28 +457,16 @@ async fn an_invalid_challenge_keeps_the_old_certificate_until_validation_succeed
     let Some(setup) = pebble(Some(60), false, None, 0).await else {
         return;
     };
-    let upstream = backend::tcp_echo().await;
-    let proxy = Proxy::start(&listener_toml(
-        &setup,
-        upstream,
-        &format!("{}renew_ratio = 0.1\n", ca_root(&setup)),
-    ))
-    .await;
+    let Renewing {
+        proxy,
+        status,
+        serial,
+        root,
+    } = renewing(&setup, None).await;
     let admin = admin_for(&proxy).await;
-    let status = proxy.running().listener("l").unwrap().certs[0]
-        .status
-        .clone();
-    wait_installs(&status, 1, &setup.pebble).await;
-    let serial = status.load().current.as_ref().unwrap().serial.clone();
-    let root = setup.pebble.issuing_root_pem().await;
 
     setup.pebble.resolve(NAME, "127.0.0.2").await;
-    within("two failed renewals", async {
-        while status.load().consecutive_failures < 2 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    failures_reach(&status, 2).await;
     let s = status.load_full();
     let error = s.last_error.as_deref().unwrap_or_default();
     assert!(
