@@ -263,8 +263,6 @@ async fn restart_reuses_account_and_cached_certificate_without_the_ca() {
 struct Renewing {
     proxy: Proxy,
     status: Arc<arc_swap::ArcSwap<CertStatus>>,
-    /// The first certificate's serial.
-    serial: String,
     /// Pebble's issuing root.
     root: String,
 }
@@ -284,14 +282,23 @@ async fn renewing(setup: &Setup, directory: Option<&str>) -> Renewing {
         .status
         .clone();
     wait_installs(&status, 1, &setup.pebble).await;
-    let serial = status.load().current.as_ref().unwrap().serial.clone();
     let root = setup.pebble.issuing_root_pem().await;
     Renewing {
         proxy,
         status,
-        serial,
         root,
     }
+}
+
+/// Once the first renewal has failed: how many certificates were installed
+/// and the serial being served. On a slow machine a renewal may succeed
+/// before the failures are set up; from the first failure on, attempts
+/// follow one another and only a success installs, so these must hold
+/// until the failures are lifted.
+async fn at_first_failure(status: &arc_swap::ArcSwap<CertStatus>) -> (u64, String) {
+    failures_reach(status, 1).await;
+    let s = status.load();
+    (s.installs, s.current.as_ref().unwrap().serial.clone())
 }
 
 /// Wait until `n` renewals in a row have failed.
@@ -312,12 +319,12 @@ async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
     let Renewing {
         proxy,
         status,
-        serial,
         root,
     } = renewing(&setup, None).await;
     setup.pebble.stop();
+    let (installs, serial) = at_first_failure(&status).await;
 
-    // Renewal is due after 6 s; watch the failures pile up with growing gaps.
+    // Watch the failures pile up with growing gaps.
     let mut gaps = Vec::new();
     let mut seen = 0;
     within("three failed renewals", async {
@@ -345,12 +352,12 @@ async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
         verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
         serial
     );
-    assert_eq!(status.load().installs, 1);
+    assert_eq!(status.load().installs, installs);
 
     // The CA comes back (with a new root and no memory of the account):
     // sheath registers again and renews.
     setup.pebble.restart().await;
-    wait_installs(&status, 2, &setup.pebble).await;
+    wait_installs(&status, installs + 1, &setup.pebble).await;
     let new_root = setup.pebble.issuing_root_pem().await;
     assert_ne!(
         verified_roundtrip(proxy.addr("l"), &new_root)
@@ -385,12 +392,11 @@ async fn server_errors_back_off_and_rate_limits_are_waited_out() {
     let Renewing {
         proxy,
         status,
-        serial,
         root,
     } = renewing(&setup, Some(&front.directory)).await;
     let admin = admin_for(&proxy).await;
 
-    // Renewal is due 6 s after issuance; its first three orders fail.
+    // The next renewal (due 3-6 s after issuance) sees three orders fail.
     let server_error = Fault {
         path: "/order-plz",
         status: 500,
@@ -404,6 +410,7 @@ async fn server_errors_back_off_and_rate_limits_are_waited_out() {
         retry_after_secs: Some(3),
     };
     front.inject([server_error.clone(), server_error, rate_limited]);
+    let (installs, serial) = at_first_failure(&status).await;
     failures_reach(&status, 3).await;
     let s = status.load_full();
     let error = s.last_error.as_deref().unwrap_or_default();
@@ -422,12 +429,20 @@ async fn server_errors_back_off_and_rate_limits_are_waited_out() {
         serial
     );
     assert_eq!(failures_metric(admin).await, 3.0);
+    assert_eq!(status.load().installs, installs);
 
-    wait_installs(&status, 2, &setup.pebble).await;
+    wait_installs(&status, installs + 1, &setup.pebble).await;
     let orders = front.hits("/order-plz");
     let statuses: Vec<u16> = orders.iter().map(|h| h.status).collect();
-    assert_eq!(statuses, [201, 500, 500, 429, 201], "{orders:?}");
-    let gaps: Vec<Duration> = orders[1..]
+    // Every order before the faults succeeded, one per install.
+    let faulted = orders.len() - 4;
+    assert_eq!(faulted as u64, installs, "{orders:?}");
+    assert!(
+        statuses[faulted..] == [500, 500, 429, 201]
+            && statuses[..faulted].iter().all(|&s| s == 201),
+        "{orders:?}"
+    );
+    let gaps: Vec<Duration> = orders[faulted..]
         .windows(2)
         .map(|w| w[1].at.duration_since(w[0].at))
         .collect();
@@ -460,12 +475,12 @@ async fn an_invalid_challenge_keeps_the_old_certificate_until_validation_succeed
     let Renewing {
         proxy,
         status,
-        serial,
         root,
     } = renewing(&setup, None).await;
     let admin = admin_for(&proxy).await;
 
     setup.pebble.resolve(NAME, "127.0.0.2").await;
+    let (installs, serial) = at_first_failure(&status).await;
     failures_reach(&status, 2).await;
     let s = status.load_full();
     let error = s.last_error.as_deref().unwrap_or_default();
@@ -473,7 +488,7 @@ async fn an_invalid_challenge_keeps_the_old_certificate_until_validation_succeed
         error.contains("tls-alpn-01") && error.contains("127.0.0.2"),
         "{error}"
     );
-    assert_eq!(s.installs, 1);
+    assert_eq!(s.installs, installs);
     assert_eq!(
         verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
         serial
@@ -481,7 +496,7 @@ async fn an_invalid_challenge_keeps_the_old_certificate_until_validation_succeed
     assert!(failures_metric(admin).await >= 2.0);
 
     setup.pebble.clear_resolve(NAME).await;
-    wait_installs(&status, 2, &setup.pebble).await;
+    wait_installs(&status, installs + 1, &setup.pebble).await;
     assert_ne!(
         verified_roundtrip(proxy.addr("l"), &root).await.unwrap(),
         serial
