@@ -516,11 +516,26 @@ fn classify(error: UpstreamError) -> Failure {
             Failure::Refused
         }
         UpstreamError::Connect(e) => Failure::Unreachable(e.to_string()),
+        // The client's fault, not the upstream's: its body broke off or
+        // broke its framing part-way through (the upstream connection,
+        // which saw half a body, is closed, never pooled).
+        UpstreamError::Http(e) if request_body_failed(&e) => {
+            Failure::BadRequest("the request body was malformed or cut short")
+        }
         UpstreamError::Http(e) => Failure::Unreachable(match UpstreamError::io_cause(&e) {
             Some(io) => io.to_string(),
             None => e.to_string(),
         }),
     }
+}
+
+/// Whether sending failed because the request body read from the client
+/// did: hyper's client reports a body's error as a user error caused by
+/// it, and only the client's connection yields `hyper::Error`s as body
+/// errors.
+fn request_body_failed(error: &hyper::Error) -> bool {
+    error.is_user()
+        && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// Relay bytes between an upgraded client connection and the upstream.

@@ -1,7 +1,8 @@
 //! Clients that abuse HTTP on purpose: request heads sent a byte at a time,
 //! heads too large or with too many fields, HTTP/2 streams opened and reset
 //! as fast as a client can (CVE-2023-44487), and an HTTP/2 header block
-//! continued without end (the 2024 CONTINUATION floods). Each must be cut
+//! continued without end (the 2024 CONTINUATION floods), and request
+//! framing meant to be read two ways (request smuggling). Each must be cut
 //! off without reaching the backend, while other clients are served.
 
 use std::net::SocketAddr;
@@ -283,4 +284,188 @@ async fn an_http2_continuation_flood_is_cut_off() {
 
     // Other clients are served.
     serves_http2(addr, &pki).await;
+}
+
+/// A request as the backend parsed it.
+#[derive(Debug, Clone, PartialEq)]
+struct Seen {
+    method: String,
+    path: String,
+    /// The body, or `None` when it broke off or broke its framing.
+    body: Option<Vec<u8>>,
+}
+
+/// An HTTP/1.1 backend that records every request it parses, with the
+/// connection it came on.
+#[derive(Clone, Default)]
+struct Recorder {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(usize, Seen)>>>,
+    connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Recorder {
+    async fn start() -> (Recorder, SocketAddr) {
+        use http_body_util::BodyExt;
+        let recorder = Recorder::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = recorder.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let connection = shared
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let seen = std::sync::Arc::clone(&shared.seen);
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let seen = std::sync::Arc::clone(&seen);
+                            async move {
+                                let (method, path) =
+                                    (req.method().to_string(), req.uri().path().to_string());
+                                let body = req
+                                    .into_body()
+                                    .collect()
+                                    .await
+                                    .ok()
+                                    .map(|b| b.to_bytes().to_vec());
+                                seen.lock()
+                                    .unwrap()
+                                    .push((connection, Seen { method, path, body }));
+                                Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                                ))
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        (recorder, addr)
+    }
+
+    fn requests(&self) -> Vec<(usize, Seen)> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+fn seen(method: &str, path: &str, body: Option<&[u8]>) -> Seen {
+    Seen {
+        method: method.into(),
+        path: path.into(),
+        body: body.map(<[u8]>::to_vec),
+    }
+}
+
+/// Raw bytes to an HTTP/1.1 listener on a new connection; everything
+/// answered until the connection closes (which it must within 5 s).
+async fn raw_exchange(addr: SocketAddr, pki: &TestPki, request: &[u8]) -> String {
+    let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+    let mut tls = client::connect(addr, config).await.unwrap();
+    let _ = tls.write_all(request).await;
+    let (answer, closed) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+    assert!(closed, "the connection stayed open after {request:?}");
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Request smuggling needs the proxy and the backend to disagree on where
+/// a request ends, and a backend connection that carries the next client's
+/// request after it. sheath parses each request and frames it anew for the
+/// upstream, refuses framing that can be read two ways, and closes a client
+/// connection whose framing was suspect: the backend sees exactly the
+/// requests sheath answered, and what a client tried to hide after its
+/// body never becomes a request or a prefix of one.
+#[tokio::test]
+async fn ambiguous_request_framing_never_reaches_the_backend_as_another_request() {
+    let pki = TestPki::new();
+    let (recorder, backend) = Recorder::start().await;
+    let proxy = crate::http::http_proxy(&pki, backend, "").await;
+    let addr = proxy.addr("web");
+
+    // Framings that parsers read differently: refused outright.
+    for (what, request) in [
+        (
+            "obfuscated transfer-coding",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: xchunked\r\n\r\n5c\r\nG"[..],
+        ),
+        (
+            "chunked not last",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "two different lengths",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nContent-Length: 5\r\n\r\nhello!",
+        ),
+        (
+            "a signed length",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\nhello",
+        ),
+        (
+            "space before the colon",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked in HTTP/1.0",
+            b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        (
+            "a bare CR in a field",
+            b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
+        ),
+    ] {
+        let answer = raw_exchange(addr, &pki, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer:?}");
+    }
+    assert_eq!(
+        recorder.requests(),
+        [],
+        "a refused request reached the backend"
+    );
+
+    // Both a length and chunked: chunked wins (RFC 9112 6.3), the length
+    // goes, and the connection closes after the answer, so the pipelined
+    // request behind the body is never read.
+    let answer = raw_exchange(
+        addr,
+        &pki,
+        b"POST /both HTTP/1.1\r\nHost: x\r\nContent-Length: 6\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{answer:?}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer:?}"
+    );
+
+    // A chunked body whose framing breaks after its first chunk: 400, and
+    // the upstream connection that got half a body is not used again.
+    let answer = raw_exchange(
+        addr,
+        &pki,
+        b"POST /broken HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+
+    // The next client's request reaches the backend as itself.
+    serves_http1(addr, &pki).await;
+    let requests = recorder.requests();
+    let parsed: Vec<&Seen> = requests.iter().map(|(_, s)| s).collect();
+    assert_eq!(
+        parsed,
+        [
+            &seen("POST", "/both", Some(b"")),
+            &seen("POST", "/broken", None),
+            &seen("GET", "/", Some(b"")),
+        ],
+        "{requests:?}"
+    );
+    let broken_on = requests[1].0;
+    assert!(
+        requests[2].0 != broken_on,
+        "a request went over the connection that carried half a body"
+    );
 }
