@@ -121,10 +121,6 @@ impl AcmeFront {
         self.state.lock().unwrap().faults.extend(faults);
     }
 
-    pub fn pending_faults(&self) -> usize {
-        self.state.lock().unwrap().faults.len()
-    }
-
     /// Requests seen whose path starts with `prefix`.
     pub fn hits(&self, prefix: &str) -> Vec<Hit> {
         let state = self.state.lock().unwrap();
