@@ -33,7 +33,7 @@ use crate::config::{ListenerConfig, Upstream};
 use crate::tls::ALPN_H2;
 
 /// Response bodies: the upstream's, streamed, or a short one of sheath's own.
-pub type ProxyBody = Either<PooledBody, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody<forward::ClientBody>, Full<Bytes>>;
 
 /// Largest request head accepted from a client (HTTP/1 head, chunked
 /// trailers, HTTP/2 header list); past it, HTTP/1 gets 431 and a close.
@@ -428,6 +428,8 @@ async fn forward_request(
             "only origin-form request targets are proxied",
         ))?;
 
+    let body = forward::ClientBody::new(body, &config.client_auth.forward);
+    let body_failure = body.failure();
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.headers_mut() = parts.headers;
@@ -484,7 +486,7 @@ async fn forward_request(
     let mut resp =
         match tokio::time::timeout(timeouts.upstream_response, client.send(upstream_req)).await {
             Err(_) => return Err(Failure::ResponseTimeout),
-            Ok(Err(e)) => return Err(classify(e)),
+            Ok(Err(e)) => return Err(classify(e, &body_failure)),
             Ok(Ok(resp)) => resp,
         };
 
@@ -509,7 +511,7 @@ async fn forward_request(
     Ok(resp.map(Either::Left))
 }
 
-fn classify(error: UpstreamError) -> Failure {
+fn classify(error: UpstreamError, body: &forward::BodyFailure) -> Failure {
     match error {
         UpstreamError::ConnectTimeout(_) => Failure::ConnectTimeout,
         UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -517,9 +519,10 @@ fn classify(error: UpstreamError) -> Failure {
         }
         UpstreamError::Connect(e) => Failure::Unreachable(e.to_string()),
         // The client's fault, not the upstream's: its body broke off or
-        // broke its framing part-way through (the upstream connection,
-        // which saw half a body, is closed, never pooled).
-        UpstreamError::Http(e) if request_body_failed(&e) => {
+        // broke its framing part-way through. The upstream connection saw
+        // half a body: an HTTP/1.1 one is closed, never pooled, and an
+        // HTTP/2 stream is reset.
+        UpstreamError::Http(_) if body.happened() => {
             Failure::BadRequest("the request body was malformed or cut short")
         }
         UpstreamError::Http(e) => Failure::Unreachable(match UpstreamError::io_cause(&e) {
@@ -527,15 +530,6 @@ fn classify(error: UpstreamError) -> Failure {
             None => e.to_string(),
         }),
     }
-}
-
-/// Whether sending failed because the request body read from the client
-/// did: hyper's client reports a body's error as a user error caused by
-/// it, and only the client's connection yields `hyper::Error`s as body
-/// errors.
-fn request_body_failed(error: &hyper::Error) -> bool {
-    error.is_user()
-        && std::error::Error::source(error).is_some_and(|cause| cause.is::<hyper::Error>())
 }
 
 /// Relay bytes between an upgraded client connection and the upstream.

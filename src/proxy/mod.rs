@@ -42,7 +42,7 @@ pub struct ListenerState {
     /// The client certificate verifier, when client auth is on.
     pub client_verifier: Option<Arc<crate::tls::client_auth::ClientVerifier>>,
     /// Pooled upstream client, in HTTP mode.
-    pub http: Option<upstream::UpstreamClient>,
+    pub http: Option<upstream::UpstreamClient<forward::ClientBody>>,
     /// TLS client towards the remote peer, in outbound mode.
     pub outbound: Option<Arc<rustls::ClientConfig>>,
 }

@@ -469,3 +469,22 @@ async fn ambiguous_request_framing_never_reaches_the_backend_as_another_request(
         "a request went over the connection that carried half a body"
     );
 }
+
+/// With an HTTP/2 upstream the request body is sent by the h2c
+/// connection's own task, not the request's: a client's body that breaks
+/// its framing is still its own fault (400), not the upstream's (502).
+#[tokio::test]
+async fn a_broken_request_body_is_a_400_over_an_h2c_upstream_too() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(crate::common::backend::Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+    let answer = raw_exchange(
+        proxy.addr("web"),
+        &pki,
+        // The backend answers long after the body has broken: the answer
+        // is sheath's, not a race with the backend's.
+        b"POST /slow?ms=5000 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhelloXX\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+}

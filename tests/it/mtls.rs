@@ -401,6 +401,96 @@ async fn identity_reaches_the_backend_and_forged_headers_never_do() {
     }
 }
 
+/// Trailers are a second header section that HTTP/1.1 (chunked) and
+/// HTTP/2 let a client send after its body. A backend that merges them
+/// into the head, as RFC 9110 forbids and some frameworks do, must find
+/// no identity or forwarding name there but sheath's: they are stripped
+/// from the trailers over every client and upstream protocol, and the
+/// client's other trailers pass.
+#[tokio::test]
+async fn forged_identity_in_request_trailers_never_reaches_the_backend() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let forged_names = [
+        "x-forwarded-client-cert",
+        "client-cert",
+        "client-cert-chain",
+        "x-client-id",
+        "x-client-identity",
+        "x-forwarded-for",
+        "forwarded",
+    ];
+    let upload = |uri: &str| {
+        let mut trailers = http::HeaderMap::new();
+        for name in forged_names {
+            trailers.insert(name, "spiffe://evil/admin".parse().unwrap());
+        }
+        trailers.insert("x-checksum", "c0ffee".parse().unwrap());
+        let frames = [
+            Frame::data(Bytes::from_static(b"payload")),
+            Frame::trailers(trailers),
+        ];
+        let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+            frames.map(Ok::<_, hyper::Error>),
+        )));
+        // HTTP/1.1 writes only the trailers its head announces.
+        let announced = format!("x-checksum, {}", forged_names.join(", "));
+        Request::post(uri)
+            .header("host", "localhost")
+            .header("trailer", announced)
+            .header("te", "trailers")
+            .body(body)
+            .unwrap()
+    };
+    for (upstream, extra) in [
+        (backend::http().await, ""),
+        (
+            backend::CountingBackend::speaking(backend::Speaks::H2c)
+                .await
+                .addr,
+            "upstream_protocol = \"h2c\"",
+        ),
+    ] {
+        let pki = TestPki::new();
+        let proxy = mtls_proxy(
+            &pki,
+            upstream,
+            "http",
+            "mode = \"optional\"\nforward = [\"xfcc\", \"client-cert\", \"header\"]\nidentity_header = \"X-Client-Id\"\n",
+            extra,
+        )
+        .await;
+        let mut h1 = client::h1(proxy.addr("l"), pki.roots()).await;
+        let mut h2 = client::h2(proxy.addr("l"), pki.roots()).await;
+        for (client, resp) in [
+            ("HTTP/1.1", h1.send_request(upload("/echo")).await),
+            (
+                "HTTP/2",
+                h2.send_request(upload("https://localhost/echo")).await,
+            ),
+        ] {
+            let what = format!("{client} client, upstream {extra:?}");
+            let body = within("echo", resp.unwrap().into_body().collect())
+                .await
+                .unwrap();
+            let trailers = body
+                .trailers()
+                .cloned()
+                .unwrap_or_else(|| panic!("{what}: no trailers came back"));
+            assert_eq!(trailers["x-checksum"], "c0ffee", "{what}: {trailers:?}");
+            for name in forged_names {
+                assert!(
+                    !trailers.contains_key(name),
+                    "{what}: {name} reached the backend in the trailers: {trailers:?}"
+                );
+            }
+            assert_eq!(body.to_bytes(), "payload", "{what}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn forged_identity_headers_are_stripped_even_without_client_auth() {
     let pki = TestPki::new();
