@@ -121,40 +121,48 @@ pub fn set_identity(
 #[derive(Debug)]
 pub struct ClientBody {
     body: Incoming,
+    /// Only a body still to be read can fail or end in trailers, so a
+    /// bodiless request (nearly every GET) allocates nothing here.
+    state: Option<Arc<BodyState>>,
+}
+
+#[derive(Debug)]
+struct BodyState {
+    failed: AtomicBool,
     /// The listener's own identity header, when it names one.
     identity_header: Option<HeaderName>,
-    /// Set when the client's body failed; only a body still to be read
-    /// can, so a bodiless request allocates nothing.
-    failed: Option<Arc<AtomicBool>>,
 }
 
 impl ClientBody {
     pub fn new(body: Incoming, forward: &crate::config::ForwardIdentity) -> Self {
-        let failed = (!body.is_end_stream()).then(Arc::default);
-        ClientBody {
-            body,
-            identity_header: forward.header.clone(),
-            failed,
-        }
+        let state = (!body.is_end_stream()).then(|| {
+            Arc::new(BodyState {
+                failed: AtomicBool::new(false),
+                identity_header: forward.header.clone(),
+            })
+        });
+        ClientBody { body, state }
     }
 
     /// Whether the body failed, readable after the body has been handed
     /// to the upstream connection.
     pub fn failure(&self) -> BodyFailure {
-        BodyFailure(self.failed.clone())
+        BodyFailure(self.state.clone())
     }
 }
 
 /// See [`ClientBody::failure`].
 #[derive(Debug)]
-pub struct BodyFailure(Option<Arc<AtomicBool>>);
+pub struct BodyFailure(Option<Arc<BodyState>>);
 
 impl BodyFailure {
     /// Did reading the client's body fail? Its failure is recorded before
     /// the error reaches the upstream connection, so this is settled by
     /// the time the upstream's error is seen.
     pub fn happened(&self) -> bool {
-        self.0.as_ref().is_some_and(|f| f.load(Ordering::Acquire))
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.failed.load(Ordering::Acquire))
     }
 }
 
@@ -168,14 +176,16 @@ impl Body for ClientBody {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        if let (Poll::Ready(Some(Err(_))), Some(failed)) = (&frame, &this.failed) {
-            failed.store(true, Ordering::Release);
+        let state = this.state.as_deref();
+        if let (Poll::Ready(Some(Err(_))), Some(state)) = (&frame, state) {
+            state.failed.store(true, Ordering::Release);
         }
         frame.map_ok(|frame| {
             // Data frames, all but the last of a body, pass untouched.
             match frame.into_trailers() {
                 Ok(mut trailers) => {
-                    strip_from_trailers(&mut trailers, this.identity_header.as_ref());
+                    let custom = state.and_then(|s| s.identity_header.as_ref());
+                    strip_from_trailers(&mut trailers, custom);
                     Frame::trailers(trailers)
                 }
                 Err(data) => data,
