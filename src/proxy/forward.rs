@@ -43,26 +43,51 @@ static FORWARDING: [&str; 6] = [XFF, XFP, XFH, "x-forwarded-port", "x-real-ip", 
 /// The client identity headers sheath removes from every request.
 static IDENTITY: [&str; 4] = [XFCC, CC, CCC, crate::config::DEFAULT_IDENTITY_HEADER];
 
-/// Remove every header of `names` that the map holds: one walk over the
-/// map's names notes which of `names` are there, then each goes with one
-/// removal. A message carries a handful of headers and rarely any of the
-/// ones sheath removes, so the usual cost is the walk alone: no hashing,
-/// no allocation, no clone of a name. With the `Connection` tokens that
-/// need no list (below), a response's strip went from 206 to 140 ns in
-/// benches/headers.rs.
+/// Remove every header of `names` that the map holds, and every header
+/// whose name reads as one of them once `_` is taken for `-`: CGI, WSGI
+/// and Rack turn both `X-Client-Identity` and `X_Client_Identity` into
+/// `HTTP_X_CLIENT_IDENTITY`, so a backend behind them would read a
+/// look-alike the client sent as the header sheath set (Puma's
+/// CVE-2024-45614; nginx drops every name with `_` for this reason).
+///
+/// One walk over the map's names notes which of `names` are there, then
+/// each goes with one removal. A message carries a handful of headers and
+/// rarely any of the ones sheath removes, so the usual cost is the walk
+/// alone: no hashing, no allocation, no clone of a name (a look-alike,
+/// which is removed by its own name, is the exception). With the
+/// `Connection` tokens that need no list (below), a response's strip went
+/// from 206 to 140 ns in benches/headers.rs.
 fn remove_listed(headers: &mut HeaderMap, names: &[&str]) {
     debug_assert!(names.len() <= 32, "one bit per name");
     let mut found = 0u32;
+    let mut lookalikes = Vec::new();
     for name in headers.keys() {
-        let name = name.as_str();
-        if let Some(i) = names.iter().position(|n| *n == name) {
-            found |= 1 << i;
+        let text = name.as_str();
+        if let Some(i) = names.iter().position(|n| reads_as(text, n)) {
+            if text == names[i] {
+                found |= 1 << i;
+            } else {
+                lookalikes.push(name.clone());
+            }
         }
     }
     while found != 0 {
         headers.remove(names[found.trailing_zeros() as usize]);
         found &= found - 1;
     }
+    for name in lookalikes {
+        headers.remove(name);
+    }
+}
+
+/// Does the (lowercase) header name `name` read as `listed` when each `_`
+/// in it is taken for a `-`?
+fn reads_as(name: &str, listed: &str) -> bool {
+    name.len() == listed.len()
+        && name
+            .bytes()
+            .zip(listed.bytes())
+            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
 }
 
 /// Remove every identity header a client may have sent, then add the ones
@@ -79,7 +104,7 @@ pub fn set_identity(
     // one: a backend written for sheath's default keeps trusting it after
     // forwarding is switched off or renamed.
     if let Some(custom) = &forward.header {
-        headers.remove(custom);
+        remove_listed(headers, &[custom.as_str()]);
     }
     let Some(id) = identity else {
         return;
@@ -208,7 +233,7 @@ fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&Header
     remove_listed(trailers, &FORWARDING);
     remove_listed(trailers, &IDENTITY);
     if let Some(name) = identity_header {
-        trailers.remove(name);
+        remove_listed(trailers, &[name.as_str()]);
     }
 }
 
@@ -427,6 +452,29 @@ mod tests {
         );
         assert!(h.get("x-real-ip").is_none());
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+    }
+
+    #[test]
+    fn underscore_lookalikes_of_listed_names_go_and_other_names_stay() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x-forwarded_for",
+            "x_real_ip",
+            "x-forwarded-for-",
+            "x_forwarded",
+            "accept",
+        ] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        remove_listed(&mut h, &FORWARDING);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["accept", "x-forwarded-for-", "x_forwarded"]);
+        // Only `_` stands for `-`, not the other way round.
+        assert!(reads_as("x_real_ip", "x-real-ip"));
+        assert!(!reads_as("x-real-ip", "x_real_ip"));
     }
 
     #[test]

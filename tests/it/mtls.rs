@@ -407,6 +407,113 @@ async fn identity_reaches_the_backend_and_forged_headers_never_do() {
 /// no identity or forwarding name there but sheath's: they are stripped
 /// from the trailers over every client and upstream protocol, and the
 /// client's other trailers pass.
+/// CGI, WSGI and Rack map `-` and `_` in a header name to the same
+/// variable, so `X_Forwarded_Client_Cert` reaches such an application as
+/// `X-Forwarded-Client-Cert` would: every look-alike of a name sheath
+/// sets goes too, in the head and in the trailers, and names that only
+/// resemble one pass.
+#[tokio::test]
+async fn lookalike_names_with_underscores_never_reach_the_backend() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::Frame;
+
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        backend::http().await,
+        "http",
+        "mode = \"optional\"\nforward = [\"xfcc\", \"header\"]\nidentity_header = \"X-Client-Id\"\n",
+        "",
+    )
+    .await;
+    let lookalikes = [
+        "x_forwarded_client_cert",
+        "client_cert",
+        "client-cert_chain",
+        "x_client_identity",
+        "x_client_id",
+        "x_forwarded_for",
+        "x-forwarded_proto",
+        "x_real_ip",
+    ];
+    // Same letters, another name: not sheath's to remove.
+    let kept = ["x_client", "x-forwarded-for_", "client_certs"];
+    let forged = |mut req: http::request::Builder| {
+        for name in lookalikes.iter().chain(&kept) {
+            req = req.header(*name, "spiffe://evil/admin");
+        }
+        req.body(client::empty()).unwrap()
+    };
+    let mut h1 = client::h1(proxy.addr("l"), pki.roots()).await;
+    let mut h2 = client::h2(proxy.addr("l"), pki.roots()).await;
+    for (version, resp) in [
+        (
+            "HTTP/1.1",
+            h1.send_request(forged(Request::get("/headers").header("host", "localhost")))
+                .await,
+        ),
+        (
+            "HTTP/2",
+            h2.send_request(forged(Request::get("https://localhost/headers")))
+                .await,
+        ),
+    ] {
+        let text = body_text(resp.unwrap()).await;
+        let h = parse_headers(&text);
+        for name in lookalikes {
+            assert!(
+                header(&h, name).is_empty(),
+                "{version}: {name} leaked: {text}"
+            );
+        }
+        for name in kept {
+            assert_eq!(
+                header(&h, name),
+                ["spiffe://evil/admin"],
+                "{version}: {text}"
+            );
+        }
+        // sheath's own values are there, once.
+        assert_eq!(
+            header(&h, "x-forwarded-for"),
+            ["127.0.0.1"],
+            "{version}: {text}"
+        );
+    }
+
+    // The same look-alikes as trailers of an upload, echoed back.
+    let mut trailers = http::HeaderMap::new();
+    for name in lookalikes.iter().chain(&kept) {
+        trailers.insert(*name, "spiffe://evil/admin".parse().unwrap());
+    }
+    let announced = lookalikes.iter().chain(&kept).copied().collect::<Vec<_>>();
+    let frames = [
+        Frame::data(Bytes::from_static(b"payload")),
+        Frame::trailers(trailers),
+    ];
+    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
+        frames.map(Ok::<_, hyper::Error>),
+    )));
+    let req = Request::post("/echo")
+        .header("host", "localhost")
+        .header("trailer", announced.join(", "))
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let resp = within("echo", h1.send_request(req)).await.unwrap();
+    let body = within("echo body", resp.into_body().collect())
+        .await
+        .unwrap();
+    let trailers = body.trailers().cloned().expect("trailers came back");
+    for name in lookalikes {
+        assert!(!trailers.contains_key(name), "{name} leaked: {trailers:?}");
+    }
+    for name in kept {
+        assert!(trailers.contains_key(name), "{name} dropped: {trailers:?}");
+    }
+}
+
 #[tokio::test]
 async fn forged_identity_in_request_trailers_never_reaches_the_backend() {
     use bytes::Bytes;
