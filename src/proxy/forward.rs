@@ -80,14 +80,16 @@ fn remove_listed(headers: &mut HeaderMap, names: &[&str]) {
     }
 }
 
-/// Does the (lowercase) header name `name` read as `listed` when each `_`
-/// in it is taken for a `-`?
+/// Do two (lowercase) header names read the same when every `_` is taken
+/// for a `-`? Both ways: a configured `identity_header` may be the one
+/// with `_`.
 fn reads_as(name: &str, listed: &str) -> bool {
+    let dash = |c: u8| if c == b'_' { b'-' } else { c };
     name.len() == listed.len()
         && name
             .bytes()
             .zip(listed.bytes())
-            .all(|(a, b)| a == b || (a == b'_' && b == b'-'))
+            .all(|(a, b)| a == b || dash(a) == dash(b))
 }
 
 /// Remove every identity header a client may have sent, then add the ones
@@ -472,9 +474,14 @@ mod tests {
         let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         left.sort_unstable();
         assert_eq!(left, ["accept", "x-forwarded-for-", "x_forwarded"]);
-        // Only `_` stands for `-`, not the other way round.
-        assert!(reads_as("x_real_ip", "x-real-ip"));
-        assert!(!reads_as("x-real-ip", "x_real_ip"));
+        // Both ways: a configured identity header may be spelt with `_`.
+        let mut h = HeaderMap::new();
+        h.insert("x-client-id", HeaderValue::from_static("forged"));
+        h.insert("x_client_id", HeaderValue::from_static("forged"));
+        h.insert("x-client-i_", HeaderValue::from_static("kept"));
+        remove_listed(&mut h, &["x_client_id"]);
+        assert_eq!(h.keys().collect::<Vec<_>>(), ["x-client-i_"]);
+        assert!(!reads_as("x-client-id", "x-client-if"));
     }
 
     #[test]
