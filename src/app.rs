@@ -1011,7 +1011,7 @@ fn build_state(
     certs: Arc<ListenerCerts>,
     acme_tls: Option<Arc<rustls::ServerConfig>>,
     client_verifier: Option<Arc<ClientVerifier>>,
-    http: Option<UpstreamClient<proxy::forward::ClientBody>>,
+    http: Option<UpstreamClient<proxy::client_body::ClientBody>>,
 ) -> Result<Arc<ListenerState>, StartError> {
     let configured: Vec<&[u8]> = listener.alpn.iter().map(|p| p.as_bytes()).collect();
     let alpn: &[&[u8]] = match listener.mode {

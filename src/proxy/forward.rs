@@ -6,14 +6,9 @@
 //! the client claims in those headers is discarded.
 
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
+use std::sync::OnceLock;
 
-use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 // Each name sheath sets, spelled once: the inserts use the `HeaderName`s,
 // the removal lists below the strings.
@@ -135,103 +130,11 @@ pub fn set_identity(
     }
 }
 
-/// A client's request body on its way to the upstream. Its trailers (a
-/// chunked HTTP/1.1 body's, or an HTTP/2 stream's last HEADERS) lose every
-/// name sheath sets or vouches for, as the request head does: RFC 9110
-/// (§6.5.1) forbids merging trailers into the header section, but a
-/// backend that did would read a forwarding address or a client identity
-/// the client wrote itself.
-///
-/// It also says whether reading it from the client failed: the upstream
-/// then reports an error of its own (a reset HTTP/2 stream, a request cut
-/// short), and the fault is the client's.
-#[derive(Debug)]
-pub struct ClientBody {
-    body: Incoming,
-    /// Only a body still to be read can fail or end in trailers, so a
-    /// bodiless request (nearly every GET) allocates nothing here.
-    state: Option<Arc<BodyState>>,
-}
-
-#[derive(Debug)]
-struct BodyState {
-    failed: AtomicBool,
-    /// The listener's own identity header, when it names one.
-    identity_header: Option<HeaderName>,
-}
-
-impl ClientBody {
-    pub fn new(body: Incoming, forward: &crate::config::ForwardIdentity) -> Self {
-        let state = (!body.is_end_stream()).then(|| {
-            Arc::new(BodyState {
-                failed: AtomicBool::new(false),
-                identity_header: forward.header.clone(),
-            })
-        });
-        ClientBody { body, state }
-    }
-
-    /// Whether the body failed, readable after the body has been handed
-    /// to the upstream connection.
-    pub fn failure(&self) -> BodyFailure {
-        BodyFailure(self.state.clone())
-    }
-}
-
-/// See [`ClientBody::failure`].
-#[derive(Debug)]
-pub struct BodyFailure(Option<Arc<BodyState>>);
-
-impl BodyFailure {
-    /// Did reading the client's body fail? Its failure is recorded before
-    /// the error reaches the upstream connection, so this is settled by
-    /// the time the upstream's error is seen.
-    pub fn happened(&self) -> bool {
-        self.0
-            .as_ref()
-            .is_some_and(|s| s.failed.load(Ordering::Acquire))
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
-        let state = this.state.as_deref();
-        if let (Poll::Ready(Some(Err(_))), Some(state)) = (&frame, state) {
-            state.failed.store(true, Ordering::Release);
-        }
-        frame.map_ok(|frame| {
-            // Data frames, all but the last of a body, pass untouched.
-            match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    let custom = state.and_then(|s| s.identity_header.as_ref());
-                    strip_from_trailers(&mut trailers, custom);
-                    Frame::trailers(trailers)
-                }
-                Err(data) => data,
-            }
-        })
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
 /// Remove from a client's trailers the forwarding and identity names that
-/// only sheath may set.
-fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
+/// only sheath may set: RFC 9110 (§6.5.1) forbids merging trailers into
+/// the header section, but a backend that did would otherwise read a
+/// forwarding address or a client identity the client wrote itself.
+pub fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
     remove_listed(trailers, &FORWARDING);
     remove_listed(trailers, &IDENTITY);
     if let Some(name) = identity_header {

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 
+use super::client_body::{BodyFailure, ClientBody};
 use super::forward;
 use super::io::{Activity, Side, Tracked};
 use super::upstream::{PooledBody, UpstreamError};
@@ -33,7 +34,7 @@ use crate::config::{ListenerConfig, Upstream};
 use crate::tls::ALPN_H2;
 
 /// Response bodies: the upstream's, streamed, or a short one of sheath's own.
-pub type ProxyBody = Either<PooledBody<forward::ClientBody>, Full<Bytes>>;
+pub type ProxyBody = Either<PooledBody<ClientBody>, Full<Bytes>>;
 
 /// Largest request head accepted from a client (HTTP/1 head, chunked
 /// trailers, HTTP/2 header list); past it, HTTP/1 gets 431 and a close.
@@ -428,7 +429,7 @@ async fn forward_request(
             "only origin-form request targets are proxied",
         ))?;
 
-    let body = forward::ClientBody::new(body, &config.client_auth.forward);
+    let body = ClientBody::new(body, &config.client_auth.forward);
     let body_failure = body.failure();
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
@@ -511,7 +512,7 @@ async fn forward_request(
     Ok(resp.map(Either::Left))
 }
 
-fn classify(error: UpstreamError, body: &forward::BodyFailure) -> Failure {
+fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {
     match error {
         UpstreamError::ConnectTimeout(_) => Failure::ConnectTimeout,
         UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {

@@ -4,6 +4,7 @@
 //! modes; `forward` owns the headers that tell the backend about the client;
 //! `upstream` owns the pool of HTTP connections to the backend.
 
+pub mod client_body;
 pub mod forward;
 pub mod http;
 pub mod io;
@@ -42,7 +43,7 @@ pub struct ListenerState {
     /// The client certificate verifier, when client auth is on.
     pub client_verifier: Option<Arc<crate::tls::client_auth::ClientVerifier>>,
     /// Pooled upstream client, in HTTP mode.
-    pub http: Option<upstream::UpstreamClient<forward::ClientBody>>,
+    pub http: Option<upstream::UpstreamClient<client_body::ClientBody>>,
     /// TLS client towards the remote peer, in outbound mode.
     pub outbound: Option<Arc<rustls::ClientConfig>>,
 }

@@ -53,7 +53,9 @@ pub async fn closed_port() -> SocketAddr {
 /// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
 /// - `/close`: `ok` with `Connection: close`, then closes
 /// - `/empty`: `204 No Content`
-/// - anything else: `ok`
+/// - `/early`: `413` at once, reading and discarding the request body
+///   after answering, as nginx does with a body it refuses
+/// - anything else: `ok`, the body left unread
 pub async fn http() -> SocketAddr {
     CountingBackend::start().await.addr
 }
@@ -182,6 +184,13 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                 text.push_str(&format!("{name}: {}\n", value.to_str().unwrap_or("?")));
             }
             full(text)
+        }
+        "/early" => {
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            let mut resp = Response::new(full("too large"));
+            *resp.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
+            return Ok(resp);
         }
         "/echo" => {
             let announced = req.headers().get(http::header::TRAILER).cloned();

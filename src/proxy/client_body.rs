@@ -1,0 +1,174 @@
+//! A client's request body on its way to the upstream.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderName;
+use http_body_util::BodyExt as _;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::Instant;
+
+use super::forward;
+
+/// How long the rest of a body nobody reads is read and discarded
+/// (see [`ClientBody`]'s `Drop`): at most this long in all, and no longer
+/// than [`DISCARD_IDLE`] between two reads. nginx's `lingering_time` and
+/// `lingering_timeout`.
+const DISCARD_FOR: Duration = Duration::from_secs(30);
+const DISCARD_IDLE: Duration = Duration::from_secs(5);
+
+/// The client's body, streamed to the upstream as it arrives.
+///
+/// Its trailers (a chunked HTTP/1.1 body's, or an HTTP/2 stream's last
+/// HEADERS) lose every name sheath sets or vouches for, as the request
+/// head does. It says whether reading it from the client failed: the
+/// upstream then reports an error of its own (a reset HTTP/2 stream, a
+/// request cut short), and the fault is the client's. And a body left
+/// unread, because the upstream answered without reading it all or could
+/// not take it, is read to its end and discarded (see `Drop`).
+#[derive(Debug)]
+pub struct ClientBody {
+    /// Taken only when the body is dropped.
+    body: Option<Incoming>,
+    /// Only a body still to be read can fail, end in trailers or be left
+    /// unread, so a bodiless request (nearly every GET) allocates nothing.
+    state: Option<Arc<BodyState>>,
+    /// A body not yet read to its end.
+    unread: bool,
+}
+
+#[derive(Debug)]
+struct BodyState {
+    failed: AtomicBool,
+    /// The listener's own identity header, when it names one.
+    identity_header: Option<HeaderName>,
+}
+
+impl ClientBody {
+    pub fn new(body: Incoming, forward: &crate::config::ForwardIdentity) -> Self {
+        let ended = body.is_end_stream();
+        let state = (!ended).then(|| {
+            Arc::new(BodyState {
+                failed: AtomicBool::new(false),
+                identity_header: forward.header.clone(),
+            })
+        });
+        ClientBody {
+            body: Some(body),
+            state,
+            unread: !ended,
+        }
+    }
+
+    /// Whether the body failed, readable after the body has been handed
+    /// to the upstream connection.
+    pub fn failure(&self) -> BodyFailure {
+        BodyFailure(self.state.clone())
+    }
+}
+
+/// See [`ClientBody::failure`].
+#[derive(Debug)]
+pub struct BodyFailure(Option<Arc<BodyState>>);
+
+impl BodyFailure {
+    /// Did reading the client's body fail? Its failure is recorded before
+    /// the error reaches the upstream connection, so this is settled by
+    /// the time the upstream's error is seen.
+    pub fn happened(&self) -> bool {
+        self.0
+            .as_ref()
+            .is_some_and(|s| s.failed.load(Ordering::Acquire))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        let Some(body) = this.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = Pin::new(&mut *body).poll_frame(cx);
+        let state = this.state.as_deref();
+        match &frame {
+            Poll::Ready(Some(Err(_))) => {
+                this.unread = false;
+                if let Some(state) = state {
+                    state.failed.store(true, Ordering::Release);
+                }
+            }
+            Poll::Ready(None) => this.unread = false,
+            // A chunked HTTP/1 body says it has ended only by ending.
+            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.unread = false,
+            _ => {}
+        }
+        frame.map_ok(|frame| {
+            // Data frames, all but the last of a body, pass untouched.
+            match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    let custom = state.and_then(|s| s.identity_header.as_ref());
+                    forward::strip_from_trailers(&mut trailers, custom);
+                    Frame::trailers(trailers)
+                }
+                Err(data) => data,
+            }
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.as_ref().is_none_or(Body::is_end_stream)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+    }
+}
+
+/// A body dropped before its end (the upstream answered without reading
+/// it all, or failed) is read to its end and thrown away, as nginx does,
+/// so that the client, which may still be sending, gets the answer:
+/// - HTTP/1: left unread, its bytes would sit in the socket's receive
+///   buffer when the connection closes, and a close with unread bytes
+///   sends RST, which can destroy the answer before the client has read
+///   it. Read to its end, the connection even stays usable.
+/// - HTTP/2: the stream would be reset with NO_ERROR once the answer is
+///   sent, which RFC 9113 (§8.1) allows, and which curl 7.88 (Debian 12's) reports
+///   as "Stream error in the HTTP/2 framing layer" instead of the answer.
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        if !self.unread {
+            return;
+        }
+        let (Some(body), Ok(runtime)) = (self.body.take(), tokio::runtime::Handle::try_current())
+        else {
+            return;
+        };
+        runtime.spawn(discard(body));
+    }
+}
+
+/// Read `body` to its end, for as long as [`DISCARD_FOR`] allows.
+async fn discard(mut body: Incoming) {
+    let give_up = Instant::now() + DISCARD_FOR;
+    loop {
+        let deadline = give_up.min(Instant::now() + DISCARD_IDLE);
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(_))) => {}
+            // The end, the client's failure, or time up: an unread rest
+            // closes the connection, as before.
+            _ => return,
+        }
+    }
+}
