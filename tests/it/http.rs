@@ -269,19 +269,7 @@ async fn trailers_pass_both_ways_over_an_http1_upstream() {
     // A chunked upload with a trailer, echoed back by the upstream.
     let mut sent = http::HeaderMap::new();
     sent.insert("x-checksum", "c0ffee".parse().unwrap());
-    let frames = [
-        Frame::data(Bytes::from_static(b"payload")),
-        Frame::trailers(sent),
-    ];
-    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
-        frames.map(Ok::<_, hyper::Error>),
-    )));
-    let req = Request::post("/echo")
-        .header("host", "localhost")
-        .header("trailer", "x-checksum")
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
+    let req = client::post_with_trailers("/echo", b"payload", sent);
     let resp = within("echo", s.send_request(req)).await.unwrap();
     let body = within("echo body", resp.into_body().collect())
         .await

@@ -414,9 +414,7 @@ async fn identity_reaches_the_backend_and_forged_headers_never_do() {
 /// resemble one pass.
 #[tokio::test]
 async fn lookalike_names_with_underscores_never_reach_the_backend() {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
+    use http_body_util::BodyExt;
 
     let pki = TestPki::new();
     let proxy = mtls_proxy(
@@ -487,20 +485,7 @@ async fn lookalike_names_with_underscores_never_reach_the_backend() {
     for name in lookalikes.iter().chain(&kept) {
         trailers.insert(*name, "spiffe://evil/admin".parse().unwrap());
     }
-    let announced = lookalikes.iter().chain(&kept).copied().collect::<Vec<_>>();
-    let frames = [
-        Frame::data(Bytes::from_static(b"payload")),
-        Frame::trailers(trailers),
-    ];
-    let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
-        frames.map(Ok::<_, hyper::Error>),
-    )));
-    let req = Request::post("/echo")
-        .header("host", "localhost")
-        .header("trailer", announced.join(", "))
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
+    let req = client::post_with_trailers("/echo", b"payload", trailers);
     let resp = within("echo", h1.send_request(req)).await.unwrap();
     let body = within("echo body", resp.into_body().collect())
         .await
@@ -516,9 +501,7 @@ async fn lookalike_names_with_underscores_never_reach_the_backend() {
 
 #[tokio::test]
 async fn forged_identity_in_request_trailers_never_reaches_the_backend() {
-    use bytes::Bytes;
-    use http_body_util::{BodyExt, StreamBody};
-    use hyper::body::Frame;
+    use http_body_util::BodyExt;
 
     let forged_names = [
         "x-forwarded-client-cert",
@@ -535,21 +518,7 @@ async fn forged_identity_in_request_trailers_never_reaches_the_backend() {
             trailers.insert(name, "spiffe://evil/admin".parse().unwrap());
         }
         trailers.insert("x-checksum", "c0ffee".parse().unwrap());
-        let frames = [
-            Frame::data(Bytes::from_static(b"payload")),
-            Frame::trailers(trailers),
-        ];
-        let body = BodyExt::boxed(StreamBody::new(futures_util::stream::iter(
-            frames.map(Ok::<_, hyper::Error>),
-        )));
-        // HTTP/1.1 writes only the trailers its head announces.
-        let announced = format!("x-checksum, {}", forged_names.join(", "));
-        Request::post(uri)
-            .header("host", "localhost")
-            .header("trailer", announced)
-            .header("te", "trailers")
-            .body(body)
-            .unwrap()
+        client::post_with_trailers(uri, b"payload", trailers)
     };
     for (upstream, extra) in [
         (backend::http().await, ""),

@@ -88,6 +88,32 @@ pub fn empty() -> http_body_util::combinators::BoxBody<Bytes, hyper::Error> {
         .boxed()
 }
 
+/// A POST of `payload` to `uri`, then `trailers`: announced in `Trailer`
+/// (an HTTP/1.1 sender writes only the trailers it announced), with
+/// `TE: trailers` so that an echo of them comes back.
+pub fn post_with_trailers(
+    uri: &str,
+    payload: &'static [u8],
+    trailers: http::HeaderMap,
+) -> Request<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
+    let announced: Vec<&str> = trailers.keys().map(http::HeaderName::as_str).collect();
+    let announced = announced.join(", ");
+    let frames = [
+        hyper::body::Frame::data(Bytes::from_static(payload)),
+        hyper::body::Frame::trailers(trailers),
+    ];
+    let body = http_body_util::StreamBody::new(futures_util::stream::iter(
+        frames.map(Ok::<_, hyper::Error>),
+    ))
+    .boxed();
+    Request::post(uri)
+        .header("host", "localhost")
+        .header("trailer", announced)
+        .header("te", "trailers")
+        .body(body)
+        .unwrap()
+}
+
 /// A GET request for `path` with Host `localhost`.
 pub fn get(path: &str) -> Request<http_body_util::combinators::BoxBody<Bytes, hyper::Error>> {
     Request::get(path)
