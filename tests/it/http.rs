@@ -615,8 +615,9 @@ async fn a_flapping_and_resetting_backend_gets_prompt_502s_and_immediate_recover
 /// take at all: the client gets the answer, not a reset. A server that
 /// closes a connection with unread bytes in its receive buffer sends RST,
 /// and a client still sending may lose the response it had not read yet;
-/// so sheath reads and discards the rest of an HTTP/1.1 body (bounded in
-/// time), as nginx does. And curl's `Expect: 100-continue` before a large
+/// an HTTP/2 stream reset after the answer is an error to curl 7.88. So
+/// sheath reads and discards the rest of the body (bounded in time), as
+/// nginx does. And curl's `Expect: 100-continue` before a large
 /// HTTP/1.1 upload is answered as soon as the upstream starts reading the
 /// body: with curl told to wait a minute for it, the upload goes through at
 /// once, byte for byte.

@@ -401,12 +401,6 @@ async fn identity_reaches_the_backend_and_forged_headers_never_do() {
     }
 }
 
-/// Trailers are a second header section that HTTP/1.1 (chunked) and
-/// HTTP/2 let a client send after its body. A backend that merges them
-/// into the head, as RFC 9110 forbids and some frameworks do, must find
-/// no identity or forwarding name there but sheath's: they are stripped
-/// from the trailers over every client and upstream protocol, and the
-/// client's other trailers pass.
 /// CGI, WSGI and Rack map `-` and `_` in a header name to the same
 /// variable, so `X_Forwarded_Client_Cert` reaches such an application as
 /// `X-Forwarded-Client-Cert` would: every look-alike of a name sheath
@@ -499,6 +493,12 @@ async fn lookalike_names_with_underscores_never_reach_the_backend() {
     }
 }
 
+/// Trailers are a second header section that HTTP/1.1 (chunked) and
+/// HTTP/2 let a client send after its body. A backend that merges them
+/// into the head, as RFC 9110 forbids and some frameworks do, must find
+/// no identity or forwarding name there but sheath's: they are stripped
+/// from the trailers over every client and upstream protocol, and the
+/// client's other trailers pass.
 #[tokio::test]
 async fn forged_identity_in_request_trailers_never_reaches_the_backend() {
     use http_body_util::BodyExt;
