@@ -144,8 +144,9 @@ impl Body for ClientBody {
 ///   sends RST, which can destroy the answer before the client has read
 ///   it. Read to its end, the connection even stays usable.
 /// - HTTP/2: the stream would be reset with NO_ERROR once the answer is
-///   sent, which RFC 9113 (§8.1) allows, and which curl 7.88 (Debian 12's) reports
-///   as "Stream error in the HTTP/2 framing layer" instead of the answer.
+///   sent, which RFC 9113 (§8.1) allows, and which curl 7.88 (Debian
+///   12's) reports as "Stream error in the HTTP/2 framing layer" instead
+///   of the answer.
 impl Drop for ClientBody {
     fn drop(&mut self) {
         if !self.unread {
