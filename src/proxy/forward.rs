@@ -191,6 +191,27 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// May this request's `Upgrade` be passed on, to become a tunnel if the
+/// upstream switches? Not when a protocol it offers is HTTP again (`h2c`,
+/// `h2`, `HTTP/2.0`) or TLS (RFC 2817, HTTP inside): through the tunnel
+/// the upstream would read the client's own requests, whose headers sheath
+/// never saw, forged identity headers included ("h2c smuggling"). An `h2c`
+/// upgrade over TLS is invalid anyway (RFC 9113 §3.1). Such a request goes
+/// on as a plain one, its `Upgrade` removed, which RFC 9110 (§7.8) allows.
+pub fn upgrade_allowed(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .all(|offered| {
+            let offered = offered.trim_ascii();
+            let name = offered.split(|b| *b == b'/').next().unwrap_or(offered);
+            !["h2c", "h2", "http", "tls"]
+                .iter()
+                .any(|http| name.eq_ignore_ascii_case(http.as_bytes()))
+        })
+}
+
 /// Remove hop-by-hop headers, including those the `Connection` header names.
 /// With `keep_upgrade`, the `Upgrade` header and `Connection: upgrade` are
 /// re-added so a protocol switch can pass through.
@@ -385,6 +406,39 @@ mod tests {
         remove_listed(&mut h, &["x_client_id"]);
         assert_eq!(h.keys().collect::<Vec<_>>(), ["x-client-i_"]);
         assert!(!reads_as("x-client-id", "x-client-if"));
+    }
+
+    #[test]
+    fn upgrades_back_into_http_are_refused_and_others_pass() {
+        let upgrade = |values: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(UPGRADE, HeaderValue::from_static(v));
+            }
+            upgrade_allowed(&h)
+        };
+        for allowed in [
+            "websocket",
+            "WebSocket",
+            "SPDY/3.1",
+            "tcp",
+            "websocket, foo/2",
+        ] {
+            assert!(upgrade(&[allowed]), "{allowed}");
+        }
+        for refused in [
+            "h2c",
+            "H2C",
+            "h2",
+            "HTTP/2.0",
+            "http/1.1",
+            "TLS/1.0",
+            "websocket, h2c",
+        ] {
+            assert!(!upgrade(&[refused]), "{refused}");
+        }
+        // In a second line as well.
+        assert!(!upgrade(&["websocket", " h2c "]));
     }
 
     #[test]

@@ -396,9 +396,11 @@ async fn forward_request(
     };
 
     // Only HTTP/1.1 can switch protocols this way; HTTP/2 has no Upgrade.
+    // A refused upgrade loses its `Upgrade` with the hop-by-hop headers.
     let upgrading = req.version() == Version::HTTP_11
         && req.headers().contains_key(http::header::UPGRADE)
-        && forward::has_token(req.headers(), &CONNECTION, "upgrade");
+        && forward::has_token(req.headers(), &CONNECTION, "upgrade")
+        && forward::upgrade_allowed(req.headers());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
 
     // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.

@@ -488,3 +488,77 @@ async fn a_broken_request_body_is_a_400_over_an_h2c_upstream_too() {
     .await;
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
 }
+
+/// An upstream that accepts an upgrade to `h2c` (or back into HTTP by
+/// another name) would read whatever the client sends through the tunnel
+/// as requests of its own, with no header of them seen by sheath: a
+/// forged `X-Forwarded-Client-Cert` would reach it (h2c smuggling). sheath
+/// never tunnels such an upgrade: the request goes on as a plain one,
+/// without `Upgrade`, and what follows it on the connection is parsed as
+/// requests and cleaned like any other.
+#[tokio::test]
+async fn an_upgrade_back_into_http_is_never_tunnelled() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let seen = received.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = backend.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let n = match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                    head.extend_from_slice(&buf[..n]);
+                    // One answer per request head; switches to anything asked.
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let request = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
+                        head.drain(..end + 4);
+                        let answer: &[u8] = match request
+                            .lines()
+                            .find_map(|l| l.strip_prefix("upgrade:"))
+                        {
+                            Some(_) => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+                            None => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                        };
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend_addr, "").await;
+    for upgrade in ["h2c", "H2C", "websocket, h2c", "HTTP/2.0", "h2", "TLS/1.2"] {
+        received.lock().unwrap().clear();
+        let config = client::client_config(pki.roots(), &[b"http/1.1"]);
+        let mut tls = client::connect(proxy.addr("web"), config).await.unwrap();
+        let request = format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n\
+             GET /admin HTTP/1.1\r\nHost: x\r\nX-Forwarded-Client-Cert: Hash=forged\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(request.as_bytes()).await.unwrap();
+        let (answer, closed) = read_until_closed(&mut tls, Duration::from_secs(5)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(closed, "{upgrade}: {answer}");
+        assert!(!answer.contains(" 101 "), "{upgrade}: switched: {answer}");
+        assert_eq!(
+            answer.matches("HTTP/1.1 200 OK").count(),
+            2,
+            "{upgrade}: {answer}"
+        );
+        let received = String::from_utf8_lossy(&received.lock().unwrap()).into_owned();
+        assert!(!received.contains("forged"), "{upgrade}: {received}");
+        assert!(
+            !received.to_ascii_lowercase().contains("upgrade:"),
+            "{upgrade}: {received}"
+        );
+    }
+}
