@@ -403,14 +403,7 @@ async fn forward_request(
         && forward::upgrade_allowed(req.headers());
     let client_upgrade = upgrading.then(|| hyper::upgrade::on(&mut req));
 
-    // HTTP/2 carries the host in :authority; HTTP/1.1 upstreams need Host.
-    let host = match req.headers().get(HOST) {
-        Some(h) => Some(h.clone()),
-        None => req
-            .uri()
-            .authority()
-            .and_then(|a| ctx.client_addr.host_value(a.as_str())),
-    };
+    let host = request_host(&req, &ctx.client_addr)?;
 
     // Only HTTP/1.1 carries Upgrade, so upgrades never go over h2c.
     let h2c = !upgrading && config.upstream_protocol.h2c_for(req.version());
@@ -457,7 +450,8 @@ async fn forward_request(
         *upstream_req.version_mut() = Version::HTTP_11;
         let headers = upstream_req.headers_mut();
         match &host {
-            Some(host) if !headers.contains_key(HOST) => {
+            // HTTP/2's `:authority`, or an absolute-form target's host.
+            Some(host) if headers.get(HOST) != Some(host) => {
                 headers.insert(HOST, host.clone());
             }
             Some(_) => {}
@@ -512,6 +506,48 @@ async fn forward_request(
     // writes the response in its own.
     *resp.version_mut() = Version::HTTP_11;
     Ok(resp.map(Either::Left))
+}
+
+/// The host a request names: what the upstream is told (`Host`, or
+/// `:authority` over h2c) and `X-Forwarded-Host` repeats. A request that
+/// names it ambiguously is refused, so that sheath and the upstream cannot
+/// read two hosts into it: more than one `Host` or an invalid one, none in
+/// HTTP/1.1 (RFC 9112 §3.2), or over HTTP/2 a `Host` naming another host
+/// than `:authority` (RFC 9113 §8.3.1). An HTTP/1 request target in
+/// absolute form names the host itself and its `Host` is ignored (RFC 9112
+/// §3.2.2); sheath passes the host on, the target in origin form.
+fn request_host(
+    req: &Request<Incoming>,
+    client: &forward::ClientAddr,
+) -> Result<Option<HeaderValue>, Failure> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Failure::BadRequest("more than one Host header"));
+    }
+    if host.is_some_and(|h| Authority::try_from(h.as_bytes()).is_err()) {
+        return Err(Failure::BadRequest("the Host header is not a valid host"));
+    }
+    match (req.uri().authority(), host) {
+        (Some(authority), Some(host))
+            if req.version() == Version::HTTP_2
+                && !authority
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(host.as_bytes()) =>
+        {
+            Err(Failure::BadRequest(
+                "the Host header names another host than :authority",
+            ))
+        }
+        (Some(authority), _) => Ok(client.host_value(authority.as_str())),
+        (None, Some(host)) => Ok(Some(host.clone())),
+        (None, None) if req.version() == Version::HTTP_11 => Err(Failure::BadRequest(
+            "an HTTP/1.1 request must name its host in a Host header",
+        )),
+        // HTTP/1.0 may name none; the upstream's address is used.
+        (None, None) => Ok(None),
+    }
 }
 
 fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {

@@ -562,3 +562,66 @@ async fn an_upgrade_back_into_http_is_never_tunnelled() {
         );
     }
 }
+
+/// A request must name its host once, validly, and the same way in every
+/// place it names it, or sheath and the upstream could route or trust it
+/// by two different hosts: two `Host` headers, none in HTTP/1.1, an
+/// invalid one, or over HTTP/2 a `Host` other than `:authority` get 400.
+/// An absolute-form target names the host itself (its `Host` is ignored,
+/// RFC 9112 §3.2.2), and HTTP/1.0 may name none.
+#[tokio::test]
+async fn a_request_names_one_host_or_is_refused() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, crate::common::backend::http().await, "").await;
+    let addr = proxy.addr("web");
+    for (what, request) in [
+        (
+            "two Host headers",
+            &b"GET /headers HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n"[..],
+        ),
+        (
+            "no Host in HTTP/1.1",
+            b"GET /headers HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "an invalid Host",
+            b"GET /headers HTTP/1.1\r\nHost: a.example/evil\r\nConnection: close\r\n\r\n",
+        ),
+    ] {
+        let answer = raw_exchange(addr, &pki, request).await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer:?}");
+    }
+
+    let answer = raw_exchange(
+        addr,
+        &pki,
+        b"GET http://a.example/headers HTTP/1.1\r\nHost: b.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert!(answer.contains("GET /headers HTTP/1.1\n"), "{answer:?}");
+    assert!(answer.contains("\nhost: a.example\n"), "{answer:?}");
+    assert!(
+        answer.contains("\nx-forwarded-host: a.example\n"),
+        "{answer:?}"
+    );
+    assert!(!answer.contains("b.example"), "{answer:?}");
+
+    let answer = raw_exchange(addr, &pki, b"GET /headers HTTP/1.0\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer:?}");
+
+    // HTTP/2: `:authority` and a Host that disagrees.
+    let mut h2 = client::h2(addr, pki.roots()).await;
+    let req = Request::get("https://a.example/headers")
+        .header("host", "b.example")
+        .body(client::empty())
+        .unwrap();
+    let resp = within("h2", h2.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let req = Request::get("https://a.example/headers")
+        .header("host", "A.example")
+        .body(client::empty())
+        .unwrap();
+    let resp = within("h2", h2.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
