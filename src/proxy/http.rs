@@ -521,11 +521,14 @@ fn request_host(
     client: &forward::ClientAddr,
 ) -> Result<Option<HeaderValue>, Failure> {
     let mut hosts = req.headers().get_all(HOST).iter();
-    let host = hosts.next();
+    let host_line = hosts.next();
     if hosts.next().is_some() {
         return Err(Failure::BadRequest("more than one Host header"));
     }
-    if host.is_some_and(|h| Authority::try_from(h.as_bytes()).is_err()) {
+    // An empty Host says the target has no authority (RFC 9112 §3.2): the
+    // upstream's address is used, as for HTTP/1.0 without one.
+    let host = host_line.filter(|h| !h.is_empty());
+    if host.is_some_and(|h| !valid_host(h)) {
         return Err(Failure::BadRequest("the Host header is not a valid host"));
     }
     match (req.uri().authority(), host) {
@@ -542,12 +545,22 @@ fn request_host(
         }
         (Some(authority), _) => Ok(client.host_value(authority.as_str())),
         (None, Some(host)) => Ok(Some(host.clone())),
-        (None, None) if req.version() == Version::HTTP_11 => Err(Failure::BadRequest(
-            "an HTTP/1.1 request must name its host in a Host header",
-        )),
+        (None, None) if host_line.is_none() && req.version() == Version::HTTP_11 => Err(
+            Failure::BadRequest("an HTTP/1.1 request must name its host in a Host header"),
+        ),
         // HTTP/1.0 may name none; the upstream's address is used.
         (None, None) => Ok(None),
     }
+}
+
+/// `uri-host [":" port]` (RFC 9110 §7.2): an authority without user
+/// information, whose port, if any, is a port number.
+fn valid_host(value: &HeaderValue) -> bool {
+    let Ok(authority) = Authority::try_from(value.as_bytes()) else {
+        return false;
+    };
+    let text = authority.as_str();
+    !text.contains('@') && (text.len() == authority.host().len() || authority.port_u16().is_some())
 }
 
 fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {

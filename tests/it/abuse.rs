@@ -587,6 +587,14 @@ async fn a_request_names_one_host_or_is_refused() {
             "an invalid Host",
             b"GET /headers HTTP/1.1\r\nHost: a.example/evil\r\nConnection: close\r\n\r\n",
         ),
+        (
+            "user information in Host",
+            b"GET /headers HTTP/1.1\r\nHost: evil@a.example\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "a port out of range",
+            b"GET /headers HTTP/1.1\r\nHost: a.example:99999\r\nConnection: close\r\n\r\n",
+        ),
     ] {
         let answer = raw_exchange(addr, &pki, request).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer:?}");
@@ -607,8 +615,15 @@ async fn a_request_names_one_host_or_is_refused() {
     );
     assert!(!answer.contains("b.example"), "{answer:?}");
 
-    let answer = raw_exchange(addr, &pki, b"GET /headers HTTP/1.0\r\n\r\n").await;
-    assert!(answer.starts_with("HTTP/1.0 200 "), "{answer:?}");
+    // No host to name: HTTP/1.0 without Host, or an empty Host. IPv6.
+    for request in [
+        &b"GET /headers HTTP/1.0\r\n\r\n"[..],
+        b"GET /headers HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        b"GET /headers HTTP/1.1\r\nHost: [::1]:8443\r\nConnection: close\r\n\r\n",
+    ] {
+        let answer = raw_exchange(addr, &pki, request).await;
+        assert!(answer.contains(" 200 OK\r\n"), "{answer:?}");
+    }
 
     // HTTP/2: `:authority` and a Host that disagrees.
     let mut h2 = client::h2(addr, pki.roots()).await;
