@@ -8,7 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, UPGRADE};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, UPGRADE};
 
 // Each name sheath sets, spelled once: the inserts use the `HeaderName`s,
 // the removal lists below the strings.
@@ -189,6 +189,26 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// An HTTP/2 client may split its cookies over several `cookie` fields
+/// (browsers do, so that HPACK can index each); HTTP/1.1 allows one
+/// `Cookie` line, and many servers read only the first. RFC 9113 §8.2.3:
+/// joined with "; " before the request goes on over HTTP/1.1.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (cookies.next(), cookies.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for crumb in headers.get_all(COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    // Made of valid values and "; ", so valid itself.
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, joined);
+    }
 }
 
 /// May this request's `Upgrade` be passed on, to become a tunnel if the
@@ -439,6 +459,23 @@ mod tests {
         }
         // In a second line as well.
         assert!(!upgrade(&["websocket", " h2c "]));
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_line() {
+        let mut h = HeaderMap::new();
+        for crumb in ["a=1", "b=2", "c=3"] {
+            h.append(COOKIE, HeaderValue::from_static(crumb));
+        }
+        join_cookies(&mut h);
+        assert_eq!(
+            h.get_all(COOKIE).iter().collect::<Vec<_>>(),
+            ["a=1; b=2; c=3"]
+        );
+        let mut one = HeaderMap::new();
+        one.insert(COOKIE, HeaderValue::from_static("a=1; b=2"));
+        join_cookies(&mut one);
+        assert_eq!(one[COOKIE], "a=1; b=2");
     }
 
     #[test]

@@ -424,6 +424,7 @@ async fn forward_request(
             "only origin-form request targets are proxied",
         ))?;
 
+    let from_h2 = parts.version == Version::HTTP_2;
     let body = ClientBody::new(body, &config.client_auth.forward);
     let body_failure = body.failure();
     let mut upstream_req = Request::new(body);
@@ -461,6 +462,9 @@ async fn forward_request(
                     headers.insert(HOST, authority);
                 }
             }
+        }
+        if from_h2 {
+            forward::join_cookies(headers);
         }
     }
     let headers = upstream_req.headers_mut();

@@ -709,3 +709,27 @@ async fn large_uploads_get_their_answer_even_when_the_upstream_does_not_read_the
         }
     }
 }
+
+/// Browsers split their cookies over several `cookie` fields in HTTP/2;
+/// an HTTP/1.1 upstream gets them as the one `Cookie` line HTTP/1.1
+/// allows (RFC 9113 §8.2.3), in their order, since many servers read only
+/// the first line.
+#[tokio::test]
+async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend::http().await, "").await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let req = Request::get("https://localhost/headers")
+        .header("cookie", "session=abc")
+        .header("cookie", "theme=dark")
+        .header("cookie", "lang=en")
+        .body(client::empty())
+        .unwrap();
+    let text = body_text(within("h2", h2.send_request(req)).await.unwrap()).await;
+    let h = parse_headers(&text);
+    assert_eq!(
+        header(&h, "cookie"),
+        ["session=abc; theme=dark; lang=en"],
+        "{text}"
+    );
+}
