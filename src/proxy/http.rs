@@ -14,7 +14,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE};
+use http::header::{
+    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING,
+};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -491,6 +493,12 @@ async fn forward_request(
             Ok(Ok(resp)) => resp,
         };
 
+    // A response framed both ways has been read by its transfer coding;
+    // its Content-Length, which would cut the body short for the client
+    // (or reset an HTTP/2 stream), goes (RFC 9112 §6.3).
+    if resp.headers().contains_key(TRANSFER_ENCODING) {
+        resp.headers_mut().remove(CONTENT_LENGTH);
+    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);

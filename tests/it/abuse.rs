@@ -640,3 +640,56 @@ async fn a_request_names_one_host_or_is_refused() {
     let resp = within("h2", h2.send_request(req)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+/// An upstream response with both a length and chunked coding (response
+/// splitting, or a broken upstream) is read by its chunked coding, and the
+/// client gets the body as read, without the length that would cut it
+/// short (RFC 9112 §6.3); what the chunk held never becomes a response.
+#[tokio::test]
+async fn an_upstream_response_framed_two_ways_reaches_the_client_as_one_response() {
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+                                       14\r\nhelloHTTP/1.1 999 XX\r\n0\r\n\r\n";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend_addr, "").await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let resp = within("h1", h1.send_request(get("/"))).await.unwrap();
+        assert!(!resp.headers().contains_key("content-length"), "{resp:?}");
+        assert_eq!(
+            body_text(resp).await,
+            "helloHTTP/1.1 999 XX",
+            "round {round}"
+        );
+        let resp = within("h2", h2.send_request(client::get_h2("/")))
+            .await
+            .unwrap();
+        assert_eq!(
+            body_text(resp).await,
+            "helloHTTP/1.1 999 XX",
+            "round {round}"
+        );
+    }
+}
