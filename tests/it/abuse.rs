@@ -163,7 +163,7 @@ async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
         .unwrap();
     let response = within("first response", response).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(sender.current_max_send_streams(), 256);
+    assert_eq!(sender.current_max_send_streams(), 128);
     let baseline = backend.accepted();
 
     // Open streams and reset each at once (dropping every handle sends

@@ -1754,3 +1754,118 @@ async fn the_upstream_protocol_flag_sets_the_listener_and_is_checked() {
         text(&out.stderr)
     );
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// One HTTP/2 frame: its 9-byte header, then `payload`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    frame.extend([kind, flags]);
+    frame.extend(stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// An HTTP/2 client that asks for many large downloads on one connection,
+/// opening every window as wide as HTTP/2 allows, and never reads a byte:
+/// whatever sheath keeps buffered for it stays in memory. Each stream can
+/// hold only so much (its send buffer, what was read from the upstream),
+/// and a connection only so many streams, so two such clients asking for
+/// 256 downloads of 16 MiB each leave sheath's memory within a bound
+/// (~53 MiB held; it grew past 157 MiB and on with hyper's 400 KiB send
+/// buffer and 256 streams per connection).
+#[tokio::test]
+async fn http2_clients_that_never_read_pin_bounded_memory() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let backend = backend::CountingBackend::start().await;
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"http\"\n{}",
+            backend.addr,
+            pki::files_cert_toml(&files)
+        ),
+    );
+    let mut cmd = sheath();
+    cmd.args(["--workers", "1", "--log-format", "json", "run", "--config"])
+        .arg(&config);
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+    // Served once, so what is measured is what the clients add.
+    let mut warm = client::h2(addr, pki.roots()).await;
+    let resp = warm.send_request(client::get_h2("/")).await.unwrap();
+    assert_eq!(client::body_text(resp).await, "ok");
+    let before = rss_kib(proxy.pid);
+
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let config = client::client_config(pki.roots(), &[b"h2"]);
+        let mut tls = client::connect(addr, config).await.unwrap();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // SETTINGS: INITIAL_WINDOW_SIZE = 2^31 - 1; then the same for the
+        // connection's window, and an ACK of the server's settings.
+        out.extend(h2_frame(0x4, 0, 0, &[0, 4, 0x7f, 0xff, 0xff, 0xff]));
+        out.extend(h2_frame(
+            0x8,
+            0,
+            0,
+            &(0x7fff_ffff - 65_535u32).to_be_bytes(),
+        ));
+        out.extend(h2_frame(0x4, 0x1, 0, &[]));
+        let path = b"/drip?chunks=256&size=65536&ms=0";
+        for i in 0..256u32 {
+            // HPACK: :method GET, :scheme https (static table), :path and
+            // :authority as literals with indexed names.
+            let mut block = vec![0x82, 0x87, 0x04, path.len() as u8];
+            block.extend_from_slice(path);
+            block.extend([0x01, 9]);
+            block.extend_from_slice(b"localhost");
+            // END_STREAM | END_HEADERS
+            out.extend(h2_frame(0x1, 0x5, 1 + 2 * i, &block));
+        }
+        tls.write_all(&out).await.unwrap();
+        tls.flush().await.unwrap();
+        clients.push(tls);
+    }
+
+    // Every stream sheath took up reached the backend; then sheath's
+    // memory grows until the buffers are full. Measured when it has not
+    // grown for a second.
+    const BOUND_MIB: u64 = 96;
+    common::eventually("streams reach the backend", || {
+        backend.accepted() >= 2 * 100
+    })
+    .await;
+    let deadline = Instant::now() + common::DEADLINE;
+    let mut last = (rss_kib(proxy.pid), Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let rss = rss_kib(proxy.pid);
+        let grown = (rss.saturating_sub(before)) / 1024;
+        assert!(
+            grown <= BOUND_MIB,
+            "{grown} MiB held for two clients that never read (bound {BOUND_MIB} MiB)"
+        );
+        if rss > last.0 + 1024 {
+            last = (rss, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(1) {
+            eprintln!("held for two clients that never read: {grown} MiB");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "memory still growing: {grown} MiB"
+        );
+    }
+    drop(clients);
+}
