@@ -44,9 +44,9 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per client connection (nginx's default).
 /// With [`H2_SEND_BUF`] it bounds what one client that asks for many
 /// downloads and never reads them can make sheath hold: each stream keeps
-/// its send buffer and what was last read from its upstream, ~200 KiB,
-/// so ~25 MiB per connection (~190 MiB with 256 streams and hyper's
-/// 400 KiB send buffers, measured in tests/it/process.rs).
+/// its send buffer and what was last read from its upstream, ~220 KiB,
+/// so ~28 MiB per connection (~295 MiB with 256 streams and hyper's
+/// 400 KiB send buffers; release build, 16 MiB downloads).
 const MAX_H2_STREAMS: u32 = 128;
 /// Response bytes queued per HTTP/2 stream before sheath stops reading
 /// the upstream's body for it. Bulk HTTP/2 downloads cost ~6% more CPU
