@@ -489,17 +489,14 @@ async fn a_broken_request_body_is_a_400_over_an_h2c_upstream_too() {
     assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
 }
 
-/// An upstream that accepts an upgrade to `h2c` (or back into HTTP by
-/// another name) would read whatever the client sends through the tunnel
-/// as requests of its own, with no header of them seen by sheath: a
-/// forged `X-Forwarded-Client-Cert` would reach it (h2c smuggling). sheath
-/// never tunnels such an upgrade: the request goes on as a plain one,
-/// without `Upgrade`, and what follows it on the connection is parsed as
-/// requests and cleaned like any other.
-#[tokio::test]
-async fn an_upgrade_back_into_http_is_never_tunnelled() {
+/// A raw HTTP/1.1 upstream that answers each bodiless request head with
+/// the bytes `answer` gives for it (the head, lowercased), whatever they
+/// say, and keeps every byte it receives.
+async fn scripted_backend(
+    answer: fn(&str) -> &'static [u8],
+) -> (SocketAddr, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
     let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
+    let addr = backend.local_addr().unwrap();
     let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
     let seen = received.clone();
     tokio::spawn(async move {
@@ -515,18 +512,10 @@ async fn an_upgrade_back_into_http_is_never_tunnelled() {
                     };
                     seen.lock().unwrap().extend_from_slice(&buf[..n]);
                     head.extend_from_slice(&buf[..n]);
-                    // One answer per request head; switches to anything asked.
                     while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                         let request = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
                         head.drain(..end + 4);
-                        let answer: &[u8] = match request
-                            .lines()
-                            .find_map(|l| l.strip_prefix("upgrade:"))
-                        {
-                            Some(_) => b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
-                            None => b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
-                        };
-                        if tcp.write_all(answer).await.is_err() {
+                        if tcp.write_all(answer(&request)).await.is_err() {
                             return;
                         }
                     }
@@ -534,6 +523,27 @@ async fn an_upgrade_back_into_http_is_never_tunnelled() {
             });
         }
     });
+    (addr, received)
+}
+
+/// An upstream that accepts an upgrade to `h2c` (or back into HTTP by
+/// another name) would read whatever the client sends through the tunnel
+/// as requests of its own, with no header of them seen by sheath: a
+/// forged `X-Forwarded-Client-Cert` would reach it (h2c smuggling). sheath
+/// never tunnels such an upgrade: the request goes on as a plain one,
+/// without `Upgrade`, and what follows it on the connection is parsed as
+/// requests and cleaned like any other.
+#[tokio::test]
+async fn an_upgrade_back_into_http_is_never_tunnelled() {
+    // Switches to anything asked.
+    let (backend_addr, received) = scripted_backend(|request| {
+        if request.lines().any(|l| l.starts_with("upgrade:")) {
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+        }
+    })
+    .await;
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, backend_addr, "").await;
     for upgrade in ["h2c", "H2C", "websocket, h2c", "HTTP/2.0", "h2", "TLS/1.2"] {
@@ -647,30 +657,11 @@ async fn a_request_names_one_host_or_is_refused() {
 /// short (RFC 9112 §6.3); what the chunk held never becomes a response.
 #[tokio::test]
 async fn an_upstream_response_framed_two_ways_reaches_the_client_as_one_response() {
-    let backend = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_addr = backend.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = backend.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    match tcp.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                    while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        head.drain(..end + 4);
-                        let answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
-                                       14\r\nhelloHTTP/1.1 999 XX\r\n0\r\n\r\n";
-                        if tcp.write_all(answer).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let (backend_addr, _) = scripted_backend(|_| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n\
+          14\r\nhelloHTTP/1.1 999 XX\r\n0\r\n\r\n"
+    })
+    .await;
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, backend_addr, "").await;
     let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
