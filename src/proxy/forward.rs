@@ -8,7 +8,10 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, UPGRADE};
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, TRANSFER_ENCODING,
+    UPGRADE,
+};
 
 // Each name sheath sets, spelled once: the inserts use the `HeaderName`s,
 // the removal lists below the strings.
@@ -96,13 +99,7 @@ pub fn set_identity(
     forward: &crate::config::ForwardIdentity,
     identity: Option<&crate::tls::client_auth::ClientIdentity>,
 ) {
-    remove_listed(headers, &IDENTITY);
-    // The default simple header goes too when it is not the configured
-    // one: a backend written for sheath's default keeps trusting it after
-    // forwarding is switched off or renamed.
-    if let Some(custom) = &forward.header {
-        remove_listed(headers, &[custom.as_str()]);
-    }
+    remove_identity(headers, forward.header.as_ref());
     let Some(id) = identity else {
         return;
     };
@@ -136,9 +133,18 @@ pub fn set_identity(
 /// forwarding address or a client identity the client wrote itself.
 pub fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
     remove_listed(trailers, &FORWARDING);
-    remove_listed(trailers, &IDENTITY);
+    remove_identity(trailers, identity_header);
+}
+
+/// Remove every identity header a client may have sent: the ones sheath
+/// can set and the listener's own `identity_header`. The default simple
+/// header goes too when it is not the configured one: a backend written
+/// for sheath's default keeps trusting it after forwarding is switched off
+/// or renamed.
+fn remove_identity(headers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
+    remove_listed(headers, &IDENTITY);
     if let Some(name) = identity_header {
-        remove_listed(trailers, &[name.as_str()]);
+        remove_listed(headers, &[name.as_str()]);
     }
 }
 
@@ -253,6 +259,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter(|t| !HOP_BY_HOP.iter().any(|n| t.eq_ignore_ascii_case(n)))
         .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
+    // A message framed both ways was read by its transfer coding (RFC 9112
+    // §6.3); with the coding gone, the length it overrode must go too, or
+    // the next hop frames the body by it (an upstream's response cut
+    // short for an HTTP/1.1 client, a reset HTTP/2 stream).
+    if headers.contains_key(TRANSFER_ENCODING) {
+        headers.remove(CONTENT_LENGTH);
+    }
     remove_listed(headers, &HOP_BY_HOP);
     for name in named {
         headers.remove(name);

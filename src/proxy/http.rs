@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{
-    HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING,
-};
+use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -437,7 +435,6 @@ async fn forward_request(
             "only origin-form request targets are proxied",
         ))?;
 
-    let from_h2 = parts.version == Version::HTTP_2;
     let body = ClientBody::new(body, &config.client_auth.forward);
     let body_failure = body.failure();
     let mut upstream_req = Request::new(body);
@@ -476,7 +473,7 @@ async fn forward_request(
                 }
             }
         }
-        if from_h2 {
+        if parts.version == Version::HTTP_2 {
             forward::join_cookies(headers);
         }
     }
@@ -504,12 +501,6 @@ async fn forward_request(
             Ok(Ok(resp)) => resp,
         };
 
-    // A response framed both ways has been read by its transfer coding;
-    // its Content-Length, which would cut the body short for the client
-    // (or reset an HTTP/2 stream), goes (RFC 9112 §6.3).
-    if resp.headers().contains_key(TRANSFER_ENCODING) {
-        resp.headers_mut().remove(CONTENT_LENGTH);
-    }
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
             let upstream_upgrade = hyper::upgrade::on(&mut resp);
