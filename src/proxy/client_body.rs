@@ -32,13 +32,12 @@ const DISCARD_IDLE: Duration = Duration::from_secs(5);
 /// not take it, is read to its end and discarded (see `Drop`).
 #[derive(Debug)]
 pub struct ClientBody {
-    /// Taken only when the body is dropped.
+    /// `None` once read to its end or failed: a body still here when
+    /// dropped, of a request that had one, was left unread.
     body: Option<Incoming>,
     /// Only a body still to be read can fail, end in trailers or be left
     /// unread, so a bodiless request (nearly every GET) allocates nothing.
     state: Option<Arc<BodyState>>,
-    /// A body not yet read to its end.
-    unread: bool,
 }
 
 #[derive(Debug)]
@@ -50,8 +49,7 @@ struct BodyState {
 
 impl ClientBody {
     pub fn new(body: Incoming, forward: &crate::config::ForwardIdentity) -> Self {
-        let ended = body.is_end_stream();
-        let state = (!ended).then(|| {
+        let state = (!body.is_end_stream()).then(|| {
             Arc::new(BodyState {
                 failed: AtomicBool::new(false),
                 identity_header: forward.header.clone(),
@@ -60,7 +58,6 @@ impl ClientBody {
         ClientBody {
             body: Some(body),
             state,
-            unread: !ended,
         }
     }
 
@@ -100,17 +97,20 @@ impl Body for ClientBody {
         };
         let frame = Pin::new(&mut *body).poll_frame(cx);
         let state = this.state.as_deref();
-        match &frame {
+        let done = match &frame {
             Poll::Ready(Some(Err(_))) => {
-                this.unread = false;
                 if let Some(state) = state {
                     state.failed.store(true, Ordering::Release);
                 }
+                true
             }
-            Poll::Ready(None) => this.unread = false,
+            Poll::Ready(None) => true,
             // A chunked HTTP/1 body says it has ended only by ending.
-            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => this.unread = false,
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
+            Poll::Pending => false,
+        };
+        if done {
+            this.body = None;
         }
         frame.map_ok(|frame| {
             // Data frames, all but the last of a body, pass untouched.
@@ -149,7 +149,7 @@ impl Body for ClientBody {
 ///   of the answer.
 impl Drop for ClientBody {
     fn drop(&mut self) {
-        if !self.unread {
+        if self.state.is_none() {
             return;
         }
         let (Some(body), Ok(runtime)) = (self.body.take(), tokio::runtime::Handle::try_current())
