@@ -681,9 +681,7 @@ impl SingleListener {
             match f.as_str() {
                 "xfcc" => forward.xfcc = true,
                 "client-cert" => forward.client_cert = true,
-                "header" => {
-                    forward.header = Some(http::HeaderName::from_static(config::DEFAULT_IDENTITY_HEADER))
-                }
+                "header" => forward.header = Some(config::ForwardIdentity::default_header()),
                 other => {
                     return Err(flag_error(
                         "--forward-identity",

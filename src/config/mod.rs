@@ -235,6 +235,14 @@ pub struct ForwardIdentity {
     pub header: Option<http::HeaderName>,
 }
 
+impl ForwardIdentity {
+    /// The header `forward = ["header"]` (or `--forward-identity header`)
+    /// names when no `identity_header` is given.
+    pub fn default_header() -> http::HeaderName {
+        http::HeaderName::from_static(DEFAULT_IDENTITY_HEADER)
+    }
+}
+
 /// Where a listener sends decrypted traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {

@@ -16,8 +16,8 @@ use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
     CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig,
     ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert,
-    Timeouts, TlsVersion, Upstream, UpstreamProtocol, DEFAULT_IDENTITY_HEADER,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_TRUST_POLL_INTERVAL,
+    Timeouts, TlsVersion, Upstream, UpstreamProtocol, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_TRUST_POLL_INTERVAL,
 };
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -527,7 +527,7 @@ fn validate_client_auth(
                 "client-cert" => forward.client_cert = true,
                 "header" => {
                     forward.header = Some(match &raw.identity_header {
-                        None => http::HeaderName::from_static(DEFAULT_IDENTITY_HEADER),
+                        None => ForwardIdentity::default_header(),
                         // Case-insensitive: the parsed name is lowercase.
                         Some(h) => http::HeaderName::from_bytes(h.get_ref().as_bytes()).map_err(|_| {
                             invalid(
