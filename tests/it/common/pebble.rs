@@ -88,17 +88,23 @@ pub struct Pebble {
     pub dir: TempDir,
 }
 
-/// A free TCP port on 127.0.0.1 (bind :0, read the port, drop the socket).
+/// A free TCP port on 127.0.0.1, never one this process was given before.
 ///
 /// Ports come from below Linux's ephemeral range (32768+): a port the
 /// kernel handed out for `:0` can be reused at once as the source port of
-/// some other test's outgoing connection, and then the bind fails.
+/// some other test's outgoing connection, and then the bind fails. The
+/// port is only probed, not held, so two calls could draw the same free
+/// port before either is bound (Pebble's API and challtestsrv's
+/// management port once did): the ports handed out are remembered.
 pub fn free_port() -> u16 {
     use rand::Rng;
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
     let mut rng = rand::thread_rng();
     for _ in 0..1000 {
         let port = rng.gen_range(20_000..32_000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
@@ -124,28 +130,17 @@ impl Pebble {
         let mut roots = RootCertStore::empty();
         roots.add(api_ca_der.clone()).unwrap();
 
-        let api_port = free_port();
-        let mgmt_port = free_port();
-        let dns_port = free_port();
-        let challtestsrv_mgmt_port = free_port();
-
         let config_path = dir.path().join("pebble-config.json");
-        std::fs::write(
-            &config_path,
-            config_json(&opts, api_port, mgmt_port, &cert_path, &key_path),
-        )
-        .unwrap();
-
         let mut pebble = Pebble {
-            directory: format!("https://127.0.0.1:{api_port}/dir"),
+            directory: String::new(),
             api_root_pem_path,
             api_ca_sha256: super::sha256(&api_ca_der),
-            mgmt: format!("https://127.0.0.1:{mgmt_port}"),
+            mgmt: String::new(),
             api_root_pem: api_ca_pem,
-            api_port,
-            mgmt_port,
-            dns_port,
-            challtestsrv_mgmt_port,
+            api_port: 0,
+            mgmt_port: 0,
+            dns_port: 0,
+            challtestsrv_mgmt_port: 0,
             opts,
             config_path,
             api_roots: Arc::new(roots),
@@ -153,10 +148,42 @@ impl Pebble {
             challtestsrv: None,
             dir,
         };
-        pebble.spawn_challtestsrv();
-        pebble.spawn_pebble();
-        pebble.wait_ready().await;
+        // A port found free can be taken by another test's process before
+        // Pebble binds it; then both start again on other ports.
+        for attempt in 1.. {
+            pebble.choose_ports(&cert_path, &key_path);
+            pebble.spawn_challtestsrv();
+            pebble.spawn_pebble();
+            match pebble.wait_ready().await {
+                Ok(()) => break,
+                Err(taken) if attempt < 3 => {
+                    eprintln!("{taken}; starting again on other ports");
+                    pebble.kill();
+                }
+                Err(taken) => panic!("{taken}\n{}", pebble.log_tail()),
+            }
+        }
         Some(pebble)
+    }
+
+    fn choose_ports(&mut self, cert_path: &Path, key_path: &Path) {
+        self.api_port = free_port();
+        self.mgmt_port = free_port();
+        self.dns_port = free_port();
+        self.challtestsrv_mgmt_port = free_port();
+        self.directory = format!("https://127.0.0.1:{}/dir", self.api_port);
+        self.mgmt = format!("https://127.0.0.1:{}", self.mgmt_port);
+        std::fs::write(
+            &self.config_path,
+            config_json(
+                &self.opts,
+                self.api_port,
+                self.mgmt_port,
+                cert_path,
+                key_path,
+            ),
+        )
+        .unwrap();
     }
 
     /// Root store trusting Pebble's API certificate.
@@ -196,7 +223,9 @@ impl Pebble {
     pub async fn restart(&mut self) {
         self.stop();
         self.spawn_pebble();
-        self.wait_ready().await;
+        if let Err(taken) = self.wait_ready().await {
+            panic!("{taken}\n{}", self.log_tail());
+        }
     }
 
     /// Make Pebble's DNS (challtestsrv) answer `ip` for `host` instead of
@@ -294,7 +323,8 @@ impl Pebble {
     }
 
     /// Poll `GET /dir` until it answers 200, failing fast if a process died.
-    async fn wait_ready(&mut self) {
+    /// `Err` when one died because a port it was given is in use.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let started = Instant::now();
         loop {
             let exited = [
@@ -308,6 +338,9 @@ impl Pebble {
                 Some(format!("{name} exited early ({status})"))
             });
             if let Some(exited) = exited {
+                if self.log_tail().contains("address already in use") {
+                    return Err(format!("{exited}: a port was taken"));
+                }
                 panic!("{exited}\n{}", self.log_tail());
             }
             let last_err = match https_get(&self.directory, &self.api_roots).await {
@@ -331,6 +364,7 @@ impl Pebble {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        Ok(())
     }
 }
 
