@@ -103,7 +103,11 @@ pub fn free_port() -> u16 {
     let mut rng = rand::thread_rng();
     for _ in 0..1000 {
         let port = rng.gen_range(20_000..32_000);
-        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        // UDP too: challtestsrv serves DNS on both.
+        if !given.contains(&port)
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+        {
             given.push(port);
             return port;
         }
@@ -357,14 +361,38 @@ impl Pebble {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        // The DNS server must be up before the first validation.
         while std::net::TcpStream::connect(("127.0.0.1", self.challtestsrv_mgmt_port)).is_err() {
             if started.elapsed() > START_DEADLINE {
                 panic!("pebble-challtestsrv did not start\n{}", self.log_tail());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(())
+        // The DNS server must be up before the first validation, and be this
+        // challtestsrv's: one that finds its DNS port taken logs the error
+        // and runs on, and Pebble then asks whoever has the port (another
+        // test's challtestsrv, which sends the validator elsewhere). A name
+        // only this one knows must resolve to the address given for it.
+        let probe = format!("probe-{:016x}.test", rand::random::<u64>());
+        self.resolve(&probe, "127.0.0.9").await;
+        loop {
+            match dns_a(self.dns_port, &probe).await {
+                Some(answers) if answers == [[127, 0, 0, 9]] => return Ok(()),
+                Some(answers) => return Err(format!(
+                    "DNS on port {} is not this challtestsrv's: {probe} resolved to {answers:?}",
+                    self.dns_port
+                )),
+                None if self.log_tail().contains("address already in use") => {
+                    return Err(format!("DNS port {} was taken", self.dns_port))
+                }
+                None if started.elapsed() > START_DEADLINE => {
+                    panic!(
+                        "pebble-challtestsrv's DNS did not answer\n{}",
+                        self.log_tail()
+                    )
+                }
+                None => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
     }
 }
 
@@ -372,6 +400,56 @@ impl Drop for Pebble {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The A records a DNS server on 127.0.0.1:`port` gives for `name` (empty
+/// for none), or `None` when it sent no reply within 200 ms.
+async fn dns_a(port: u16, name: &str) -> Option<Vec<[u8; 4]>> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.ok()?;
+    let id = rand::random::<[u8; 2]>();
+    // Header: id, recursion desired, one question.
+    let mut query = vec![id[0], id[1], 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in name.split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    socket.send_to(&query, ("127.0.0.1", port)).await.ok()?;
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_millis(200), socket.recv(&mut buf))
+        .await
+        .ok()?
+        .ok()?;
+    let reply = &buf[..n];
+    if reply.len() < query.len() || reply[..2] != id {
+        return None;
+    }
+    let count = u16::from_be_bytes([reply[6], reply[7]]);
+    // The question comes back as asked; the answers follow it.
+    let mut at = query.len();
+    let mut found = Vec::new();
+    for _ in 0..count {
+        // The owner name: labels, ended by a zero or a compression pointer.
+        loop {
+            let len = *reply.get(at)?;
+            if len & 0xc0 == 0xc0 {
+                at += 2;
+                break;
+            }
+            at += 1 + len as usize;
+            if len == 0 {
+                break;
+            }
+        }
+        let fixed = reply.get(at..at + 10)?;
+        let rdlen = u16::from_be_bytes([fixed[8], fixed[9]]) as usize;
+        let data = reply.get(at + 10..at + 10 + rdlen)?;
+        if fixed[..2] == [0, 1] && rdlen == 4 {
+            found.push([data[0], data[1], data[2], data[3]]);
+        }
+        at += 10 + rdlen;
+    }
+    Some(found)
 }
 
 fn reap(child: Option<Child>) {
