@@ -377,10 +377,12 @@ impl Pebble {
         loop {
             match dns_a(self.dns_port, &probe).await {
                 Some(answers) if answers == [[127, 0, 0, 9]] => return Ok(()),
-                Some(answers) => return Err(format!(
+                Some(answers) => {
+                    return Err(format!(
                     "DNS on port {} is not this challtestsrv's: {probe} resolved to {answers:?}",
                     self.dns_port
-                )),
+                ))
+                }
                 None if self.log_tail().contains("address already in use") => {
                     return Err(format!("DNS port {} was taken", self.dns_port))
                 }
