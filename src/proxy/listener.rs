@@ -40,16 +40,22 @@ pub struct Listener {
 
 /// Bind a listening socket. `SO_REUSEADDR` lets a restarted sheath bind
 /// while old connections sit in TIME_WAIT.
+///
+/// `TCP_NODELAY` is set on the listening socket: Linux copies it to every
+/// connection accepted from it, which saves a system call per connection
+/// (one of the fourteen a proxied HTTP connection costs).
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     // A socket handed over by a previous sheath (or systemd) keeps its
     // accept queue: take it instead of binding anew.
     if let Some(inherited) = crate::upgrade::take_inherited(addr) {
         inherited.set_nonblocking(true)?;
+        socket2::SockRef::from(&inherited).set_nodelay(true)?;
         tracing::info!(%addr, "using inherited listening socket");
         return TcpListener::from_std(inherited);
     }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    socket.set_nodelay(true)?;
     if addr.is_ipv6() {
         // `[::]` means IPv6 only; bind 0.0.0.0 in a second listener for v4.
         socket.set_only_v6(true)?;
@@ -275,6 +281,8 @@ async fn handshake(
     permit: OwnedSemaphorePermit,
     drain: Drain,
 ) -> Option<Serving> {
+    // Elsewhere accepted sockets may not inherit it from the listener.
+    #[cfg(not(target_os = "linux"))]
     let _ = tcp.set_nodelay(true);
     if state.config.mode == Mode::Outbound {
         // Plaintext from a local client; TLS is on the upstream side.
@@ -376,4 +384,19 @@ fn serving(
         Mode::Http => Box::pin(super::http::serve(accepted.stream, conn, permit)),
         Mode::Outbound => unreachable!("outbound connections have no server handshake"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// Connections accepted from a listener `bind` made have Nagle's
+    /// algorithm off, though nothing sets it on them: a response's last
+    /// small write must not wait for the client's delayed ACK.
+    #[tokio::test]
+    async fn accepted_connections_inherit_nodelay() {
+        let listener = super::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }
