@@ -9,7 +9,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, COOKIE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 
 // Each name sheath sets, spelled once: the inserts use the `HeaderName`s,
@@ -200,6 +201,27 @@ pub fn has_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Is the message's transfer coding, if it has one, chunked alone? hyper
+/// reads chunked framing and nothing else: with `gzip, chunked` it takes
+/// the chunks off and hands on the still-compressed bytes, and once the
+/// hop-by-hop `Transfer-Encoding` is gone the next hop would read them as
+/// the body itself. Such a message is refused instead, as nginx does
+/// (RFC 9112 §6.1: 501 for a request).
+pub fn chunked_or_none(headers: &HeaderMap) -> bool {
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        // Empty list elements count for nothing (RFC 9110 §5.6.1).
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (None, _) => true,
+        (Some(only), None) => only.eq_ignore_ascii_case(b"chunked"),
+        (Some(_), Some(_)) => false,
+    }
 }
 
 /// An HTTP/2 client may split its cookies over several `cookie` fields
@@ -403,6 +425,26 @@ fn header_value(s: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_chunked_alone_is_a_transfer_coding_passed_on() {
+        let codings = |lines: &[&'static str]| {
+            let mut h = HeaderMap::new();
+            for line in lines {
+                h.append(TRANSFER_ENCODING, HeaderValue::from_static(line));
+            }
+            chunked_or_none(&h)
+        };
+        assert!(codings(&[]));
+        assert!(codings(&["chunked"]));
+        assert!(codings(&[" Chunked "]));
+        assert!(codings(&[", chunked,"]));
+        assert!(!codings(&["gzip, chunked"]));
+        assert!(!codings(&["gzip", "chunked"]));
+        assert!(!codings(&["chunked, chunked"]));
+        assert!(!codings(&["gzip"]));
+        assert!(!codings(&["identity"]));
+    }
 
     #[test]
     fn forwarded_replaces_client_claims() {

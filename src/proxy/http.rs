@@ -18,7 +18,7 @@ use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
+use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
@@ -345,8 +345,12 @@ enum Failure {
     Refused,
     Unreachable(String),
     ConnectTimeout,
+    /// The connection failed after it was made, or the response cannot be
+    /// passed on.
+    BadResponse(String),
     ResponseTimeout,
     BadRequest(&'static str),
+    NotImplemented(&'static str),
 }
 
 impl Failure {
@@ -365,7 +369,7 @@ impl Failure {
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {upstream} refused the connection"),
             ),
-            Failure::Unreachable(reason) => (
+            Failure::Unreachable(reason) | Failure::BadResponse(reason) => (
                 StatusCode::BAD_GATEWAY,
                 format!("upstream {upstream} failed: {reason}"),
             ),
@@ -378,6 +382,7 @@ impl Failure {
                 format!("upstream {upstream} did not respond in time"),
             ),
             Failure::BadRequest(reason) => (StatusCode::BAD_REQUEST, (*reason).to_string()),
+            Failure::NotImplemented(reason) => (StatusCode::NOT_IMPLEMENTED, (*reason).to_string()),
         };
         tracing::warn!(upstream = %upstream, status = status.as_u16(), reason = %text, "answering for the upstream");
         let mut resp = Response::new(Either::Right(Full::new(Bytes::from(format!(
@@ -436,6 +441,14 @@ async fn forward_request(
         ))?;
 
     let body = ClientBody::new(body, &config.client_auth.forward);
+    // Only a body without a length has a transfer coding, so only then are
+    // the codings read. Refused after the body is wrapped, which reads
+    // what the client still sends before the connection closes.
+    if body.size_hint().exact().is_none() && !forward::chunked_or_none(&parts.headers) {
+        return Err(Failure::NotImplemented(
+            "transfer codings other than chunked are not supported",
+        ));
+    }
     let body_failure = body.failure();
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
@@ -500,6 +513,11 @@ async fn forward_request(
             Ok(Err(e)) => return Err(classify(e, &body_failure)),
             Ok(Ok(resp)) => resp,
         };
+    if resp.body().size_hint().exact().is_none() && !forward::chunked_or_none(resp.headers()) {
+        return Err(Failure::BadResponse(
+            "its response has a transfer coding other than chunked".into(),
+        ));
+    }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(client_upgrade) = client_upgrade {
@@ -591,7 +609,7 @@ fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {
         UpstreamError::Http(_) if body.happened() => {
             Failure::BadRequest("the request body was malformed or cut short")
         }
-        UpstreamError::Http(e) => Failure::Unreachable(match UpstreamError::io_cause(&e) {
+        UpstreamError::Http(e) => Failure::BadResponse(match UpstreamError::io_cause(&e) {
             Some(io) => io.to_string(),
             None => e.to_string(),
         }),

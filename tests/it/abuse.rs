@@ -684,3 +684,82 @@ async fn an_upstream_response_framed_two_ways_reaches_the_client_as_one_response
         );
     }
 }
+
+/// hyper reads chunked framing and no other transfer coding: from a body
+/// sent as `gzip, chunked` it takes the chunks off and leaves the bytes
+/// compressed, and with the hop-by-hop `Transfer-Encoding` removed the
+/// next hop would take them for the body itself. A request with another
+/// coding gets 501 (RFC 9112 §6.1), as from nginx, and never reaches the
+/// backend; an upstream response with one is a 502, not a corrupted body.
+#[tokio::test]
+async fn transfer_codings_other_than_chunked_are_refused_not_stripped() {
+    let pki = TestPki::new();
+    let (recorder, backend) = Recorder::start().await;
+    let proxy = crate::http::http_proxy(&pki, backend, "").await;
+    let addr = proxy.addr("web");
+    for (what, request) in [
+        (
+            "gzip, chunked",
+            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+        ),
+        (
+            "gzip and chunked on two lines",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+        (
+            "chunked twice",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        ),
+    ] {
+        let answer = raw_exchange(addr, &pki, request).await;
+        assert!(answer.starts_with("HTTP/1.1 501 "), "{what}: {answer:?}");
+    }
+    assert_eq!(
+        recorder.requests(),
+        [],
+        "a refused request reached the backend"
+    );
+    // Chunked alone, however spelt, goes on.
+    let answer = raw_exchange(
+        addr,
+        &pki,
+        b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  Chunked \r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer:?}");
+    assert_eq!(
+        recorder
+            .requests()
+            .into_iter()
+            .map(|(_, s)| s)
+            .collect::<Vec<_>>(),
+        [seen("POST", "/chunked", Some(b"hello"))]
+    );
+
+    let answers: [fn(&str) -> &'static [u8]; 2] = [
+        |_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        // Not chunked last: the body runs to the end of the connection.
+        |_| b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nhello",
+    ];
+    for answer in answers {
+        let (backend, _) = scripted_backend(answer).await;
+        let proxy = http_proxy(&pki, backend, "").await;
+        let what = String::from_utf8_lossy(answer(""));
+        let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+        let resp = within("h1", h1.send_request(get("/"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{what}");
+        let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+        let resp = within("h2", h2.send_request(client::get_h2("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "{what}");
+        // The upstream was reached: no connect failure to count.
+        let stats = &proxy.running().listener("web").unwrap().stats;
+        assert_eq!(
+            stats
+                .upstream_connect_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+    }
+}
