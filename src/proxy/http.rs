@@ -520,16 +520,23 @@ async fn forward_request(
     }
 
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(client_upgrade) = client_upgrade {
-            let upstream_upgrade = hyper::upgrade::on(&mut resp);
-            let conn = ctx.conn.clone();
-            let activity = Arc::clone(&ctx.activity);
-            let permit = Arc::clone(&ctx.permit);
-            ctx.conn.drain.tracker.spawn(async move {
-                let _permit = permit;
-                tunnel(client_upgrade, upstream_upgrade, conn, activity).await;
-            });
-        }
+        // A switch nobody asked for (RFC 9110 §15.2.2) cannot be passed
+        // on: an HTTP/1.1 client that sent no `Upgrade` would be left on a
+        // connection that is neither HTTP nor a tunnel, and HTTP/2 has no
+        // 101 (the stream was reset). nginx answers it with 502 too.
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(Failure::BadResponse(
+                "it switched protocols though no upgrade was asked for".into(),
+            ));
+        };
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        let conn = ctx.conn.clone();
+        let activity = Arc::clone(&ctx.activity);
+        let permit = Arc::clone(&ctx.permit);
+        ctx.conn.drain.tracker.spawn(async move {
+            let _permit = permit;
+            tunnel(client_upgrade, upstream_upgrade, conn, activity).await;
+        });
         forward::strip_hop_by_hop(resp.headers_mut(), true);
     } else {
         forward::strip_hop_by_hop(resp.headers_mut(), false);

@@ -763,3 +763,29 @@ async fn transfer_codings_other_than_chunked_are_refused_not_stripped() {
         );
     }
 }
+
+/// An upstream may switch protocols only to one the client asked for
+/// (RFC 9110 §15.2.2). A 101 to a request without `Upgrade` left an
+/// HTTP/1.1 client on a connection that was neither HTTP nor a tunnel,
+/// and reset an HTTP/2 client's stream; it is a 502, and the client's
+/// connection goes on serving.
+#[tokio::test]
+async fn an_upstream_that_switches_protocols_unasked_is_a_502() {
+    let (backend, _) = scripted_backend(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\nraw"
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, backend, "").await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let resp = within("h1", h1.send_request(get("/"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "round {round}");
+        let _ = body_text(resp).await;
+        let resp = within("h2", h2.send_request(client::get_h2("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY, "round {round}");
+    }
+}
