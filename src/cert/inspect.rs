@@ -6,8 +6,11 @@ use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::CertificateDer;
+use x509_parser::der_parser::asn1_rs::ToDer;
 use x509_parser::extensions::GeneralName;
+use x509_parser::objects::{oid2abbrev, oid_registry};
 use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::x509::X509Name;
 
 use super::CertError;
 
@@ -25,6 +28,64 @@ pub struct CertInfo {
     /// SHA-256 of the DER encoding, lowercase hex.
     pub sha256: String,
     pub is_ca: bool,
+}
+
+/// A distinguished name written as RFC 4514 says, and as OpenSSL's
+/// RFC 2253 printing (Envoy's XFCC `Subject`) writes it: the RDNs last
+/// first, joined by `,`, the attributes of one RDN by `+`; in a value,
+/// `\` before each character that would end it or start another, and
+/// control characters and non-ASCII bytes as `\XX`, so the string reads
+/// back as what the certificate says and travels in an HTTP header as it
+/// is. x509-parser's `Display` joins the values as they are, so that a
+/// client certificate whose CN was `alice, O=Admins` read as an O of
+/// `Admins` to a backend splitting the subject it was told.
+pub fn distinguished_name(name: &X509Name<'_>) -> String {
+    let mut out = String::new();
+    let rdns: Vec<_> = name.iter().collect();
+    for (i, rdn) in rdns.into_iter().rev().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        for (j, attr) in rdn.iter().enumerate() {
+            if j > 0 {
+                out.push('+');
+            }
+            match oid2abbrev(attr.attr_type(), oid_registry()) {
+                Ok(abbrev) => out.push_str(abbrev),
+                Err(_) => out.push_str(&attr.attr_type().to_id_string()),
+            }
+            out.push('=');
+            match attr.as_str() {
+                Ok(value) => escape_dn_value(value, &mut out),
+                // Not a string type: its DER in hex (RFC 4514 §2.4).
+                Err(_) => {
+                    out.push('#');
+                    for b in attr.attr_value().to_der_vec().unwrap_or_default() {
+                        let _ = write!(out, "{b:02x}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn escape_dn_value(value: &str, out: &mut String) {
+    let last = value.len().saturating_sub(1);
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' => {
+                out.push('\\');
+                out.push(char::from(b));
+            }
+            b'#' if i == 0 => out.push_str("\\#"),
+            b' ' if i == 0 || i == last => out.push_str("\\ "),
+            0x20..=0x7e => out.push(char::from(b)),
+            _ => {
+                let _ = write!(out, "\\{b:02X}");
+            }
+        }
+    }
 }
 
 impl CertInfo {
@@ -62,8 +123,8 @@ impl CertInfo {
         let validity = cert.validity();
         Ok(CertInfo {
             serial: cert.raw_serial_as_string(),
-            subject: cert.subject().to_string(),
-            issuer: cert.issuer().to_string(),
+            subject: distinguished_name(cert.subject()),
+            issuer: distinguished_name(cert.issuer()),
             names,
             not_before: to_system_time(validity.not_before.timestamp()),
             not_after: to_system_time(validity.not_after.timestamp()),
@@ -123,4 +184,48 @@ pub fn sha256_hex(data: &[u8]) -> String {
         let _ = write!(out, "{b:02x}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DnType, KeyPair};
+
+    fn subject_of(attributes: &[(DnType, &str)]) -> String {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in attributes {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        let cert = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        super::distinguished_name(parsed.subject())
+    }
+
+    #[test]
+    fn distinguished_names_are_written_last_first_and_escaped() {
+        assert_eq!(
+            subject_of(&[
+                (DnType::CountryName, "DE"),
+                (DnType::OrganizationName, "Example"),
+                (DnType::CommonName, "web"),
+            ]),
+            "CN=web,O=Example,C=DE"
+        );
+        // What would end a value or start another is escaped; a space or
+        // `#` only where it would be taken for something else.
+        assert_eq!(
+            subject_of(&[(DnType::CommonName, r#"a,b+c;d<e>f"g\h"#)]),
+            r#"CN=a\,b\+c\;d\<e\>f\"g\\h"#
+        );
+        assert_eq!(
+            subject_of(&[(DnType::CommonName, " #a #b ")]),
+            r"CN=\ #a #b\ "
+        );
+        assert_eq!(subject_of(&[(DnType::CommonName, "#x")]), r"CN=\#x");
+        // Control characters and non-ASCII bytes as hex pairs.
+        assert_eq!(
+            subject_of(&[(DnType::CommonName, "Jörg\r\n")]),
+            r"CN=J\C3\B6rg\0D\0A"
+        );
+    }
 }

@@ -452,7 +452,7 @@ pub struct ClientIdentity {
     pub chain: Vec<Vec<u8>>,
     pub sha256: String,
     pub spki_sha256: String,
-    /// RFC 4514 string of the subject.
+    /// The subject as an RFC 4514 string, escaped.
     pub subject: String,
     pub cn: Option<String>,
     pub ou: Vec<String>,
@@ -505,7 +505,7 @@ impl ClientIdentity {
             chain: intermediates.iter().map(|c| c.to_vec()).collect(),
             sha256: sha256_hex(end_entity.as_ref()),
             spki_sha256: sha256_hex(cert.public_key().raw),
-            subject: subject.to_string(),
+            subject: crate::cert::inspect::distinguished_name(subject),
             cn,
             ou,
             dns,

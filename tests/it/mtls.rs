@@ -992,3 +992,51 @@ async fn curl_and_openssl_present_client_certificates() {
         }
     }
 }
+
+/// The subject a client certificate carries reaches the backend in XFCC
+/// as an RFC 4514 string, each value escaped, so a backend that splits it
+/// reads the attributes the certificate has: a CN or OU with a comma and
+/// `O=Admins` in it is not an O. Non-ASCII bytes are written as `\XX`, as
+/// OpenSSL (and so Envoy) writes them.
+#[tokio::test]
+async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        backend::http().await,
+        "http",
+        "mode = \"require\"\nforward = [\"xfcc\"]\n",
+        "",
+    )
+    .await;
+    let mut spec = ClientSpec::new("Jörg, \"x\"; By=spiffe://evil\\");
+    spec.ou = vec!["alice, O=Admins".into()];
+    let cert = pki.client(&spec);
+    let tls = client::connect(
+        proxy.addr("l"),
+        cert.rustls_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get("/headers")
+        .header("host", "localhost")
+        .body(client::empty())
+        .unwrap();
+    let text = body_text(sender.send_request(req).await.unwrap()).await;
+    let h = parse_headers(&text);
+    let sha = crate::common::sha256(&cert.der);
+    // The RFC 4514 string is `OU=alice\, O=Admins,CN=J\C3\B6rg\, \"x\"\;
+    // By=spiffe://evil\\`, then quoted for XFCC (`\` and `"` escaped).
+    assert_eq!(
+        header(&h, "x-forwarded-client-cert"),
+        [format!(
+            r#"Hash={sha};Subject="OU=alice\\, O=Admins,CN=J\\C3\\B6rg\\, \\\"x\\\"\\; By=spiffe://evil\\\\""#
+        )
+        .as_str()]
+    );
+}
