@@ -611,13 +611,7 @@ async fn a_flapping_and_resetting_backend_gets_prompt_502s_and_immediate_recover
     assert_eq!((status, body.unwrap()), (StatusCode::OK, Bytes::from("ok")));
     // Two requests a round found the backend down; the resets came on
     // connections it had accepted, and are not connect failures.
-    let stats = &proxy.running().listener("web").unwrap().stats;
-    assert_eq!(
-        stats
-            .upstream_connect_failures
-            .load(std::sync::atomic::Ordering::Relaxed),
-        6
-    );
+    assert_eq!(proxy.upstream_connect_failures("web"), 6);
 }
 
 /// A large upload the upstream answers without reading it all, or cannot

@@ -358,17 +358,11 @@ async fn identity_reaches_the_backend_and_forged_headers_never_do() {
     };
 
     // With a certificate: sheath's values, exactly once each.
-    let tls = client::connect(
+    let mut sender = client::h1_with(
         proxy.addr("l"),
         cert.rustls_config(pki.roots(), &[b"http/1.1"]),
     )
-    .await
-    .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    .await;
     let text = body_text(sender.send_request(forged("/headers")).await.unwrap()).await;
     let h = parse_headers(&text);
     let sha = crate::common::sha256(&cert.der);
@@ -1012,17 +1006,11 @@ async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
     let mut spec = ClientSpec::new("Jörg, \"x\"; By=spiffe://evil\\");
     spec.ou = vec!["alice, O=Admins".into()];
     let cert = pki.client(&spec);
-    let tls = client::connect(
+    let mut sender = client::h1_with(
         proxy.addr("l"),
         cert.rustls_config(pki.roots(), &[b"http/1.1"]),
     )
-    .await
-    .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    .await;
     let req = Request::get("/headers")
         .header("host", "localhost")
         .body(client::empty())

@@ -53,9 +53,18 @@ pub async fn h1(
 ) -> hyper::client::conn::http1::SendRequest<
     http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
 > {
-    let tls = connect(addr, client_config(roots, &[b"http/1.1"]))
-        .await
-        .expect("TLS connect");
+    h1_with(addr, client_config(roots, &[b"http/1.1"])).await
+}
+
+/// As [`h1`], with a client configuration of the caller's (a client
+/// certificate, say).
+pub async fn h1_with(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+) -> hyper::client::conn::http1::SendRequest<
+    http_body_util::combinators::BoxBody<Bytes, hyper::Error>,
+> {
+    let tls = connect(addr, config).await.expect("TLS connect");
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

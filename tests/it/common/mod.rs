@@ -57,6 +57,16 @@ impl Proxy {
         self.running().addr(listener).expect("listener exists")
     }
 
+    /// `sheath_upstream_connect_failures_total` of a listener.
+    pub fn upstream_connect_failures(&self, listener: &str) -> u64 {
+        self.running()
+            .listener(listener)
+            .expect("listener exists")
+            .stats
+            .upstream_connect_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub async fn shutdown(&mut self) -> sheath::ShutdownOutcome {
         self.running.take().expect("running").shutdown().await
     }
