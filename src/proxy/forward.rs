@@ -127,7 +127,7 @@ pub fn set_identity(
         }
     }
     if let (Some(name), Some(principal)) = (&forward.header, id.principal()) {
-        headers.insert(name.clone(), header_value(principal));
+        headers.insert(name.clone(), header_value(&escape_controls(principal)));
     }
 }
 
@@ -169,11 +169,32 @@ pub fn xfcc(id: &crate::tls::client_auth::ClientIdentity) -> String {
 
 /// Envoy quotes values that contain a separator.
 fn xfcc_value(v: &str) -> String {
+    let v = escape_controls(v);
     if v.contains([',', ';', '=', '"']) {
-        quote(v)
+        quote(&v)
     } else {
-        v.to_string()
+        v.into_owned()
     }
+}
+
+/// Control characters as `%XX`. A header value cannot hold them, and a
+/// URI or DNS name from a certificate (ASCII, but not checked for them)
+/// whose value failed to convert left an authenticated client described
+/// by an empty header. Nothing valid in a URI or a DNS name is changed: a
+/// URI writes a control character as `%XX` anyway.
+fn escape_controls(v: &str) -> std::borrow::Cow<'_, str> {
+    if !v.bytes().any(|b| b.is_ascii_control()) {
+        return std::borrow::Cow::Borrowed(v);
+    }
+    let mut out = String::with_capacity(v.len() + 8);
+    for c in v.chars() {
+        if c.is_ascii_control() {
+            out.push_str(&format!("%{:02X}", c as u8));
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// Headers that describe one hop (RFC 9110 §7.6.1) and never travel on.

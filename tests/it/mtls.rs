@@ -1028,3 +1028,41 @@ async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
         .as_str()]
     );
 }
+
+/// A URI or DNS name in a client certificate is ASCII but may hold
+/// control characters, which no header value can: the client was then
+/// described by an empty XFCC and an empty identity header. They are
+/// written as `%XX`, as a URI writes them.
+#[tokio::test]
+async fn control_characters_in_a_client_identity_are_written_escaped() {
+    let pki = TestPki::new();
+    let proxy = mtls_proxy(
+        &pki,
+        backend::http().await,
+        "http",
+        "mode = \"require\"\nforward = [\"xfcc\", \"header\"]\n",
+        "",
+    )
+    .await;
+    let mut spec = ClientSpec::new("ok");
+    spec.dns = vec!["a\u{1}b.example".into()];
+    spec.uris = vec!["spiffe://x/a\u{7}b".into()];
+    let cert = pki.client(&spec);
+    let mut sender = client::h1_with(
+        proxy.addr("l"),
+        cert.rustls_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await;
+    let req = Request::get("/headers")
+        .header("host", "localhost")
+        .body(client::empty())
+        .unwrap();
+    let text = body_text(sender.send_request(req).await.unwrap()).await;
+    let h = parse_headers(&text);
+    let sha = crate::common::sha256(&cert.der);
+    assert_eq!(
+        header(&h, "x-forwarded-client-cert"),
+        [format!("Hash={sha};Subject=\"CN=ok\";URI=spiffe://x/a%07b;DNS=a%01b.example").as_str()]
+    );
+    assert_eq!(header(&h, "x-client-identity"), ["spiffe://x/a%07b"]);
+}
