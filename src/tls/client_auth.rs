@@ -415,8 +415,11 @@ pub fn allowed(allow: &AllowList, id: &ClientIdentity) -> bool {
 }
 
 /// URI pattern match: segments split on `/` must be equal, except that a
-/// pattern segment `*` matches exactly one non-empty segment. A wildcard
-/// never spans segments and never stands in for the scheme or trust domain.
+/// pattern segment `*` matches exactly one non-empty segment other than
+/// `.` and `..`. A wildcard never spans segments and never stands in for
+/// the scheme or trust domain. Dot segments are not valid in a SPIFFE ID,
+/// and a backend that resolves them would read `ns/../sa/x` as `sa/x`,
+/// outside what `ns/*/sa/x` allows.
 pub fn uri_matches(pattern: &str, uri: &str) -> bool {
     let (Some((p_head, p_path)), Some((u_head, u_path))) =
         (split_authority(pattern), split_authority(uri))
@@ -431,7 +434,7 @@ pub fn uri_matches(pattern: &str, uri: &str) -> bool {
     p.len() == u.len()
         && p.iter()
             .zip(&u)
-            .all(|(p, u)| (*p == "*" && !u.is_empty()) || p == u)
+            .all(|(p, u)| (*p == "*" && !matches!(*u, "" | "." | "..")) || p == u)
 }
 
 /// `scheme://authority` and the path after it.
@@ -745,6 +748,9 @@ mod tests {
             "spiffe://example.org/ns/prod/extra/sa/frontend"
         ));
         assert!(!uri_matches(p, "spiffe://example.org/ns//sa/frontend"));
+        assert!(!uri_matches(p, "spiffe://example.org/ns/./sa/frontend"));
+        assert!(!uri_matches(p, "spiffe://example.org/ns/../sa/frontend"));
+        assert!(uri_matches(p, "spiffe://example.org/ns/.../sa/frontend"));
         assert!(!uri_matches(p, "spiffe://other.org/ns/prod/sa/frontend"));
         assert!(!uri_matches(p, "spiffe://example.org/ns/prod/sa/frontend/"));
         assert!(!uri_matches(p, "SPIFFE://example.org/ns/prod/sa/frontend"));
