@@ -987,25 +987,21 @@ async fn curl_and_openssl_present_client_certificates() {
     }
 }
 
-/// The subject a client certificate carries reaches the backend in XFCC
-/// as an RFC 4514 string, each value escaped, so a backend that splits it
-/// reads the attributes the certificate has: a CN or OU with a comma and
-/// `O=Admins` in it is not an O. Non-ASCII bytes are written as `\XX`, as
-/// OpenSSL (and so Envoy) writes them.
-#[tokio::test]
-async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
+/// What the backend is told of a client presenting a certificate made
+/// from `spec` to a listener that requires one and forwards its identity
+/// as XFCC and the identity header: the request head it sees, and the
+/// certificate's SHA-256.
+async fn identity_seen(spec: &ClientSpec) -> (Vec<(String, String)>, String) {
     let pki = TestPki::new();
     let proxy = mtls_proxy(
         &pki,
         backend::http().await,
         "http",
-        "mode = \"require\"\nforward = [\"xfcc\"]\n",
+        "mode = \"require\"\nforward = [\"xfcc\", \"header\"]\n",
         "",
     )
     .await;
-    let mut spec = ClientSpec::new("Jörg, \"x\"; By=spiffe://evil\\");
-    spec.ou = vec!["alice, O=Admins".into()];
-    let cert = pki.client(&spec);
+    let cert = pki.client(spec);
     let mut sender = client::h1_with(
         proxy.addr("l"),
         cert.rustls_config(pki.roots(), &[b"http/1.1"]),
@@ -1016,8 +1012,19 @@ async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
         .body(client::empty())
         .unwrap();
     let text = body_text(sender.send_request(req).await.unwrap()).await;
-    let h = parse_headers(&text);
-    let sha = crate::common::sha256(&cert.der);
+    (parse_headers(&text), crate::common::sha256(&cert.der))
+}
+
+/// The subject a client certificate carries reaches the backend in XFCC
+/// as an RFC 4514 string, each value escaped, so a backend that splits it
+/// reads the attributes the certificate has: a CN or OU with a comma and
+/// `O=Admins` in it is not an O. Non-ASCII bytes are written as `\XX`, as
+/// OpenSSL (and so Envoy) writes them.
+#[tokio::test]
+async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
+    let mut spec = ClientSpec::new("Jörg, \"x\"; By=spiffe://evil\\");
+    spec.ou = vec!["alice, O=Admins".into()];
+    let (h, sha) = identity_seen(&spec).await;
     // The RFC 4514 string is `OU=alice\, O=Admins,CN=J\C3\B6rg\, \"x\"\;
     // By=spiffe://evil\\`, then quoted for XFCC (`\` and `"` escaped).
     assert_eq!(
@@ -1035,31 +1042,10 @@ async fn a_subject_reaches_the_backend_as_the_attributes_it_has() {
 /// written as `%XX`, as a URI writes them.
 #[tokio::test]
 async fn control_characters_in_a_client_identity_are_written_escaped() {
-    let pki = TestPki::new();
-    let proxy = mtls_proxy(
-        &pki,
-        backend::http().await,
-        "http",
-        "mode = \"require\"\nforward = [\"xfcc\", \"header\"]\n",
-        "",
-    )
-    .await;
     let mut spec = ClientSpec::new("ok");
     spec.dns = vec!["a\u{1}b.example".into()];
     spec.uris = vec!["spiffe://x/a\u{7}b".into()];
-    let cert = pki.client(&spec);
-    let mut sender = client::h1_with(
-        proxy.addr("l"),
-        cert.rustls_config(pki.roots(), &[b"http/1.1"]),
-    )
-    .await;
-    let req = Request::get("/headers")
-        .header("host", "localhost")
-        .body(client::empty())
-        .unwrap();
-    let text = body_text(sender.send_request(req).await.unwrap()).await;
-    let h = parse_headers(&text);
-    let sha = crate::common::sha256(&cert.der);
+    let (h, sha) = identity_seen(&spec).await;
     assert_eq!(
         header(&h, "x-forwarded-client-cert"),
         [format!("Hash={sha};Subject=\"CN=ok\";URI=spiffe://x/a%07b;DNS=a%01b.example").as_str()]
