@@ -582,7 +582,17 @@ fn request_host(
                 "the Host header names another host than :authority",
             ))
         }
-        (Some(authority), _) => Ok(client.host_value(authority.as_str())),
+        // HTTP/2's `:authority` or an absolute-form target's, parsed
+        // already; user information in it is as invalid as in `Host`
+        // (RFC 9113 §8.3.1) and would reach the upstream as its `Host`.
+        // The connection's first host was checked when it came.
+        (Some(authority), _) => match client.host_value(authority.as_str()) {
+            Some(first) if client.is_first_host(&first) => Ok(Some(first)),
+            _ if !valid_authority(authority) => Err(Failure::BadRequest(
+                "the request target's authority is not a valid host",
+            )),
+            value => Ok(value),
+        },
         (None, Some(host)) => Ok(Some(host.clone())),
         (None, None) if host_line.is_none() && req.version() == Version::HTTP_11 => Err(
             Failure::BadRequest("an HTTP/1.1 request must name its host in a Host header"),
@@ -595,9 +605,10 @@ fn request_host(
 /// `uri-host [":" port]` (RFC 9110 §7.2): an authority without user
 /// information, whose port, if any, is a port number.
 fn valid_host(value: &HeaderValue) -> bool {
-    let Ok(authority) = Authority::try_from(value.as_bytes()) else {
-        return false;
-    };
+    Authority::try_from(value.as_bytes()).is_ok_and(|authority| valid_authority(&authority))
+}
+
+fn valid_authority(authority: &Authority) -> bool {
     let text = authority.as_str();
     !text.contains('@') && (text.len() == authority.host().len() || authority.port_u16().is_some())
 }

@@ -605,6 +605,10 @@ async fn a_request_names_one_host_or_is_refused() {
             "a port out of range",
             b"GET /headers HTTP/1.1\r\nHost: a.example:99999\r\nConnection: close\r\n\r\n",
         ),
+        (
+            "user information in an absolute-form target",
+            b"GET http://evil@a.example/headers HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n",
+        ),
     ] {
         let answer = raw_exchange(addr, &pki, request).await;
         assert!(answer.starts_with("HTTP/1.1 400 "), "{what}: {answer:?}");
@@ -649,6 +653,14 @@ async fn a_request_names_one_host_or_is_refused() {
         .unwrap();
     let resp = within("h2", h2.send_request(req)).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
+    // An invalid `:authority` would be the upstream's Host.
+    for authority in ["evil@a.example", "a.example:99999"] {
+        let req = Request::get(format!("https://{authority}/headers"))
+            .body(client::empty())
+            .unwrap();
+        let resp = within("h2", h2.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{authority}");
+    }
 }
 
 /// An upstream response with both a length and chunked coding (response
