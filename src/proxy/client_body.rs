@@ -12,7 +12,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
-use super::forward;
+use super::{forward, BodyProgress};
 
 /// How long the rest of a body nobody reads is read and discarded
 /// (see [`ClientBody`]'s `Drop`): at most this long in all, and no longer
@@ -97,20 +97,15 @@ impl Body for ClientBody {
         };
         let frame = Pin::new(&mut *body).poll_frame(cx);
         let state = this.state.as_deref();
-        let done = match &frame {
-            Poll::Ready(Some(Err(_))) => {
+        match BodyProgress::of(&frame, body) {
+            BodyProgress::Going => {}
+            BodyProgress::Ended => this.body = None,
+            BodyProgress::Failed => {
                 if let Some(state) = state {
                     state.failed.store(true, Ordering::Release);
                 }
-                true
+                this.body = None;
             }
-            Poll::Ready(None) => true,
-            // A chunked HTTP/1 body says it has ended only by ending.
-            Poll::Ready(Some(Ok(_))) => body.is_end_stream(),
-            Poll::Pending => false,
-        };
-        if done {
-            this.body = None;
         }
         frame.map_ok(|frame| {
             // Data frames, all but the last of a body, pass untouched.

@@ -5,6 +5,7 @@
 //! is the first proxy that can vouch for the client's address, so whatever
 //! the client claims in those headers is discarded.
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::OnceLock;
 
@@ -146,10 +147,17 @@ pub fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&He
 /// for sheath's default keeps trusting it after forwarding is switched off
 /// or renamed.
 fn remove_identity(headers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
-    remove_listed(headers, &IDENTITY);
-    if let Some(name) = identity_header {
-        remove_listed(headers, &[name.as_str()]);
-    }
+    // One walk over the names for both.
+    let mut names = [""; IDENTITY.len() + 1];
+    names[..IDENTITY.len()].copy_from_slice(&IDENTITY);
+    let listed = match identity_header {
+        Some(name) => {
+            names[IDENTITY.len()] = name.as_str();
+            names.len()
+        }
+        None => IDENTITY.len(),
+    };
+    remove_listed(headers, &names[..listed]);
 }
 
 /// `X-Forwarded-Client-Cert` in Envoy's format: `Hash=…;Subject="…";URI=…;DNS=…`.
@@ -189,7 +197,7 @@ fn escape_controls(v: &str) -> std::borrow::Cow<'_, str> {
     let mut out = String::with_capacity(v.len() + 8);
     for c in v.chars() {
         if c.is_ascii_control() {
-            out.push_str(&format!("%{:02X}", c as u8));
+            let _ = write!(out, "%{:02X}", c as u8);
         } else {
             out.push(c);
         }
@@ -358,13 +366,13 @@ impl ClientAddr {
         }
     }
 
-    /// `authority` as a header value; the first host's own value (a
-    /// reference count, not a copy) when it is that host again.
-    pub fn host_value(&self, authority: &str) -> Option<HeaderValue> {
-        match self.first_host.get() {
-            Some((host, _)) if host.as_bytes() == authority.as_bytes() => Some(host.clone()),
-            _ => HeaderValue::from_str(authority).ok(),
-        }
+    /// The first host's own value (a reference count, not a copy) when
+    /// `authority` names that host again. It was checked when it came.
+    pub fn first_host_named(&self, authority: &str) -> Option<HeaderValue> {
+        self.first_host
+            .get()
+            .filter(|(host, _)| host.as_bytes() == authority.as_bytes())
+            .map(|(host, _)| host.clone())
     }
 
     /// Is `host` the first host this connection's requests named? That
@@ -578,14 +586,16 @@ mod tests {
             ("b.example", "for=192.0.2.7;host=\"b.example\";proto=https"),
             ("a.example", "for=192.0.2.7;host=\"a.example\";proto=https"),
         ] {
-            let host = client.host_value(host).unwrap();
+            let host = client
+                .first_host_named(host)
+                .unwrap_or_else(|| HeaderValue::from_static(host));
             let mut h = HeaderMap::new();
             set_forwarded(&mut h, &client, Some(&host));
             assert_eq!(h["forwarded"], expected);
             assert_eq!(h["x-forwarded-host"], host);
         }
-        assert_eq!(client.host_value("c.example").unwrap(), "c.example");
-        assert!(client.host_value("bad\nhost").is_none());
+        assert_eq!(client.first_host_named("a.example").unwrap(), "a.example");
+        assert!(client.first_host_named("b.example").is_none());
     }
 
     #[test]

@@ -585,13 +585,12 @@ fn request_host(
         // HTTP/2's `:authority` or an absolute-form target's, parsed
         // already; user information in it is as invalid as in `Host`
         // (RFC 9113 §8.3.1) and would reach the upstream as its `Host`.
-        // The connection's first host was checked when it came.
-        (Some(authority), _) => match client.host_value(authority.as_str()) {
-            Some(first) if client.is_first_host(&first) => Ok(Some(first)),
-            _ if !valid_authority(authority) => Err(Failure::BadRequest(
+        (Some(authority), _) => match client.first_host_named(authority.as_str()) {
+            Some(first) => Ok(Some(first)),
+            None if !valid_authority(authority) => Err(Failure::BadRequest(
                 "the request target's authority is not a valid host",
             )),
-            value => Ok(value),
+            None => Ok(HeaderValue::from_str(authority.as_str()).ok()),
         },
         (None, Some(host)) => Ok(Some(host.clone())),
         (None, None) if host_line.is_none() && req.version() == Version::HTTP_11 => Err(

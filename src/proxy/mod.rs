@@ -26,6 +26,33 @@ use crate::tls::ListenerCerts;
 
 pub use listener::{bind, Listener, ListenerStats};
 
+/// Where a frame just polled from `body` leaves it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyProgress {
+    Going,
+    Ended,
+    Failed,
+}
+
+impl BodyProgress {
+    /// A body with a length says it has ended with its last data frame,
+    /// and its reader may stop there without polling again; a chunked
+    /// HTTP/1 body says so only by ending.
+    fn of<T>(
+        frame: &std::task::Poll<Option<Result<T, hyper::Error>>>,
+        body: &hyper::body::Incoming,
+    ) -> BodyProgress {
+        use hyper::body::Body as _;
+        use std::task::Poll;
+        match frame {
+            Poll::Ready(None) => BodyProgress::Ended,
+            Poll::Ready(Some(Ok(_))) if body.is_end_stream() => BodyProgress::Ended,
+            Poll::Ready(Some(Err(_))) => BodyProgress::Failed,
+            _ => BodyProgress::Going,
+        }
+    }
+}
+
 /// Everything a connection needs from its listener, as one snapshot.
 ///
 /// A listener holds its current state in an `ArcSwap`; each connection loads

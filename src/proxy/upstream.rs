@@ -35,6 +35,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::BodyProgress;
 use crate::config::{ListenerConfig, Upstream, UpstreamProtocol};
 
 /// Most idle connections kept; more are closed as their responses end.
@@ -625,13 +626,11 @@ impl<B: RequestBody> Body for PooledBody<B> {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
         let frame = Pin::new(&mut this.body).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None) => this.release(),
-            // Callers may stop at `is_end_stream` without polling again.
-            Poll::Ready(Some(Ok(_))) if this.body.is_end_stream() => this.release(),
+        match BodyProgress::of(&frame, &this.body) {
+            BodyProgress::Going => {}
+            BodyProgress::Ended => this.release(),
             // A failed body leaves the connection unusable.
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            _ => {}
+            BodyProgress::Failed => this.lease = None,
         }
         frame
     }
