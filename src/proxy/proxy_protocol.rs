@@ -37,7 +37,9 @@ pub fn header(
                 }
                 _ => ppp::v1::Addresses::Unknown,
             };
-            Ok(format!("{addresses}\r\n").into_bytes())
+            // ppp writes the whole line, its CRLF included; another one
+            // would reach the upstream as the client's first two bytes.
+            Ok(addresses.to_string().into_bytes())
         }
         ProxyProtocol::V2 => {
             let mut builder = Builder::with_addresses(

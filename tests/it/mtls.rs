@@ -733,7 +733,10 @@ async fn proxy_protocol_v1_line() {
             s.read_exact(&mut byte).await.unwrap();
             line.push(byte[0]);
         }
-        let _ = tx.send(String::from_utf8(line).unwrap());
+        // What follows the line is the client's stream, byte for byte.
+        let mut after = [0u8; 5];
+        s.read_exact(&mut after).await.unwrap();
+        let _ = tx.send((String::from_utf8(line).unwrap(), after));
     });
     let pki = TestPki::new();
     let dir = tempfile::tempdir().unwrap();
@@ -747,14 +750,15 @@ async fn proxy_protocol_v1_line() {
         .await
         .unwrap();
     let client_addr = tcp.local_addr().unwrap();
-    let _tls = tokio_rustls::TlsConnector::from(client::client_config(pki.roots(), &[]))
+    let mut tls = tokio_rustls::TlsConnector::from(client::client_config(pki.roots(), &[]))
         .connect(
             rustls::pki_types::ServerName::try_from("localhost").unwrap(),
             tcp,
         )
         .await
         .unwrap();
-    let line = within("PROXY line", rx).await.unwrap();
+    tls.write_all(b"hello").await.unwrap();
+    let (line, after) = within("PROXY line", rx).await.unwrap();
     assert_eq!(
         line,
         format!(
@@ -763,6 +767,114 @@ async fn proxy_protocol_v1_line() {
             proxy.addr("l").port()
         )
     );
+    assert_eq!(
+        &after, b"hello",
+        "the line is followed by the client's bytes, nothing else"
+    );
+}
+
+/// HAProxy with `accept-proxy`, a real receiver of both versions, behind
+/// sheath: its TCP frontend passes on to an echo backend what follows the
+/// header, and its HTTP frontend answers with the addresses and authority
+/// it read from the header.
+#[tokio::test]
+async fn haproxy_reads_the_header_and_then_exactly_the_client_bytes() {
+    if !require_tool("haproxy") {
+        return;
+    }
+    use crate::common::pebble::free_port;
+    let (tcp_port, http_port) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &config,
+        format!(
+            "defaults\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n\
+             frontend tcp\n  mode tcp\n  bind 127.0.0.1:{tcp_port} accept-proxy\n  default_backend echo\n\
+             backend echo\n  mode tcp\n  server echo {}\n\
+             frontend http\n  mode http\n  bind 127.0.0.1:{http_port} accept-proxy\n  \
+             http-request return status 200 content-type text/plain lf-string \"src=%ci:%cp dst=%fi:%fp authority=%[fc_pp_authority].\"\n",
+            backend::tcp_echo().await
+        ),
+    )
+    .unwrap();
+    let mut haproxy = tokio::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    within("haproxy listens", async {
+        for port in [tcp_port, http_port] {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+    .await;
+
+    let pki = TestPki::new();
+    let files = pki.write_server(dir.path(), "server");
+    let cert = crate::common::pki::files_cert_toml(&files);
+    let mut toml = String::new();
+    for version in ["v1", "v2"] {
+        for (name, port) in [("tcp", tcp_port), ("http", http_port)] {
+            toml.push_str(&format!(
+                "[[listener]]\nname = \"{name}-{version}\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:{port}\"\nmode = \"tcp\"\nproxy_protocol = \"{version}\"\n{cert}\n"
+            ));
+        }
+    }
+    let proxy = Proxy::start_in(&toml, tempfile::tempdir().unwrap())
+        .await
+        .unwrap();
+    let connect = |listener: String| {
+        let addr = proxy.addr(&listener);
+        let config = client::client_config(pki.roots(), &[]);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let local = tcp.local_addr().unwrap();
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(
+                    rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                    tcp,
+                )
+                .await
+                .unwrap();
+            (tls, local, addr)
+        }
+    };
+    for version in ["v1", "v2"] {
+        let (mut tls, _, _) = connect(format!("tcp-{version}")).await;
+        tls.write_all(b"ping").await.unwrap();
+        let mut echoed = [0u8; 4];
+        within("echo through haproxy", tls.read_exact(&mut echoed))
+            .await
+            .unwrap();
+        assert_eq!(&echoed, b"ping", "{version}: what haproxy passed on");
+
+        let (mut tls, client, listener) = connect(format!("http-{version}")).await;
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = within("haproxy's answer", backend::read_to_end(&mut tls))
+            .await
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        let authority = if version == "v2" { "localhost" } else { "" };
+        assert!(
+            answer.ends_with(&format!(
+                "src={client} dst={listener} authority={authority}."
+            )),
+            "{version}: {answer}"
+        );
+    }
+    haproxy.kill().await.unwrap();
 }
 
 fn write_atomically(path: &Path, contents: &str) {
