@@ -99,6 +99,20 @@ pub fn tls_has_pending(
     }
 }
 
+/// Make the socket's close send a reset instead of a FIN.
+///
+/// For the plaintext side of a relay whose other side did not end
+/// cleanly: TLS authenticates the end of a stream (close_notify), but a
+/// plaintext peer has only the FIN to go by, and would take one for the
+/// end of a whole stream where the TLS side was cut (a FIN without
+/// close_notify, a reset, a fatal alert). Closing a socket with a zero
+/// linger never blocks.
+pub fn reset_on_close(stream: &tokio::net::TcpStream) {
+    if let Err(e) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        tracing::debug!(error = %e, "cannot arm the reset of a cut connection");
+    }
+}
+
 /// Which side a [`Tracked`] stream is: only the client side counts bytes
 /// (in both directions), so TCP and HTTP mode count the same thing.
 #[derive(Debug, Clone, Copy)]

@@ -124,6 +124,12 @@ pub fn relay(
             _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
             _ = drain.abort.cancelled() => "drain_timeout",
         };
+        if matches!(outcome, "error" | "refused") {
+            // The peer's stream was cut (a FIN without close_notify, a
+            // reset, a fatal alert), or the local client's: the local
+            // client must not read a FIN as the end of a whole stream.
+            super::io::reset_on_close(&client);
+        }
         let (bytes_in, bytes_out) = activity.totals();
         tracing::info!(
             listener = %config.name,

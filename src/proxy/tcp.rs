@@ -4,7 +4,8 @@
 //! End of stream travels both ways independently: a client's close_notify
 //! becomes a FIN towards the upstream, an upstream FIN becomes close_notify
 //! plus FIN towards the client, and the other direction keeps flowing until
-//! it ends too (half-close).
+//! it ends too (half-close). A client stream that ends any other way (a FIN
+//! without close_notify, a reset) is passed on as a reset.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -100,6 +101,12 @@ pub fn relay(
             _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
             _ = conn.drain.abort.cancelled() => "drain_timeout",
         };
+        if outcome == "error" {
+            // The client's stream was cut (a FIN without close_notify, a
+            // reset, a TLS error), or the upstream's: the upstream must
+            // not read a FIN as the end of a whole stream.
+            super::io::reset_on_close(&upstream_stream);
+        }
         let (bytes_in, bytes_out) = activity.totals();
         tracing::info!(
             listener = %config.name,

@@ -259,8 +259,18 @@ async fn a_peer_that_refuses_the_identity_closes_the_client_without_an_answer() 
     let test_ca = pki.write_ca(dir.path());
     let out = outbound(dir, peer.addr("in"), &test_ca, "peer.test").await;
 
-    let answer = plain_get(out.addr("out"), "/").await;
-    assert_eq!(answer, "", "the client got an answer");
+    let mut tcp = TcpStream::connect(out.addr("out")).await.unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: peer.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = within("the client is closed", tcp.read_to_end(&mut answer)).await;
+    assert!(answer.is_empty(), "the client got an answer: {answer:?}");
+    // Reset, not closed with a FIN that would read as an empty answer.
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
     let peer_stats = &peer.running().listener("in").unwrap().stats;
     crate::common::eventually("the peer counted the refusal", || {
         peer_stats.handshake_failures(FailureReason::ClientCertRejected) == 1
@@ -271,4 +281,80 @@ async fn a_peer_that_refuses_the_identity_closes_the_client_without_an_answer() 
         0,
         "a request reached the peer's backend"
     );
+}
+
+/// How the scripted peer of [`cut_peer`] ends a connection after its
+/// greeting.
+#[derive(Debug, Clone, Copy)]
+enum PeerEnd {
+    CloseNotify,
+    BareFin,
+    Reset,
+}
+
+/// A TLS peer for `peer.test` that greets each connection with `greeting`
+/// and ends the n-th one as `ends[n]` says.
+async fn cut_peer(pki: &TestPki, ends: Vec<PeerEnd>) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = pki.server_cert(&["peer.test"], Duration::from_secs(3600));
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for end in ends {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(tcp).await.unwrap();
+            tls.write_all(b"greeting").await.unwrap();
+            tls.flush().await.unwrap();
+            match end {
+                PeerEnd::CloseNotify => tls.shutdown().await.unwrap(),
+                PeerEnd::BareFin => tls.get_mut().0.shutdown().await.unwrap(),
+                PeerEnd::Reset => tls.get_ref().0.set_zero_linger().unwrap(),
+            }
+            // Held open (a reset is sent as it is dropped) until the
+            // local client is done with it.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn only_the_peers_close_notify_ends_the_local_stream_cleanly() {
+    // The local application reads plaintext: a clean FIN is all it has to
+    // tell a whole answer from a cut one. A peer's FIN without
+    // close_notify (forgeable on the path) and a peer's reset must not
+    // reach it as one.
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let ends = vec![PeerEnd::CloseNotify, PeerEnd::BareFin, PeerEnd::Reset];
+    let target = cut_peer(&pki, ends.clone()).await;
+    let test_ca = pki.write_ca(dir.path());
+    let out = outbound(dir, target, &test_ca, "peer.test").await;
+
+    for end in ends {
+        let mut tcp = TcpStream::connect(out.addr("out")).await.unwrap();
+        let read = within("the local client's end", read_to_end(&mut tcp)).await;
+        match end {
+            PeerEnd::CloseNotify => assert_eq!(read.unwrap(), b"greeting"),
+            _ => assert_eq!(
+                read.map_err(|e| e.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "{end:?}"
+            ),
+        }
+    }
 }

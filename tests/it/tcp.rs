@@ -233,3 +233,86 @@ async fn alpn_offers_the_configured_protocols_and_refuses_clients_with_none_of_t
         assert!(text.contains("ALPN protocol: postgresql"), "{text}");
     }
 }
+
+/// A backend that answers a connection's first bytes with `ack`, reads on
+/// to the end and reports how the connection ended: the bytes after a FIN,
+/// the kind of error after a reset.
+async fn ending_reporter() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Result<Vec<u8>, std::io::ErrorKind>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut first = vec![0u8; 1024];
+                let n = s.read(&mut first).await.unwrap();
+                first.truncate(n);
+                s.write_all(b"ack").await.unwrap();
+                let ended = backend::read_to_end(&mut s)
+                    .await
+                    .map(|rest| [first, rest].concat());
+                let _ = tx.send(ended.map_err(|e| e.kind()));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Wait for the backend's `ack`: the relay to it is up.
+async fn acked<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
+    let mut ack = [0u8; 3];
+    within("the backend's ack", s.read_exact(&mut ack))
+        .await
+        .unwrap();
+    assert_eq!(&ack, b"ack");
+}
+
+#[tokio::test]
+async fn only_close_notify_ends_the_upstream_stream_cleanly() {
+    // TLS authenticates the end of a stream with close_notify; a FIN or a
+    // reset below it can be forged or come from a client that stopped
+    // half-way. An upstream that took either for a FIN would act on a cut
+    // stream as if it were whole (a truncated upload, a statement stream).
+    let (upstream, mut ended) = ending_reporter().await;
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, upstream, "").await;
+    let addr = proxy.addr("tcp");
+    let config = client::client_config(pki.roots(), &[]);
+
+    // close_notify: the upstream reads the bytes and a FIN.
+    let mut tls = client::connect(addr, config.clone()).await.unwrap();
+    tls.write_all(b"complete").await.unwrap();
+    acked(&mut tls).await;
+    tls.shutdown().await.unwrap();
+    let clean = within("end after close_notify", ended.recv()).await;
+    assert_eq!(clean, Some(Ok(b"complete".to_vec())));
+
+    // A FIN without close_notify.
+    let mut tls = client::connect(addr, config.clone()).await.unwrap();
+    tls.write_all(b"partial").await.unwrap();
+    acked(&mut tls).await;
+    tls.get_mut().0.shutdown().await.unwrap();
+    let bare_fin = within("end after a bare FIN", ended.recv()).await;
+    assert_eq!(
+        bare_fin,
+        Some(Err(std::io::ErrorKind::ConnectionReset)),
+        "a FIN without close_notify"
+    );
+
+    // A reset.
+    let mut tls = client::connect(addr, config).await.unwrap();
+    tls.write_all(b"partial").await.unwrap();
+    acked(&mut tls).await;
+    tls.get_ref().0.set_zero_linger().unwrap();
+    drop(tls);
+    let reset = within("end after a reset", ended.recv()).await;
+    assert_eq!(
+        reset,
+        Some(Err(std::io::ErrorKind::ConnectionReset)),
+        "a client reset"
+    );
+}
