@@ -30,6 +30,7 @@ use crate::metrics;
 
 const TEXT: &str = "text/plain; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Everything a request to the admin endpoint may read.
 #[derive(Debug)]
@@ -124,10 +125,15 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
                 )
             }
         }
-        "/metrics" => respond(
+        "/metrics" if accepts_openmetrics(&req) => respond(
             StatusCode::OK,
             OPENMETRICS,
             metrics::render(&admin.registry),
+        ),
+        "/metrics" => respond(
+            StatusCode::OK,
+            PROMETHEUS_TEXT,
+            metrics::render_text(&admin.registry),
         ),
         "/certs" => respond(
             StatusCode::OK,
@@ -142,6 +148,25 @@ async fn route(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
         return Response::from_parts(parts, Empty::new().boxed());
     }
     resp
+}
+
+/// Does the request's Accept header list OpenMetrics (as Prometheus does)?
+/// Anyone else gets the Prometheus text format, which every scraper and
+/// promtool reads.
+fn accepts_openmetrics<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|range| {
+            let mut params = range.split(';').map(str::trim);
+            let media = params.next().unwrap_or_default();
+            let refused = params
+                .filter_map(|p| p.strip_prefix("q="))
+                .any(|q| q.parse::<f32>().is_ok_and(|q| q <= 0.0));
+            media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+        })
 }
 
 /// Why the process is not ready, one line per reason; empty when ready.

@@ -123,6 +123,43 @@ pub fn render(registry: &Registry) -> String {
     out
 }
 
+/// The same exposition in the Prometheus text format (0.0.4), for a
+/// scraper that did not ask for OpenMetrics.
+///
+/// The two differ where sheath's metrics use them: OpenMetrics names a
+/// counter family without `_total` and its samples with it, where the text
+/// format names both with it (read as text, the samples had no HELP and
+/// TYPE, and the counters were untyped); and the text format has no
+/// `# UNIT` and no `# EOF`.
+pub fn render_text(registry: &Registry) -> String {
+    let openmetrics = render(registry);
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let family = ["# HELP ", "# TYPE "].into_iter().find_map(|prefix| {
+            let (name, rest) = line.strip_prefix(prefix)?.split_once(' ')?;
+            counters.contains(name).then_some((prefix, name, rest))
+        });
+        match family {
+            Some((prefix, name, rest)) => {
+                out.push_str(prefix);
+                out.push_str(name);
+                out.push_str("_total ");
+                out.push_str(rest);
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
 /// Reads one gauge's value off a certificate status, if it has one.
 type CertValue = fn(&crate::cert::CertStatus) -> Option<f64>;
 

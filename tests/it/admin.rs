@@ -35,6 +35,30 @@ pub async fn call(admin: SocketAddr, method: &str, path: &str) -> (u16, String) 
     .await
 }
 
+/// `GET /metrics` with `accept` as the Accept header, if any: the
+/// Content-Type and the body.
+pub async fn scrape(admin: SocketAddr, accept: Option<&str>) -> (String, String) {
+    within("GET /metrics", async {
+        let mut tcp = tokio::net::TcpStream::connect(admin).await.unwrap();
+        let accept = accept
+            .map(|a| format!("Accept: {a}\r\n"))
+            .unwrap_or_default();
+        tcp.write_all(format!("GET /metrics HTTP/1.0\r\n{accept}\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut raw = String::new();
+        tcp.read_to_string(&mut raw).await.unwrap();
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        let content_type = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-type: "))
+            .unwrap_or_else(|| panic!("no content-type in {head}"));
+        (content_type.to_string(), body.to_string())
+    })
+    .await
+}
+
 /// The value of the sample `series` (name with labels, exactly as
 /// exposed), or `None` when it is not in the scrape.
 fn sample(scrape: &str, series: &str) -> Option<f64> {
@@ -259,9 +283,101 @@ async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
     );
     assert_eq!(value(&scrape, "sheath_config_generation"), 2.0);
     assert!(sample(&scrape, "sheath_config_last_reload_success_seconds").is_some());
+    let (_, scrape) = self::scrape(admin, Some("application/openmetrics-text")).await;
     assert!(
         scrape.ends_with("# EOF\n"),
         "complete OpenMetrics exposition"
+    );
+}
+
+/// promtool, Prometheus' own checker, reads the exposition as a scraper
+/// that did not ask for OpenMetrics gets it; one that asks gets
+/// OpenMetrics, as Prometheus does by default.
+#[tokio::test]
+async fn metrics_pass_promtool_and_openmetrics_is_served_to_who_asks_for_it() {
+    if !crate::common::require_tool("promtool") {
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let ca = pki.write_ca(dir.path());
+    let cert = crate::common::pki::files_cert_toml(&files);
+    // Every family has samples: a request for the histogram, an mTLS
+    // listener for the client trust reloads.
+    let toml = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{cert}\n\
+         [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{cert}\n\
+         [listener.client_auth]\nmode = \"require\"\nca = \"{}\"\n",
+        backend::http().await,
+        backend::tcp_echo().await,
+        ca.display()
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let admin = admin_for(&proxy).await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = h1.send_request(client::get("/")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    client::body_text(resp).await;
+
+    // Without an Accept header (curl, promtool's usual input) and with a
+    // text-format one: the Prometheus text format.
+    for accept in [None, Some("text/plain;version=0.0.4;q=0.5,*/*;q=0.1")] {
+        let (content_type, text) = scrape(admin, accept).await;
+        let mut promtool = tokio::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut stdin = promtool.stdin.take().unwrap();
+        stdin.write_all(text.as_bytes()).await.unwrap();
+        drop(stdin);
+        let out = within("promtool", promtool.wait_with_output())
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            content_type, "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        assert_eq!(
+            value(
+                &text,
+                "sheath_tls_handshakes_total{listener=\"web\",outcome=\"success\",reason=\"\"}"
+            ),
+            1.0
+        );
+    }
+
+    // What Prometheus asks for: OpenMetrics, the same samples.
+    let (content_type, om) = scrape(
+        admin,
+        Some("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"),
+    )
+    .await;
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert!(om.ends_with("# EOF\n"), "{om}");
+    assert!(
+        om.contains("# TYPE sheath_connections_accepted counter\n"),
+        "{om}"
+    );
+    assert_eq!(
+        value(
+            &om,
+            "sheath_tls_handshakes_total{listener=\"web\",outcome=\"success\",reason=\"\"}"
+        ),
+        1.0
     );
 }
 
