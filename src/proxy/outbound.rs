@@ -124,9 +124,10 @@ pub fn relay(
             _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
             _ = drain.abort.cancelled() => "drain_timeout",
         };
-        if matches!(outcome, "error" | "refused") {
+        if outcome != "closed" {
             // The peer's stream was cut (a FIN without close_notify, a
-            // reset, a fatal alert), or the local client's: the local
+            // reset, a fatal alert), or the local client's, or sheath cut
+            // it (a timeout, the maximum lifetime, the drain): the local
             // client must not read a FIN as the end of a whole stream.
             super::io::reset_on_close(&client);
         }

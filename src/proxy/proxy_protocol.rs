@@ -2,9 +2,11 @@
 //! who is calling: the client address always, and in v2 the TLS details and
 //! the verified client certificate as TLVs.
 //!
-//! v2 TLVs sent: `PP2_TYPE_AUTHORITY` (the SNI), `PP2_TYPE_SSL` with the
-//! `PP2_CLIENT_SSL` / `PP2_CLIENT_CERT_CONN` flags, verify = 0 and the
-//! sub-TLVs `PP2_SUBTYPE_SSL_VERSION`, `PP2_SUBTYPE_SSL_CIPHER` and
+//! v2 TLVs sent: `PP2_TYPE_ALPN` (the protocol negotiated, if any),
+//! `PP2_TYPE_AUTHORITY` (the SNI), `PP2_TYPE_SSL` with the `PP2_CLIENT_SSL`
+//! flag (and, for a client with a certificate, `PP2_CLIENT_CERT_CONN` and
+//! `PP2_CLIENT_CERT_SESS`: mTLS listeners never resume, so the session is
+//! the connection's), verify = 0 and the sub-TLVs `PP2_SUBTYPE_SSL_VERSION`, `PP2_SUBTYPE_SSL_CIPHER` and
 //! `PP2_SUBTYPE_SSL_CN`; and, in the range the specification reserves for
 //! custom use, [`PP2_TYPE_SHEATH_CLIENT_CERT`] with the client's leaf
 //! certificate in DER.
@@ -20,12 +22,15 @@ use crate::config::ProxyProtocol;
 pub const PP2_TYPE_SHEATH_CLIENT_CERT: u8 = 0xE0;
 const PP2_CLIENT_SSL: u8 = 0x01;
 const PP2_CLIENT_CERT_CONN: u8 = 0x02;
+const PP2_CLIENT_CERT_SESS: u8 = 0x04;
 
-/// The header to write to the upstream before any client byte.
+/// The header to write to the upstream before any client byte; `alpn` is
+/// the protocol the client and sheath agreed on.
 pub fn header(
     version: ProxyProtocol,
     conn: &ConnInfo,
     local: SocketAddr,
+    alpn: Option<&[u8]>,
 ) -> std::io::Result<Vec<u8>> {
     let peer = unmap(conn.peer);
     let local = unmap(local);
@@ -47,6 +52,9 @@ pub fn header(
                 Protocol::Stream,
                 (peer, local),
             );
+            if let Some(alpn) = alpn {
+                builder = builder.write_tlv(Type::ALPN, alpn)?;
+            }
             if let Some(sni) = &conn.sni {
                 builder = builder.write_tlv(Type::Authority, sni.as_bytes())?;
             }
@@ -63,7 +71,7 @@ pub fn header(
 fn ssl_tlv(conn: &ConnInfo) -> Vec<u8> {
     let mut client = PP2_CLIENT_SSL;
     if conn.identity.is_some() {
-        client |= PP2_CLIENT_CERT_CONN;
+        client |= PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS;
     }
     let mut value = vec![client];
     // 0: the client certificate, if any, was verified (unverified clients

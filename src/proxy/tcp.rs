@@ -5,7 +5,8 @@
 //! becomes a FIN towards the upstream, an upstream FIN becomes close_notify
 //! plus FIN towards the client, and the other direction keeps flowing until
 //! it ends too (half-close). A client stream that ends any other way (a FIN
-//! without close_notify, a reset) is passed on as a reset.
+//! without close_notify, a reset), and one sheath cuts (timeouts, the
+//! drain), is passed on as a reset.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -63,7 +64,8 @@ pub fn relay(
             }
         };
         if let Some(version) = config.proxy_protocol {
-            let header = match super::proxy_protocol::header(version, &conn, conn.local) {
+            let alpn = client.get_ref().1.alpn_protocol();
+            let header = match super::proxy_protocol::header(version, &conn, conn.local, alpn) {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(listener = %config.name, peer = %conn.peer, error = %e, "cannot build PROXY header");
@@ -101,9 +103,10 @@ pub fn relay(
             _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
             _ = conn.drain.abort.cancelled() => "drain_timeout",
         };
-        if outcome == "error" {
+        if outcome != "closed" {
             // The client's stream was cut (a FIN without close_notify, a
-            // reset, a TLS error), or the upstream's: the upstream must
+            // reset, a TLS error), or the upstream's, or sheath cut it (a
+            // timeout, the maximum lifetime, the drain): the upstream must
             // not read a FIN as the end of a whole stream.
             super::io::reset_on_close(&upstream_stream);
         }

@@ -668,7 +668,7 @@ async fn proxy_protocol_v2_carries_address_tls_details_and_client_certificate() 
         upstream,
         "tcp",
         "mode = \"require\"\n",
-        "proxy_protocol = \"v2\"\n",
+        "proxy_protocol = \"v2\"\nalpn = [\"postgresql\"]\n",
     )
     .await;
     let cert = pki.client(&ClientSpec::new("db-client"));
@@ -676,13 +676,15 @@ async fn proxy_protocol_v2_carries_address_tls_details_and_client_certificate() 
         .await
         .unwrap();
     let client_addr = tcp.local_addr().unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cert.rustls_config(pki.roots(), &[]))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(
+        cert.rustls_config(pki.roots(), &[b"imap", b"postgresql"]),
+    )
+    .connect(
+        rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+        tcp,
+    )
+    .await
+    .unwrap();
     tls.write_all(b"hello").await.unwrap();
     let mut buf = [0u8; 5];
     within("echo after the PROXY header", tls.read_exact(&mut buf))
@@ -699,10 +701,14 @@ async fn proxy_protocol_v2_carries_address_tls_details_and_client_certificate() 
             .find(|(kind, _)| *kind == k)
             .map(|(_, v)| v.clone())
     };
+    assert_eq!(tlv(0x01).unwrap(), b"postgresql", "the negotiated ALPN");
     assert_eq!(tlv(0x02).unwrap(), b"localhost", "authority = SNI");
     assert_eq!(tlv(0xE0).unwrap(), cert.der.as_ref(), "client certificate");
     let ssl = tlv(0x20).expect("SSL TLV");
-    assert_eq!(ssl[0], 0x03, "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN");
+    assert_eq!(
+        ssl[0], 0x07,
+        "PP2_CLIENT_SSL | PP2_CLIENT_CERT_CONN | PP2_CLIENT_CERT_SESS"
+    );
     assert_eq!(&ssl[1..5], &[0, 0, 0, 0], "verified");
     let mut subs = Vec::new();
     let mut rest = &ssl[5..];

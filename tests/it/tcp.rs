@@ -316,3 +316,20 @@ async fn only_close_notify_ends_the_upstream_stream_cleanly() {
         "a client reset"
     );
 }
+
+#[tokio::test]
+async fn a_connection_sheath_cuts_reaches_the_upstream_as_a_reset() {
+    // The client never ended its stream: whatever cut it (here the idle
+    // timeout; the maximum lifetime and the drain take the same path), a
+    // FIN would tell the upstream the stream was whole.
+    let (upstream, mut ended) = ending_reporter().await;
+    let pki = TestPki::new();
+    let proxy = tcp_proxy(&pki, upstream, "[listener.timeouts]\nidle = \"300ms\"\n").await;
+    let mut tls = client::connect(proxy.addr("tcp"), client::client_config(pki.roots(), &[]))
+        .await
+        .unwrap();
+    tls.write_all(b"partial").await.unwrap();
+    acked(&mut tls).await;
+    let cut = within("end after the idle timeout", ended.recv()).await;
+    assert_eq!(cut, Some(Err(std::io::ErrorKind::ConnectionReset)));
+}
