@@ -318,11 +318,13 @@ impl CertManager {
             match loaded {
                 Ok(material) => {
                     last_error = None;
-                    // Same certificate means same key: a pair whose key does
-                    // not match its certificate never loads.
+                    // Same chain means same key: a pair whose key does not
+                    // match its certificate never loads. The whole chain is
+                    // compared, not the leaf: an intermediate added, fixed
+                    // or reordered under the same leaf must be served too.
                     let unchanged = current
                         .as_ref()
-                        .is_some_and(|c| c.info.sha256 == material.info.sha256);
+                        .is_some_and(|c| c.key.cert == material.certified.cert);
                     if !unchanged {
                         self.install(material, "files changed");
                     }

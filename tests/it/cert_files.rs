@@ -352,3 +352,38 @@ async fn local_ca_leaf_is_renewed_before_it_expires() {
         "renewed only after expiry"
     );
 }
+
+/// How many certificates the proxy presents in its handshake.
+async fn served_chain_len(proxy: &Proxy, pki: &TestPki) -> usize {
+    let config = crate::common::client::client_config(pki.roots(), &[]);
+    let tls = crate::common::client::connect(proxy.addr("l"), config)
+        .await
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap().len()
+}
+
+/// A chain fixed in place keeps its leaf: the intermediate that was
+/// missing is added to the file. The new chain must be served, or clients
+/// that need the intermediate fail until sheath is restarted (a reload
+/// with the same configuration does not re-read the files).
+#[tokio::test]
+async fn a_chain_changed_under_the_same_leaf_is_picked_up() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let (cert, key) = (files.cert.clone(), files.key.clone());
+    let proxy = proxy_on(dir, &cert, &key).await;
+    assert_eq!(served_chain_len(&proxy, &pki).await, 1);
+
+    // The CA certificate stands in for the intermediate: what matters is
+    // that the file's chain grows while its leaf stays.
+    write_atomically(&cert, &format!("{}{}", files.cert_pem, pki.ca_pem));
+    within("the two-certificate chain served", async {
+        while served_chain_len(&proxy, &pki).await != 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let status = proxy.running().listener("l").unwrap().cert_status();
+    assert_eq!(status.installs, 2);
+}
