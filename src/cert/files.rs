@@ -71,6 +71,9 @@ fn is_change(kind: &notify::EventKind) -> bool {
     }
 }
 
+/// The longest `Watcher::settle` waits for a directory to go quiet.
+const MAX_SETTLE: Duration = Duration::from_secs(2);
+
 /// Change notifications for the directories holding some files.
 #[derive(Debug)]
 pub struct Watcher {
@@ -120,9 +123,17 @@ impl Watcher {
         }
     }
 
-    /// Wait until no change has been seen for `quiet`.
+    /// Wait until no change has been seen for `quiet`, for
+    /// `MAX_SETTLE` at most. The directory is watched, not the files, so
+    /// a neighbour written all the time (a log, a database) would otherwise
+    /// hold off every read for as long as it is written, polling included.
+    /// Reading a pair still being written is harmless: it fails the checks
+    /// and the next change reads it again.
     pub async fn settle(&mut self, quiet: Duration) {
-        while let Ok(Some(())) = tokio::time::timeout(quiet, self.events.recv()).await {}
+        let _ = tokio::time::timeout(MAX_SETTLE, async {
+            while let Ok(Some(())) = tokio::time::timeout(quiet, self.events.recv()).await {}
+        })
+        .await;
     }
 }
 

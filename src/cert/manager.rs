@@ -303,8 +303,12 @@ impl CertManager {
                 _ = stop.cancelled() => return,
                 _ = watcher.changed() => {
                     // Writers often replace files in several steps; wait
-                    // for a quiet moment before reading.
-                    watcher.settle(Duration::from_millis(250)).await;
+                    // for a quiet moment before reading. A reload that
+                    // replaced this task must not wait for it to end.
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = watcher.settle(Duration::from_millis(250)) => {}
+                    }
                 }
                 _ = tokio::time::sleep(self.policy.poll_interval) => {}
             }

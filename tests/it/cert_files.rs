@@ -387,3 +387,36 @@ async fn a_chain_changed_under_the_same_leaf_is_picked_up() {
     let status = proxy.running().listener("l").unwrap().cert_status();
     assert_eq!(status.installs, 2);
 }
+
+/// A directory that never stays quiet: the certificate lives next to a
+/// file written all the time (an application's log or database). The
+/// watcher waits for writes to settle, but not forever: a rotation must
+/// still be picked up while the neighbour keeps being written.
+#[tokio::test]
+async fn a_rotation_next_to_a_file_written_all_the_time_is_picked_up() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let (cert, key) = (files.cert.clone(), files.key.clone());
+    let noise = dir.path().join("app.log");
+    let proxy = proxy_on(dir, &cert, &key).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                std::fs::write(&noise, n.to_string()).unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let (c, k) = new_pair(&pki);
+    write_atomically(&key, &k);
+    write_atomically(&cert, &c);
+    until_serving(&proxy, &pki, &serial_of(&c)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+}
