@@ -331,6 +331,20 @@ impl CertManager {
                         .is_some_and(|c| c.key.cert == material.certified.cert);
                     if !unchanged {
                         self.install(material, "files changed");
+                    } else if self.status.load().consecutive_failures > 0 {
+                        // The files are back to what is served: nothing to
+                        // install, but the failure is over.
+                        self.status.rcu(|s| CertStatus {
+                            consecutive_failures: 0,
+                            next_retry: None,
+                            ..(**s).clone()
+                        });
+                        tracing::info!(
+                            listener = %self.listener,
+                            cert = %self.cert,
+                            serial = %material.info.serial,
+                            "certificate files usable again; they hold the certificate being served"
+                        );
                     }
                 }
                 Err(e) => {

@@ -420,3 +420,35 @@ async fn a_rotation_next_to_a_file_written_all_the_time_is_picked_up() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
 }
+
+/// Files broken for a while and then put back as they were (a deploy that
+/// rewrote them, a restore from backup): nothing new is installed, but the
+/// failure is over, and the status must say so. Alerts on
+/// `sheath_certificate_renewal_consecutive_failures` fired for good.
+#[tokio::test]
+async fn files_restored_to_the_served_certificate_end_the_failure() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let (cert, key) = (files.cert.clone(), files.key.clone());
+    let original = serial_of(&files.cert_pem);
+    let proxy = proxy_on(dir, &cert, &key).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+
+    write_atomically(&cert, "garbage");
+    rejected(&proxy, &pki, 0, &original).await;
+    write_atomically(&cert, &files.cert_pem);
+    within("the failure count back at zero", async {
+        while status.load().consecutive_failures != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        status.load().installs,
+        1,
+        "the same certificate was installed again"
+    );
+}
