@@ -723,7 +723,7 @@ fn new_manager(
             (acme.challenge == AcmeChallenge::TlsAlpn01).then(|| challenges.server_config()),
         ),
     };
-    let manager = CertManager::new(
+    let mut manager = CertManager::new(
         l.name.clone(),
         cert,
         source,
@@ -734,7 +734,7 @@ fn new_manager(
     // connection; an ACME listener without a cached certificate starts
     // empty and is not ready until its first issuance.
     match manager.initial() {
-        Ok(Some(material)) => manager.install(material, "startup"),
+        Ok(Some(material)) => manager.install_first(material),
         Ok(None) if manager.cert == CertRef::Default => tracing::info!(
             listener = %l.name,
             "no certificate yet; handshakes fail until the first issuance"

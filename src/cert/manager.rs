@@ -85,6 +85,11 @@ pub struct CertManager {
     /// Files source: watching starts here, before the first load, so no
     /// change between loading and the task's start can be missed.
     watcher: Option<files::Watcher>,
+    /// The first certificate, installed while a reload was being prepared:
+    /// exported once the task runs, that is once the reload applied. A
+    /// reload that fails must not leave its certificate in the export
+    /// directory nor run the hook for something never served.
+    pending_export: Option<Material>,
 }
 
 impl CertManager {
@@ -113,6 +118,7 @@ impl CertManager {
             resolver,
             status,
             watcher,
+            pending_export: None,
         }
     }
 
@@ -144,8 +150,20 @@ impl CertManager {
         }
     }
 
-    /// Publish validated material and record it.
+    /// Publish the first certificate, before the task runs; its export
+    /// waits for [`CertManager::run`].
+    pub fn install_first(&mut self, material: Material) {
+        self.publish(&material, "startup");
+        self.pending_export = Some(material);
+    }
+
+    /// Publish validated material, record it and export it.
     pub fn install(&self, material: Material, why: &str) {
+        self.publish(&material, why);
+        self.export(material);
+    }
+
+    fn publish(&self, material: &Material, why: &str) {
         let old = self
             .resolver
             .swap(material.certified.clone(), material.info.clone());
@@ -177,6 +195,9 @@ impl CertManager {
             installs: previous.installs + 1,
             ..(**previous).clone()
         }));
+    }
+
+    fn export(&self, material: Material) {
         if let Some(export) = &self.policy.export {
             let export = export.clone();
             let (listener, cert) = (self.listener.clone(), self.cert);
@@ -201,6 +222,9 @@ impl CertManager {
 
     /// Keep the certificate fresh until `stop`.
     pub async fn run(mut self, stop: CancellationToken) {
+        if let Some(material) = self.pending_export.take() {
+            self.export(material);
+        }
         match &self.source {
             Source::Files { cert, key } => {
                 let (cert, key) = (cert.clone(), key.clone());

@@ -439,3 +439,88 @@ async fn removed_listener_finishes_its_transfer_and_refuses_new_connections() {
     let mut g = client::h1(proxy.addr("gone"), pki.roots()).await;
     assert_eq!(g.send_request(get("/")).await.unwrap().status(), 200);
 }
+
+/// A reload that fails changes nothing outside either: a listener's new
+/// certificate prepared before another listener's error is never exported
+/// and its `on_renew` hook never runs, since it is never served.
+#[tokio::test]
+async fn a_failing_reload_exports_nothing_and_runs_no_hook() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_server(dir.path(), "server");
+    let upstream = backend::tcp_echo().await;
+    let [port_a, port_b, _] = free_ports();
+    let export = dir.path().join("export");
+    let hook_log = dir.path().join("hook.log");
+    let text = |lifetime: &str, key: &str| {
+        format!(
+            "[global]\nstate_dir = \"{state}\"\ndrain_timeout = \"5s\"\n\n\
+             [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:{port_a}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\nlifetime = \"{lifetime}\"\n\
+             [listener.cert.export]\ndir = \"{export}\"\non_renew = 'echo \"$SHEATH_CERT_SERIAL\" >> {log}'\n\n\
+             [[listener]]\nname = \"b\"\nbind = \"127.0.0.1:{port_b}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"files\"\ncert = \"{cert}\"\nkey = \"{key}\"\n",
+            state = dir.path().join("state").display(),
+            export = export.display(),
+            log = hook_log.display(),
+            cert = dir.path().join("server.pem").display(),
+            key = dir.path().join(key).display(),
+        )
+    };
+    let first = text("24h", "server.key");
+    let broken = text("12h", "missing.key");
+    let fixed = text("6h", "server.key");
+    let proxy = Proxy::start_in(&first, dir).await.unwrap();
+    let running = proxy.running();
+    let served = || {
+        running
+            .listener("a")
+            .unwrap()
+            .cert_status()
+            .current
+            .clone()
+            .unwrap()
+            .serial
+    };
+    let hooked = || {
+        std::fs::read_to_string(&hook_log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let initial = served();
+    crate::common::eventually("the first hook", || hooked() == [initial.clone()]).await;
+
+    // Listener a's certificate changes, b's key is missing: nothing applies.
+    let err = running
+        .reload(parse(proxy.dir.path(), &broken))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing.key"), "{err}");
+    assert_eq!(served(), initial);
+
+    // A reload that applies exports and runs the hook once; the failed
+    // one, had it exported, would show before it.
+    running
+        .reload(parse(proxy.dir.path(), &fixed))
+        .await
+        .unwrap();
+    let renewed = served();
+    assert_ne!(renewed, initial);
+    crate::common::eventually("the hook of the applied reload", || {
+        hooked().last() == Some(&renewed)
+    })
+    .await;
+    assert_eq!(
+        hooked(),
+        [initial, renewed],
+        "a hook ran for a failed reload"
+    );
+    let exported = std::fs::read_to_string(export.join("fullchain.pem")).unwrap();
+    let der = sheath::cert::parse_chain_pem("export", exported.as_bytes()).unwrap();
+    assert_eq!(
+        sheath::cert::CertInfo::from_der(&der[0]).unwrap().serial,
+        served()
+    );
+}
