@@ -5,7 +5,17 @@
 //! mode 0600 and before the chain, so a reader that sees the new chain
 //! finds the new key too. The hook runs after both are in place, with a
 //! bounded run time.
+//!
+//! Exports into one directory happen one at a time, in the order their
+//! certificates were installed: two at once (a renewal right after a
+//! reload, reloads in quick succession) would share the temporary file
+//! names, so that one of them failed, and the older one could finish last
+//! and leave a certificate no longer served.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use super::manager::Material;
@@ -14,10 +24,47 @@ use crate::config::{CertRef, ExportConfig};
 
 const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Export `listener`'s certificate `cert`.
-pub async fn export(listener: &str, cert: CertRef, config: &ExportConfig, material: &Material) {
+/// An export's place in line: later installs have later turns.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn(u64);
+
+impl Turn {
+    pub fn take() -> Turn {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Turn(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// Per export directory, the turn of the last export written there.
+type Written = Arc<tokio::sync::Mutex<u64>>;
+
+fn written_in(dir: &Path) -> Written {
+    static DIRS: LazyLock<Mutex<HashMap<PathBuf, Written>>> = LazyLock::new(Default::default);
+    Arc::clone(
+        DIRS.lock()
+            .expect("poisoned")
+            .entry(dir.to_path_buf())
+            .or_default(),
+    )
+}
+
+/// Export `listener`'s certificate `cert`, unless a certificate installed
+/// after it (a later `turn`) was exported already.
+pub async fn export(
+    listener: &str,
+    cert: CertRef,
+    config: &ExportConfig,
+    material: &Material,
+    turn: Turn,
+) {
     let cert = cert.to_string();
     let cert = cert.as_str();
+    let slot = written_in(&config.dir);
+    let mut last = slot.lock().await;
+    if *last > turn.0 {
+        tracing::info!(listener, cert, serial = %material.info.serial, "certificate export skipped: a newer certificate was exported already");
+        return;
+    }
     let dir = config.dir.clone();
     let chain = material.chain_pem.clone();
     let key = material.key_pem.clone();
@@ -29,6 +76,8 @@ pub async fn export(listener: &str, cert: CertRef, config: &ExportConfig, materi
     })
     .await
     .expect("export task panicked");
+    *last = turn.0;
+    drop(last);
     if let Err(e) = written {
         tracing::error!(listener, cert, dir = %config.dir.display(), error = %e, "certificate export failed");
         return;

@@ -89,7 +89,7 @@ pub struct CertManager {
     /// exported once the task runs, that is once the reload applied. A
     /// reload that fails must not leave its certificate in the export
     /// directory nor run the hook for something never served.
-    pending_export: Option<Material>,
+    pending_export: Option<(Material, export::Turn)>,
 }
 
 impl CertManager {
@@ -154,13 +154,15 @@ impl CertManager {
     /// waits for [`CertManager::run`].
     pub fn install_first(&mut self, material: Material) {
         self.publish(&material, "startup");
-        self.pending_export = Some(material);
+        // Its place in line is taken now: managers of reloads in quick
+        // succession may start running in any order.
+        self.pending_export = Some((material, export::Turn::take()));
     }
 
     /// Publish validated material, record it and export it.
     pub fn install(&self, material: Material, why: &str) {
         self.publish(&material, why);
-        self.export(material);
+        self.export(material, export::Turn::take());
     }
 
     fn publish(&self, material: &Material, why: &str) {
@@ -197,12 +199,14 @@ impl CertManager {
         }));
     }
 
-    fn export(&self, material: Material) {
+    /// Export in the background; `turn`, taken when the certificate was
+    /// installed, keeps an older certificate from overwriting a newer one.
+    fn export(&self, material: Material, turn: export::Turn) {
         if let Some(export) = &self.policy.export {
             let export = export.clone();
             let (listener, cert) = (self.listener.clone(), self.cert);
             tokio::spawn(async move {
-                export::export(&listener, cert, &export, &material).await;
+                export::export(&listener, cert, &export, &material, turn).await;
             });
         }
     }
@@ -222,8 +226,8 @@ impl CertManager {
 
     /// Keep the certificate fresh until `stop`.
     pub async fn run(mut self, stop: CancellationToken) {
-        if let Some(material) = self.pending_export.take() {
-            self.export(material);
+        if let Some((material, turn)) = self.pending_export.take() {
+            self.export(material, turn);
         }
         match &self.source {
             Source::Files { cert, key } => {

@@ -524,3 +524,67 @@ async fn a_failing_reload_exports_nothing_and_runs_no_hook() {
         served()
     );
 }
+
+/// Reloads in quick succession, each giving the exporting listener a new
+/// certificate: the exports of successive certificates overlap, and the
+/// export directory must end up holding the certificate served, with its
+/// key, and the hook must have run for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn back_to_back_reloads_export_the_certificate_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::tcp_echo().await;
+    let [port, _, _] = free_ports();
+    let export = dir.path().join("export");
+    let hook_log = dir.path().join("hook.log");
+    let state = dir.path().join("state");
+    let text = |lifetime_h: u32| {
+        format!(
+            "[global]\nstate_dir = \"{state}\"\ndrain_timeout = \"5s\"\n\n\
+             [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\nlifetime = \"{lifetime_h}h\"\n\
+             [listener.cert.export]\ndir = \"{export}\"\non_renew = 'echo \"$SHEATH_CERT_SERIAL\" >> {log}'\n",
+            state = state.display(),
+            export = export.display(),
+            log = hook_log.display(),
+        )
+    };
+    let first = text(100);
+    let proxy = Proxy::start_in(&first, dir).await.unwrap();
+    let running = proxy.running();
+    for round in 0..20 {
+        for lifetime in [1 + 2 * round, 2 + 2 * round] {
+            running
+                .reload(parse(proxy.dir.path(), &text(lifetime)))
+                .await
+                .unwrap();
+        }
+        let served = running
+            .listener("a")
+            .unwrap()
+            .cert_status()
+            .current
+            .clone()
+            .unwrap();
+        crate::common::eventually(
+            &format!("round {round}: the served certificate's hook"),
+            || {
+                std::fs::read_to_string(&hook_log)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l == served.serial)
+            },
+        )
+        .await;
+        let chain = std::fs::read_to_string(export.join("fullchain.pem")).unwrap();
+        let key = std::fs::read_to_string(export.join("key.pem")).unwrap();
+        let material = sheath::cert::files::load_material(
+            &export.join("fullchain.pem"),
+            &export.join("key.pem"),
+        )
+        .unwrap_or_else(|e| panic!("round {round}: exported pair unusable: {e}\n{chain}{key}"));
+        assert_eq!(
+            material.info.serial, served.serial,
+            "round {round}: another certificate exported"
+        );
+    }
+}
