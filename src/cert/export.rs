@@ -13,6 +13,7 @@
 //! and leave a certificate no longer served.
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -86,29 +87,73 @@ pub async fn export(
     let Some(command) = &config.on_renew else {
         return;
     };
+    let (cert_file, key_file) = (config.dir.join("fullchain.pem"), config.dir.join("key.pem"));
+    let env = [
+        ("SHEATH_LISTENER", listener.as_ref()),
+        ("SHEATH_CERT", cert.as_ref()),
+        ("SHEATH_CERT_FILE", cert_file.as_os_str()),
+        ("SHEATH_KEY_FILE", key_file.as_os_str()),
+        ("SHEATH_CERT_SERIAL", material.info.serial.as_ref()),
+    ];
+    match run_hook(command, &env, HOOK_TIMEOUT).await {
+        HookOutcome::Succeeded => {
+            tracing::info!(listener, cert, command, "on_renew hook succeeded")
+        }
+        HookOutcome::Failed(status) => {
+            tracing::error!(listener, cert, command, %status, "on_renew hook failed")
+        }
+        HookOutcome::CouldNotRun(e) => {
+            tracing::error!(listener, cert, command, error = %e, "on_renew hook could not run")
+        }
+        HookOutcome::TimedOut => {
+            tracing::error!(listener, cert, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
+        }
+    }
+}
+
+/// How an `on_renew` hook ended.
+#[derive(Debug)]
+pub enum HookOutcome {
+    Succeeded,
+    Failed(std::process::ExitStatus),
+    CouldNotRun(std::io::Error),
+    TimedOut,
+}
+
+/// Run `command` with `sh -c` and `env`, for `timeout` at most.
+///
+/// The hook runs in a process group of its own, and an overrun kills the
+/// group: killing `sh` alone left the commands it had started (a stuck
+/// `curl`, a `systemctl reload` waiting on a lock) running on, reparented,
+/// although the hook was reported killed.
+pub async fn run_hook(command: &str, env: &[(&str, &OsStr)], timeout: Duration) -> HookOutcome {
     let mut child = tokio::process::Command::new("sh");
     child
         .arg("-c")
         .arg(command)
-        .env("SHEATH_LISTENER", listener)
-        .env("SHEATH_CERT", cert)
-        .env("SHEATH_CERT_FILE", config.dir.join("fullchain.pem"))
-        .env("SHEATH_KEY_FILE", config.dir.join("key.pem"))
-        .env("SHEATH_CERT_SERIAL", &material.info.serial)
+        .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
+        .process_group(0)
         .kill_on_drop(true);
-    match tokio::time::timeout(HOOK_TIMEOUT, child.status()).await {
-        Ok(Ok(status)) if status.success() => {
-            tracing::info!(listener, cert, command, "on_renew hook succeeded")
-        }
-        Ok(Ok(status)) => {
-            tracing::error!(listener, cert, command, %status, "on_renew hook failed")
-        }
-        Ok(Err(e)) => {
-            tracing::error!(listener, cert, command, error = %e, "on_renew hook could not run")
-        }
+    let mut child = match child.spawn() {
+        Ok(child) => child,
+        Err(e) => return HookOutcome::CouldNotRun(e),
+    };
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) if status.success() => HookOutcome::Succeeded,
+        Ok(Ok(status)) => HookOutcome::Failed(status),
+        Ok(Err(e)) => HookOutcome::CouldNotRun(e),
         Err(_) => {
-            tracing::error!(listener, cert, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
+            // The group's id is the hook's pid, as long as it is not reaped.
+            if let Some(group) = child
+                .id()
+                .and_then(|pid| i32::try_from(pid).ok())
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
+            let _ = child.wait().await;
+            HookOutcome::TimedOut
         }
     }
 }

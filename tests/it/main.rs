@@ -9,6 +9,7 @@ mod acme;
 mod admin;
 mod cert_files;
 mod config;
+mod export;
 mod grpc;
 mod http;
 mod limits;
