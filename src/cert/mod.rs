@@ -56,6 +56,8 @@ pub enum CertError {
     Parse { what: String, reason: String },
     #[error("{what}: private key does not match the certificate")]
     KeyMismatch { what: String },
+    #[error("{what}: the private key belongs to certificate #{index} of the chain, not to the first; the leaf (the server's own certificate) must come first")]
+    ChainOrder { what: String, index: usize },
     #[error("{what}: unusable private key: {reason}")]
     BadKey { what: String, reason: String },
     #[error("{what}: certificate expired at {not_after}")]
@@ -130,8 +132,23 @@ pub fn certified_key(
     let certified = CertifiedKey::new(chain, signing_key);
     // An unknown answer (a key type that cannot report its public key) is an
     // error here: sheath only serves what it could check.
-    certified.keys_match().map_err(|_| CertError::KeyMismatch {
-        what: what.to_string(),
-    })?;
+    if certified.keys_match().is_err() {
+        // `cat chain.pem cert.pem` is a common slip; "does not match" would
+        // send its author looking at the wrong file.
+        let index = (1..certified.cert.len()).find(|&i| {
+            CertifiedKey::new(vec![certified.cert[i].clone()], certified.key.clone())
+                .keys_match()
+                .is_ok()
+        });
+        return Err(match index {
+            Some(index) => CertError::ChainOrder {
+                what: what.to_string(),
+                index,
+            },
+            None => CertError::KeyMismatch {
+                what: what.to_string(),
+            },
+        });
+    }
     Ok((Arc::new(certified), info))
 }

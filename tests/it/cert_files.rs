@@ -452,3 +452,22 @@ async fn files_restored_to_the_served_certificate_end_the_failure() {
         "the same certificate was installed again"
     );
 }
+
+/// A chain with the leaf after its issuer (`cat chain.pem cert.pem`) is
+/// refused, and the error says what is wrong: the key does match one of
+/// the certificates, just not the first.
+#[tokio::test]
+async fn a_chain_in_the_wrong_order_is_named_as_such() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    std::fs::write(&files.cert, format!("{}{}", pki.ca_pem, files.cert_pem)).unwrap();
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n{}",
+        crate::common::pki::files_cert_toml(&files)
+    );
+    let err = Proxy::start_in(&toml, dir).await.unwrap_err().to_string();
+    assert!(err.contains("certificate #1"), "{err}");
+    assert!(err.contains("leaf"), "{err}");
+    assert!(!err.contains("does not match"), "{err}");
+}
