@@ -95,18 +95,30 @@ pub async fn export(
         ("SHEATH_KEY_FILE", key_file.as_os_str()),
         ("SHEATH_CERT_SERIAL", material.info.serial.as_ref()),
     ];
-    match run_hook(command, &env, HOOK_TIMEOUT).await {
+    let HookRun {
+        outcome,
+        stdout,
+        stderr,
+    } = run_hook(command, &env, HOOK_TIMEOUT).await;
+    match outcome {
         HookOutcome::Succeeded => {
-            tracing::info!(listener, cert, command, "on_renew hook succeeded")
+            tracing::info!(
+                listener,
+                cert,
+                command,
+                stdout,
+                stderr,
+                "on_renew hook succeeded"
+            )
         }
         HookOutcome::Failed(status) => {
-            tracing::error!(listener, cert, command, %status, "on_renew hook failed")
+            tracing::error!(listener, cert, command, %status, stdout, stderr, "on_renew hook failed")
         }
         HookOutcome::CouldNotRun(e) => {
             tracing::error!(listener, cert, command, error = %e, "on_renew hook could not run")
         }
         HookOutcome::TimedOut => {
-            tracing::error!(listener, cert, command, timeout = ?HOOK_TIMEOUT, "on_renew hook timed out and was killed")
+            tracing::error!(listener, cert, command, timeout = ?HOOK_TIMEOUT, stdout, stderr, "on_renew hook timed out and was killed")
         }
     }
 }
@@ -120,26 +132,57 @@ pub enum HookOutcome {
     TimedOut,
 }
 
+/// What a hook run gave: how it ended and the start of what it wrote.
+#[derive(Debug)]
+pub struct HookRun {
+    pub outcome: HookOutcome,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// At most this much of each of a hook's output streams is kept for the
+/// log; the rest is read and dropped, so a talkative hook never blocks on
+/// a full pipe.
+pub const HOOK_OUTPUT_LIMIT: usize = 4096;
+
+/// How long the output is still read after the hook has ended: a process
+/// it left running in the background may hold the pipes open for good.
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+
 /// Run `command` with `sh -c` and `env`, for `timeout` at most.
 ///
 /// The hook runs in a process group of its own, and an overrun kills the
 /// group: killing `sh` alone left the commands it had started (a stuck
 /// `curl`, a `systemctl reload` waiting on a lock) running on, reparented,
 /// although the hook was reported killed.
-pub async fn run_hook(command: &str, env: &[(&str, &OsStr)], timeout: Duration) -> HookOutcome {
+///
+/// Its output is captured for the log line that reports it, not passed
+/// through: in sheath's own output it would be lines of another format
+/// (JSON logs) and apart from the failure they explain.
+pub async fn run_hook(command: &str, env: &[(&str, &OsStr)], timeout: Duration) -> HookRun {
     let mut child = tokio::process::Command::new("sh");
     child
         .arg("-c")
         .arg(command)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match child.spawn() {
         Ok(child) => child,
-        Err(e) => return HookOutcome::CouldNotRun(e),
+        Err(e) => {
+            return HookRun {
+                outcome: HookOutcome::CouldNotRun(e),
+                stdout: String::new(),
+                stderr: String::new(),
+            }
+        }
     };
-    match tokio::time::timeout(timeout, child.wait()).await {
+    let stdout = Captured::start(child.stdout.take());
+    let stderr = Captured::start(child.stderr.take());
+    let outcome = match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) if status.success() => HookOutcome::Succeeded,
         Ok(Ok(status)) => HookOutcome::Failed(status),
         Ok(Err(e)) => HookOutcome::CouldNotRun(e),
@@ -155,5 +198,51 @@ pub async fn run_hook(command: &str, env: &[(&str, &OsStr)], timeout: Duration) 
             let _ = child.wait().await;
             HookOutcome::TimedOut
         }
+    };
+    HookRun {
+        outcome,
+        stdout: stdout.finish().await,
+        stderr: stderr.finish().await,
+    }
+}
+
+/// One output stream of a hook, read in a task of its own until it ends.
+struct Captured {
+    kept: Arc<Mutex<(Vec<u8>, usize)>>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Captured {
+    fn start(stream: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>) -> Captured {
+        let kept = Arc::new(Mutex::new((Vec::new(), 0usize)));
+        let sink = Arc::clone(&kept);
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let Some(mut stream) = stream else { return };
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                let (kept, dropped) = &mut *sink.lock().expect("poisoned");
+                let room = HOOK_OUTPUT_LIMIT - kept.len();
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                *dropped += n.saturating_sub(room);
+            }
+        });
+        Captured { kept, reader }
+    }
+
+    /// What was read, once the stream ended or the grace ran out.
+    async fn finish(mut self) -> String {
+        if tokio::time::timeout(OUTPUT_GRACE, &mut self.reader)
+            .await
+            .is_err()
+        {
+            self.reader.abort();
+        }
+        let (kept, dropped) = &*self.kept.lock().expect("poisoned");
+        let mut text = String::from_utf8_lossy(kept).trim_end().to_string();
+        if *dropped > 0 {
+            text.push_str(&format!(" [{dropped} more bytes]"));
+        }
+        text
     }
 }
