@@ -689,6 +689,19 @@ fn validate_cert(
         }
         "acme" => {
             let names = names(true)?.unwrap_or_default();
+            // A CA validates a wildcard only by DNS-01, which sheath does
+            // not answer: such an order would fail at every attempt, for
+            // good, each one a new order counted against the CA's limits.
+            if let Some(wildcard) = names.iter().find(|n| n.starts_with("*.")) {
+                let n = cert.names.as_ref().expect("names are required for acme");
+                return Err(invalid(
+                    loc.at(n),
+                    key("names"),
+                    format!(
+                        "`{wildcard}`: a wildcard needs the dns-01 challenge, which sheath does not support; list the names, or use source = \"files\" with a certificate issued elsewhere"
+                    ),
+                ));
+            }
             let directory = cert.directory.as_ref().ok_or_else(|| {
                 invalid(
                     table.clone(),

@@ -381,7 +381,7 @@ key = "/etc/sheath/default.key"
 
 [[listener.sni_cert]]
 source = "local_ca"
-names = ["api.internal"]
+names = ["api.internal", "*.apps.internal"]
 lifetime = "2h"
 
 [listener.sni_cert.export]
@@ -390,7 +390,7 @@ dir = "/var/lib/sheath/api"
 [[listener.sni_cert]]
 source = "acme"
 directory = "https://ca.internal/acme/directory"
-names = ["*.apps.internal"]
+names = ["api.example.com"]
 "#;
     let config = parse(text).unwrap();
     let l = &config.listeners[0];
@@ -449,6 +449,30 @@ fn sni_certificate_errors_name_their_table() {
         message.contains("already the export directory of listener[0].cert"),
         "{message}"
     );
+}
+
+#[test]
+fn an_acme_wildcard_is_refused_at_its_names() {
+    // Neither tls-alpn-01 nor http-01 can validate a wildcard: the CA offers
+    // only dns-01 for it, so every order would fail.
+    let head = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+    let acme = "source = \"acme\"\ndirectory = \"https://ca.internal/acme/directory\"\n";
+    for table in ["[listener.cert]", "[[listener.sni_cert]]"] {
+        let (line, key, message) = error_at(&format!(
+            "{head}{table}\n{acme}names = [\"app.example.com\", \"*.Example.com\"]\n"
+        ));
+        assert_eq!(line, 7, "{message}");
+        assert!(key.ends_with(".names"), "{key}");
+        assert!(
+            message.contains("`*.example.com`") && message.contains("dns-01"),
+            "{message}"
+        );
+    }
+    // The local CA issues wildcards itself.
+    parse(&format!(
+        "{head}[listener.cert]\nsource = \"local_ca\"\nnames = [\"*.example.com\"]\n"
+    ))
+    .unwrap();
 }
 
 #[test]
