@@ -956,20 +956,36 @@ pub fn parse_upstream(value: &str, allow_remote: bool) -> Result<Upstream, Strin
 }
 
 /// Certificate names: DNS names (optionally one leading wildcard label) or
-/// IP literals.
+/// IP literals, each in the one form a certificate carries it (and a
+/// client's SNI and an ACME identifier give it): lowercase, a DNS name
+/// without its trailing dot, an address as its canonical text. A name
+/// kept as written (`app.test.`, `0:0:0:0:0:0:0:1`) would never equal the
+/// issued certificate's: ACME refused the order or discarded every
+/// certificate issued, and a local-CA certificate carried a name no client
+/// verifies.
 pub fn parse_names(names: &[String]) -> Result<Vec<String>, String> {
     if names.is_empty() {
         return Err("at least one name is needed".into());
     }
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        let name = name.trim().to_ascii_lowercase();
-        if name.parse::<IpAddr>().is_err() {
-            let dns = name.strip_prefix("*.").unwrap_or(&name);
-            if rustls_pki_types::DnsName::try_from(dns).is_err() || dns.contains('*') {
-                return Err(format!("`{name}` is neither a DNS name nor an IP address"));
+        let written = name.trim().to_ascii_lowercase();
+        let name = match written.parse::<IpAddr>() {
+            Ok(ip) => ip.to_string(),
+            Err(_) => {
+                let name = written.strip_suffix('.').unwrap_or(&written).to_string();
+                let dns = name.strip_prefix("*.").unwrap_or(&name);
+                if rustls_pki_types::DnsName::try_from(dns).is_err()
+                    || dns.contains('*')
+                    || dns.ends_with('.')
+                {
+                    return Err(format!(
+                        "`{written}` is neither a DNS name nor an IP address"
+                    ));
+                }
+                name
             }
-        }
+        };
         if !out.contains(&name) {
             out.push(name);
         }

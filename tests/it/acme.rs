@@ -681,3 +681,23 @@ async fn tls_alpn_01_works_on_a_listener_that_requires_client_certificates() {
     let mut buf = [0u8; 4];
     within("echo", tls.read_exact(&mut buf)).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_name_written_with_its_trailing_dot_is_ordered_and_served() {
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    // Pebble, like Let's Encrypt, refuses an identifier ending in a dot.
+    let toml = listener_toml(&setup, upstream, &ca_root(&setup))
+        .replace(&format!("names = [\"{NAME}\"]"), "names = [\"App.Test.\"]");
+    assert!(toml.contains("App.Test."));
+    let proxy = Proxy::start(&toml).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    let root = setup.pebble.issuing_root_pem().await;
+    verified_roundtrip(proxy.addr("l"), &root).await.unwrap();
+    assert_eq!(status.load().current.as_ref().unwrap().names, [NAME]);
+}

@@ -476,6 +476,35 @@ fn an_acme_wildcard_is_refused_at_its_names() {
 }
 
 #[test]
+fn names_take_the_form_certificates_carry() {
+    let config = parse(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.cert]\nsource = \"acme\"\ndirectory = \"https://ca.internal/acme/directory\"\nnames = [\"App.Example.com.\", \"0:0:0:0:0:0:0:1\", \"2001:DB8:0::1\", \"app.example.com\"]\n[[listener.sni_cert]]\nnames = [\"API.internal.\", \"*.apps.internal.\"]\n",
+    )
+    .unwrap();
+    let l = &config.listeners[0];
+    let CertSource::Acme(acme) = &l.cert else {
+        panic!("{:?}", l.cert)
+    };
+    assert_eq!(acme.names, ["app.example.com", "::1", "2001:db8::1"]);
+    let CertSource::LocalCa { names, .. } = &l.sni_certs[0].source else {
+        panic!("{:?}", l.sni_certs[0].source)
+    };
+    assert_eq!(names, &["api.internal", "*.apps.internal"]);
+
+    // One address written two ways is one name: two certificates of a
+    // listener cannot both claim it.
+    let (_, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.cert]\nnames = [\"::1\", \"a.test\"]\n[[listener.sni_cert]]\nnames = [\"0::1\"]\n",
+    );
+    assert_eq!(key, "listener[0].sni_cert[0].names", "{message}");
+    // Only one trailing dot is the root's.
+    let (_, _, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.cert]\nnames = [\"a.test..\"]\n",
+    );
+    assert!(message.contains("neither a DNS name"), "{message}");
+}
+
+#[test]
 fn outbound_listeners_bind_loopback_and_verify_their_peer() {
     let text = r#"
 [[listener]]
