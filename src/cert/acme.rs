@@ -166,6 +166,12 @@ impl AcmeIssuer {
         if let Some(account) = cached.as_ref() {
             return Ok(account.clone());
         }
+        // Every certificate from this server shares its account.json. Each
+        // found none at a first start and registered its own, the last
+        // rename deciding which was kept, and their writes shared one
+        // temporary file; one at a time, the first creates it and the
+        // others read it.
+        let _shared = account_lock(&self.dir).lock_owned().await;
         let http = self.http_client().await?;
         let path = self.account_path();
         let account = match std::fs::read_to_string(&path) {
@@ -423,6 +429,20 @@ impl AcmeIssuer {
         }
         Ok(roots)
     }
+}
+
+/// The lock on one server directory's account, shared by every issuer of
+/// the process (a listener's certificates, other listeners, reloads).
+fn account_lock(dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: Mutex<std::collections::BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
+        Mutex::new(std::collections::BTreeMap::new());
+    Arc::clone(
+        LOCKS
+            .lock()
+            .expect("poisoned")
+            .entry(dir.to_path_buf())
+            .or_default(),
+    )
 }
 
 fn add_pem_roots(roots: &mut RootCertStore, pem: &[u8], what: &str) -> Result<(), String> {

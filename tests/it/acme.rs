@@ -701,3 +701,39 @@ async fn a_name_written_with_its_trailing_dot_is_ordered_and_served() {
     verified_roundtrip(proxy.addr("l"), &root).await.unwrap();
     assert_eq!(status.load().current.as_ref().unwrap().names, [NAME]);
 }
+
+#[tokio::test]
+async fn certificates_from_one_server_register_one_account() {
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    let sni = |name: &str| {
+        format!(
+            "[[listener.sni_cert]]\nsource = \"acme\"\nnames = [\"{name}\"]\ndirectory = \"{}\"\n{}retry_min = \"200ms\"\nretry_max = \"2s\"\n",
+            setup.pebble.directory,
+            ca_root(&setup)
+        )
+    };
+    let toml = format!(
+        "{}{}{}",
+        listener_toml(&setup, upstream, &ca_root(&setup)),
+        sni("www.app.test"),
+        sni("api.app.test")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let handle = proxy.running().listener("l").unwrap();
+    for cert in &handle.certs {
+        wait_installs(&cert.status, 1, &setup.pebble).await;
+    }
+    // Pebble logs its count of accounts at each registration.
+    let log = std::fs::read_to_string(setup.pebble.dir.path().join("pebble.log")).unwrap();
+    let registrations: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("accounts in memory"))
+        .collect();
+    assert_eq!(registrations.len(), 1, "{registrations:#?}");
+    let state = proxy.dir.path().join("state/acme");
+    let saved = std::fs::read_to_string(find_file(&state, "account.json").unwrap()).unwrap();
+    assert!(saved.contains("\"id\""), "{saved}");
+}
