@@ -70,26 +70,24 @@ fn answer(req: &Request<Incoming>, challenges: &Challenges) -> Response<Full<Byt
                 .expect("static response"),
         };
     }
+    // The Host must be an authority and nothing more: one with user
+    // information ('app.test@evil.example') or a path ('evil.example/x')
+    // was copied into the Location, sending the client to another host.
     let host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(|h| {
-            h.rsplit_once(':').map_or(h, |(name, port)| {
-                if port.chars().all(|c| c.is_ascii_digit()) && !name.ends_with(']')
-                    || name.ends_with(']')
-                {
-                    name
-                } else {
-                    h
-                }
-            })
-        })
-        .filter(|h| !h.is_empty());
+        .and_then(|h| h.parse::<http::uri::Authority>().ok())
+        .filter(|a| {
+            !a.as_str().contains('@')
+                && !a.host().is_empty()
+                && (a.as_str().len() == a.host().len() || a.port_u16().is_some())
+        });
     match host {
-        Some(host) => {
+        Some(authority) => {
             let target = format!(
-                "https://{host}{}",
+                "https://{}{}",
+                authority.host(),
                 req.uri().path_and_query().map_or("/", |pq| pq.as_str())
             );
             Response::builder()
@@ -105,6 +103,6 @@ fn answer(req: &Request<Incoming>, challenges: &Challenges) -> Response<Full<Byt
 fn bad_request() -> Response<Full<Bytes>> {
     Response::builder()
         .status(StatusCode::BAD_REQUEST)
-        .body(Full::new(Bytes::from_static(b"missing Host\n")))
+        .body(Full::new(Bytes::from_static(b"missing or invalid Host\n")))
         .expect("static response")
 }

@@ -737,3 +737,56 @@ async fn certificates_from_one_server_register_one_account() {
     let saved = std::fs::read_to_string(find_file(&state, "account.json").unwrap()).unwrap();
     assert!(saved.contains("\"id\""), "{saved}");
 }
+
+/// What the HTTP-01 listener answers `GET /a?b=c` with `Host: {host}`:
+/// the status line and the Location, if any.
+async fn http01_answer(port: u16, host: &str) -> (String, Option<String>) {
+    let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    plain
+        .write_all(
+            format!("GET /a?b=c HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    within("answer", plain.read_to_string(&mut response))
+        .await
+        .unwrap();
+    let status = response.lines().next().unwrap_or_default().to_string();
+    let location = response
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .map(str::to_string);
+    (status, location)
+}
+
+#[tokio::test]
+async fn http_01_redirects_only_to_the_host_asked_for() {
+    // No CA is needed: the plain-HTTP listener runs while orders fail.
+    let port = free_port();
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:{}\"\nupstream = \"127.0.0.1:9\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"acme\"\nnames = [\"{NAME}\"]\ndirectory = \"https://127.0.0.1:9/dir\"\nchallenge = \"http-01\"\nhttp01_bind = \"127.0.0.1:{port}\"\nretry_min = \"1h\"\n",
+        free_port()
+    );
+    let _proxy = Proxy::start(&toml).await;
+    for (host, location) in [
+        ("app.test", "https://app.test/a?b=c"),
+        ("app.test:80", "https://app.test/a?b=c"),
+        ("[::1]:8080", "https://[::1]/a?b=c"),
+    ] {
+        let (status, got) = http01_answer(port, host).await;
+        assert!(status.starts_with("HTTP/1.1 301"), "{host}: {status}");
+        assert_eq!(got.as_deref(), Some(location), "{host}");
+    }
+    // Anything that is not a bare host and port takes the client nowhere.
+    for host in ["app.test@evil.example", "evil.example/x", "app.test:x", ""] {
+        let (status, got) = http01_answer(port, host).await;
+        assert!(
+            status.starts_with("HTTP/1.1 400"),
+            "{host}: {status} {got:?}"
+        );
+        assert_eq!(got, None, "{host}");
+    }
+}
