@@ -265,6 +265,20 @@ impl Running {
         self.extra_handover.lock().expect("poisoned").push(fd);
     }
 
+    /// Answer HTTP-01 challenges on `socket`. The socket stays bound until
+    /// this process exits, so a successor could not bind the port again:
+    /// it inherits this one, as it does the listeners'.
+    fn serve_http01(&self, socket: tokio::net::TcpListener) {
+        if let Ok(fd) = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned() {
+            self.hand_over_too(fd);
+        }
+        tokio::spawn(cert::http01::serve(
+            socket,
+            Arc::clone(&self.challenges),
+            self.stop_background.clone(),
+        ));
+    }
+
     /// The local CA, when any listener uses it.
     pub fn local_ca(&self) -> Option<Arc<LocalCa>> {
         self.local_ca.load().as_ref().clone()
@@ -341,11 +355,7 @@ impl Running {
             retire(removed, new.drain_timeout);
         }
         for socket in http01_sockets {
-            tokio::spawn(cert::http01::serve(
-                socket,
-                Arc::clone(&self.challenges),
-                self.stop_background.clone(),
-            ));
+            self.serve_http01(socket);
         }
         inner.http01.extend(new_http01);
         inner.listeners = live;
@@ -845,11 +855,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     for socket in http01_sockets {
         tracing::info!(addr = ?socket.local_addr().ok(), "HTTP-01 challenge listener");
-        tokio::spawn(cert::http01::serve(
-            socket,
-            Arc::clone(&running.challenges),
-            running.stop_background.clone(),
-        ));
+        running.serve_http01(socket);
     }
     {
         let mut inner = running.inner.lock().await;

@@ -1869,3 +1869,61 @@ async fn http2_clients_that_never_read_pin_bounded_memory() {
     }
     drop(clients);
 }
+
+/// An ACME listener answering HTTP-01 has a second socket, the plain-HTTP
+/// challenge port, which the successor must inherit like the TLS one: the
+/// old process keeps it bound until it exits, so a successor binding it
+/// anew fails with EADDRINUSE and the upgrade never happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_upgrade_hands_over_the_http01_challenge_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let port = common::pebble::free_port();
+    let http01 = common::pebble::free_port();
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(&state);
+    cmd.args([
+        "run",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--upstream",
+        &upstream.to_string(),
+        "--name",
+        "app.example.test",
+        // Nothing listens there: the listener waits for its first
+        // certificate, which is no startup error, and the challenge port
+        // is bound all the same.
+        "--acme-directory",
+        "https://127.0.0.1:1/directory",
+        "--acme-challenge",
+        "http-01",
+        "--acme-http01-bind",
+        &format!("127.0.0.1:{http01}"),
+        "--drain-timeout",
+        "10s",
+    ]);
+    let mut old = Process::spawn(cmd);
+    old.listening_addr().await;
+
+    let (successor, _guard) = upgrade(&mut old).await;
+
+    // The successor answers on the challenge port (404: no challenge is
+    // pending), so the CA can still validate an order it places.
+    let mut conn = TcpStream::connect(("127.0.0.1", http01))
+        .await
+        .expect("the challenge port is still open");
+    conn.write_all(b"GET /.well-known/acme-challenge/none HTTP/1.1\r\nHost: app.example.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    within(
+        "the challenge port's answer",
+        conn.read_to_string(&mut answer),
+    )
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "answer: {answer}");
+    assert!(alive(successor));
+}
