@@ -980,6 +980,17 @@ pub async fn run_until_signal(
                     tracing::info!(signal = sig, "forwarding to the successor");
                     crate::upgrade::forward_to_children(sig_of(sig));
                 }
+                // Likewise a reload or the next upgrade: once this process
+                // exits, `upgrade::supervise` forwards them; until then,
+                // here, or they would be lost for the whole drain.
+                SignalEvent::Reload if crate::upgrade::is_init() && running_successor.is_some() => {
+                    tracing::info!(signal = "SIGHUP", "forwarding to the successor");
+                    crate::upgrade::forward_to_children(rustix::process::Signal::HUP);
+                }
+                SignalEvent::Upgrade if crate::upgrade::is_init() && running_successor.is_some() => {
+                    tracing::info!(signal = "SIGUSR2", "forwarding to the successor");
+                    crate::upgrade::forward_to_children(rustix::process::Signal::USR2);
+                }
                 SignalEvent::Stop(sig) => {
                     tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");
                     return None;

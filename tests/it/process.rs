@@ -1927,3 +1927,78 @@ async fn binary_upgrade_hands_over_the_http01_challenge_socket() {
     assert!(answer.starts_with("HTTP/1.1 404"), "answer: {answer}");
     assert!(alive(successor));
 }
+
+/// As a container's init, the process that handed over stays to forward
+/// signals to the sheath now serving, and this holds while it still drains
+/// its own connections too: `docker kill -s HUP` (reload) or `-s USR2`
+/// (the next upgrade) sent then must reach the successor, not be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
+    if !common::require_root("a PID namespace for sheath as PID 1")
+        || !common::require_tool("unshare")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::tcp_echo().await;
+    // A fixed port: the successor takes over the socket bound to it.
+    let port = common::pebble::free_port();
+    let mut cmd = isolated(Command::new("unshare"));
+    cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(&state);
+    cmd.args([
+        "run",
+        "--mode",
+        "tcp",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .args(["--upstream", &upstream.to_string()])
+    .args(["--drain-timeout", "60s"]);
+    let mut init = Process::spawn(cmd);
+    let addr = init.listening_addr().await;
+    let pid1 = only_child(init.pid);
+    let _guard = KillOnDrop(Some(pid1));
+    let pem = std::fs::read_to_string(ca_pem_path(&state)).unwrap();
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    // Keeps PID 1 draining for as long as the test needs.
+    let mut tls = within("TLS connect", client::connect(addr, config))
+        .await
+        .expect("TLS connect");
+    echo_round_trip(&mut tls, b"ping").await;
+
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([format!("-{sig}"), pid1.to_string()])
+            .status()
+            .unwrap();
+    };
+    kill("USR2");
+    let first = init
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let took_over = init
+        .wait_log("upgrade: took over; the previous process drains")
+        .await;
+    init.wait_log("upgrade: successor is ready; draining").await;
+
+    kill("HUP");
+    init.wait_log("SIGHUP: reloading configuration").await;
+    kill("USR2");
+    init.wait_line("a second upgrade, started by the successor", false, |l| {
+        is_log(l, "upgrade: started successor on the inherited sockets") && l != first
+    })
+    .await;
+    init.wait_line("the second successor taking over", false, |l| {
+        is_log(l, "upgrade: took over; the previous process drains") && l != took_over
+    })
+    .await;
+
+    // PID 1 still drains its own connection meanwhile.
+    echo_round_trip(&mut tls, b"still here").await;
+    drop(tls);
+    kill("TERM");
+    assert_eq!(init.exit_code(Duration::from_secs(20)).await, 0);
+}
