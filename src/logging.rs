@@ -29,11 +29,13 @@ pub enum LogFormat {
 
 /// Install the global subscriber. `level` is an `EnvFilter` directive such
 /// as `info` or `sheath=debug,hyper=info`; `RUST_LOG`, when set, wins.
-pub fn init(format: LogFormat, level: &str) {
-    let level = with_quiet_rustls(level);
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+///
+/// A `level` that does not parse is an error, not `info`: the operator
+/// would get other lines than asked for and no word of why.
+pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
+    let filter = EnvFilter::try_new(with_quiet_rustls(level))
+        .map_err(|e| format!("`{level}` is not a log filter: {e}"))?;
+    let filter = EnvFilter::try_from_default_env().unwrap_or(filter);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -45,6 +47,7 @@ pub fn init(format: LogFormat, level: &str) {
             .try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    Ok(())
 }
 
 #[cfg(test)]

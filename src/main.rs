@@ -20,7 +20,14 @@ fn main() -> ExitCode {
     // Before any thread exists: this reads and clears LISTEN_FDS.
     sheath::upgrade::collect_inherited();
     let cli = Cli::parse();
-    sheath::logging::init(cli.log_format, &cli.log_level);
+    if let Err(message) = sheath::logging::init(cli.log_format, &cli.log_level) {
+        let error = config::ConfigError::Invalid {
+            origin: config::Origin::Flag("--log-level"),
+            key: String::new(),
+            message,
+        };
+        return report(&error, EXIT_CONFIG);
+    }
     sheath::install_crypto_provider();
 
     match &cli.command {

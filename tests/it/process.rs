@@ -2002,3 +2002,47 @@ async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
     kill("TERM");
     assert_eq!(init.exit_code(Duration::from_secs(20)).await, 0);
 }
+
+/// A log filter that does not parse is refused like any other malformed
+/// value (exit 2, naming the flag), whether given as --log-level or as
+/// SHEATH_LOG_LEVEL: silently logging at `info` instead would drop the
+/// debug lines the operator asked for, or flood them with lines they
+/// filtered out, with nothing saying why.
+#[tokio::test]
+async fn a_malformed_log_level_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let single = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:8080"];
+    for bad in ["sheath=loud", "sheath=[", "info,=debug="] {
+        let mut by_flag = sheath();
+        by_flag
+            .args(["--log-level", bad, "--state-dir"])
+            .arg(&state)
+            .arg("check")
+            .args(single);
+        let mut by_env = sheath();
+        by_env
+            .env("SHEATH_LOG_LEVEL", bad)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("check")
+            .args(single);
+        for (how, cmd) in [("--log-level", by_flag), ("SHEATH_LOG_LEVEL", by_env)] {
+            let out = output("sheath check", cmd).await;
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{how}={bad:?}: {stderr}");
+            assert!(
+                stderr.contains("--log-level"),
+                "{how}={bad:?}: the error names the flag: {stderr}"
+            );
+        }
+    }
+    // A good filter still passes.
+    let mut cmd = sheath();
+    cmd.args(["--log-level", "warn,sheath::cert=debug", "--state-dir"])
+        .arg(&state)
+        .arg("check")
+        .args(single);
+    let out = output("sheath check", cmd).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
