@@ -478,6 +478,14 @@ impl SingleListener {
         } else {
             Some(parse_names(&self.names).map_err(|m| flag_error("--name", m))?)
         };
+        if self.cert_lifetime.is_some() && (self.cert.is_some() || self.acme_directory.is_some()) {
+            // Ignoring it would leave the operator expecting leaves of a
+            // lifetime that nothing here issues.
+            return Err(flag_error(
+                "--cert-lifetime",
+                "sets the lifetime of local-CA certificates; it has no effect with --cert/--key or --acme-directory",
+            ));
+        }
         let cert = match (&self.cert, &self.key, &self.acme_directory) {
             (Some(_), _, Some(_)) => {
                 return Err(flag_error(
@@ -663,6 +671,14 @@ impl SingleListener {
             return Err(flag_error(
                 "--client-ca",
                 "client certificates need --client-ca",
+            ));
+        }
+        if auth_mode == ClientAuthMode::None && !self.client_crl.is_empty() {
+            // Without client certificates there is nothing to revoke: the
+            // operator meant to turn client authentication on.
+            return Err(flag_error(
+                "--client-crl",
+                "revokes client certificates; it needs --client-auth optional or require",
             ));
         }
         if auth_mode == ClientAuthMode::None

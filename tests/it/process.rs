@@ -2046,3 +2046,54 @@ async fn a_malformed_log_level_is_refused() {
     let out = output("sheath check", cmd).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Flags that the rest of the command line makes meaningless are refused
+/// rather than dropped: `--cert-lifetime` sets the local CA's leaves, and
+/// `--client-crl` revokes client certificates, which `--client-auth none`
+/// never asks for. Running anyway would serve other certificates, or let
+/// in clients, other than the operator believes.
+#[tokio::test]
+async fn flags_that_would_be_ignored_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let single = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:8080"];
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "--cert-lifetime",
+            &["--cert", "c.pem", "--key", "k.pem", "--cert-lifetime", "1h"],
+        ),
+        (
+            "--cert-lifetime",
+            &[
+                "--name",
+                "app.example.test",
+                "--acme-directory",
+                "https://ca.example.test/directory",
+                "--cert-lifetime",
+                "1h",
+            ],
+        ),
+        ("--client-crl", &["--client-crl", "crl.pem"]),
+    ];
+    for (flag, args) in cases {
+        let mut cmd = sheath();
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .arg("check")
+            .args(single)
+            .args(args);
+        let out = output("sheath check", cmd).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?}: names {flag}: {stderr}");
+    }
+    // Where they apply, they are accepted.
+    let mut cmd = sheath();
+    cmd.arg("--state-dir")
+        .arg(&state)
+        .arg("check")
+        .args(single)
+        .args(["--cert-lifetime", "1h"]);
+    let out = output("sheath check", cmd).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
