@@ -290,6 +290,7 @@ fn serve(
             }
             tokio::spawn(sheath::admin::serve(socket, running.observe()));
         }
+        sheath::upgrade::close_unclaimed();
         if demo {
             print_demo_banner(&running);
         }

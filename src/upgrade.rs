@@ -56,6 +56,22 @@ pub fn take_inherited(addr: SocketAddr) -> Option<std::net::TcpListener> {
         .and_then(|m| m.remove(&addr))
 }
 
+/// Close the inherited sockets that no listener took, once every listener
+/// is bound. Kept open, such a port (a listener removed from the config
+/// before an upgrade, a `ListenStream=` matching no `bind`) would complete
+/// every client's TCP handshake and never answer; closed, it refuses.
+pub fn close_unclaimed() {
+    let left = INHERITED
+        .lock()
+        .expect("poisoned")
+        .as_mut()
+        .map(std::mem::take)
+        .unwrap_or_default();
+    for addr in left.keys() {
+        tracing::warn!(%addr, "inherited socket matches no listener; closed");
+    }
+}
+
 /// The binary to start: the one at the path this process was started
 /// from. After a package manager replaced it, the kernel reports the old
 /// inode as "PATH (deleted)"; the new binary is at PATH.

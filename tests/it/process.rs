@@ -2097,3 +2097,53 @@ async fn flags_that_would_be_ignored_are_refused() {
     let out = output("sheath check", cmd).await;
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
+
+/// Sockets passed in (systemd socket activation, or a predecessor's on
+/// upgrade) that no listener takes are closed, with a warning naming them:
+/// held open, their port completes every client's TCP handshake and then
+/// never answers, where a closed one refuses at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inherited_sockets_no_listener_takes_are_closed() {
+    use command_fds::{CommandFdExt, FdMapping};
+
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    // As systemd would pass them: bound and listening, from fd 3 on.
+    let used = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stray = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let used_addr = used.local_addr().unwrap();
+    let stray_addr = stray.local_addr().unwrap();
+    let mut cmd = sheath();
+    cmd.env("LISTEN_FDS", "2")
+        .args(["--log-format", "json", "--state-dir"])
+        .arg(&state)
+        .args(["run", "--listen", &used_addr.to_string()])
+        .args(["--upstream", &upstream.to_string()]);
+    cmd.as_std_mut()
+        .fd_mappings(vec![
+            FdMapping {
+                parent_fd: used.into(),
+                child_fd: 3,
+            },
+            FdMapping {
+                parent_fd: stray.into(),
+                child_fd: 4,
+            },
+        ])
+        .unwrap();
+    // The command owns the descriptors and is dropped once spawned:
+    // sheath then holds the only copies.
+    let mut proc = Process::spawn(cmd);
+    proc.wait_log("using inherited listening socket").await;
+    assert_eq!(proc.listening_addr().await, used_addr);
+    let warning = proc
+        .wait_log("inherited socket matches no listener; closed")
+        .await;
+    assert_eq!(json_field(&warning, "addr"), Some(&*stray_addr.to_string()));
+    let refused = TcpStream::connect(stray_addr).await;
+    assert!(
+        refused.is_err(),
+        "{stray_addr} still accepts connections nobody serves"
+    );
+}
