@@ -969,6 +969,11 @@ pub async fn run_until_signal(
     }
     let shutdown = running.shutdown();
     tokio::pin!(shutdown);
+    // A drain that follows a handover was not asked for by a signal: the
+    // first SIGTERM/SIGINT then (`systemctl stop` signals every process of
+    // the unit) asks for what is happening already, and only a second one
+    // cuts the connections still finishing.
+    let mut stop_asked = running_successor.is_none();
     loop {
         tokio::select! {
             outcome = &mut shutdown => return Some(outcome),
@@ -990,6 +995,10 @@ pub async fn run_until_signal(
                 SignalEvent::Upgrade if crate::upgrade::is_init() && running_successor.is_some() => {
                     tracing::info!(signal = "SIGUSR2", "forwarding to the successor");
                     crate::upgrade::forward_to_children(rustix::process::Signal::USR2);
+                }
+                SignalEvent::Stop(sig) if !stop_asked => {
+                    stop_asked = true;
+                    tracing::info!(signal = sig, "already draining after the handover; a second signal exits at once");
                 }
                 SignalEvent::Stop(sig) => {
                     tracing::warn!(signal = sig, "second signal: exiting without finishing the drain");

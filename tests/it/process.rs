@@ -2147,3 +2147,63 @@ async fn inherited_sockets_no_listener_takes_are_closed() {
         "{stray_addr} still accepts connections nobody serves"
     );
 }
+
+/// After a handover the old process drains by itself; a SIGTERM it gets
+/// then is the first stop request it sees, not a second one, and must not
+/// cut the connections it is finishing. `systemctl stop` right after an
+/// upgrade sends SIGTERM to every process of the unit (KillMode's default),
+/// and Ctrl-C reaches the whole process group. A second signal still
+/// forces the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_request_after_the_handover_lets_the_old_process_finish_its_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::tcp_echo().await;
+    let port = common::pebble::free_port();
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(&state)
+        .args([
+            "run",
+            "--mode",
+            "tcp",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .args(["--upstream", &upstream.to_string()])
+        .args(["--drain-timeout", "30s"]);
+    let mut old = Process::spawn(cmd);
+    let addr = old.listening_addr().await;
+    let pem = std::fs::read_to_string(ca_pem_path(&state)).unwrap();
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    let mut tls = within("TLS connect", client::connect(addr, config))
+        .await
+        .expect("TLS connect");
+    echo_round_trip(&mut tls, b"before").await;
+
+    old.signal("USR2");
+    let line = old
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let successor: u32 = json_number(&line, "pid").expect("successor pid");
+    let _guard = KillOnDrop(Some(successor));
+    old.wait_log("upgrade: successor is ready; draining").await;
+
+    old.signal("TERM");
+    old.wait_log("already draining after the handover; a second signal exits at once")
+        .await;
+    // The relay through the old process still works, and the old process
+    // is still there to carry it.
+    echo_round_trip(&mut tls, b"after the stop request").await;
+    assert!(alive(old.pid), "the old process went at the first SIGTERM");
+
+    old.signal("TERM");
+    assert_eq!(old.exit_code(Duration::from_secs(10)).await, 130);
+}
+
+/// The value of a number field in one line of sheath's JSON log.
+fn json_number(line: &str, key: &str) -> Option<u32> {
+    let tag = format!("\"{key}\":");
+    let rest = &line[line.find(&tag)? + tag.len()..];
+    rest.split([',', '}']).next()?.trim().parse().ok()
+}
