@@ -9,7 +9,7 @@
 //! its socket, and a changed one only swaps the state new connections load.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -209,6 +209,9 @@ pub struct Running {
     extra_handover: std::sync::Mutex<Vec<std::os::fd::OwnedFd>>,
     /// The successor started by the last upgrade, until it takes over or dies.
     successor: Arc<std::sync::Mutex<Option<u32>>>,
+    /// A reload was asked for while a successor was starting: it goes to
+    /// the successor once it has taken over, or is applied here if it dies.
+    reload_after_upgrade: Arc<AtomicBool>,
     /// The successor this process handed over to, once it took over.
     handed_over: Arc<std::sync::Mutex<Option<u32>>>,
     started: SystemTime,
@@ -514,14 +517,24 @@ impl Running {
         tracing::info!(pid, "upgrade: started successor on the inherited sockets");
         *self.successor.lock().expect("poisoned") = Some(pid);
         let successor = Arc::clone(&self.successor);
+        let reload_after = Arc::clone(&self.reload_after_upgrade);
+        let reload = self.reload_tx.clone();
         tokio::spawn(async move {
             // The successor runs on after this process exits; this only
             // reports a successor that died before taking over.
             if let Ok(status) = child.wait().await {
-                let mut current = successor.lock().expect("poisoned");
-                if *current == Some(pid) {
+                {
+                    let mut current = successor.lock().expect("poisoned");
+                    if *current != Some(pid) {
+                        return;
+                    }
                     *current = None;
-                    tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
+                }
+                tracing::error!(pid, %status, "upgrade: successor exited; this process keeps serving");
+                if reload_after.swap(false, Ordering::Relaxed) {
+                    tracing::info!("applying the reload asked for during the upgrade");
+                    let (reply, _) = oneshot::channel();
+                    let _ = reload.send(reply).await;
                 }
             }
         });
@@ -850,6 +863,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         reload_rx: std::sync::Mutex::new(Some(reload_rx)),
         extra_handover: Default::default(),
         successor: Default::default(),
+        reload_after_upgrade: Default::default(),
         handed_over: Default::default(),
         started: SystemTime::now(),
     };
@@ -880,12 +894,17 @@ pub type ConfigLoader = Box<dyn Fn() -> Result<Config, ReloadError> + Send + Syn
 ///
 /// With `watch`, a change of that file (the config file) reloads too; a
 /// rewrite that leaves the content as it was does nothing.
+///
+/// `signals` are registered before the process announces itself ready:
+/// a predecessor may forward a SIGHUP the moment it hears from us, and
+/// SIGHUP's default action is to exit.
 pub async fn run_until_signal(
     running: Running,
     loader: ConfigLoader,
     watch: Option<std::path::PathBuf>,
+    signals: std::io::Result<crate::shutdown::Signals>,
 ) -> Option<ShutdownOutcome> {
-    let mut signals = match crate::shutdown::Signals::new() {
+    let mut signals = match signals {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for signals; shutting down");
@@ -906,9 +925,9 @@ pub async fn run_until_signal(
                     None => std::future::pending().await,
                 }
             } => {
-                tracing::info!("reload requested through the admin endpoint");
+                tracing::info!("reload requested");
                 last_seen = content(&watch);
-                let _ = reply.send(reload_from(&running, &loader).await);
+                let _ = reply.send(reload_unless_upgrading(&running, &loader).await);
             }
             sig = signals.next() => match sig {
                 SignalEvent::Stop(name) => {
@@ -923,7 +942,7 @@ pub async fn run_until_signal(
                 SignalEvent::Reload => {
                     tracing::info!("SIGHUP: reloading configuration");
                     last_seen = content(&watch);
-                    let _ = reload_from(&running, &loader).await;
+                    let _ = reload_unless_upgrading(&running, &loader).await;
                 }
                 SignalEvent::Upgrade => {
                     if let Err(e) = running.upgrade().await {
@@ -936,6 +955,10 @@ pub async fn run_until_signal(
                         Some(pid) => {
                             *running.handed_over.lock().expect("poisoned") = Some(pid);
                             tracing::info!(successor = pid, "upgrade: successor is ready; draining");
+                            if running.reload_after_upgrade.swap(false, Ordering::Relaxed) {
+                                tracing::info!(successor = pid, "passing on the reload asked for during the upgrade");
+                                crate::upgrade::forward(pid, rustix::process::Signal::HUP);
+                            }
                             break;
                         }
                         None => tracing::info!("SIGUSR1 ignored: no upgrade in progress"),
@@ -955,7 +978,7 @@ pub async fn run_until_signal(
                 if now != last_seen {
                     last_seen = now;
                     tracing::info!("configuration file changed: reloading");
-                    let _ = reload_from(&running, &loader).await;
+                    let _ = reload_unless_upgrading(&running, &loader).await;
                 }
             }
         }
@@ -1020,6 +1043,22 @@ fn sig_of(name: &str) -> rustix::process::Signal {
 
 /// Read the configuration again and apply it; every failure is counted
 /// and logged, and leaves the running configuration in force.
+/// Reload, unless a successor is starting: it read the configuration
+/// file already, and a reload here (a listener bound, say) would vanish
+/// with this process once the successor takes over without it. The reload
+/// goes to the successor once it has, or is applied here if it dies.
+async fn reload_unless_upgrading(running: &Running, loader: &ConfigLoader) -> Result<u64, String> {
+    if let Some(pid) = *running.successor.lock().expect("poisoned") {
+        running.reload_after_upgrade.store(true, Ordering::Relaxed);
+        let why = format!(
+            "an upgrade is in progress: the new process (pid {pid}) reloads once it has taken over"
+        );
+        tracing::info!("{why}");
+        return Err(why);
+    }
+    reload_from(running, loader).await
+}
+
 async fn reload_from(running: &Running, loader: &ConfigLoader) -> Result<u64, String> {
     match loader() {
         Ok(config) => running.reload(config).await.map_err(|e| e.to_string()),

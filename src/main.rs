@@ -294,9 +294,11 @@ fn serve(
         if demo {
             print_demo_banner(&running);
         }
+        // Before announcing: the predecessor may pass on a SIGHUP at once.
+        let signals = sheath::shutdown::Signals::new();
         sheath::upgrade::announce_ready();
         let handed_over = running.handed_over();
-        let ended = app::run_until_signal(running, loader, watch).await;
+        let ended = app::run_until_signal(running, loader, watch, signals).await;
         if handed_over.lock().expect("poisoned").is_some() && sheath::upgrade::is_init() {
             return ExitCode::from(sheath::upgrade::supervise().await);
         }

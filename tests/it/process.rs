@@ -1368,6 +1368,66 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
     .await;
 }
 
+/// A reload asked for while the successor starts (a listener added, then
+/// SIGHUP) is not applied by the old process, whose listener would vanish
+/// with it when the successor, which read the file already, took over
+/// without it; the successor gets it once it has taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_during_an_upgrade_reaches_the_successor() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let upstream = backend::http().await;
+    let (port, added) = (common::pebble::free_port(), common::pebble::free_port());
+    let listener = |name: &str, port: u16| {
+        format!("[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n")
+    };
+    let path = dir.path().join("sheath.toml");
+    std::fs::write(&path, listener("web", port)).unwrap();
+    let mut cmd = sheath();
+    cmd.arg("--log-format")
+        .arg("json")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .arg("--drain-timeout")
+        .arg("10s");
+    let mut old = Process::spawn(cmd);
+    old.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+
+    old.signal("USR2");
+    let line = old
+        .wait_log("upgrade: started successor on the inherited sockets")
+        .await;
+    let successor: u32 = line
+        .split("\"pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let _guard = KillOnDrop(Some(successor));
+    std::fs::write(
+        &path,
+        format!("{}{}", listener("web", port), listener("added", added)),
+    )
+    .unwrap();
+    old.signal("HUP");
+    old.wait_log("upgrade: took over; the previous process drains")
+        .await;
+    assert_eq!(old.exit_code(Duration::from_secs(15)).await, 0);
+
+    let addr: SocketAddr = format!("127.0.0.1:{added}").parse().unwrap();
+    within("the added listener served by the successor", async {
+        while one_request(addr, &roots).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(alive(successor));
+}
+
 /// `sheath healthcheck` against a running sheath's admin endpoint.
 async fn healthcheck(admin: SocketAddr) -> (i32, String) {
     let out = within(
