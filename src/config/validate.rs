@@ -456,6 +456,7 @@ fn validate_client_auth(
             .collect()
     };
     let ca_origin = raw.ca.as_ref().map(|c| loc.at(c));
+    let crl_origin = raw.crl.as_ref().map(|c| loc.at(c));
     let ca = paths(raw.ca);
     let crl = paths(raw.crl);
     if auth_mode != ClientAuthMode::None && ca.is_empty() {
@@ -470,6 +471,15 @@ fn validate_client_auth(
             ca_origin.unwrap_or(table),
             key("mode"),
             "`ca` is set but mode = \"none\"; set mode = \"optional\" or \"require\"",
+        ));
+    }
+    // Revocation lists with no client certificates to check were dropped
+    // without a word, and the listener read as checking revocation.
+    if auth_mode == ClientAuthMode::None && !crl.is_empty() {
+        return Err(invalid(
+            crl_origin.unwrap_or(table),
+            key("crl"),
+            "`crl` is set but mode = \"none\"; set mode = \"optional\" or \"require\" (with `ca`)",
         ));
     }
     let hexes =

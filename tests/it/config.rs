@@ -270,6 +270,13 @@ fn type_errors_and_bad_values_are_located() {
     assert_eq!(key, "listener[0].cert");
     assert!(message.contains("needs both"), "{message}");
 
+    // Revocation lists on a listener that takes no client certificates.
+    let (line, key, message) = error_at(
+        "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.client_auth]\ncrl = \"revoked.crl\"\n",
+    );
+    assert_eq!((line, key.as_str()), (5, "listener[0].client_auth.crl"));
+    assert!(message.contains("mode = \"none\""), "{message}");
+
     // A header name that would never be set (nor stripped) is refused.
     let (line, key, message) = error_at(
         "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\nidentity_header = \"X-Caller\"\n",
