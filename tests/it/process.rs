@@ -1273,17 +1273,37 @@ async fn one_request(addr: SocketAddr, roots: &Arc<rustls::RootCertStore>) -> Re
 
 /// SIGUSR2 to `old`: wait for the successor to take over and `old` to
 /// drain and exit 0. The successor's pid, and a guard that kills it.
+/// The successor's pid in the line that says it was started.
+fn successor_pid(line: &str) -> u32 {
+    line.split("\"pid\":")
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line}"))
+}
+
+/// sheath running the config file at `path`, logging JSON, with its state
+/// in `state` and a drain bound an upgrade's old process never reaches.
+fn run_config(state: &Path, path: &Path) -> Process {
+    let mut cmd = sheath();
+    cmd.arg("--log-format")
+        .arg("json")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("run")
+        .arg("--config")
+        .arg(path)
+        .arg("--drain-timeout")
+        .arg("10s");
+    Process::spawn(cmd)
+}
+
 async fn upgrade(old: &mut Process) -> (u32, KillOnDrop) {
     old.signal("USR2");
     let line = old
         .wait_log("upgrade: started successor on the inherited sockets")
         .await;
-    let successor: u32 = line
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let successor = successor_pid(&line);
     let guard = KillOnDrop(Some(successor));
     old.wait_log("upgrade: took over; the previous process drains")
         .await;
@@ -1329,17 +1349,7 @@ async fn binary_upgrade_hands_over_sockets_without_refusing_a_connection() {
         format!("[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\n"),
     )
     .unwrap();
-    let mut cmd = sheath();
-    cmd.arg("--log-format")
-        .arg("json")
-        .arg("--state-dir")
-        .arg(&state);
-    cmd.arg("run")
-        .arg("--config")
-        .arg(&path)
-        .arg("--drain-timeout")
-        .arg("10s");
-    let mut old = Process::spawn(cmd);
+    let mut old = run_config(&state, &path);
     old.listening_addr().await;
     let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -1383,17 +1393,7 @@ async fn a_reload_during_an_upgrade_reaches_the_successor() {
     };
     let path = dir.path().join("sheath.toml");
     std::fs::write(&path, listener("web", port)).unwrap();
-    let mut cmd = sheath();
-    cmd.arg("--log-format")
-        .arg("json")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .arg("--drain-timeout")
-        .arg("10s");
-    let mut old = Process::spawn(cmd);
+    let mut old = run_config(&state, &path);
     old.listening_addr().await;
     let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
 
@@ -1401,12 +1401,7 @@ async fn a_reload_during_an_upgrade_reaches_the_successor() {
     let line = old
         .wait_log("upgrade: started successor on the inherited sockets")
         .await;
-    let successor: u32 = line
-        .split("\"pid\":")
-        .nth(1)
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line}"));
+    let successor = successor_pid(&line);
     let _guard = KillOnDrop(Some(successor));
     std::fs::write(
         &path,
@@ -1581,6 +1576,15 @@ fn only_child(pid: u32) -> u32 {
         .unwrap_or_else(|| panic!("no child of {pid}"))
 }
 
+/// sheath as PID 1 of a PID namespace of its own (a container's init),
+/// logging JSON, with its state in `state`; the subcommand comes next.
+fn as_pid_1(state: &Path) -> Command {
+    let mut cmd = isolated(Command::new("unshare"));
+    cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
+    cmd.args(["--log-format", "json", "--state-dir"]).arg(state);
+    cmd
+}
+
 /// In a container sheath is PID 1: if it exited after handing over, the
 /// kernel would kill the successor with it. It stays as init instead,
 /// forwards signals, and exits with the successor's status.
@@ -1595,10 +1599,7 @@ async fn binary_upgrade_as_pid_1_keeps_the_successor_alive() {
     let state = dir.path().join("state");
     let upstream = backend::http().await;
     let port = common::pebble::free_port();
-    let mut cmd = isolated(Command::new("unshare"));
-    cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
-    cmd.args(["--log-format", "json", "--state-dir"])
-        .arg(&state);
+    let mut cmd = as_pid_1(&state);
     cmd.args([
         "run",
         "--listen",
@@ -2004,10 +2005,7 @@ async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
     let upstream = backend::tcp_echo().await;
     // A fixed port: the successor takes over the socket bound to it.
     let port = common::pebble::free_port();
-    let mut cmd = isolated(Command::new("unshare"));
-    cmd.args(["--pid", "--fork", "--mount-proc", BIN]);
-    cmd.args(["--log-format", "json", "--state-dir"])
-        .arg(&state);
+    let mut cmd = as_pid_1(&state);
     cmd.args([
         "run",
         "--mode",
