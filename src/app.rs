@@ -902,15 +902,8 @@ pub async fn run_until_signal(
     running: Running,
     loader: ConfigLoader,
     watch: Option<std::path::PathBuf>,
-    signals: std::io::Result<crate::shutdown::Signals>,
+    signals: &mut crate::shutdown::Signals,
 ) -> Option<ShutdownOutcome> {
-    let mut signals = match signals {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for signals; shutting down");
-            return Some(running.shutdown().await);
-        }
-    };
     let mut watcher = watch
         .as_ref()
         .map(|p| cert::files::Watcher::new(&[p.as_path()]));
@@ -1006,18 +999,18 @@ pub async fn run_until_signal(
                     // drain to keep the successor alive; the stop request
                     // is for the successor, which serves now.
                     tracing::info!(signal = sig, "forwarding to the successor");
-                    crate::upgrade::forward_to_children(sig_of(sig));
+                    crate::upgrade::forward_to_descendants(sig_of(sig));
                 }
                 // Likewise a reload or the next upgrade: once this process
                 // exits, `upgrade::supervise` forwards them; until then,
                 // here, or they would be lost for the whole drain.
                 SignalEvent::Reload if crate::upgrade::is_init() && running_successor.is_some() => {
                     tracing::info!(signal = "SIGHUP", "forwarding to the successor");
-                    crate::upgrade::forward_to_children(rustix::process::Signal::HUP);
+                    crate::upgrade::forward_to_descendants(rustix::process::Signal::HUP);
                 }
                 SignalEvent::Upgrade if crate::upgrade::is_init() && running_successor.is_some() => {
                     tracing::info!(signal = "SIGUSR2", "forwarding to the successor");
-                    crate::upgrade::forward_to_children(rustix::process::Signal::USR2);
+                    crate::upgrade::forward_to_descendants(rustix::process::Signal::USR2);
                 }
                 SignalEvent::Stop(sig) if !stop_asked => {
                     stop_asked = true;

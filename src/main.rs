@@ -295,12 +295,20 @@ fn serve(
             print_demo_banner(&running);
         }
         // Before announcing: the predecessor may pass on a SIGHUP at once.
-        let signals = sheath::shutdown::Signals::new();
+        let mut signals = match sheath::shutdown::Signals::new() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("sheath: error: cannot listen for signals: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
         sheath::upgrade::announce_ready();
         let handed_over = running.handed_over();
-        let ended = app::run_until_signal(running, loader, watch, signals).await;
+        let ended = app::run_until_signal(running, loader, watch, &mut signals).await;
         if handed_over.lock().expect("poisoned").is_some() && sheath::upgrade::is_init() {
-            return ExitCode::from(sheath::upgrade::supervise().await);
+            // The same streams: a signal that came as the drain ended is
+            // still in them, where streams created now would miss it.
+            return ExitCode::from(sheath::upgrade::supervise(&mut signals).await);
         }
         match ended {
             Some(ShutdownOutcome::Drained) => ExitCode::SUCCESS,

@@ -163,52 +163,60 @@ pub fn forward(pid: u32, signal: rustix::process::Signal) {
     }
 }
 
-/// Send `signal` to every child of this process. As PID 1 these are the
-/// sheath processes that upgrades started, including orphans of earlier
-/// upgrades, which the kernel re-parents to PID 1.
-pub fn forward_to_children(signal: rustix::process::Signal) {
-    for pid in children() {
+/// Send `signal` to every descendant of this process. As PID 1 these are
+/// the sheath processes that upgrades started: orphans of earlier upgrades,
+/// which the kernel re-parents to PID 1, and the successor of a successor
+/// still draining, which is not PID 1's child until that one exits. Sent
+/// to the children alone, a stop request reached only the draining one,
+/// which goes on draining, and the process serving never heard of it.
+pub fn forward_to_descendants(signal: rustix::process::Signal) {
+    for pid in descendants() {
         forward(pid, signal);
     }
 }
 
-/// Children of this process, from /proc (field 4 of `stat` is the parent).
-fn children() -> Vec<u32> {
-    let me = std::process::id();
+/// Descendants of this process, from /proc (field 4 of `stat` is the
+/// parent).
+fn descendants() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    entries
+    let parents: Vec<(u32, u32)> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .ok()
-                .and_then(|stat| {
-                    // The command name may contain spaces and parentheses;
-                    // the fields after the last ')' are unambiguous.
-                    let rest = &stat[stat.rfind(')')? + 1..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
-                == Some(me)
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may contain spaces and parentheses; the
+            // fields after the last ')' are unambiguous.
+            let rest = &stat[stat.rfind(')')? + 1..];
+            Some((pid, rest.split_whitespace().nth(1)?.parse::<u32>().ok()?))
         })
-        .collect()
+        .collect();
+    let mut found = vec![std::process::id()];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(
+            parents
+                .iter()
+                .filter(|&&(_, p)| p == parent)
+                .map(|&(pid, _)| pid),
+        );
+        next += 1;
+    }
+    found.split_off(1)
 }
 
 /// After handing over as PID 1: forward stop, reload and upgrade signals
 /// to the sheath processes now serving, reap them (and any orphan), and
 /// return the exit status of the last one to exit.
-pub async fn supervise() -> u8 {
+pub async fn supervise(signals: &mut crate::shutdown::Signals) -> u8 {
+    use crate::shutdown::SignalEvent;
     use rustix::process::{Signal, WaitOptions};
     use tokio::signal::unix::{signal, SignalKind};
 
     tracing::info!("upgrade: staying as init for the successor");
-    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2), Ok(mut chld)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-        signal(SignalKind::user_defined2()),
-        signal(SignalKind::child()),
-    ) else {
+    // A child that exits before this exists is found by the first wait.
+    let Ok(mut chld) = signal(SignalKind::child()) else {
         tracing::error!("cannot listen for signals; exiting");
         return 1;
     };
@@ -236,11 +244,16 @@ pub async fn supervise() -> u8 {
         }
         let signal = tokio::select! {
             _ = chld.recv() => continue,
-            _ = term.recv() => Signal::TERM,
-            _ = int.recv() => Signal::INT,
-            _ = hup.recv() => Signal::HUP,
-            _ = usr2.recv() => Signal::USR2,
+            event = signals.next() => match event {
+                SignalEvent::Stop("SIGINT") => Signal::INT,
+                SignalEvent::Stop(_) => Signal::TERM,
+                SignalEvent::Reload => Signal::HUP,
+                SignalEvent::Upgrade => Signal::USR2,
+                // Only a successor of this process may ask it to drain,
+                // and it has drained.
+                SignalEvent::TakeOver => continue,
+            },
         };
-        forward_to_children(signal);
+        forward_to_descendants(signal);
     }
 }

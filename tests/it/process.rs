@@ -2022,7 +2022,7 @@ async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
     let pem = std::fs::read_to_string(ca_pem_path(&state)).unwrap();
     let config = client::client_config(pki::roots_from_pem(&pem), &[]);
     // Keeps PID 1 draining for as long as the test needs.
-    let mut tls = within("TLS connect", client::connect(addr, config))
+    let mut tls = within("TLS connect", client::connect(addr, config.clone()))
         .await
         .expect("TLS connect");
     echo_round_trip(&mut tls, b"ping").await;
@@ -2041,6 +2041,11 @@ async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
         .wait_log("upgrade: took over; the previous process drains")
         .await;
     init.wait_log("upgrade: successor is ready; draining").await;
+    // Keeps the first successor draining once the second has taken over.
+    let mut kept = within("TLS connect", client::connect(addr, config))
+        .await
+        .expect("TLS connect");
+    echo_round_trip(&mut kept, b"ping").await;
 
     kill("HUP");
     init.wait_log("SIGHUP: reloading configuration").await;
@@ -2057,7 +2062,12 @@ async fn pid_1_forwards_reload_and_upgrade_while_it_drains() {
     // PID 1 still drains its own connection meanwhile.
     echo_round_trip(&mut tls, b"still here").await;
     drop(tls);
+    // The stop request reaches the process serving, a grandchild of PID 1
+    // while the first successor drains, and not only PID 1's children.
     kill("TERM");
+    init.wait_log("shutting down").await;
+    echo_round_trip(&mut kept, b"still draining").await;
+    drop(kept);
     assert_eq!(init.exit_code(Duration::from_secs(20)).await, 0);
 }
 
