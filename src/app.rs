@@ -990,28 +990,23 @@ pub async fn run_until_signal(
     // the unit) asks for what is happening already, and only a second one
     // cuts the connections still finishing.
     let mut stop_asked = running_successor.is_none();
+    let passes_on = running_successor.is_some() && crate::upgrade::is_init();
     loop {
         tokio::select! {
             outcome = &mut shutdown => return Some(outcome),
             sig = signals.next() => match sig {
-                SignalEvent::Stop(sig) if crate::upgrade::is_init() && running_successor.is_some() => {
-                    // As a container's init this process must outlive the
-                    // drain to keep the successor alive; the stop request
-                    // is for the successor, which serves now.
-                    tracing::info!(signal = sig, "forwarding to the successor");
-                    crate::upgrade::forward_to_descendants(sig_of(sig));
-                }
-                // Likewise a reload or the next upgrade: once this process
-                // exits, `upgrade::supervise` forwards them; until then,
-                // here, or they would be lost for the whole drain.
-                SignalEvent::Reload if crate::upgrade::is_init() && running_successor.is_some() => {
-                    tracing::info!(signal = "SIGHUP", "forwarding to the successor");
-                    crate::upgrade::forward_to_descendants(rustix::process::Signal::HUP);
-                }
-                SignalEvent::Upgrade if crate::upgrade::is_init() && running_successor.is_some() => {
-                    tracing::info!(signal = "SIGUSR2", "forwarding to the successor");
-                    crate::upgrade::forward_to_descendants(rustix::process::Signal::USR2);
-                }
+                // As a container's init this process must outlive the
+                // drain to keep the successor alive; stop requests, reloads
+                // and upgrades are for the successor, which serves now.
+                // Once this process has drained, `upgrade::supervise` goes
+                // on passing them.
+                event if passes_on => match event.passed_on() {
+                    Some(signal) => {
+                        tracing::info!(signal = ?event, "forwarding to the successor");
+                        crate::upgrade::forward_to_descendants(signal);
+                    }
+                    None => tracing::info!(signal = ?event, "signal ignored while draining"),
+                },
                 SignalEvent::Stop(sig) if !stop_asked => {
                     stop_asked = true;
                     tracing::info!(signal = sig, "already draining after the handover; a second signal exits at once");
@@ -1027,15 +1022,6 @@ pub async fn run_until_signal(
     }
 }
 
-fn sig_of(name: &str) -> rustix::process::Signal {
-    match name {
-        "SIGINT" => rustix::process::Signal::INT,
-        _ => rustix::process::Signal::TERM,
-    }
-}
-
-/// Read the configuration again and apply it; every failure is counted
-/// and logged, and leaves the running configuration in force.
 /// Reload, unless a successor is starting: it read the configuration
 /// file already, and a reload here (a listener bound, say) would vanish
 /// with this process once the successor takes over without it. The reload
@@ -1052,6 +1038,8 @@ async fn reload_unless_upgrading(running: &Running, loader: &ConfigLoader) -> Re
     reload_from(running, loader).await
 }
 
+/// Read the configuration again and apply it; every failure is counted
+/// and logged, and leaves the running configuration in force.
 async fn reload_from(running: &Running, loader: &ConfigLoader) -> Result<u64, String> {
     match loader() {
         Ok(config) => running.reload(config).await.map_err(|e| e.to_string()),

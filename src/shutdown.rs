@@ -76,6 +76,22 @@ pub enum SignalEvent {
     TakeOver,
 }
 
+impl SignalEvent {
+    /// The signal a container's init that handed over passes on to the
+    /// sheath processes serving now; none for SIGUSR1, which only a
+    /// process's own successor sends it.
+    pub fn passed_on(self) -> Option<rustix::process::Signal> {
+        use rustix::process::Signal;
+        match self {
+            SignalEvent::Stop("SIGINT") => Some(Signal::INT),
+            SignalEvent::Stop(_) => Some(Signal::TERM),
+            SignalEvent::Reload => Some(Signal::HUP),
+            SignalEvent::Upgrade => Some(Signal::USR2),
+            SignalEvent::TakeOver => None,
+        }
+    }
+}
+
 impl Signals {
     pub fn new() -> std::io::Result<Signals> {
         use tokio::signal::unix::{signal, SignalKind};

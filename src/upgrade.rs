@@ -163,40 +163,44 @@ pub fn forward(pid: u32, signal: rustix::process::Signal) {
     }
 }
 
-/// Send `signal` to every descendant of this process. As PID 1 these are
-/// the sheath processes that upgrades started: orphans of earlier upgrades,
-/// which the kernel re-parents to PID 1, and the successor of a successor
-/// still draining, which is not PID 1's child until that one exits. Sent
-/// to the children alone, a stop request reached only the draining one,
-/// which goes on draining, and the process serving never heard of it.
+/// Send `signal` to every sheath process descended from this one. As
+/// PID 1 these are the processes upgrades started: orphans of earlier
+/// upgrades, which the kernel re-parents to PID 1, and the successor of a
+/// successor still draining, which is not PID 1's child until that one
+/// exits. Sent to the children alone, a stop request reached only the
+/// draining one, which goes on draining, and the process serving never
+/// heard of it. Other processes (an `on_renew` hook and what it started)
+/// are left alone: a forwarded SIGHUP would kill them.
 pub fn forward_to_descendants(signal: rustix::process::Signal) {
-    for pid in descendants() {
+    for pid in sheath_descendants() {
         forward(pid, signal);
     }
 }
 
-/// Descendants of this process, from /proc (field 4 of `stat` is the
-/// parent).
-fn descendants() -> Vec<u32> {
+/// The descendants of this process that run what it runs (the same
+/// command name: a successor runs the binary at this one's path), found
+/// through those only.
+fn sheath_descendants() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
-    let parents: Vec<(u32, u32)> = entries
+    let me = std::process::id();
+    let Some((name, _)) = name_and_parent(me) else {
+        return Vec::new();
+    };
+    let processes: Vec<(u32, u32)> = entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The command name may contain spaces and parentheses; the
-            // fields after the last ')' are unambiguous.
-            let rest = &stat[stat.rfind(')')? + 1..];
-            Some((pid, rest.split_whitespace().nth(1)?.parse::<u32>().ok()?))
+            let (their_name, parent) = name_and_parent(pid)?;
+            (their_name == name).then_some((pid, parent))
         })
         .collect();
-    let mut found = vec![std::process::id()];
+    let mut found = vec![me];
     let mut next = 0;
     while next < found.len() {
         let parent = found[next];
         found.extend(
-            parents
+            processes
                 .iter()
                 .filter(|&&(_, p)| p == parent)
                 .map(|&(pid, _)| pid),
@@ -206,12 +210,21 @@ fn descendants() -> Vec<u32> {
     found.split_off(1)
 }
 
+/// A process's command name and parent, from `/proc/PID/stat`.
+fn name_and_parent(pid: u32) -> Option<(String, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The name may contain spaces and parentheses: it runs from the first
+    // '(' to the last ')', and the fields after that are unambiguous.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let parent = stat[close + 1..].split_whitespace().nth(1)?.parse().ok()?;
+    Some((stat[open + 1..close].to_string(), parent))
+}
+
 /// After handing over as PID 1: forward stop, reload and upgrade signals
 /// to the sheath processes now serving, reap them (and any orphan), and
 /// return the exit status of the last one to exit.
 pub async fn supervise(signals: &mut crate::shutdown::Signals) -> u8 {
-    use crate::shutdown::SignalEvent;
-    use rustix::process::{Signal, WaitOptions};
+    use rustix::process::WaitOptions;
     use tokio::signal::unix::{signal, SignalKind};
 
     tracing::info!("upgrade: staying as init for the successor");
@@ -242,18 +255,13 @@ pub async fn supervise(signals: &mut crate::shutdown::Signals) -> u8 {
                 Err(_) => return last,
             }
         }
-        let signal = tokio::select! {
-            _ = chld.recv() => continue,
-            event = signals.next() => match event {
-                SignalEvent::Stop("SIGINT") => Signal::INT,
-                SignalEvent::Stop(_) => Signal::TERM,
-                SignalEvent::Reload => Signal::HUP,
-                SignalEvent::Upgrade => Signal::USR2,
-                // Only a successor of this process may ask it to drain,
-                // and it has drained.
-                SignalEvent::TakeOver => continue,
-            },
-        };
-        forward_to_descendants(signal);
+        tokio::select! {
+            _ = chld.recv() => {}
+            event = signals.next() => {
+                if let Some(signal) = event.passed_on() {
+                    forward_to_descendants(signal);
+                }
+            }
+        }
     }
 }
