@@ -171,7 +171,7 @@ impl AcmeIssuer {
         // rename deciding which was kept, and their writes shared one
         // temporary file; one at a time, the first creates it and the
         // others read it.
-        let _shared = account_lock(&self.dir).lock_owned().await;
+        let _shared = ACCOUNTS.of(&self.dir).lock_owned().await;
         let http = self.http_client().await?;
         let path = self.account_path();
         let account = match std::fs::read_to_string(&path) {
@@ -431,19 +431,9 @@ impl AcmeIssuer {
     }
 }
 
-/// The lock on one server directory's account, shared by every issuer of
+/// The lock on each server directory's account, shared by every issuer of
 /// the process (a listener's certificates, other listeners, reloads).
-fn account_lock(dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-    static LOCKS: Mutex<std::collections::BTreeMap<PathBuf, Arc<tokio::sync::Mutex<()>>>> =
-        Mutex::new(std::collections::BTreeMap::new());
-    Arc::clone(
-        LOCKS
-            .lock()
-            .expect("poisoned")
-            .entry(dir.to_path_buf())
-            .or_default(),
-    )
-}
+static ACCOUNTS: super::store::PathLocks<()> = super::store::PathLocks::new();
 
 fn add_pem_roots(roots: &mut RootCertStore, pem: &[u8], what: &str) -> Result<(), String> {
     let certs = parse_chain_pem(what, pem).map_err(|e| e.to_string())?;

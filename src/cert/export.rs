@@ -12,11 +12,9 @@
 //! names, so that one of them failed, and the older one could finish last
 //! and leave a certificate no longer served.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::manager::Material;
@@ -37,17 +35,7 @@ impl Turn {
 }
 
 /// Per export directory, the turn of the last export written there.
-type Written = Arc<tokio::sync::Mutex<u64>>;
-
-fn written_in(dir: &Path) -> Written {
-    static DIRS: LazyLock<Mutex<HashMap<PathBuf, Written>>> = LazyLock::new(Default::default);
-    Arc::clone(
-        DIRS.lock()
-            .expect("poisoned")
-            .entry(dir.to_path_buf())
-            .or_default(),
-    )
-}
+static WRITTEN: store::PathLocks<u64> = store::PathLocks::new();
 
 /// Export `listener`'s certificate `cert`, unless a certificate installed
 /// after it (a later `turn`) was exported already.
@@ -60,7 +48,7 @@ pub async fn export(
 ) {
     let cert = cert.to_string();
     let cert = cert.as_str();
-    let slot = written_in(&config.dir);
+    let slot = WRITTEN.of(&config.dir);
     let mut last = slot.lock().await;
     if *last > turn.0 {
         tracing::info!(listener, cert, serial = %material.info.serial, "certificate export skipped: a newer certificate was exported already");

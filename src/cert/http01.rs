@@ -76,13 +76,7 @@ fn answer(req: &Request<Incoming>, challenges: &Challenges) -> Response<Full<Byt
     let host = req
         .headers()
         .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .and_then(|h| h.parse::<http::uri::Authority>().ok())
-        .filter(|a| {
-            !a.as_str().contains('@')
-                && !a.host().is_empty()
-                && (a.as_str().len() == a.host().len() || a.port_u16().is_some())
-        });
+        .and_then(crate::proxy::http::host_authority);
     match host {
         Some(authority) => {
             let target = format!(

@@ -5,16 +5,48 @@
 //! synced: a process killed at any moment leaves either the old file or the
 //! new one, never half of one.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Permissions for private keys and account credentials.
 pub const PRIVATE: u32 = 0o600;
 /// Permissions for certificates, which are public.
 pub const PUBLIC: u32 = 0o644;
+
+/// One lock per path for the whole process, for writers of one file or
+/// directory that may run at once (every certificate from one ACME server
+/// shares its account, every export into a directory its file names),
+/// with the state the writers leave for the next one.
+#[derive(Debug)]
+pub struct PathLocks<T>(Mutex<BTreeMap<PathBuf, Arc<tokio::sync::Mutex<T>>>>);
+
+impl<T: Default> Default for PathLocks<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: Default> PathLocks<T> {
+    pub const fn new() -> Self {
+        PathLocks(Mutex::new(BTreeMap::new()))
+    }
+
+    /// The lock for `path`, created on first use.
+    pub fn of(&self, path: &Path) -> Arc<tokio::sync::Mutex<T>> {
+        Arc::clone(
+            self.0
+                .lock()
+                .expect("poisoned")
+                .entry(path.to_path_buf())
+                .or_default(),
+        )
+    }
+}
 
 /// Write `contents` to `path` atomically with the given permission bits.
 pub fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> std::io::Result<()> {

@@ -601,15 +601,24 @@ fn request_host(
     }
 }
 
-/// `uri-host [":" port]` (RFC 9110 §7.2): an authority without user
-/// information, whose port, if any, is a port number.
 fn valid_host(value: &HeaderValue) -> bool {
-    Authority::try_from(value.as_bytes()).is_ok_and(|authority| valid_authority(&authority))
+    host_authority(value).is_some()
+}
+
+/// A `Host` value as `uri-host [":" port]` (RFC 9110 §7.2): an authority
+/// naming a host, without user information, whose port, if any, is a port
+/// number. The HTTP-01 listener's redirect takes its host from it too.
+pub(crate) fn host_authority(value: &HeaderValue) -> Option<Authority> {
+    Authority::try_from(value.as_bytes())
+        .ok()
+        .filter(valid_authority)
 }
 
 fn valid_authority(authority: &Authority) -> bool {
     let text = authority.as_str();
-    !text.contains('@') && (text.len() == authority.host().len() || authority.port_u16().is_some())
+    !text.contains('@')
+        && !authority.host().is_empty()
+        && (text.len() == authority.host().len() || authority.port_u16().is_some())
 }
 
 fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {
