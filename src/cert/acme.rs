@@ -152,8 +152,7 @@ impl AcmeIssuer {
                 // The server forgot the account (a reset test CA, a
                 // deactivated account): register again, once.
                 tracing::warn!(listener = %self.listener, detail, "ACME account unknown to the server; registering a new one");
-                let _ = std::fs::remove_file(self.account_path());
-                *self.account.lock().await = None;
+                self.forget_account(account.id()).await;
                 let account = self.account().await?;
                 self.order(&account).await.map_err(|e| e.to_string())
             }
@@ -218,6 +217,28 @@ impl AcmeIssuer {
         };
         *cached = Some(account.clone());
         Ok(account)
+    }
+
+    /// Drop the account `gone` from this certificate's cache and, if
+    /// account.json still holds it, from the disk. Every certificate from
+    /// this server keeps its own copy of the shared account, so each learns
+    /// in turn that the server forgot it: the first removes the file and
+    /// registers a new account, the others must load that one instead of
+    /// removing it and registering one each.
+    async fn forget_account(&self, gone: &str) {
+        *self.account.lock().await = None;
+        let _shared = ACCOUNTS.of(&self.dir).lock_owned().await;
+        let path = self.account_path();
+        let Ok(text) = std::fs::read(&path) else {
+            return;
+        };
+        let saved_id = serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("id")?.as_str().map(str::to_owned));
+        // An unreadable file goes too: registering again replaces it.
+        if saved_id.is_none_or(|id| id == gone) {
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     async fn order(&self, account: &Account) -> Result<Material, OrderError> {

@@ -726,16 +726,67 @@ async fn certificates_from_one_server_register_one_account() {
     for cert in &handle.certs {
         wait_installs(&cert.status, 1, &setup.pebble).await;
     }
-    // Pebble logs its count of accounts at each registration.
-    let log = std::fs::read_to_string(setup.pebble.dir.path().join("pebble.log")).unwrap();
-    let registrations: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("accounts in memory"))
-        .collect();
-    assert_eq!(registrations.len(), 1, "{registrations:#?}");
+    assert_eq!(registrations(&setup), 1);
     let state = proxy.dir.path().join("state/acme");
     let saved = std::fs::read_to_string(find_file(&state, "account.json").unwrap()).unwrap();
     assert!(saved.contains("\"id\""), "{saved}");
+}
+
+/// Registrations Pebble has logged (it logs its count of accounts at each).
+fn registrations(setup: &Setup) -> usize {
+    let log = std::fs::read_to_string(setup.pebble.dir.path().join("pebble.log")).unwrap();
+    log.lines()
+        .filter(|l| l.contains("accounts in memory"))
+        .count()
+}
+
+#[tokio::test]
+async fn certificates_register_one_new_account_when_the_server_forgets_theirs() {
+    let Some(mut setup) = pebble(Some(60), false, None, 0).await else {
+        return;
+    };
+    let upstream = backend::tcp_echo().await;
+    // Renewed 6 s after issuance (60 s certificates, renew_ratio 0.1).
+    let extra = format!("{}renew_ratio = 0.1\n", ca_root(&setup));
+    let sni = |name: &str| {
+        format!(
+            "[[listener.sni_cert]]\nsource = \"acme\"\nnames = [\"{name}\"]\ndirectory = \"{}\"\n{extra}retry_min = \"200ms\"\nretry_max = \"2s\"\n",
+            setup.pebble.directory,
+        )
+    };
+    let toml = format!(
+        "{}{}{}",
+        listener_toml(&setup, upstream, &extra),
+        sni("www.app.test"),
+        sni("api.app.test")
+    );
+    let proxy = Proxy::start(&toml).await;
+    let handle = proxy.running().listener("l").unwrap();
+    for cert in &handle.certs {
+        wait_installs(&cert.status, 1, &setup.pebble).await;
+    }
+    assert_eq!(registrations(&setup), 1);
+    let state = proxy.dir.path().join("state/acme");
+    let saved_id = || {
+        let text = std::fs::read_to_string(find_file(&state, "account.json").unwrap()).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        json["id"].as_str().unwrap().to_owned()
+    };
+    let first = saved_id();
+
+    // The server forgets every account; each certificate learns it at its
+    // renewal, holding the old account in memory.
+    setup.pebble.restart().await;
+    for cert in &handle.certs {
+        wait_installs(&cert.status, 2, &setup.pebble).await;
+    }
+    assert_eq!(
+        registrations(&setup),
+        2,
+        "one new account for the three certificates"
+    );
+    // The one registered since is saved, for the next start to use.
+    assert_ne!(saved_id(), first);
 }
 
 /// What the HTTP-01 listener answers `GET /a?b=c` with `Host: {host}`:
