@@ -474,6 +474,21 @@ async fn sweep<T>(owner: Weak<T>, idle_timeout: Duration, retire: impl Fn(&T, In
     }
 }
 
+/// How much of one response the h2c upstream may send ahead of what
+/// sheath has passed on to its client. Bytes received and not yet passed
+/// on also count against the connection's window, which every request of
+/// the worker shares: with hyper's windows (2 MiB a stream, 5 MiB the
+/// connection) three clients that stopped reading their downloads held
+/// the whole connection window, and every other response on the worker
+/// waited for them. So the stream window bounds what one response can
+/// hold, as the read buffer of an HTTP/1.1 upstream connection does
+/// (400 KiB), and the connection's window is as large as HTTP/2 allows,
+/// so that it never runs out before the streams' own do; grpc-go gives
+/// connection window back as data arrives, to the same end.
+const H2C_STREAM_WINDOW: u32 = 256 * 1024;
+/// See [`H2C_STREAM_WINDOW`]: 2^31 - 1, the largest window (RFC 9113 §6.9.1).
+const H2C_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
 /// The HTTP/2 connection to an upstream that speaks h2c. One connection
 /// carries every request, as many at once as the upstream's
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` allows (h2 queues the rest); a new
@@ -536,6 +551,8 @@ impl<B: RequestBody> H2Conn<B> {
         let stream = connect(&self.upstream, self.connect_timeout).await?;
         let handshake = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
+            .initial_stream_window_size(H2C_STREAM_WINDOW)
+            .initial_connection_window_size(H2C_CONNECTION_WINDOW)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match tokio::time::timeout(self.connect_timeout, handshake).await
         {

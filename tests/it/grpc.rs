@@ -286,3 +286,49 @@ async fn grpc_crosses_an_outbound_sheath_and_a_peer_sheath() {
     let refused = grpc_client(outbound.addr("none"), &[]).await;
     assert!(refused.is_err(), "gRPC worked without ALPN: {refused:?}");
 }
+
+/// Every request of a worker shares its one h2c connection, so a client
+/// that stops reading its download must hold up only its own stream. The
+/// upstream sends what the flow-control windows let it send; what sheath
+/// has received and not yet passed on (its client does not read) counts
+/// against the connection's window as well as the stream's. With hyper's
+/// windows (2 MiB a stream, 5 MiB the connection), three such downloads
+/// took the whole connection window and every other request on the
+/// worker got its response head and then waited for its body forever.
+#[tokio::test]
+async fn clients_that_stop_reading_do_not_stall_other_requests_on_the_h2c_connection() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+
+    // 8 MiB each, in one chunk: the backend queues all of it at once and
+    // sends as fast as the windows open.
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+        let resp = within(
+            "a download's response head",
+            h2.send_request(get_h2("/drip?chunks=1&size=8388608")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Held, never read.
+        readers.push((h2, resp));
+    }
+
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within("a small request's head", h2.send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = within(
+        "a small request's body beside downloads nobody reads",
+        resp.into_body().collect(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(body.to_bytes(), "ok");
+    assert_eq!(backend.accepted(), 1, "one h2c connection");
+    drop(readers);
+}
