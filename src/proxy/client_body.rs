@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::HeaderName;
 use http_body_util::BodyExt as _;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::{forward, BodyProgress};
@@ -27,9 +28,11 @@ const DISCARD_IDLE: Duration = Duration::from_secs(5);
 /// HEADERS) lose every name sheath sets or vouches for, as the request
 /// head does. It says whether reading it from the client failed: the
 /// upstream then reports an error of its own (a reset HTTP/2 stream, a
-/// request cut short), and the fault is the client's. And a body left
-/// unread, because the upstream answered without reading it all or could
-/// not take it, is read to its end and discarded (see `Drop`).
+/// request cut short), and the fault is the client's. It says when it
+/// is over, which is when the upstream can be expected to answer. And a
+/// body left unread, because the upstream answered without reading it
+/// all or could not take it, is read to its end and discarded (see
+/// `Drop`).
 #[derive(Debug)]
 pub struct ClientBody {
     /// `None` once read to its end or failed: a body still here when
@@ -43,6 +46,9 @@ pub struct ClientBody {
 #[derive(Debug)]
 struct BodyState {
     failed: AtomicBool,
+    /// Notified when the body is over: read to its end, failed, or
+    /// dropped (the upstream no longer takes it).
+    over: Notify,
     /// The listener's own identity header, when it names one.
     identity_header: Option<HeaderName>,
 }
@@ -52,6 +58,7 @@ impl ClientBody {
         let state = (!body.is_end_stream()).then(|| {
             Arc::new(BodyState {
                 failed: AtomicBool::new(false),
+                over: Notify::new(),
                 identity_header: forward.header.clone(),
             })
         });
@@ -61,25 +68,41 @@ impl ClientBody {
         }
     }
 
-    /// Whether the body failed, readable after the body has been handed
-    /// to the upstream connection.
-    pub fn failure(&self) -> BodyFailure {
-        BodyFailure(self.state.clone())
+    /// Whether the body failed, and when it is over, readable after the
+    /// body has been handed to the upstream connection.
+    pub fn status(&self) -> BodyStatus {
+        BodyStatus(self.state.clone())
+    }
+
+    fn over(&self) {
+        if let Some(state) = &self.state {
+            // One waiter, the request; a permit is kept if it is not
+            // waiting yet.
+            state.over.notify_one();
+        }
     }
 }
 
-/// See [`ClientBody::failure`].
+/// See [`ClientBody::status`].
 #[derive(Debug)]
-pub struct BodyFailure(Option<Arc<BodyState>>);
+pub struct BodyStatus(Option<Arc<BodyState>>);
 
-impl BodyFailure {
+impl BodyStatus {
     /// Did reading the client's body fail? Its failure is recorded before
     /// the error reaches the upstream connection, so this is settled by
     /// the time the upstream's error is seen.
-    pub fn happened(&self) -> bool {
+    pub fn failed(&self) -> bool {
         self.0
             .as_ref()
             .is_some_and(|s| s.failed.load(Ordering::Acquire))
+    }
+
+    /// Wait until the body is over: read to its end, failed, or dropped.
+    /// At once for a request without one. For one waiter only.
+    pub async fn over(&self) {
+        if let Some(state) = &self.0 {
+            state.over.notified().await;
+        }
     }
 }
 
@@ -99,12 +122,16 @@ impl Body for ClientBody {
         let state = this.state.as_deref();
         match BodyProgress::of(&frame, body) {
             BodyProgress::Going => {}
-            BodyProgress::Ended => this.body = None,
+            BodyProgress::Ended => {
+                this.body = None;
+                this.over();
+            }
             BodyProgress::Failed => {
                 if let Some(state) = state {
                     state.failed.store(true, Ordering::Release);
                 }
                 this.body = None;
+                this.over();
             }
         }
         frame.map_ok(|frame| {
@@ -147,6 +174,7 @@ impl Drop for ClientBody {
         if self.state.is_none() {
             return;
         }
+        self.over();
         let (Some(body), Ok(runtime)) = (self.body.take(), tokio::runtime::Handle::try_current())
         else {
             return;

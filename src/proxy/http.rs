@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 
-use super::client_body::{BodyFailure, ClientBody};
+use super::client_body::{BodyStatus, ClientBody};
 use super::forward;
 use super::io::{Activity, Side, Tracked};
 use super::upstream::{PooledBody, UpstreamError};
@@ -449,7 +449,7 @@ async fn forward_request(
             "transfer codings other than chunked are not supported",
         ));
     }
-    let body_failure = body.failure();
+    let body_status = body.status();
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.headers_mut() = parts.headers;
@@ -507,12 +507,16 @@ async fn forward_request(
     );
 
     let timeouts = config.timeouts;
-    let mut resp =
-        match tokio::time::timeout(timeouts.upstream_response, client.send(upstream_req)).await {
-            Err(_) => return Err(Failure::ResponseTimeout),
-            Ok(Err(e)) => return Err(classify(e, &body_failure)),
-            Ok(Ok(resp)) => resp,
-        };
+    let sent = response_head(
+        timeouts.upstream_response,
+        client.send(upstream_req),
+        &body_status,
+    );
+    let mut resp = match sent.await {
+        None => return Err(Failure::ResponseTimeout),
+        Some(Err(e)) => return Err(classify(e, &body_status)),
+        Some(Ok(resp)) => resp,
+    };
     if resp.body().size_hint().exact().is_none() && !forward::chunked_or_none(resp.headers()) {
         return Err(Failure::BadResponse(
             "its response has a transfer coding other than chunked".into(),
@@ -621,7 +625,28 @@ fn valid_authority(authority: &Authority) -> bool {
         && (text.len() == authority.host().len() || authority.port_u16().is_some())
 }
 
-fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {
+/// The upstream's response head, or `None` when it has not come within
+/// `limit` of the request's end. Counted from the end, as Envoy's route
+/// timeout is, not from the start: an upstream that reads an upload
+/// before it answers (a file, a gRPC client stream) cannot answer sooner,
+/// and an upload that took longer than the limit was cut with a 504 while
+/// the upstream was still reading it. A body that stops coming is the
+/// idle timeout's to end.
+async fn response_head<F: std::future::Future>(
+    limit: std::time::Duration,
+    send: F,
+    body: &BodyStatus,
+) -> Option<F::Output> {
+    let mut send = pin!(send);
+    tokio::select! {
+        biased;
+        head = send.as_mut() => return Some(head),
+        () = body.over() => {}
+    }
+    tokio::time::timeout(limit, send).await.ok()
+}
+
+fn classify(error: UpstreamError, body: &BodyStatus) -> Failure {
     match error {
         UpstreamError::ConnectTimeout(_) => Failure::ConnectTimeout,
         UpstreamError::Connect(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
@@ -632,7 +657,7 @@ fn classify(error: UpstreamError, body: &BodyFailure) -> Failure {
         // broke its framing part-way through. The upstream connection saw
         // half a body: an HTTP/1.1 one is closed, never pooled, and an
         // HTTP/2 stream is reset.
-        UpstreamError::Http(_) if body.happened() => {
+        UpstreamError::Http(_) if body.failed() => {
             Failure::BadRequest("the request body was malformed or cut short")
         }
         UpstreamError::Http(e) => Failure::BadResponse(match UpstreamError::io_cause(&e) {

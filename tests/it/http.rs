@@ -357,6 +357,78 @@ async fn slow_upstream_gives_504_and_the_next_request_works() {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
+/// The upstream timeout bounds the wait for an answer, which an upstream
+/// that reads an upload before it answers can only give once the upload
+/// is over: it counts from the request's end, as Envoy's route timeout
+/// does, not from its start. Counted from the start, an upload that took
+/// longer than `upstream_response` (60 s by default; a large file, a slow
+/// link, a gRPC client stream) got a 504 while the upstream was still
+/// reading it.
+#[tokio::test]
+async fn an_upload_longer_than_the_upstream_timeout_gets_its_answer() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(
+        &pki,
+        backend::http().await,
+        "[listener.timeouts]\nupstream_response = \"400ms\"\n",
+    )
+    .await;
+    for h2 in [false, true] {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+        let body = BodyExt::boxed(StreamBody::new(tokio_stream_from(rx)));
+        // Ten chunks, 150 ms apart: the upload takes more than three
+        // times the upstream timeout. The pace is the test's subject, not
+        // a wait for something to happen.
+        let upload = async move {
+            let mut pace = tokio::time::interval(std::time::Duration::from_millis(150));
+            for _ in 0..10 {
+                pace.tick().await;
+                let chunk = Frame::data(Bytes::from_static(&[b'u'; 1000]));
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let resp = if h2 {
+            let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+            let req = Request::post("https://localhost/length")
+                .body(body)
+                .unwrap();
+            let (resp, ()) = within("h2 upload", async {
+                tokio::join!(s.send_request(req), upload)
+            })
+            .await;
+            resp.unwrap()
+        } else {
+            let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+            let req = Request::post("/length")
+                .header("host", "localhost")
+                .body(body)
+                .unwrap();
+            let (resp, ()) = within("h1 upload", async {
+                tokio::join!(s.send_request(req), upload)
+            })
+            .await;
+            resp.unwrap()
+        };
+        let status = resp.status();
+        let text = body_text(resp).await;
+        assert_eq!(
+            (status, text.as_str()),
+            (StatusCode::OK, "10000"),
+            "h2: {h2}"
+        );
+    }
+
+    // An upstream that has the whole request and does not answer still
+    // gets the timeout.
+    let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("504", s.send_request(get("/slow?ms=3000")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
 #[tokio::test]
 async fn large_download_streams_completely() {
     let pki = TestPki::new();

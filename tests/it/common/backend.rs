@@ -45,6 +45,9 @@ pub async fn closed_port() -> SocketAddr {
 
 /// An HTTP/1.1 backend with a few routes:
 /// - `/headers`: the request head, one `name: value` per line
+/// - `/length`: reads the whole request body, then answers with its
+///   length in bytes, as an upstream that takes an upload before it
+///   answers does
 /// - `/echo`: streams the request body back as it arrives, trailers too
 ///   (announced in `Trailer` as the request announced them)
 /// - `/trailers`: `done`, then the trailers `grpc-status: 0` and
@@ -191,6 +194,17 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             let mut resp = Response::new(full("too large"));
             *resp.status_mut() = http::StatusCode::PAYLOAD_TOO_LARGE;
             return Ok(resp);
+        }
+        "/length" => {
+            let body = req.into_body().collect().await;
+            return Ok(match body {
+                Ok(body) => Response::new(full(body.to_bytes().len().to_string())),
+                Err(e) => {
+                    let mut resp = Response::new(full(e.to_string()));
+                    *resp.status_mut() = http::StatusCode::BAD_REQUEST;
+                    resp
+                }
+            });
         }
         "/echo" => {
             let announced = req.headers().get(http::header::TRAILER).cloned();
