@@ -38,7 +38,8 @@ pub type ProxyBody = Either<PooledBody<ClientBody>, Full<Bytes>>;
 
 /// Largest request head accepted from a client (HTTP/1 head, chunked
 /// trailers, HTTP/2 header list); past it, HTTP/1 gets 431 and a close.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Also the largest response head read from an h2c upstream.
+pub(super) const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Concurrent HTTP/2 streams per client connection (nginx's default).
 /// With [`H2_SEND_BUF`] it bounds what one client that asks for many
 /// downloads and never reads them can make sheath hold: each stream keeps

@@ -553,6 +553,10 @@ impl<B: RequestBody> H2Conn<B> {
             .timer(TokioTimer::new())
             .initial_stream_window_size(H2C_STREAM_WINDOW)
             .initial_connection_window_size(H2C_CONNECTION_WINDOW)
+            // hyper's 16 KiB failed with a 502 heads that the HTTP/1.1
+            // path passes on (large cookies, a long CSP); sheath's own
+            // bound for a client's request head instead.
+            .max_header_list_size(super::http::MAX_HEADER_BYTES as u32)
             .handshake(TokioIo::new(stream));
         let (sender, connection) = match tokio::time::timeout(self.connect_timeout, handshake).await
         {

@@ -332,3 +332,30 @@ async fn clients_that_stop_reading_do_not_stall_other_requests_on_the_h2c_connec
     assert_eq!(backend.accepted(), 1, "one h2c connection");
     drop(readers);
 }
+
+/// A response head the HTTP/1.1 upstream path passes on (hyper reads
+/// heads up to ~400 KiB there) must not fail only because the upstream
+/// speaks h2c. hyper's HTTP/2 client announces a 16 KiB header list and
+/// fails a stream past it, so a 30 KiB head (large cookies, a long CSP or
+/// `link` list) was a 502 over h2c; sheath now reads heads up to the
+/// 64 KiB it allows a client's request head.
+#[tokio::test]
+async fn a_large_response_head_passes_from_an_h2c_upstream() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+    // An HTTP/1.1 client, which goes over h2c too: hyper's HTTP/2 client
+    // would refuse the head itself (16 KiB).
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within(
+        "a 30 KiB response head",
+        h1.send_request(get("/big-header?bytes=30000")),
+    )
+    .await
+    .unwrap();
+    let status = resp.status();
+    let big = resp.headers().get("x-big").map(|v| v.len());
+    let text = body_text(resp).await;
+    assert_eq!((status, big), (StatusCode::OK, Some(30000)), "{text}");
+    assert_eq!(text, "ok");
+}

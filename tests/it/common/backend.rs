@@ -54,6 +54,7 @@ pub async fn closed_port() -> SocketAddr {
 ///   `grpc-message: all%20good` (announced in `Trailer`)
 /// - `/slow?ms=N`: answers after N milliseconds
 /// - `/drip?chunks=N&size=S&ms=M`: N chunks of S bytes, M ms apart
+/// - `/big-header?bytes=N`: `ok` with an `x-big` header of N bytes
 /// - `/close`: `ok` with `Connection: close`, then closes
 /// - `/empty`: `204 No Content`
 /// - `/early`: `413` at once, reading and discarding the request body
@@ -253,6 +254,13 @@ async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
                 Some((Ok::<_, std::io::Error>(frame), i + 1))
             });
             BodyExt::boxed(StreamBody::new(stream))
+        }
+        "/big-header" => {
+            let value = "b".repeat(query(&req, "bytes", 1024) as usize);
+            let mut resp = Response::new(full("ok"));
+            resp.headers_mut()
+                .insert("x-big", value.parse().expect("a valid header value"));
+            return Ok(resp);
         }
         "/close" => {
             let mut resp = Response::new(full("ok"));
