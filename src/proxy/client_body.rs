@@ -46,6 +46,12 @@ pub struct ClientBody {
 #[derive(Debug)]
 struct BodyState {
     failed: AtomicBool,
+    /// Set at each frame read; the request's watch takes it (see
+    /// [`BodyStatus::stalled`]).
+    moved: AtomicBool,
+    /// Whether the last read found nothing from the client yet: the
+    /// upstream is taking the body and the client is not sending it.
+    waiting: AtomicBool,
     /// Notified when the body is over: read to its end, failed, or
     /// dropped (the upstream no longer takes it).
     over: Notify,
@@ -58,6 +64,8 @@ impl ClientBody {
         let state = (!body.is_end_stream()).then(|| {
             Arc::new(BodyState {
                 failed: AtomicBool::new(false),
+                moved: AtomicBool::new(false),
+                waiting: AtomicBool::new(false),
                 over: Notify::new(),
                 identity_header: forward.header.clone(),
             })
@@ -104,6 +112,32 @@ impl BodyStatus {
             state.over.notified().await;
         }
     }
+
+    /// Whether the body is over at once (a request without one).
+    pub fn is_none(&self) -> bool {
+        self.0.is_none()
+    }
+
+    /// Which side, if either, has held the body up since the last call:
+    /// `None` if a frame was read since, else the client when the upstream
+    /// is waiting for its bytes, else the upstream, which is not reading.
+    pub fn stalled(&self) -> Option<Stall> {
+        let state = self.0.as_ref()?;
+        if state.moved.swap(false, Ordering::Relaxed) {
+            None
+        } else if state.waiting.load(Ordering::Relaxed) {
+            Some(Stall::Client)
+        } else {
+            Some(Stall::Upstream)
+        }
+    }
+}
+
+/// See [`BodyStatus::stalled`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stall {
+    Client,
+    Upstream,
 }
 
 impl Body for ClientBody {
@@ -120,6 +154,13 @@ impl Body for ClientBody {
         };
         let frame = Pin::new(&mut *body).poll_frame(cx);
         let state = this.state.as_deref();
+        if let Some(state) = state {
+            let waiting = frame.is_pending();
+            state.waiting.store(waiting, Ordering::Relaxed);
+            if !waiting {
+                state.moved.store(true, Ordering::Relaxed);
+            }
+        }
         match BodyProgress::of(&frame, body) {
             BodyProgress::Going => {}
             BodyProgress::Ended => {

@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::server::TlsStream;
 
-use super::client_body::{BodyStatus, ClientBody};
+use super::client_body::{BodyStatus, ClientBody, Stall};
 use super::forward;
 use super::io::{Activity, Side, Tracked};
 use super::upstream::{PooledBody, UpstreamError};
@@ -350,6 +350,8 @@ enum Failure {
     /// passed on.
     BadResponse(String),
     ResponseTimeout,
+    /// The client sent nothing of its request body for `idle`.
+    BodyTimeout,
     BadRequest(&'static str),
     NotImplemented(&'static str),
 }
@@ -381,6 +383,10 @@ impl Failure {
             Failure::ResponseTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 format!("upstream {upstream} did not respond in time"),
+            ),
+            Failure::BodyTimeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body stopped coming".to_string(),
             ),
             Failure::BadRequest(reason) => (StatusCode::BAD_REQUEST, (*reason).to_string()),
             Failure::NotImplemented(reason) => (StatusCode::NOT_IMPLEMENTED, (*reason).to_string()),
@@ -508,15 +514,11 @@ async fn forward_request(
     );
 
     let timeouts = config.timeouts;
-    let sent = response_head(
-        timeouts.upstream_response,
-        client.send(upstream_req),
-        &body_status,
-    );
+    let sent = response_head(&timeouts, client.send(upstream_req), &body_status);
     let mut resp = match sent.await {
-        None => return Err(Failure::ResponseTimeout),
-        Some(Err(e)) => return Err(classify(e, &body_status)),
-        Some(Ok(resp)) => resp,
+        Err(failure) => return Err(failure),
+        Ok(Err(e)) => return Err(classify(e, &body_status)),
+        Ok(Ok(resp)) => resp,
     };
     if resp.body().size_hint().exact().is_none() && !forward::chunked_or_none(resp.headers()) {
         return Err(Failure::BadResponse(
@@ -626,25 +628,43 @@ fn valid_authority(authority: &Authority) -> bool {
         && (text.len() == authority.host().len() || authority.port_u16().is_some())
 }
 
-/// The upstream's response head, or `None` when it has not come within
-/// `limit` of the request's end. Counted from the end, as Envoy's route
-/// timeout is, not from the start: an upstream that reads an upload
-/// before it answers (a file, a gRPC client stream) cannot answer sooner,
-/// and an upload that took longer than the limit was cut with a 504 while
-/// the upstream was still reading it. A body that stops coming is the
-/// idle timeout's to end.
+/// The upstream's response head, unless it has not come within
+/// `upstream_response` of the request's end. Counted from the end, as
+/// Envoy's route timeout is, not from the start: an upstream that reads an
+/// upload before it answers (a file, a gRPC client stream) cannot answer
+/// sooner, and an upload that took longer than the limit was cut with a
+/// 504 while the upstream was still reading it.
+///
+/// Until then a body that stops moving for `idle` ends the request: a 408
+/// when the client stopped sending it, a 504 when the upstream stopped
+/// reading it. The connection's own idle timeout cannot see either on an
+/// HTTP/2 connection whose other streams are busy, and each such request
+/// holds an upstream connection (Envoy's `stream_idle_timeout`). Dropping
+/// the request's future closes that connection.
 async fn response_head<F: std::future::Future>(
-    limit: std::time::Duration,
+    timeouts: &crate::config::Timeouts,
     send: F,
     body: &BodyStatus,
-) -> Option<F::Output> {
+) -> Result<F::Output, Failure> {
     let mut send = pin!(send);
-    tokio::select! {
-        biased;
-        head = send.as_mut() => return Some(head),
-        () = body.over() => {}
+    if !body.is_none() {
+        let mut over = pin!(body.over());
+        loop {
+            tokio::select! {
+                biased;
+                head = send.as_mut() => return Ok(head),
+                () = over.as_mut() => break,
+                () = tokio::time::sleep(timeouts.idle) => match body.stalled() {
+                    None => {}
+                    Some(Stall::Client) => return Err(Failure::BodyTimeout),
+                    Some(Stall::Upstream) => return Err(Failure::ResponseTimeout),
+                },
+            }
+        }
     }
-    tokio::time::timeout(limit, send).await.ok()
+    tokio::time::timeout(timeouts.upstream_response, send)
+        .await
+        .map_err(|_| Failure::ResponseTimeout)
 }
 
 fn classify(error: UpstreamError, body: &BodyStatus) -> Failure {

@@ -429,6 +429,57 @@ async fn an_upload_longer_than_the_upstream_timeout_gets_its_answer() {
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
 }
 
+/// A request body that stops coming on an HTTP/2 connection kept busy
+/// by other requests: the connection's idle timeout never fires, and the
+/// upstream timeout waits for the body's end, so only a bound of the
+/// request's own ends it, with a 408, before it holds its upstream
+/// connection for good.
+#[tokio::test]
+async fn a_stalled_upload_on_a_busy_http2_connection_gets_a_408() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(
+        &pki,
+        backend::http().await,
+        "[listener.timeouts]\nidle = \"1s\"\n",
+    )
+    .await;
+    let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(1);
+    tx.send(Ok(Frame::data(Bytes::from_static(b"the start"))))
+        .await
+        .unwrap();
+    let req = Request::post("https://localhost/length")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+        .unwrap();
+    let stalled = s.send_request(req);
+    let mut other = s.clone();
+    // A request every 200 ms keeps the connection busy: the pace is the
+    // test's subject, not a wait for something to happen.
+    let busy = async move {
+        loop {
+            let resp = other.send_request(get_h2("/hello")).await.unwrap();
+            assert_eq!(body_text(resp).await, "ok");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    };
+    let resp = within("the stalled upload's answer", async {
+        tokio::select! {
+            resp = stalled => resp.unwrap(),
+            () = busy => unreachable!(),
+        }
+    })
+    .await;
+    assert_eq!(resp.status(), StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(
+        body_text(resp).await,
+        "408 Request Timeout: the request body stopped coming\n"
+    );
+    drop(tx);
+    // The connection serves on.
+    let resp = s.send_request(get_h2("/hello")).await.unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+}
+
 #[tokio::test]
 async fn large_download_streams_completely() {
     let pki = TestPki::new();
