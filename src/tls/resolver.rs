@@ -17,6 +17,7 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::SignatureScheme;
 use tokio::sync::Notify;
 
 use crate::cert::CertInfo;
@@ -84,6 +85,15 @@ impl CertResolver {
         }
     }
 
+    /// Can a client that verifies `schemes` use the served certificate's
+    /// key? A certificate not there yet suits nobody.
+    fn suits(&self, schemes: &[SignatureScheme]) -> bool {
+        self.current
+            .load()
+            .as_ref()
+            .is_some_and(|served| served.key.key.choose_scheme(schemes).is_some())
+    }
+
     /// Does one of the served certificate's names satisfy `matches`?
     fn names_any(&self, matches: impl Fn(&str) -> bool) -> bool {
         self.current
@@ -109,6 +119,14 @@ impl ResolvesServerCert for CertResolver {
 /// RFC 6125 has it); among equals the SNI certificates come in their order
 /// and the default last. A client that sends no SNI (one that connects by
 /// IP address) or a name no certificate carries gets the default.
+///
+/// Among the certificates that carry the name, the first one whose key
+/// the client can verify a signature of wins, so an RSA and an ECDSA
+/// certificate for one name serve both old and new clients (as nginx,
+/// Envoy and Go do): taking the first by order alone, a client without
+/// ECDSA was refused (`NoSignatureSchemesInCommon`) although a
+/// certificate it could use was there. When none suits the client, the
+/// first by order is taken, and the handshake fails as it would anyway.
 #[derive(Debug)]
 pub struct ListenerCerts {
     /// Never empty: the default is always there.
@@ -127,8 +145,10 @@ impl ListenerCerts {
         &self.certs
     }
 
-    /// The certificate for a client that asked for `sni`.
-    pub fn select(&self, sni: Option<&str>) -> &Arc<CertResolver> {
+    /// The certificate for a client that asked for `sni` and can verify
+    /// signatures of `schemes` (those of the ClientHello, which rustls has
+    /// already narrowed to the cipher suites the client offered).
+    pub fn select(&self, sni: Option<&str>, schemes: &[SignatureScheme]) -> &Arc<CertResolver> {
         let (default, by_name) = self.certs.split_first().expect("never empty");
         let Some(sni) = sni else {
             return default;
@@ -137,26 +157,33 @@ impl ListenerCerts {
             return default;
         }
         let candidates = || by_name.iter().chain(std::iter::once(default));
-        if let Some(exact) = candidates().find(|c| c.names_any(|n| n.eq_ignore_ascii_case(sni))) {
-            return exact;
-        }
-        if let Some((label, parent)) = sni.split_once('.') {
-            let covers = |n: &str| {
+        let exact = |n: &str| n.eq_ignore_ascii_case(sni);
+        // `*.example.com` covers exactly one non-empty label.
+        let parent = sni
+            .split_once('.')
+            .filter(|(label, _)| !label.is_empty())
+            .map(|(_, parent)| parent);
+        let covers = |n: &str| {
+            parent.is_some_and(|parent| {
                 n.strip_prefix("*.")
                     .is_some_and(|p| p.eq_ignore_ascii_case(parent))
-            };
-            if !label.is_empty() {
-                if let Some(wildcard) = candidates().find(|c| c.names_any(covers)) {
-                    return wildcard;
-                }
-            }
-        }
-        default
+            })
+        };
+        let matching = || {
+            candidates()
+                .filter(|c| c.names_any(exact))
+                .chain(candidates().filter(|c| c.names_any(covers)))
+        };
+        matching()
+            .find(|c| c.suits(schemes))
+            .or_else(|| matching().next())
+            .unwrap_or(default)
     }
 }
 
 impl ResolvesServerCert for ListenerCerts {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.select(hello.server_name()).pick()
+        self.select(hello.server_name(), hello.signature_schemes())
+            .pick()
     }
 }

@@ -367,3 +367,123 @@ async fn an_acme_sni_certificate_is_issued_over_the_listeners_own_port() {
     );
     assert!(sheath::admin::readiness(&proxy.running().observe()).is_empty());
 }
+
+/// `openssl s_client` asking for `sni` with `args` (signature algorithms,
+/// suites) and verifying the chain and the name against `ca`: the serial
+/// of the certificate it accepted, or its output when the handshake or the
+/// verification failed.
+async fn s_client_serial(
+    addr: SocketAddr,
+    ca: &Path,
+    sni: &str,
+    args: &[&str],
+) -> Result<String, String> {
+    let out = within(
+        "openssl s_client",
+        tokio::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &addr.to_string(),
+                "-servername",
+                sni,
+            ])
+            .args(["-verify_hostname", sni, "-verify_return_error", "-CAfile"])
+            .arg(ca)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pem = all.find("-----BEGIN CERTIFICATE-----").and_then(|start| {
+        let end = all[start..].find("-----END CERTIFICATE-----")?;
+        Some(&all[start..start + end + "-----END CERTIFICATE-----".len()])
+    });
+    match pem {
+        Some(pem) if out.status.success() && all.contains("Verify return code: 0 (ok)") => {
+            Ok(serial_of(pem))
+        }
+        _ => Err(all),
+    }
+}
+
+#[tokio::test]
+async fn of_two_certificates_for_one_name_the_client_gets_one_it_can_verify() {
+    // nginx, Envoy and Go serve an RSA and an ECDSA certificate for one
+    // name side by side, so that clients without ECDSA still connect.
+    if !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    write_cert(&pki, &d, "default", &["localhost"]);
+    let write_keyed = |stem: &str, names: &[&str], alg| {
+        let (cert, key) = pki.server_cert_keyed(names, alg);
+        replace(&d.join(format!("{stem}.key")), &key);
+        replace(&d.join(format!("{stem}.pem")), &cert);
+        serial_of(&cert)
+    };
+    let ecdsa = write_keyed("ecdsa", &["dual.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let rsa = write_keyed("rsa", &["dual.test"], &rcgen::PKCS_RSA_SHA256);
+    // An exact name with a key the client cannot use loses to a wildcard
+    // it can, which carries the name just as well.
+    let ed = write_keyed("ed", &["x.wild.test"], &rcgen::PKCS_ED25519);
+    let wild_rsa = write_keyed("wild", &["*.wild.test"], &rcgen::PKCS_RSA_SHA256);
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{}{}{}{}{}",
+        backend::tcp_echo().await,
+        files_table("[listener.cert]", &d, "default"),
+        files_table("[[listener.sni_cert]]", &d, "ecdsa"),
+        files_table("[[listener.sni_cert]]", &d, "rsa"),
+        files_table("[[listener.sni_cert]]", &d, "ed"),
+        files_table("[[listener.sni_cert]]", &d, "wild"),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let ca = pki.write_ca(proxy.dir.path());
+
+    let rsa_only = ["-sigalgs", "rsa_pss_rsae_sha256:rsa_pkcs1_sha256"];
+    for (what, sni, args, want) in [
+        // A client that takes either gets the first in file order.
+        ("any key", "dual.test", &[][..], &ecdsa),
+        (
+            "TLS 1.3, RSA signatures only",
+            "dual.test",
+            &rsa_only[..],
+            &rsa,
+        ),
+        (
+            "TLS 1.2, ECDSA signatures only",
+            "dual.test",
+            &["-tls1_2", "-sigalgs", "ecdsa_secp256r1_sha256"][..],
+            &ecdsa,
+        ),
+        // TLS 1.2 ties the key to the suite: ECDHE-RSA suites need an RSA
+        // certificate, whatever signatures the client lists.
+        (
+            "TLS 1.2, ECDHE-RSA suites only",
+            "dual.test",
+            &["-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256"][..],
+            &rsa,
+        ),
+        ("any key", "x.wild.test", &[][..], &ed),
+        (
+            "RSA signatures only",
+            "x.wild.test",
+            &rsa_only[..],
+            &wild_rsa,
+        ),
+    ] {
+        match s_client_serial(addr, &ca, sni, args).await {
+            Ok(serial) => assert_eq!(&serial, want, "{sni}, {what}"),
+            Err(out) => panic!("{sni}, {what}: handshake or verification failed:\n{out}"),
+        }
+    }
+}

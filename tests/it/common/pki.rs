@@ -65,7 +65,33 @@ impl TestPki {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
+        self.server_cert_for_key(names, not_before, not_after, &rcgen::PKCS_ECDSA_P256_SHA256)
+    }
+
+    /// A server certificate valid from now for an hour, with a key of
+    /// `alg` (`rcgen::PKCS_RSA_SHA256`, `PKCS_ED25519`, …).
+    pub fn server_cert_keyed(
+        &self,
+        names: &[&str],
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> (String, String) {
+        let now = SystemTime::now();
+        self.server_cert_for_key(
+            names,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+            alg,
+        )
+    }
+
+    fn server_cert_for_key(
+        &self,
+        names: &[&str],
+        not_before: SystemTime,
+        not_after: SystemTime,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> (String, String) {
+        let key = KeyPair::generate_for(alg).unwrap();
         let mut params = CertificateParams::default();
         params.subject_alt_names = names
             .iter()
