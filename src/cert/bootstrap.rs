@@ -5,7 +5,8 @@
 //! accepted only if its fingerprint matches. The root is looked for first in
 //! the chain the server presents, then in `/roots.pem` (step-ca) fetched
 //! over that same connection. Nothing from the unverified connection is
-//! used unless it matches the fingerprint.
+//! used unless it matches the fingerprint, and then only if it can serve
+//! as a trust anchor: a CA certificate within its validity period.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
 
 use super::inspect::sha256_hex;
-use super::parse_chain_pem;
+use super::{parse_chain_pem, CertInfo};
 use crate::tls::danger::AcceptAnyChain;
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -31,6 +32,12 @@ pub enum BootstrapError {
     Connect { url: String, reason: String },
     #[error("{url}: no certificate with SHA-256 fingerprint {fingerprint} in the presented chain or in /roots.pem; refusing to trust it")]
     NoMatch { url: String, fingerprint: String },
+    #[error("{url}: the certificate with SHA-256 fingerprint {fingerprint} {reason}; refusing to trust it")]
+    NotUsable {
+        url: String,
+        fingerprint: String,
+        reason: String,
+    },
     #[error("bootstrapping from {0} timed out")]
     Timeout(String),
 }
@@ -87,11 +94,20 @@ async fn fetch(url: &str, fingerprint: &str) -> Result<String, BootstrapError> {
         .iter()
         .map(|c| c.clone().into_owned())
         .collect();
+    let usable = |root: &CertificateDer<'_>| {
+        check_anchor(root)
+            .map(|()| to_pem(root))
+            .map_err(|reason| BootstrapError::NotUsable {
+                url: url.to_string(),
+                fingerprint: fingerprint.to_string(),
+                reason,
+            })
+    };
     if let Some(root) = presented
         .iter()
         .find(|c| sha256_hex(c.as_ref()) == fingerprint)
     {
-        return Ok(to_pem(root));
+        return usable(root);
     }
 
     // step-ca publishes its roots; ask over the same connection.
@@ -114,7 +130,7 @@ async fn fetch(url: &str, fingerprint: &str) -> Result<String, BootstrapError> {
                 if let Ok(certs) = parse_chain_pem("roots.pem", &bytes) {
                     if let Some(root) = certs.iter().find(|c| sha256_hex(c.as_ref()) == fingerprint)
                     {
-                        return Ok(to_pem(root));
+                        return usable(root);
                     }
                 }
             }
@@ -126,10 +142,48 @@ async fn fetch(url: &str, fingerprint: &str) -> Result<String, BootstrapError> {
     })
 }
 
-/// Does this PEM hold a certificate with the fingerprint?
+/// Can the certificate the fingerprint named be trusted as a root? The
+/// fingerprint proves only which certificate it is. One that is no CA (the
+/// server's own, when the operator took the fingerprint of the wrong
+/// certificate) or is expired was written out as the root all the same,
+/// with exit 0, and every later connection to the CA then failed to verify,
+/// far from the cause.
+fn check_anchor(der: &CertificateDer<'_>) -> Result<(), String> {
+    let info = CertInfo::from_der(der).map_err(|e| format!("does not parse: {e}"))?;
+    if !info.is_ca {
+        return Err(format!(
+            "(subject `{}`) is not a CA certificate; give the fingerprint of the CA's root, not of a server certificate",
+            info.subject
+        ));
+    }
+    let now = std::time::SystemTime::now();
+    if now > info.not_after {
+        return Err(format!(
+            "(subject `{}`) expired at {}",
+            info.subject,
+            humantime::format_rfc3339_seconds(info.not_after)
+        ));
+    }
+    if now < info.not_before {
+        return Err(format!(
+            "(subject `{}`) is not valid before {}",
+            info.subject,
+            humantime::format_rfc3339_seconds(info.not_before)
+        ));
+    }
+    Ok(())
+}
+
+/// Does this PEM hold a certificate with the fingerprint, still usable as
+/// a root? A pinned root that has expired since is not used; fetching it
+/// again reports why.
 pub fn pem_matches(pem: &str, fingerprint: &str) -> bool {
     parse_chain_pem("pinned root", pem.as_bytes())
-        .map(|certs| certs.iter().any(|c| sha256_hex(c.as_ref()) == fingerprint))
+        .map(|certs| {
+            certs
+                .iter()
+                .any(|c| sha256_hex(c.as_ref()) == fingerprint && check_anchor(c).is_ok())
+        })
         .unwrap_or(false)
 }
 

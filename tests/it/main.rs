@@ -7,6 +7,7 @@ mod common;
 mod abuse;
 mod acme;
 mod admin;
+mod bootstrap;
 mod cert_files;
 mod config;
 mod export;
