@@ -646,9 +646,24 @@ fn validate_cert(
 
     let names = |required: bool| -> Result<Option<Vec<String>>, ConfigError> {
         match &cert.names {
-            Some(n) => parse_names(n.get_ref())
-                .map(Some)
-                .map_err(|m| invalid(loc.at(n), key("names"), m)),
+            Some(n) => {
+                let names =
+                    parse_names(n.get_ref()).map_err(|m| invalid(loc.at(n), key("names"), m))?;
+                // SNI carries DNS names only (RFC 6066): a client that
+                // connects by address sends none and gets the default
+                // certificate, so an address here was never served to
+                // anyone, while the configuration read as if it were.
+                if let Some(ip) = names.iter().find(|n| sni && n.parse::<IpAddr>().is_ok()) {
+                    return Err(invalid(
+                        loc.at(n),
+                        key("names"),
+                        format!(
+                            "`{ip}`: an IP address never selects an SNI certificate (clients connecting by address send no SNI and get [listener.cert]); list it under [listener.cert] names"
+                        ),
+                    ));
+                }
+                Ok(Some(names))
+            }
             None if required => Err(invalid(
                 table.clone(),
                 key("names"),

@@ -444,6 +444,26 @@ fn sni_certificate_errors_name_their_table() {
         "{message}"
     );
 
+    // An address never selects an SNI certificate: clients connecting by
+    // address send no SNI and get the default, so it would never be served.
+    let acme = "source = \"acme\"\ndirectory = \"https://ca.internal/acme/directory\"\n";
+    for (extra, names) in [("", "[\"api.test\", \"10.0.0.7\"]"), (acme, "[\"::1\"]")] {
+        let (line, key, message) = error_at(&format!(
+            "{head}[[listener.sni_cert]]\n{extra}names = {names}\n"
+        ));
+        assert_eq!(key, "listener[0].sni_cert[0].names", "{message}");
+        assert_eq!(line, 5 + extra.lines().count(), "{message}");
+        assert!(
+            message.contains("never selects an SNI certificate"),
+            "{message}"
+        );
+    }
+    // In the default certificate an address is what such clients verify.
+    parse(&format!(
+        "{head}[listener.cert]\nnames = [\"10.0.0.7\", \"::1\"]\n"
+    ))
+    .unwrap();
+
     // Two certificates exporting into one directory would overwrite each other.
     let (line, key, message) = error_at(&format!(
         "{head}[listener.cert]\n[listener.cert.export]\ndir = \"/x\"\n[[listener.sni_cert]]\nnames = [\"b.test\"]\n[listener.sni_cert.export]\ndir = \"/x\"\n"
