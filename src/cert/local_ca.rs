@@ -9,6 +9,7 @@
 
 use std::io::ErrorKind;
 use std::net::IpAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -90,6 +91,23 @@ impl LocalCa {
         };
         let cert_pem = read(CERT_FILE)?;
         let key_pem = read(KEY_FILE)?;
+        // sheath writes the key 0600. Open to others (restored from a backup
+        // with `cp`, unpacked from an archive under umask 022), it was loaded
+        // all the same, and every local user could sign certificates the
+        // clients trust; refuse, as ssh does a private key others can read.
+        // Group bits are let through: Kubernetes grants a pod's fsGroup read
+        // and write on every file of a volume, and the group is the pod's.
+        let key_path = dir.join(KEY_FILE);
+        let mode = std::fs::metadata(&key_path)
+            .map_err(|e| corrupt(format!("cannot read {KEY_FILE}: {e}")))?
+            .permissions()
+            .mode();
+        if mode & 0o007 != 0 {
+            return Err(CertError::CaKeyExposed {
+                path: key_path,
+                mode: mode & 0o7777,
+            });
+        }
         let chain =
             parse_chain_pem(CERT_FILE, cert_pem.as_bytes()).map_err(|e| corrupt(e.to_string()))?;
         let [der] = <[CertificateDer<'static>; 1]>::try_from(chain).map_err(|c| {

@@ -69,6 +69,11 @@ pub enum CertError {
         dir.display()
     )]
     CorruptCa { dir: PathBuf, reason: String },
+    #[error(
+        "local CA key {} is open to other users (mode {mode:04o}): anyone on this machine could issue certificates that sheath's clients trust. Refusing to start; run `chmod 600 {}`, and treat the key as leaked if others could have read it",
+        path.display(), path.display()
+    )]
+    CaKeyExposed { path: PathBuf, mode: u32 },
     #[error("issuing certificate: {0}")]
     Issue(#[from] rcgen::Error),
 }

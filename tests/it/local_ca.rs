@@ -123,3 +123,51 @@ fn tempfile_with(existing: &tempfile::TempDir) -> tempfile::TempDir {
     std::os::unix::fs::symlink(existing.path().join("state"), dir.path().join("state")).unwrap();
     dir
 }
+
+#[tokio::test]
+async fn a_ca_key_open_to_other_users_stops_startup() {
+    let upstream = backend::tcp_echo().await;
+    let mut proxy = Proxy::start(&toml(upstream)).await;
+    let fingerprint = proxy.running().local_ca().unwrap().info().sha256.clone();
+    proxy.shutdown().await;
+    let dir = proxy.dir;
+    let key = dir.path().join("state/local-ca/ca.key");
+    let original = std::fs::read(&key).unwrap();
+
+    // Restored with a plain `cp` under umask 022: world-readable.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Proxy::start_in(&toml(upstream), tempfile_with(&dir))
+        .await
+        .expect_err("a world-readable CA key must stop startup");
+    let message = err.to_string();
+    assert!(message.contains("open to other users"), "{message}");
+    assert!(message.contains("mode 0644"), "{message}");
+    assert!(message.contains("chmod 600"), "{message}");
+    // Neither replaced nor touched.
+    assert_eq!(std::fs::read(&key).unwrap(), original);
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o644);
+
+    // Group access is what a Kubernetes fsGroup gives every file of a
+    // volume; it does not stop startup.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o660)).unwrap();
+    let mut proxy = Proxy::start_in(&toml(upstream), tempfile_with(&dir))
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy.running().local_ca().unwrap().info().sha256,
+        fingerprint
+    );
+    proxy.shutdown().await;
+
+    // Back to 0600, the same CA serves again.
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let proxy = Proxy::start_in(&toml(upstream), tempfile_with(&dir))
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy.running().local_ca().unwrap().info().sha256,
+        fingerprint
+    );
+    handshake_with_exported_root(&proxy).await;
+}
