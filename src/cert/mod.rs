@@ -70,7 +70,7 @@ pub enum CertError {
     )]
     CorruptCa { dir: PathBuf, reason: String },
     #[error(
-        "local CA key {} is open to other users (mode {mode:04o}): anyone on this machine could issue certificates that sheath's clients trust. Refusing to start; run `chmod 600 {}`, and treat the key as leaked if others could have read it",
+        "local CA key {} is open to other users (mode {mode:04o}): anyone on this machine could issue certificates that sheath's clients trust. Refusing to start; run `chmod 600 {}` (for a Kubernetes Secret volume, set defaultMode to 0400 or 0440), and treat the key as leaked if others could have read it",
         path.display(), path.display()
     )]
     CaKeyExposed { path: PathBuf, mode: u32 },
