@@ -487,3 +487,79 @@ async fn of_two_certificates_for_one_name_the_client_gets_one_it_can_verify() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_request_for_another_name_than_the_sni_reaches_the_upstream_as_asked() {
+    // What the README promises on HTTP listeners with several names: no
+    // 421 for a Host other than the SNI (browsers coalesce HTTP/2
+    // connections over every name a certificate covers), and a client
+    // whose ALPN offers neither h2 nor http/1.1 is refused, not served.
+    if !require_tool("curl") || !require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    write_cert(&pki, &d, "default", &["localhost"]);
+    let api = write_cert(&pki, &d, "api", &["api.test"]);
+    write_cert(&pki, &d, "www", &["www.test"]);
+    let toml = format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{}{}{}",
+        backend::http().await,
+        files_table("[listener.cert]", &d, "default"),
+        files_table("[[listener.sni_cert]]", &d, "api"),
+        files_table("[[listener.sni_cert]]", &d, "www"),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let addr = proxy.addr("l");
+    let ca = pki.write_ca(proxy.dir.path());
+    assert_eq!(verified_serial(addr, pki.roots(), "api.test").await, api);
+
+    for version in ["--http1.1", "--http2"] {
+        let out = within(
+            "curl",
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--fail", version, "--cacert"])
+                .arg(&ca)
+                .arg("--resolve")
+                .arg(format!("api.test:{}:127.0.0.1", addr.port()))
+                .args(["-H", "Host: www.test"])
+                .arg(format!("https://api.test:{}/headers", addr.port()))
+                .output(),
+        )
+        .await
+        .unwrap();
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(
+            out.status.success(),
+            "{version}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(head.contains("host: www.test"), "{version}: {head}");
+        assert!(
+            head.contains("x-forwarded-host: www.test"),
+            "{version}: {head}"
+        );
+    }
+
+    let out = within(
+        "openssl s_client -alpn",
+        tokio::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr.to_string()])
+            .args(["-servername", "api.test", "-alpn", "spdy/3,http/1.0"])
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "served without ALPN agreement:\n{text}"
+    );
+    assert!(text.contains("no application protocol"), "{text}");
+}
