@@ -121,3 +121,82 @@ async fn bootstrap_keeps_only_a_root_that_can_be_trusted() {
     assert!(stderr.contains("expired at"), "{stderr}");
     assert!(!out.exists(), "an expired root was written");
 }
+
+/// A plain HTTP upstream that answers every request with `body`, as
+/// step-ca answers `/roots.pem`.
+async fn serving(body: String) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                // The request head; it is bodiless.
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/x-pem-file\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = conn.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn bootstrap_takes_a_root_from_roots_pem_only_if_it_can_be_trusted() {
+    // The server presents its leaf alone; the root is only in /roots.pem,
+    // next to a server certificate whose fingerprint an operator could
+    // have copied by mistake.
+    let dir = tempfile::tempdir().unwrap();
+    let now = SystemTime::now();
+    let (ca, leaf, key) = ca_and_leaf(
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(86400),
+    );
+    std::fs::write(dir.path().join("leaf.pem"), &leaf).unwrap();
+    std::fs::write(dir.path().join("leaf.key"), &key).unwrap();
+    let (_, other_leaf, _) = ca_and_leaf(
+        now - Duration::from_secs(3600),
+        now + Duration::from_secs(86400),
+    );
+    let upstream = serving(format!("{ca}{other_leaf}")).await;
+    let toml = format!(
+        "[[listener]]\nname = \"ca\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.path().join("leaf.pem").display(),
+        dir.path().join("leaf.key").display(),
+    );
+    let proxy = Proxy::start(&toml).await;
+    let url = format!("https://127.0.0.1:{}", proxy.addr("ca").port());
+    let out = dir.path().join("root.pem");
+
+    // Colons and upper case, as `openssl x509 -fingerprint` prints it.
+    let openssl_style = fingerprint(&ca)
+        .to_uppercase()
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect::<Vec<_>>()
+        .join(":");
+    let (code, _, stderr) = bootstrap(&url, &openssl_style, &out).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), ca.trim());
+    std::fs::remove_file(&out).unwrap();
+
+    let (code, _, stderr) = bootstrap(&url, &fingerprint(&other_leaf), &out).await;
+    assert_eq!(
+        code, 1,
+        "a server certificate was kept as the root: {stderr}"
+    );
+    assert!(stderr.contains("is not a CA certificate"), "{stderr}");
+    assert!(!out.exists());
+}
