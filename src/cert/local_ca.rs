@@ -120,6 +120,16 @@ impl LocalCa {
         if !info.is_ca {
             return Err(corrupt(format!("{CERT_FILE} is not a CA certificate")));
         }
+        // Past its ten years (or restored from an old backup), the root
+        // still signed leaves, each served as usual and refused by every
+        // client as expired, with nothing in sheath's logs or readiness to
+        // say why.
+        if SystemTime::now() > info.not_after {
+            return Err(CertError::CaExpired {
+                dir: dir.to_path_buf(),
+                not_after: humantime::format_rfc3339_seconds(info.not_after).to_string(),
+            });
+        }
         let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(format!("{KEY_FILE}: {e}")))?;
         // The pair must belong together, or every leaf would fail to verify.
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
@@ -238,6 +248,15 @@ impl LocalCa {
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE.min(lifetime / 4)).into();
         params.not_after = (now + lifetime).into();
+        if now + lifetime > self.info.not_after {
+            // Clients stop accepting this leaf when the root expires, not
+            // when the leaf does.
+            tracing::warn!(
+                dir = %self.dir.display(),
+                ca_not_after = %humantime::format_rfc3339_seconds(self.info.not_after),
+                "the local CA expires before the certificate it is issuing; create a new CA and give the clients its root"
+            );
+        }
         let cert = params.signed_by(&key, &self.issuer)?;
 
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));

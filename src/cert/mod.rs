@@ -74,6 +74,11 @@ pub enum CertError {
         path.display(), path.display()
     )]
     CaKeyExposed { path: PathBuf, mode: u32 },
+    #[error(
+        "local CA in {} expired at {not_after}: no client accepts a certificate it issues. Refusing to start; remove the directory to create a new CA, and give the clients its root",
+        dir.display()
+    )]
+    CaExpired { dir: PathBuf, not_after: String },
     #[error("issuing certificate: {0}")]
     Issue(#[from] rcgen::Error),
 }

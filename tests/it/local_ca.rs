@@ -1,7 +1,7 @@
 //! The local CA: created once, persisted privately, reused across restarts,
 //! never silently replaced.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -170,4 +170,51 @@ async fn a_ca_key_open_to_other_users_stops_startup() {
         fingerprint
     );
     handshake_with_exported_root(&proxy).await;
+}
+
+#[tokio::test]
+async fn an_expired_ca_stops_startup_and_is_not_replaced() {
+    // A CA as sheath makes one, but ten years on (or restored from an old
+    // backup): every leaf it signed would be refused by every client.
+    let upstream = backend::tcp_echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("state/local-ca");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&ca_dir)
+        .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sheath local CA expired");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = std::time::SystemTime::now();
+    params.not_before = (now - Duration::from_secs(3650 * 86400)).into();
+    params.not_after = (now - Duration::from_secs(86400)).into();
+    let cert = params.self_signed(&key).unwrap();
+    std::fs::write(ca_dir.join("ca.pem"), cert.pem()).unwrap();
+    std::fs::write(ca_dir.join("ca.key"), key.serialize_pem()).unwrap();
+    std::fs::set_permissions(
+        ca_dir.join("ca.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+
+    let err = Proxy::start_in(&toml(upstream), tempfile_with(&dir))
+        .await
+        .expect_err("an expired local CA must stop startup");
+    let message = err.to_string();
+    assert!(message.contains("expired at"), "{message}");
+    assert!(message.contains("local-ca"), "{message}");
+    assert_eq!(
+        std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap(),
+        cert.pem(),
+        "the CA was replaced"
+    );
 }
