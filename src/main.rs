@@ -162,6 +162,11 @@ fn bootstrap(args: &BootstrapArgs) -> ExitCode {
         &fingerprint,
     )) {
         Ok(pem) => pem,
+        // A URL that is not https:// with a host is wrong input, like a
+        // malformed fingerprint, not a CA that could answer on a retry.
+        Err(e @ sheath::cert::bootstrap::BootstrapError::BadUrl(_)) => {
+            return report(&e, EXIT_CONFIG)
+        }
         Err(e) => return report(&e, 1),
     };
     match &args.out {

@@ -200,3 +200,23 @@ async fn bootstrap_takes_a_root_from_roots_pem_only_if_it_can_be_trusted() {
     assert!(stderr.contains("is not a CA certificate"), "{stderr}");
     assert!(!out.exists());
 }
+
+#[tokio::test]
+async fn bootstrap_input_errors_exit_2_and_unreachable_cas_exit_1() {
+    // Scripts retry on 1 (the CA may come up) and stop on 2 (the command
+    // line is wrong and stays wrong).
+    let out = tempfile::tempdir().unwrap();
+    let out = out.path().join("root.pem");
+    let fingerprint = "ab".repeat(32);
+    for url in ["http://ca.internal:9000", "https://", "ca.internal:9000"] {
+        let (code, _, stderr) = bootstrap(url, &fingerprint, &out).await;
+        assert_eq!(code, 2, "{url}: {stderr}");
+        assert!(stderr.contains("is not an https:// URL"), "{url}: {stderr}");
+    }
+    let (code, _, stderr) = bootstrap("https://127.0.0.1:9", "not hex", &out).await;
+    assert_eq!(code, 2, "{stderr}");
+    let closed = backend::closed_port().await;
+    let (code, _, stderr) = bootstrap(&format!("https://{closed}"), &fingerprint, &out).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!out.exists());
+}
