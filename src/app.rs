@@ -411,10 +411,7 @@ impl Running {
                 if now > was {
                     old.limit.add_permits(now - was);
                 } else if now < was {
-                    // Permits held by open connections come back later;
-                    // forgetting them as they return is left to the
-                    // semaphore, which only forgets what is available.
-                    old.limit.forget_permits(was - now);
+                    lower_limit(&old.limit, was - now);
                 }
                 old.handle.name = name.clone();
                 if changed {
@@ -572,6 +569,32 @@ impl Running {
     fn begin_drain(&self) {
         self.draining.cancel();
     }
+}
+
+/// Take `by` permits out of a listener's connection limit for good.
+///
+/// The semaphore only forgets permits that are available: those held by
+/// open connections would come back as they close, and the lower cap
+/// would never hold. What cannot be forgotten now is acquired as it comes
+/// back and forgotten then. The semaphore is fair, so this waits ahead of
+/// the accept loops (only a slot they were already waiting for goes to
+/// them first): no further connection is accepted until the listener is
+/// below its new cap, and permits added by a later reload pay this off
+/// first.
+fn lower_limit(limit: &Arc<Semaphore>, by: usize) {
+    let forgotten = limit.forget_permits(by);
+    // max_connections is validated to fit a u32 many times over.
+    let owed = u32::try_from(by - forgotten).unwrap_or(u32::MAX);
+    if owed == 0 {
+        return;
+    }
+    let limit = Arc::clone(limit);
+    tokio::spawn(async move {
+        // Err only if the semaphore was closed, which nothing does.
+        if let Ok(permits) = limit.acquire_many_owned(owed).await {
+            permits.forget();
+        }
+    });
 }
 
 /// Stop a removed listener: refuse new connections at once, let its

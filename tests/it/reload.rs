@@ -588,3 +588,97 @@ async fn back_to_back_reloads_export_the_certificate_served() {
         );
     }
 }
+
+/// The cap `max_connections` sets must hold after a reload lowers it while
+/// the listener is full: the permits the open connections hold are given
+/// back later, and must not come back as room for new connections.
+#[tokio::test]
+async fn lowering_max_connections_while_full_takes_effect() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let upstream = backend::tcp_echo().await;
+    let [port, _, _] = free_ports();
+    let text = |max: usize| {
+        format!(
+            "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"5s\"\n\n\
+             [[listener]]\nname = \"tcp\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\nmax_connections = {max}\n{}",
+            dir.path().join("state").display(),
+            pki::files_cert_toml(&files)
+        )
+    };
+    let first = text(4);
+    let proxy = Proxy::start_in(&first, tempfile::tempdir().unwrap())
+        .await
+        .unwrap();
+    let addr = proxy.addr("tcp");
+    let config = client::client_config(pki.roots(), &[]);
+    let mut full = Vec::new();
+    for _ in 0..4 {
+        let mut c = client::connect(addr, config.clone()).await.unwrap();
+        echo(&mut c).await;
+        full.push(c);
+    }
+    proxy
+        .running()
+        .reload(parse(proxy.dir.path(), &text(1)))
+        .await
+        .unwrap();
+    for mut c in full {
+        c.shutdown().await.unwrap();
+    }
+    crate::common::eventually("the four connections closed", || {
+        proxy.running().active_connections() == 0
+    })
+    .await;
+
+    // One connection fits; a second waits in the accept queue.
+    let mut one = client::connect(addr, config.clone()).await.unwrap();
+    echo(&mut one).await;
+    let second = tokio::spawn(client::connect(addr, config.clone()));
+    let served = tokio::time::timeout(Duration::from_millis(700), async {
+        while !second.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        served.is_err(),
+        "a second connection was served with max_connections = 1 (active: {})",
+        proxy.running().active_connections()
+    );
+    // And it gets in once the first leaves.
+    one.shutdown().await.unwrap();
+    drop(one);
+    let mut second = within("second connection after the first left", second)
+        .await
+        .unwrap()
+        .unwrap();
+    echo(&mut second).await;
+
+    // Raising it again gives room at once.
+    proxy
+        .running()
+        .reload(parse(proxy.dir.path(), &text(3)))
+        .await
+        .unwrap();
+    let mut more = Vec::new();
+    for _ in 0..2 {
+        let mut c = within(
+            "room after raising the cap",
+            client::connect(addr, config.clone()),
+        )
+        .await
+        .unwrap();
+        echo(&mut c).await;
+        more.push(c);
+    }
+    assert_eq!(proxy.running().active_connections(), 3);
+}
+
+async fn echo(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) {
+    stream.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo", stream.read_exact(&mut buf)).await.unwrap();
+    assert_eq!(&buf, b"ping");
+}
