@@ -422,6 +422,9 @@ impl ConfigArgs {
             if t.is_zero() {
                 return Err(flag_error("--drain-timeout", "must be greater than zero"));
             }
+            if t > config::MAX_DURATION {
+                return Err(flag_error("--drain-timeout", config::MAX_DURATION_MESSAGE));
+            }
             config.drain_timeout = t;
         }
         Ok(config)
@@ -507,6 +510,9 @@ impl SingleListener {
                 if lifetime < Duration::from_secs(10) {
                     return Err(flag_error("--cert-lifetime", "must be at least 10 seconds"));
                 }
+                if lifetime > config::MAX_DURATION {
+                    return Err(flag_error("--cert-lifetime", config::MAX_DURATION_MESSAGE));
+                }
                 CertSource::LocalCa { names, lifetime }
             }
         };
@@ -541,6 +547,9 @@ impl SingleListener {
         let d = Timeouts::default();
         let positive = |flag: &'static str, v: Option<Duration>, default: Duration| match v {
             Some(v) if v.is_zero() => Err(flag_error(flag, "must be greater than zero")),
+            Some(v) if v > config::MAX_DURATION => {
+                Err(flag_error(flag, config::MAX_DURATION_MESSAGE))
+            }
             Some(v) => Ok(v),
             None => Ok(default),
         };
@@ -563,11 +572,20 @@ impl SingleListener {
                 Some(v) if v.is_zero() => {
                     return Err(flag_error("--max-lifetime", "must be greater than zero"))
                 }
+                Some(v) if v > config::MAX_DURATION => {
+                    return Err(flag_error("--max-lifetime", config::MAX_DURATION_MESSAGE))
+                }
                 v => v,
             },
         };
         let max_connections = match self.max_connections {
             Some(0) => return Err(flag_error("--max-connections", "must be at least 1")),
+            Some(n) if n > config::MAX_CONNECTIONS_LIMIT => {
+                return Err(flag_error(
+                    "--max-connections",
+                    format!("must be at most {}", config::MAX_CONNECTIONS_LIMIT),
+                ))
+            }
             Some(n) => n,
             None => DEFAULT_MAX_CONNECTIONS,
         };

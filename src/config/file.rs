@@ -32,8 +32,7 @@ pub struct AdminFile {
 #[serde(deny_unknown_fields)]
 pub struct GlobalFile {
     pub state_dir: Option<Spanned<String>>,
-    #[serde(default, with = "humantime_serde")]
-    pub drain_timeout: Option<Duration>,
+    pub drain_timeout: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,27 +100,19 @@ pub struct ClientAuthFile {
     pub allow_spki_sha256: Option<Spanned<Vec<String>>>,
     pub forward: Option<Spanned<Vec<String>>>,
     pub identity_header: Option<Spanned<String>>,
-    #[serde(default, with = "humantime_serde")]
-    pub poll_interval: Option<Duration>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsFile {
-    #[serde(default, with = "humantime_serde")]
-    pub handshake: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub idle: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub connect: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub upstream_response: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub header_read: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub upstream_idle: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub max_lifetime: Option<Duration>,
+    pub handshake: Option<Spanned<HumanDuration>>,
+    pub idle: Option<Spanned<HumanDuration>>,
+    pub connect: Option<Spanned<HumanDuration>>,
+    pub upstream_response: Option<Spanned<HumanDuration>>,
+    pub header_read: Option<Spanned<HumanDuration>>,
+    pub upstream_idle: Option<Spanned<HumanDuration>>,
+    pub max_lifetime: Option<Spanned<HumanDuration>>,
 }
 
 /// One flat table for every source; which keys belong to which source is a
@@ -132,8 +123,7 @@ pub struct TimeoutsFile {
 pub struct CertFile {
     pub source: Option<Spanned<String>>,
     pub names: Option<Spanned<Vec<String>>>,
-    #[serde(default, with = "humantime_serde")]
-    pub lifetime: Option<Duration>,
+    pub lifetime: Option<Spanned<HumanDuration>>,
     pub cert: Option<Spanned<String>>,
     pub key: Option<Spanned<String>>,
     // acme
@@ -148,12 +138,9 @@ pub struct CertFile {
     pub key_type: Option<Spanned<String>>,
     // every source
     pub renew_ratio: Option<Spanned<f64>>,
-    #[serde(default, with = "humantime_serde")]
-    pub retry_min: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub retry_max: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    pub poll_interval: Option<Duration>,
+    pub retry_min: Option<Spanned<HumanDuration>>,
+    pub retry_max: Option<Spanned<HumanDuration>>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
     pub export: Option<Spanned<ExportFile>>,
 }
 
@@ -162,6 +149,17 @@ pub struct CertFile {
 pub struct ExportFile {
     pub dir: Spanned<String>,
     pub on_renew: Option<String>,
+}
+
+/// A duration as written in the file (`30s`, `5m`, `1h 30m`), kept with
+/// its place so that a value refused later is reported at its own line.
+#[derive(Debug, Clone, Copy)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        humantime_serde::deserialize(d).map(HumanDuration)
+    }
 }
 
 /// Parse TOML text into the raw file types, turning serde errors into

@@ -12,7 +12,7 @@ pub use file::FileConfig;
 pub use validate::{
     check_alpn, check_outbound_bind, parse_bind, parse_fingerprint, parse_names, parse_server_name,
     parse_upstream, DEFAULT_ADMIN, DEFAULT_DRAIN_TIMEOUT, DEFAULT_LOCAL_CA_LIFETIME,
-    OUTBOUND_CLIENT_AUTH,
+    MAX_CONNECTIONS_LIMIT, MAX_DURATION, MAX_DURATION_MESSAGE, OUTBOUND_CLIENT_AUTH,
 };
 
 use std::fmt;

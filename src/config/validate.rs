@@ -9,8 +9,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use super::file::{
-    line_col, CertFile, ClientAuthFile, FileConfig, ListenerFile, OneOrMany, OutboundFile,
-    TimeoutsFile,
+    line_col, CertFile, ClientAuthFile, FileConfig, HumanDuration, ListenerFile, OneOrMany,
+    OutboundFile, TimeoutsFile,
 };
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
@@ -25,6 +25,21 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_ADMIN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9190);
 pub const DEFAULT_LOCAL_CA_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
+/// The longest duration any setting takes. Deadlines and certificate dates
+/// are computed by adding durations to the clock, and a duration near
+/// `u64::MAX` seconds (which the duration syntax accepts) overflows it: a
+/// connection panicked its worker, a local-CA leaf stopped startup.
+/// A century stands for "never" wherever that is meant; `100y` is
+/// accepted (the syntax counts a year as 365.25 days).
+pub const MAX_DURATION: Duration = Duration::from_secs(100 * 31_557_600);
+/// Why a duration above [`MAX_DURATION`] is refused.
+pub const MAX_DURATION_MESSAGE: &str = "must be at most 100 years";
+
+/// The most connections a listener may be given at once. The limit is a
+/// semaphore, whose capacity is bounded (a larger value panicked at
+/// startup); no process has file descriptors for this many anyway.
+pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000_000;
 
 /// Resolves spans in one file into origins.
 struct Locator<'a> {
@@ -58,6 +73,21 @@ impl Locator<'_> {
     }
 }
 
+/// A duration key's value and where it was written, refused above
+/// [`MAX_DURATION`]; further bounds are the caller's.
+fn duration(
+    loc: &Locator<'_>,
+    raw: &Option<Spanned<HumanDuration>>,
+    key: &str,
+) -> Result<Option<(Duration, Origin)>, ConfigError> {
+    let Some(spanned) = raw else { return Ok(None) };
+    let value = spanned.get_ref().0;
+    if value > MAX_DURATION {
+        return Err(invalid(loc.at(spanned), key, MAX_DURATION_MESSAGE));
+    }
+    Ok(Some((value, loc.at(spanned))))
+}
+
 fn invalid(origin: Origin, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         origin,
@@ -79,14 +109,17 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         Some(dir) => loc.resolve_path(dir.get_ref()),
         None => default_state_dir(),
     };
-    let drain_timeout = raw.global.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT);
-    if drain_timeout.is_zero() {
-        return Err(invalid(
-            loc.at_offset(0),
-            "global.drain_timeout",
-            "must be greater than zero",
-        ));
-    }
+    let drain_timeout = match duration(&loc, &raw.global.drain_timeout, "global.drain_timeout")? {
+        Some((t, origin)) if t.is_zero() => {
+            return Err(invalid(
+                origin,
+                "global.drain_timeout",
+                "must be greater than zero",
+            ))
+        }
+        Some((t, _)) => t,
+        None => DEFAULT_DRAIN_TIMEOUT,
+    };
 
     let admin = match (raw.admin.enabled, &raw.admin.bind) {
         (Some(false), _) => None,
@@ -209,16 +242,17 @@ fn validate_listener(
                 "must be at least 1",
             ))
         }
+        Some(n) if *n.get_ref() > MAX_CONNECTIONS_LIMIT => {
+            return Err(invalid(
+                loc.at(n),
+                key("max_connections"),
+                format!("must be at most {MAX_CONNECTIONS_LIMIT}"),
+            ))
+        }
         Some(n) => *n.get_ref(),
         None => DEFAULT_MAX_CONNECTIONS,
     };
-    let timeouts = validate_timeouts(&raw.timeouts).map_err(|(field, message)| {
-        invalid(
-            table_origin.clone(),
-            key(&format!("timeouts.{field}")),
-            message,
-        )
-    })?;
+    let timeouts = validate_timeouts(loc, index, &raw.timeouts)?;
 
     if let (true, Some(first)) = (outbound_mode, raw.sni_cert.first()) {
         return Err(invalid(
@@ -576,14 +610,17 @@ fn validate_client_auth(
             ));
         }
     }
-    let poll_interval = raw.poll_interval.unwrap_or(DEFAULT_TRUST_POLL_INTERVAL);
-    if poll_interval < Duration::from_millis(100) {
-        return Err(invalid(
-            table,
-            key("poll_interval"),
-            "must be at least 100ms",
-        ));
-    }
+    let poll_interval = match duration(loc, &raw.poll_interval, &key("poll_interval"))? {
+        Some((p, origin)) if p < Duration::from_millis(100) => {
+            return Err(invalid(
+                origin,
+                key("poll_interval"),
+                "must be at least 100ms",
+            ))
+        }
+        Some((p, _)) => p,
+        None => DEFAULT_TRUST_POLL_INTERVAL,
+    };
     Ok(ClientAuthConfig {
         mode: auth_mode,
         ca,
@@ -636,9 +673,13 @@ fn validate_cert(
     ] {
         only(value.as_ref().map(|v| loc.at(v)), name, "acme")?;
     }
-    if cert.lifetime.is_some() && source != "local_ca" {
+    let lifetime = duration(loc, &cert.lifetime, &key("lifetime"))?;
+    let retry_min = duration(loc, &cert.retry_min, &key("retry_min"))?;
+    let retry_max = duration(loc, &cert.retry_max, &key("retry_max"))?;
+    let poll_interval = duration(loc, &cert.poll_interval, &key("poll_interval"))?;
+    if let (Some((_, origin)), false) = (&lifetime, source == "local_ca") {
         return Err(invalid(
-            table,
+            origin.clone(),
             key("lifetime"),
             "`lifetime` needs source = \"local_ca\" (other sources' lifetimes are set by the issuer)",
         ));
@@ -682,14 +723,17 @@ fn validate_cert(
                 CertSource::LocalCa { names, .. } => names,
                 _ => unreachable!(),
             });
-            let lifetime = cert.lifetime.unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
-            if lifetime < Duration::from_secs(10) {
-                return Err(invalid(
-                    table,
-                    key("lifetime"),
-                    "must be at least 10 seconds",
-                ));
-            }
+            let lifetime = match lifetime {
+                Some((l, origin)) if l < Duration::from_secs(10) => {
+                    return Err(invalid(
+                        origin,
+                        key("lifetime"),
+                        "must be at least 10 seconds",
+                    ))
+                }
+                Some((l, _)) => l,
+                None => DEFAULT_LOCAL_CA_LIFETIME,
+            };
             CertSource::LocalCa { names, lifetime }
         }
         "files" => {
@@ -840,23 +884,30 @@ fn validate_cert(
         Some(r) => *r.get_ref(),
         None => defaults.renew_ratio,
     };
-    let retry_min = cert.retry_min.unwrap_or(defaults.retry_min);
-    let retry_max = cert.retry_max.unwrap_or(defaults.retry_max.max(retry_min));
+    let retry_origin = retry_min
+        .as_ref()
+        .or(retry_max.as_ref())
+        .map_or(table.clone(), |(_, origin)| origin.clone());
+    let retry_min = retry_min.map_or(defaults.retry_min, |(d, _)| d);
+    let retry_max = retry_max.map_or(defaults.retry_max.max(retry_min), |(d, _)| d);
     if retry_min.is_zero() || retry_max < retry_min {
         return Err(invalid(
-            table,
+            retry_origin,
             key("retry_min"),
             "retry_min must be positive and not above retry_max",
         ));
     }
-    let poll_interval = cert.poll_interval.unwrap_or(defaults.poll_interval);
-    if poll_interval < Duration::from_millis(100) {
-        return Err(invalid(
-            table,
-            key("poll_interval"),
-            "must be at least 100ms",
-        ));
-    }
+    let poll_interval = match poll_interval {
+        Some((p, origin)) if p < Duration::from_millis(100) => {
+            return Err(invalid(
+                origin,
+                key("poll_interval"),
+                "must be at least 100ms",
+            ))
+        }
+        Some((p, _)) => p,
+        None => defaults.poll_interval,
+    };
     let export = match cert.export {
         Some(e) => {
             let origin = loc.at(&e);
@@ -899,30 +950,37 @@ pub fn parse_fingerprint(value: &str) -> Result<String, String> {
     }
 }
 
-fn validate_timeouts(raw: &TimeoutsFile) -> Result<Timeouts, (&'static str, String)> {
+/// `[listener.timeouts]`: every one positive, each error at its own line.
+fn validate_timeouts(
+    loc: &Locator<'_>,
+    index: usize,
+    raw: &TimeoutsFile,
+) -> Result<Timeouts, ConfigError> {
     let d = Timeouts::default();
-    let pick = |field: &'static str, v: Option<Duration>, default: Duration| match v {
-        Some(v) if v.is_zero() => Err((field, "must be greater than zero".to_string())),
-        Some(v) => Ok(v),
-        None => Ok(default),
+    let given = |field: &str, v: &Option<Spanned<HumanDuration>>| {
+        let key = format!("listener[{index}].timeouts.{field}");
+        match duration(loc, v, &key)? {
+            Some((v, origin)) if v.is_zero() => {
+                Err(invalid(origin, key, "must be greater than zero"))
+            }
+            other => Ok(other.map(|(v, _)| v)),
+        }
+    };
+    let pick = |field: &str, v: &Option<Spanned<HumanDuration>>, default: Duration| {
+        given(field, v).map(|v| v.unwrap_or(default))
     };
     Ok(Timeouts {
-        handshake: pick("handshake", raw.handshake, d.handshake)?,
-        idle: pick("idle", raw.idle, d.idle)?,
-        connect: pick("connect", raw.connect, d.connect)?,
+        handshake: pick("handshake", &raw.handshake, d.handshake)?,
+        idle: pick("idle", &raw.idle, d.idle)?,
+        connect: pick("connect", &raw.connect, d.connect)?,
         upstream_response: pick(
             "upstream_response",
-            raw.upstream_response,
+            &raw.upstream_response,
             d.upstream_response,
         )?,
-        header_read: pick("header_read", raw.header_read, d.header_read)?,
-        upstream_idle: pick("upstream_idle", raw.upstream_idle, d.upstream_idle)?,
-        max_lifetime: match raw.max_lifetime {
-            Some(v) if v.is_zero() => {
-                return Err(("max_lifetime", "must be greater than zero".to_string()))
-            }
-            v => v,
-        },
+        header_read: pick("header_read", &raw.header_read, d.header_read)?,
+        upstream_idle: pick("upstream_idle", &raw.upstream_idle, d.upstream_idle)?,
+        max_lifetime: given("max_lifetime", &raw.max_lifetime)?,
     })
 }
 

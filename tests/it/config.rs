@@ -616,3 +616,75 @@ fn a_cert_table_opened_only_by_its_export_subtable_is_the_default_source() {
         Path::new("/var/lib/sheath/export")
     );
 }
+
+/// Values the syntax takes but sheath cannot use are refused, each at its
+/// own line: a huge `max_connections` or local-CA `lifetime` panicked at
+/// startup, a huge timeout panicked the worker serving the first
+/// connection. Bounds that were checked already are reported at the
+/// value's line too, not at the top of the file or of the table.
+#[test]
+fn out_of_range_numbers_and_durations_are_refused_at_their_line() {
+    let head = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+    let cases = [
+        (
+            "max_connections = 9223372036854775807\n",
+            4,
+            "listener[0].max_connections",
+            "at most 1000000000",
+        ),
+        (
+            "[listener.timeouts]\nhandshake = \"5s\"\nidle = \"500000000000y\"\n",
+            6,
+            "listener[0].timeouts.idle",
+            "at most 100 years",
+        ),
+        (
+            "[listener.timeouts]\nconnect = \"1s\"\n\nmax_lifetime = \"500000000000y\"\n",
+            7,
+            "listener[0].timeouts.max_lifetime",
+            "at most 100 years",
+        ),
+        (
+            "[listener.timeouts]\nhandshake = \"5s\"\nconnect = \"0s\"\n",
+            6,
+            "listener[0].timeouts.connect",
+            "greater than zero",
+        ),
+        (
+            "[listener.cert]\nnames = [\"localhost\"]\nlifetime = \"20000y\"\n",
+            6,
+            "listener[0].cert.lifetime",
+            "at most 100 years",
+        ),
+        (
+            "[listener.cert]\nnames = [\"localhost\"]\nretry_min = \"500000000000y\"\n",
+            6,
+            "listener[0].cert.retry_min",
+            "at most 100 years",
+        ),
+        (
+            "[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\npoll_interval = \"1ms\"\n",
+            7,
+            "listener[0].client_auth.poll_interval",
+            "at least 100ms",
+        ),
+    ];
+    for (tail, want_line, want_key, want_message) in cases {
+        let (line, key, message) = error_at(&format!("{head}{tail}"));
+        assert_eq!((line, key.as_str()), (want_line, want_key), "{tail}");
+        assert!(message.contains(want_message), "{tail}: {message}");
+    }
+    let (line, key, message) = error_at(&format!(
+        "# sheath\n\n[global]\ndrain_timeout = \"0s\"\n\n{head}"
+    ));
+    assert_eq!((line, key.as_str()), (4, "global.drain_timeout"));
+    assert!(message.contains("greater than zero"), "{message}");
+    let (line, key, _) = error_at(&format!("[global]\n\ndrain_timeout = \"200y\"\n{head}"));
+    assert_eq!((line, key.as_str()), (3, "global.drain_timeout"));
+    // At the bound, still accepted.
+    let config = parse(&format!(
+        "{head}max_connections = 1000000000\n[listener.timeouts]\nidle = \"100y\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.listeners[0].max_connections, 1_000_000_000);
+}

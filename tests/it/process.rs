@@ -2155,6 +2155,27 @@ async fn flags_that_would_be_ignored_are_refused() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?}: names {flag}: {stderr}");
     }
+    // Values the flags' syntax takes that sheath cannot use: they
+    // panicked at startup or on the first connection.
+    for (flag, value) in [
+        ("--max-connections", "9223372036854775807"),
+        ("--idle-timeout", "500000000000y"),
+        ("--max-lifetime", "500000000000y"),
+        ("--cert-lifetime", "20000y"),
+        ("--drain-timeout", "500000000000y"),
+    ] {
+        let mut cmd = sheath();
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .arg("check")
+            .args(single)
+            .args([flag, value]);
+        let out = output("sheath check", cmd).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+        assert!(stderr.contains("at most"), "{flag} {value}: {stderr}");
+    }
     // Where they apply, they are accepted.
     let mut cmd = sheath();
     cmd.arg("--state-dir")
