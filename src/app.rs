@@ -24,7 +24,7 @@ use crate::cert::manager::Source;
 use crate::cert::{self, CertError, CertManager, CertStatus, Challenges, LocalCa};
 use crate::config::{
     AcmeChallenge, CertPolicy, CertRef, CertSource, ClientAuthMode, Config, ConfigError,
-    ListenerConfig, Mode,
+    ListenerConfig, Mode, Origin, Origins,
 };
 use crate::proxy::{self, upstream::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
@@ -69,6 +69,81 @@ pub enum StartError {
         #[source]
         source: rustls::Error,
     },
+    /// Any of the above, with where the setting it is about was written:
+    /// the file, line and key, or the flag.
+    #[error("{}{source}", located_at(.origin, .key))]
+    At {
+        origin: Origin,
+        key: String,
+        #[source]
+        source: Box<StartError>,
+    },
+}
+
+/// `path:line:column: key `k`: `, or `flag --f: `, as configuration
+/// errors begin.
+fn located_at(origin: &Origin, key: &str) -> String {
+    match origin {
+        Origin::File { .. } => format!("{origin}: key `{key}`: "),
+        Origin::Flag(_) => format!("{origin}: "),
+    }
+}
+
+impl StartError {
+    /// This error, located at `key` if the configuration knows where that
+    /// was written.
+    fn at(self, origins: &Origins, key: &str) -> StartError {
+        match origins.get(key) {
+            Some(origin) => StartError::At {
+                origin: origin.clone(),
+                key: key.to_string(),
+                source: Box::new(self),
+            },
+            None => self,
+        }
+    }
+}
+
+/// The key a listener's start error is about, `listener[index]...`.
+fn error_key(index: usize, l: &ListenerConfig, e: &StartError) -> String {
+    let listener = format!("listener[{index}]");
+    match e {
+        StartError::Bind { .. } => format!("{listener}.bind"),
+        StartError::Cert { cert, source, .. } => {
+            let table = cert.table_key(index);
+            let files = l.certs().find_map(|(c, s, _)| match s {
+                CertSource::Files { key, .. } if c == *cert => Some(key),
+                _ => None,
+            });
+            let Some(key_path) = files else { return table };
+            // Which of the two files the error is about.
+            let on_key = match source {
+                CertError::Read { path, .. } | CertError::NoKey { path } => path == key_path,
+                CertError::Pem { what, .. } => *what == key_path.display().to_string(),
+                _ => false,
+            };
+            format!("{table}.{}", if on_key { "key" } else { "cert" })
+        }
+        StartError::ClientTrust { source, .. } => {
+            use tls::client_auth::TrustError;
+            let on_crl = match source {
+                TrustError::Read { path, .. }
+                | TrustError::NoCa { path }
+                | TrustError::Invalid { path, .. } => l
+                    .client_auth
+                    .crl
+                    .iter()
+                    .any(|crl| crl.display().to_string() == *path),
+                _ => false,
+            };
+            format!(
+                "{listener}.client_auth.{}",
+                if on_crl { "crl" } else { "ca" }
+            )
+        }
+        StartError::Outbound { .. } => format!("{listener}.outbound.ca"),
+        _ => listener,
+    }
 }
 
 /// "certificate", naming which one when the listener has several.
@@ -326,9 +401,16 @@ impl Running {
         // Prepare everything fallible before touching what runs.
         let local_ca = ensure_local_ca(&new, inner.local_ca.clone()).await?;
         let mut prepared = Vec::with_capacity(new.listeners.len());
-        for (l, old) in new.listeners.iter().zip(&continues) {
+        for (index, (l, old)) in new.listeners.iter().zip(&continues).enumerate() {
             let old = old.map(|i| &inner.listeners[i]);
-            prepared.push(prepare(l, old, &new, local_ca.as_ref(), &self.challenges)?);
+            prepared.push(prepare(
+                index,
+                l,
+                old,
+                &new,
+                local_ca.as_ref(),
+                &self.challenges,
+            )?);
         }
         let new_http01: Vec<SocketAddr> = http01_binds(&new)
             .into_iter()
@@ -634,7 +716,23 @@ struct Prepared {
     verifier: Option<Arc<ClientVerifier>>,
 }
 
+/// `l` is `config.listeners[index]`; errors name where the setting they
+/// are about was written.
 fn prepare(
+    index: usize,
+    l: &ListenerConfig,
+    old: Option<&Live>,
+    config: &Config,
+    local_ca: Option<&Arc<LocalCa>>,
+    challenges: &Arc<Challenges>,
+) -> Result<Prepared, StartError> {
+    prepare_listener(l, old, config, local_ca, challenges).map_err(|e| {
+        let key = error_key(index, l, &e);
+        e.at(&config.origins, &key)
+    })
+}
+
+fn prepare_listener(
     l: &ListenerConfig,
     old: Option<&Live>,
     config: &Config,
@@ -824,7 +922,7 @@ async fn ensure_local_ca(
     let ca = tokio::task::spawn_blocking(move || LocalCa::load_or_create(&dir))
         .await
         .expect("local CA task panicked")
-        .map_err(StartError::LocalCa)?;
+        .map_err(|e| StartError::LocalCa(e).at(&config.origins, "global.state_dir"))?;
     tracing::info!(
         cert = %ca.cert_path().display(),
         sha256 = %ca.info().sha256,
@@ -855,8 +953,15 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let challenges = Challenges::new();
     let local_ca = ensure_local_ca(&config, None).await?;
     let mut prepared = Vec::with_capacity(config.listeners.len());
-    for l in &config.listeners {
-        prepared.push(prepare(l, None, &config, local_ca.as_ref(), &challenges)?);
+    for (index, l) in config.listeners.iter().enumerate() {
+        prepared.push(prepare(
+            index,
+            l,
+            None,
+            &config,
+            local_ca.as_ref(),
+            &challenges,
+        )?);
     }
     let http01 = http01_binds(&config);
     let mut http01_sockets = Vec::new();

@@ -417,6 +417,9 @@ impl ConfigArgs {
         };
         if let Some(dir) = state_dir {
             config.state_dir = dir.clone();
+            config
+                .origins
+                .insert("global.state_dir", Origin::Flag("--state-dir"));
         }
         if let Some(t) = self.drain_timeout {
             if t.is_zero() {
@@ -594,6 +597,7 @@ impl SingleListener {
             state_dir: config::default_state_dir(),
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             admin: Some(config::DEFAULT_ADMIN),
+            origins: self.origins(),
             listeners: vec![ListenerConfig {
                 name: "default".into(),
                 bind,
@@ -616,6 +620,25 @@ impl SingleListener {
 }
 
 impl SingleListener {
+    /// Which flag gave each setting that names a file or an address, for
+    /// errors found when it is used.
+    fn origins(&self) -> config::Origins {
+        let mut origins = config::Origins::default();
+        for (key, flag) in [
+            ("listener[0].bind", "--listen"),
+            ("listener[0].cert.cert", "--cert"),
+            ("listener[0].cert.key", "--key"),
+            ("listener[0].cert.ca_root", "--acme-ca-root"),
+            ("listener[0].cert.http01_bind", "--acme-http01-bind"),
+            ("listener[0].client_auth.ca", "--client-ca"),
+            ("listener[0].client_auth.crl", "--client-crl"),
+            ("listener[0].outbound.ca", "--peer-ca"),
+        ] {
+            origins.insert(key, Origin::Flag(flag));
+        }
+        origins
+    }
+
     fn acme(&self, directory: &str, names: Option<Vec<String>>) -> Result<AcmeConfig, ConfigError> {
         let names = names
             .ok_or_else(|| flag_error("--name", "ACME needs the names to request (--name)"))?;

@@ -201,6 +201,7 @@ fn demo_config(args: &DemoArgs, cli: &Cli) -> Result<Config, config::ConfigError
         // The demo runs next to whatever else is on the machine; it only
         // opens an admin port when asked to with --admin.
         admin: None,
+        origins: Default::default(),
         listeners: vec![ListenerConfig {
             name: "demo".into(),
             bind,
@@ -234,6 +235,9 @@ fn reloader(args: &ConfigArgs, cli: &Cli) -> app::ConfigLoader {
         let mut config = Config::load(&path)?;
         if let Some(dir) = &state_dir {
             config.state_dir = dir.clone();
+            config
+                .origins
+                .insert("global.state_dir", config::Origin::Flag("--state-dir"));
         }
         if let Some(t) = drain_timeout.filter(|t| !t.is_zero()) {
             config.drain_timeout = t;

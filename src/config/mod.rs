@@ -34,6 +34,32 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The admin endpoint (health, metrics, certificates), if enabled.
     pub admin: Option<SocketAddr>,
+    /// Where settings were written, for errors only found when they are
+    /// used (a certificate file that cannot be read, say).
+    pub origins: Origins,
+}
+
+/// Where each setting that names a file or an address was written, by
+/// dotted key (`listener[1].cert.key`). Not part of what a configuration
+/// means: two configurations that differ only in layout are equal.
+#[derive(Debug, Clone, Default)]
+pub struct Origins(std::collections::HashMap<String, Origin>);
+
+impl PartialEq for Origins {
+    fn eq(&self, _: &Origins) -> bool {
+        true
+    }
+}
+
+impl Origins {
+    /// Where `key` was written, if it was.
+    pub fn get(&self, key: &str) -> Option<&Origin> {
+        self.0.get(key)
+    }
+
+    pub fn insert(&mut self, key: impl Into<String>, origin: Origin) {
+        self.0.insert(key.into(), origin);
+    }
 }
 
 /// One TLS listener and the upstream it fronts.

@@ -15,8 +15,8 @@ use super::file::{
 use super::{
     default_state_dir, AcmeChallenge, AcmeConfig, AcmeTrust, AllowList, CertPolicy, CertRef,
     CertSource, ClientAuthConfig, ClientAuthMode, Config, ConfigError, ExportConfig,
-    ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, OutboundConfig, ProxyProtocol, SniCert,
-    Timeouts, TlsVersion, Upstream, UpstreamProtocol, DEFAULT_MAX_CONNECTIONS,
+    ForwardIdentity, KeyType, ListenerConfig, Mode, Origin, Origins, OutboundConfig, ProxyProtocol,
+    SniCert, Timeouts, TlsVersion, Upstream, UpstreamProtocol, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_TRUST_POLL_INTERVAL,
 };
 
@@ -45,9 +45,18 @@ pub const MAX_CONNECTIONS_LIMIT: usize = 1_000_000_000;
 struct Locator<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Where the keys that name files and addresses were written, kept
+    /// with the configuration for errors found when they are used.
+    origins: std::cell::RefCell<Origins>,
 }
 
 impl Locator<'_> {
+    /// Remember where `key` was written.
+    fn record<T>(&self, key: &str, spanned: &Spanned<T>) {
+        let origin = self.at(spanned);
+        self.origins.borrow_mut().insert(key, origin);
+    }
+
     fn at<T>(&self, spanned: &Spanned<T>) -> Origin {
         self.at_offset(spanned.span().start)
     }
@@ -97,7 +106,11 @@ fn invalid(origin: Origin, key: impl Into<String>, message: impl Into<String>) -
 }
 
 pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Config, ConfigError> {
-    let loc = Locator { path, text };
+    let loc = Locator {
+        path,
+        text,
+        origins: Default::default(),
+    };
     let state_dir = match &raw.global.state_dir {
         Some(dir) if dir.get_ref().is_empty() => {
             return Err(invalid(
@@ -106,7 +119,10 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 "must not be empty",
             ))
         }
-        Some(dir) => loc.resolve_path(dir.get_ref()),
+        Some(dir) => {
+            loc.record("global.state_dir", dir);
+            loc.resolve_path(dir.get_ref())
+        }
         None => default_state_dir(),
     };
     let drain_timeout = match duration(&loc, &raw.global.drain_timeout, "global.drain_timeout")? {
@@ -124,10 +140,11 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
     let admin = match (raw.admin.enabled, &raw.admin.bind) {
         (Some(false), _) => None,
         (_, None) => Some(DEFAULT_ADMIN),
-        (_, Some(bind)) => Some(
+        (_, Some(bind)) => Some({
+            loc.record("admin.bind", bind);
             parse_bind(bind.get_ref())
-                .map_err(|message| invalid(loc.at(bind), "admin.bind", message))?,
-        ),
+                .map_err(|message| invalid(loc.at(bind), "admin.bind", message))?
+        }),
     };
 
     if raw.listeners.is_empty() {
@@ -144,6 +161,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
     let mut exports = HashMap::new();
     for (index, spanned) in raw.listeners.into_iter().enumerate() {
         let table_origin = loc.at(&spanned);
+        loc.record(&format!("listener[{index}]"), &spanned);
         let (listener, cert_origins) =
             validate_listener(&loc, index, &table_origin, spanned.into_inner())?;
         if !names.insert(listener.name.clone()) {
@@ -204,6 +222,7 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         drain_timeout,
         listeners,
         admin,
+        origins: loc.origins.into_inner(),
     })
 }
 
@@ -221,6 +240,7 @@ fn validate_listener(
         Some(n) => n.get_ref().clone(),
         None => format!("listener{index}"),
     };
+    loc.record(&key("bind"), &raw.bind);
     let bind =
         parse_bind(raw.bind.get_ref()).map_err(|m| invalid(loc.at(&raw.bind), key("bind"), m))?;
     // An outbound listener's upstream is the remote peer, so it may be
@@ -402,6 +422,7 @@ fn validate_outbound(
     let raw = raw.map(Spanned::into_inner).unwrap_or_default();
     let ca = match raw.ca {
         Some(list) => {
+            loc.record(&key(".ca"), &list);
             let origin = loc.at(&list);
             let paths: Vec<PathBuf> = list
                 .into_inner()
@@ -469,6 +490,7 @@ fn validate_client_auth(
         return Ok(ClientAuthConfig::default());
     };
     let table = loc.at(&spanned);
+    loc.record(&format!("listener[{index}].client_auth"), &spanned);
     let raw = spanned.into_inner();
     let auth_mode = match raw.mode.as_ref().map(|m| m.get_ref().as_str()) {
         None | Some("none") => ClientAuthMode::None,
@@ -491,6 +513,12 @@ fn validate_client_auth(
     };
     let ca_origin = raw.ca.as_ref().map(|c| loc.at(c));
     let crl_origin = raw.crl.as_ref().map(|c| loc.at(c));
+    if let Some(ca) = &raw.ca {
+        loc.record(&key("ca"), ca);
+    }
+    if let Some(crl) = &raw.crl {
+        loc.record(&key("crl"), crl);
+    }
     let ca = paths(raw.ca);
     let crl = paths(raw.crl);
     if auth_mode != ClientAuthMode::None && ca.is_empty() {
@@ -644,6 +672,17 @@ fn validate_cert(
         return Ok((CertSource::default_local_ca(), CertPolicy::default()));
     };
     let table = loc.at(&spanned);
+    loc.record(table_key, &spanned);
+    for (name, value) in [
+        ("cert", &spanned.get_ref().cert),
+        ("key", &spanned.get_ref().key),
+        ("ca_root", &spanned.get_ref().ca_root),
+        ("http01_bind", &spanned.get_ref().http01_bind),
+    ] {
+        if let Some(value) = value {
+            loc.record(&key(name), value);
+        }
+    }
     let cert = spanned.into_inner();
     let source = cert
         .source

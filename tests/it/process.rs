@@ -2187,6 +2187,35 @@ async fn flags_that_would_be_ignored_are_refused() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// A certificate file given by flag that cannot be read is reported with
+/// the flag that named it.
+#[tokio::test]
+async fn an_unreadable_file_given_by_flag_names_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("absent.key");
+    let mut cmd = sheath();
+    cmd.arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args([
+            "run",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "127.0.0.1:9",
+        ])
+        .arg("--cert")
+        .arg(dir.path().join("absent.pem"))
+        .arg("--key")
+        .arg(&key);
+    let out = output("sheath run", cmd).await;
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("sheath: error: flag --cert: listener `default`"),
+        "{stderr}"
+    );
+}
+
 /// Sockets passed in (systemd socket activation, or a predecessor's on
 /// upgrade) that no listener takes are closed, with a warning naming them:
 /// held open, their port completes every client's TCP handshake and then

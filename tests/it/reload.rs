@@ -682,3 +682,96 @@ async fn echo(stream: &mut (impl AsyncReadExt + AsyncWriteExt + Unpin)) {
     within("echo", stream.read_exact(&mut buf)).await.unwrap();
     assert_eq!(&buf, b"ping");
 }
+
+/// The line of `text` (1-based) holding `needle`.
+fn line_of(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .expect("needle in text")
+        + 1
+}
+
+/// A file a reload (or the start) cannot use is reported like any other
+/// configuration error: at the file, line and key that name it, so the
+/// operator of a config with many listeners goes straight to it.
+#[tokio::test]
+async fn unusable_files_on_reload_are_reported_at_their_line_and_key() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    pki.write_server(dir.path(), "server");
+    std::fs::write(dir.path().join("garbage.pem"), "not a certificate\n").unwrap();
+    let b = Backends {
+        http: backend::http().await,
+        ws: backend::websocket_echo().await,
+        tcp: backend::tcp_echo().await,
+    };
+    let ports = free_ports();
+    let text = config_text(dir.path(), ports, &b, 300, "24h", "");
+    let proxy = Proxy::start_in(&text, dir).await.unwrap();
+    let running = proxy.running();
+    let path = proxy.dir.path().join("sheath.toml");
+
+    // The key file of the third listener ("tcp", listener[2]) is missing.
+    let good = config_text(proxy.dir.path(), ports, &b, 300, "24h", "");
+    let at = good.rfind("server.key").unwrap();
+    let mut broken = good.clone();
+    broken.replace_range(at..at + "server.key".len(), "missing.key");
+    let err = running
+        .reload(Config::from_toml(&path, &broken).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    let line = line_of(&broken, "missing.key");
+    let want = format!("{}:{line}:", path.display());
+    assert!(err.starts_with(&want), "want it at {want}: {err}");
+    assert!(err.contains("key `listener[2].cert.key`"), "{err}");
+    assert!(err.contains("missing.key"), "{err}");
+
+    // A certificate file that holds no certificate: its `cert` key.
+    let at = good.rfind("server.pem").unwrap();
+    let mut broken = good.clone();
+    broken.replace_range(at..at + "server.pem".len(), "garbage.pem");
+    let err = running
+        .reload(Config::from_toml(&path, &broken).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    let line = line_of(&broken, "garbage.pem");
+    assert!(
+        err.starts_with(&format!("{}:{line}:", path.display())),
+        "want it at line {line}: {err}"
+    );
+    assert!(err.contains("key `listener[2].cert.cert`"), "{err}");
+
+    // A client CA bundle that is not there.
+    let extra = "[listener.client_auth]\nmode = \"require\"\nca = \"no-such-ca.pem\"\n";
+    let broken = config_text(proxy.dir.path(), ports, &b, 300, "24h", extra);
+    let err = running
+        .reload(Config::from_toml(&path, &broken).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    let line = line_of(&broken, "no-such-ca.pem");
+    assert!(
+        err.starts_with(&format!("{}:{line}:", path.display())),
+        "want it at line {line}: {err}"
+    );
+    assert!(err.contains("key `listener[2].client_auth.ca`"), "{err}");
+    assert_eq!(running.reloads.failed.load(Ordering::Relaxed), 3);
+}
+
+/// The same at startup, from a file and from flags.
+#[tokio::test]
+async fn unusable_files_at_startup_are_reported_at_their_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+                [listener.cert]\nsource = \"files\"\ncert = \"absent.pem\"\nkey = \"absent.key\"\n";
+    let err = Proxy::start_in(text, dir).await.unwrap_err().to_string();
+    // write_config puts a [global] table and a blank line, four lines,
+    // before the text.
+    assert!(
+        err.contains("sheath.toml:11:8: key `listener[0].cert.cert`"),
+        "{err}"
+    );
+    assert!(err.contains("absent.pem"), "{err}");
+}
