@@ -157,7 +157,8 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
 
     let mut listeners = Vec::with_capacity(raw.listeners.len());
     let mut names = HashSet::new();
-    let mut binds = HashSet::new();
+    // Every address sheath listens on, with the key that gives it.
+    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
     let mut exports = HashMap::new();
     for (index, spanned) in raw.listeners.into_iter().enumerate() {
         let table_origin = loc.at(&spanned);
@@ -171,13 +172,25 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
                 format!("duplicate listener name `{}`", listener.name),
             ));
         }
-        // Port 0 asks the kernel for a fresh port each time, so it never collides.
-        if listener.bind.port() != 0 && !binds.insert(listener.bind) {
-            return Err(invalid(
-                table_origin,
-                format!("listener[{index}].bind"),
-                format!("{} is already used by another listener", listener.bind),
-            ));
+        let key = format!("listener[{index}].bind");
+        check_bind(&loc, &binds, listener.bind, &key, &table_origin)?;
+        binds.push((listener.bind, key));
+        // HTTP-01 listeners may be shared by ACME certificates, but not
+        // with anything else.
+        for (cert, source, _) in listener.certs() {
+            if let CertSource::Acme(acme) = source {
+                if let Some(bind) = acme.http01_bind {
+                    if binds
+                        .iter()
+                        .any(|(b, k)| *b == bind && k.ends_with(".http01_bind"))
+                    {
+                        continue;
+                    }
+                    let key = format!("{}.http01_bind", cert.table_key(index));
+                    check_bind(&loc, &binds, bind, &key, &table_origin)?;
+                    binds.push((bind, key));
+                }
+            }
         }
         // A name selects at most one certificate of a listener.
         let mut cert_names = HashMap::new();
@@ -971,6 +984,46 @@ fn validate_cert(
             export,
         },
     ))
+}
+
+/// Refuse `bind` (given by `key`) if it cannot be bound next to the
+/// addresses in `taken`: the same address and port, or the same port with
+/// the wildcard address of the same family on either side. `check`
+/// passed such a configuration and `run` failed with "Address already in
+/// use" after the first listeners were up.
+fn check_bind(
+    loc: &Locator<'_>,
+    taken: &[(SocketAddr, String)],
+    bind: SocketAddr,
+    key: &str,
+    fallback: &Origin,
+) -> Result<(), ConfigError> {
+    // Port 0 asks the kernel for a fresh port each time, so it never collides.
+    if bind.port() == 0 {
+        return Ok(());
+    }
+    let clash = taken.iter().find(|(other, _)| {
+        other.port() == bind.port()
+            && other.is_ipv4() == bind.is_ipv4()
+            && (other.ip() == bind.ip()
+                || other.ip().is_unspecified()
+                || bind.ip().is_unspecified())
+    });
+    let Some((other, other_key)) = clash else {
+        return Ok(());
+    };
+    let origin = loc
+        .origins
+        .borrow()
+        .get(key)
+        .cloned()
+        .unwrap_or_else(|| fallback.clone());
+    let message = if *other == bind {
+        format!("{bind} is already used by {other_key}")
+    } else {
+        format!("{bind} overlaps {other} of {other_key}: a wildcard address takes the port on every address of its family")
+    };
+    Err(invalid(origin, key, message))
 }
 
 /// A SHA-256 fingerprint: 64 hex digits, colons and case ignored.

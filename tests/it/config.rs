@@ -688,3 +688,62 @@ fn out_of_range_numbers_and_durations_are_refused_at_their_line() {
     .unwrap();
     assert_eq!(config.listeners[0].max_connections, 1_000_000_000);
 }
+
+/// Addresses that cannot be bound side by side are refused by `check`,
+/// at the second one's line: a wildcard takes its port on every address
+/// of its family, and the HTTP-01 listener is a listener too. `run` failed
+/// with "Address already in use" once the first listeners were up.
+#[test]
+fn addresses_that_cannot_be_bound_together_are_refused() {
+    let listener =
+        |bind: &str| format!("[[listener]]\nbind = \"{bind}\"\nupstream = \"127.0.0.1:8080\"\n");
+    let (line, key, message) = error_at(&format!(
+        "{}{}",
+        listener("127.0.0.1:8443"),
+        listener("0.0.0.0:8443")
+    ));
+    assert_eq!((line, key.as_str()), (5, "listener[1].bind"));
+    assert!(message.contains("overlaps 127.0.0.1:8443"), "{message}");
+    let (line, key, _) = error_at(&format!(
+        "{}{}",
+        listener("[::]:8443"),
+        listener("[::1]:8443")
+    ));
+    assert_eq!((line, key.as_str()), (5, "listener[1].bind"));
+    let (line, key, message) = error_at(&format!(
+        "{}{}",
+        listener("127.0.0.1:8443"),
+        listener("127.0.0.1:8443")
+    ));
+    assert_eq!((line, key.as_str()), (5, "listener[1].bind"));
+    assert!(
+        message.contains("already used by listener[0].bind"),
+        "{message}"
+    );
+
+    let acme = "[listener.cert]\nsource = \"acme\"\nnames = [\"app.example.com\"]\ndirectory = \"https://ca.example.com/directory\"\nchallenge = \"http-01\"\nhttp01_bind = \"0.0.0.0:80\"\n";
+    let (line, key, message) = error_at(&format!("{}{acme}", listener("127.0.0.1:80")));
+    assert_eq!((line, key.as_str()), (9, "listener[0].cert.http01_bind"));
+    assert!(message.contains("overlaps 127.0.0.1:80"), "{message}");
+
+    // What the kernel allows side by side stays allowed: IPv6 wildcards are
+    // IPv6 only, port 0 is a new port each time, and ACME listeners share
+    // an HTTP-01 listener.
+    for text in [
+        format!("{}{}", listener("[::]:8443"), listener("0.0.0.0:8443")),
+        format!("{}{}", listener("127.0.0.1:0"), listener("0.0.0.0:0")),
+        format!(
+            "{}{}",
+            listener("127.0.0.1:8443"),
+            listener("127.0.0.2:8443")
+        ),
+        format!(
+            "{}{acme}{}{}",
+            listener("0.0.0.0:443"),
+            listener("0.0.0.0:8443"),
+            acme.replace("app.", "api.")
+        ),
+    ] {
+        parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    }
+}
