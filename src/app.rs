@@ -437,7 +437,7 @@ impl Running {
         }
         for removed in old_listeners.into_iter().flatten() {
             tracing::info!(listener = %removed.config.name, addr = %removed.handle.local_addr, "listener removed; draining its connections");
-            retire(removed, new.drain_timeout);
+            retire(removed, new.drain_timeout).await;
         }
         for socket in http01_sockets {
             self.serve_http01(socket);
@@ -681,7 +681,13 @@ fn lower_limit(limit: &Arc<Semaphore>, by: usize) {
 
 /// Stop a removed listener: refuse new connections at once, let its
 /// connections finish, cut them at the drain timeout.
-fn retire(old: Live, drain_timeout: Duration) {
+///
+/// Returns once the port is closed. The accept loops hold the socket and
+/// drop it only when they see the cancellation; until then the kernel
+/// went on completing TCP handshakes that were reset moments later, and a
+/// reload right after, putting a listener back on the port, could find it
+/// still taken.
+async fn retire(old: Live, drain_timeout: Duration) {
     old.stop_accepting.cancel();
     old.cert_task.cancel();
     old.trust_task.cancel();
@@ -691,6 +697,10 @@ fn retire(old: Live, drain_timeout: Duration) {
         tokio::time::sleep(drain_timeout).await;
         abort.cancel();
     });
+    drop(old.handover);
+    for accept in old.accept {
+        let _ = accept.await;
+    }
 }
 
 /// Does a new listener continue an old one's socket?

@@ -775,3 +775,49 @@ async fn unusable_files_at_startup_are_reported_at_their_line_and_key() {
     );
     assert!(err.contains("absent.pem"), "{err}");
 }
+
+/// A listener removed by a reload gives its port back by the time the
+/// reload returns: a client connecting then is refused (not accepted and
+/// reset later), and a reload right after can bind the port again (a
+/// listener moved away and back, or removed and restored).
+#[tokio::test]
+async fn a_removed_listeners_port_is_free_when_the_reload_returns() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let upstream = backend::tcp_echo().await;
+    let [keep, gone, _] = free_ports();
+    let listener = |name: &str, port: u16| {
+        format!(
+            "[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n{}\n",
+            pki::files_cert_toml(&files)
+        )
+    };
+    let head = format!(
+        "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"5s\"\n\n",
+        dir.path().join("state").display()
+    );
+    let both = format!("{head}{}{}", listener("keep", keep), listener("gone", gone));
+    let one = format!("{head}{}", listener("keep", keep));
+    let proxy = Proxy::start_in(&both, tempfile::tempdir().unwrap())
+        .await
+        .unwrap();
+    let running = proxy.running();
+    let config = client::client_config(pki.roots(), &[]);
+    for round in 0..20 {
+        running.reload(parse(proxy.dir.path(), &one)).await.unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{gone}").parse().unwrap();
+        match TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+            other => {
+                panic!("round {round}: removed listener's port still takes connections: {other:?}")
+            }
+        }
+        running
+            .reload(parse(proxy.dir.path(), &both))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the port cannot be bound again: {e}"));
+        let mut c = client::connect(addr, config.clone()).await.unwrap();
+        echo(&mut c).await;
+    }
+}
