@@ -400,13 +400,14 @@ impl Running {
 
         // Prepare everything fallible before touching what runs.
         let local_ca = ensure_local_ca(&new, inner.local_ca.clone()).await?;
+        let state_dir_kept = new.state_dir == inner.config.state_dir;
         let mut prepared = Vec::with_capacity(new.listeners.len());
         for (index, (l, old)) in new.listeners.iter().zip(&continues).enumerate() {
             let old = old.map(|i| &inner.listeners[i]);
             prepared.push(prepare(
                 index,
                 l,
-                old,
+                old.map(|o| (o, state_dir_kept)),
                 &new,
                 local_ca.as_ref(),
                 &self.challenges,
@@ -727,11 +728,13 @@ struct Prepared {
 }
 
 /// `l` is `config.listeners[index]`; errors name where the setting they
-/// are about was written.
+/// are about was written. `old` is the running listener it continues, and
+/// whether the state directory (the local CA's, the ACME state's) is the
+/// one that listener's certificates came from.
 fn prepare(
     index: usize,
     l: &ListenerConfig,
-    old: Option<&Live>,
+    old: Option<(&Live, bool)>,
     config: &Config,
     local_ca: Option<&Arc<LocalCa>>,
     challenges: &Arc<Challenges>,
@@ -744,18 +747,24 @@ fn prepare(
 
 fn prepare_listener(
     l: &ListenerConfig,
-    old: Option<&Live>,
+    old: Option<(&Live, bool)>,
     config: &Config,
     local_ca: Option<&Arc<LocalCa>>,
     challenges: &Arc<Challenges>,
 ) -> Result<Prepared, StartError> {
+    let (old, state_dir_kept) = match old {
+        Some((o, kept)) => (Some(o), kept),
+        None => (None, false),
+    };
     let old_state = old.map(|o| o.state.load_full());
     // The certificates change as a set: a changed one restarts every
     // manager of the listener. Restarting costs little (a local-CA issuance,
     // a file read, a cached ACME certificate) and keeps one task token per
-    // listener.
+    // listener. A new state directory is a new local CA and new ACME
+    // state: unchanged settings kept issuing from the old CA.
     let certs_unchanged = old.is_some_and(|o| {
-        o.config.cert == l.cert
+        state_dir_kept
+            && o.config.cert == l.cert
             && o.config.cert_policy == l.cert_policy
             && o.config.sni_certs == l.sni_certs
     });

@@ -821,3 +821,41 @@ async fn a_removed_listeners_port_is_free_when_the_reload_returns() {
         echo(&mut c).await;
     }
 }
+
+/// A reload that moves the state directory (onto a volume, say) moves the
+/// local CA with it: every local-CA listener then serves a certificate of
+/// the CA in the new directory, the one `sheath ca export` shows, not only
+/// listeners whose certificate settings changed too.
+#[tokio::test]
+async fn a_new_state_dir_gives_unchanged_local_ca_listeners_the_new_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::tcp_echo().await;
+    let [port, _, _] = free_ports();
+    let text = |state: &str| {
+        format!(
+            "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"5s\"\n\n\
+             [[listener]]\nname = \"a\"\nbind = \"127.0.0.1:{port}\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\n",
+            dir.path().join(state).display()
+        )
+    };
+    let proxy = Proxy::start_in(&text("old"), tempfile::tempdir().unwrap())
+        .await
+        .unwrap();
+    proxy
+        .running()
+        .reload(parse(proxy.dir.path(), &text("new")))
+        .await
+        .unwrap();
+    let ca = std::fs::read_to_string(dir.path().join("new/local-ca/ca.pem")).unwrap();
+    assert_eq!(
+        proxy.running().local_ca().unwrap().cert_pem(),
+        ca,
+        "the running CA is the new directory's"
+    );
+    let config = client::client_config(pki::roots_from_pem(&ca), &[]);
+    let mut c = client::connect(proxy.addr("a"), config)
+        .await
+        .expect("the served certificate is issued by the new directory's CA");
+    echo(&mut c).await;
+}
