@@ -70,6 +70,20 @@ impl Locator<'_> {
         }
     }
 
+    /// A file named by `key`, written at `origin`. An empty string is
+    /// refused: resolved like any relative path it named the config
+    /// file's directory, which `check` passed and `run` failed to read.
+    fn file(&self, value: &str, origin: &Origin, key: &str) -> Result<PathBuf, ConfigError> {
+        if value.trim().is_empty() {
+            return Err(invalid(
+                origin.clone(),
+                key,
+                "a file path must not be empty",
+            ));
+        }
+        Ok(self.resolve_path(value))
+    }
+
     /// Relative paths in a config file are relative to the file's directory,
     /// so a config and its certificates can move together.
     fn resolve_path(&self, value: &str) -> PathBuf {
@@ -441,8 +455,8 @@ fn validate_outbound(
                 .into_inner()
                 .into_vec()
                 .iter()
-                .map(|p| loc.resolve_path(p))
-                .collect();
+                .map(|p| loc.file(p, &origin, &key(".ca")))
+                .collect::<Result<_, _>>()?;
             if paths.is_empty() {
                 return Err(invalid(
                     origin,
@@ -517,11 +531,13 @@ fn validate_client_auth(
             ))
         }
     };
-    let paths = |v: Option<Spanned<OneOrMany>>| -> Vec<PathBuf> {
-        v.map(|s| s.into_inner().into_vec())
-            .unwrap_or_default()
+    let paths = |v: Option<Spanned<OneOrMany>>, name: &str| -> Result<Vec<PathBuf>, ConfigError> {
+        let Some(v) = v else { return Ok(Vec::new()) };
+        let origin = loc.at(&v);
+        v.into_inner()
+            .into_vec()
             .iter()
-            .map(|p| loc.resolve_path(p))
+            .map(|p| loc.file(p, &origin, &key(name)))
             .collect()
     };
     let ca_origin = raw.ca.as_ref().map(|c| loc.at(c));
@@ -532,8 +548,8 @@ fn validate_client_auth(
     if let Some(crl) = &raw.crl {
         loc.record(&key("crl"), crl);
     }
-    let ca = paths(raw.ca);
-    let crl = paths(raw.crl);
+    let ca = paths(raw.ca, "ca")?;
+    let crl = paths(raw.crl, "crl")?;
     if auth_mode != ClientAuthMode::None && ca.is_empty() {
         return Err(invalid(
             table,
@@ -804,8 +820,8 @@ fn validate_cert(
                 ));
             }
             CertSource::Files {
-                cert: loc.resolve_path(c.get_ref()),
-                key: loc.resolve_path(k.get_ref()),
+                cert: loc.file(c.get_ref(), &loc.at(c), &key("cert"))?,
+                key: loc.file(k.get_ref(), &loc.at(k), &key("key"))?,
             }
         }
         "acme" => {
@@ -871,7 +887,9 @@ fn validate_cert(
                         "give either `ca_root` or `ca_fingerprint`, not both",
                     ))
                 }
-                (Some(r), None) => AcmeTrust::RootFile(loc.resolve_path(r.get_ref())),
+                (Some(r), None) => {
+                    AcmeTrust::RootFile(loc.file(r.get_ref(), &loc.at(r), &key("ca_root"))?)
+                }
                 (None, Some(f)) => AcmeTrust::Fingerprint(
                     parse_fingerprint(f.get_ref())
                         .map_err(|m| invalid(loc.at(f), key("ca_fingerprint"), m))?,

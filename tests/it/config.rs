@@ -747,3 +747,47 @@ fn addresses_that_cannot_be_bound_together_are_refused() {
         parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     }
 }
+
+/// An empty file path is refused where it is written. It resolved to the
+/// config file's own directory, so `check` passed it and `run` failed
+/// reading a directory.
+#[test]
+fn empty_file_paths_are_refused_at_their_line() {
+    let head = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+    let cases = [
+        (
+            "[listener.cert]\nsource = \"files\"\ncert = \"\"\nkey = \"k.pem\"\n",
+            6,
+            "listener[0].cert.cert",
+        ),
+        (
+            "[listener.cert]\nsource = \"files\"\ncert = \"c.pem\"\nkey = \" \"\n",
+            7,
+            "listener[0].cert.key",
+        ),
+        (
+            "[listener.client_auth]\nmode = \"require\"\nca = [\"ca.pem\", \"\"]\n",
+            6,
+            "listener[0].client_auth.ca",
+        ),
+        (
+            "[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\ncrl = \"\"\n",
+            7,
+            "listener[0].client_auth.crl",
+        ),
+        (
+            "[listener.cert]\nsource = \"acme\"\nnames = [\"a.example.com\"]\ndirectory = \"https://ca.example.com/dir\"\nca_root = \"\"\n",
+            8,
+            "listener[0].cert.ca_root",
+        ),
+    ];
+    for (tail, want_line, want_key) in cases {
+        let (line, key, message) = error_at(&format!("{head}{tail}"));
+        assert_eq!((line, key.as_str()), (want_line, want_key), "{tail}");
+        assert!(message.contains("must not be empty"), "{tail}: {message}");
+    }
+    let (line, key, _) = error_at(
+        "[[listener]]\nbind = \"127.0.0.1:8443\"\nupstream = \"peer.example.com:443\"\nmode = \"outbound\"\n[listener.outbound]\nca = \"\"\n",
+    );
+    assert_eq!((line, key.as_str()), (6, "listener[0].outbound.ca"));
+}
