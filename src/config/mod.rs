@@ -217,7 +217,7 @@ impl Default for ClientAuthConfig {
 /// Who may connect, once verified. Empty means "any verified client"; as
 /// soon as one list is set, a client must match at least one entry of some
 /// list. Matching is exact (byte for byte) except for `*` path segments in
-/// URI patterns.
+/// URI patterns and DNS names, whose case does not count.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AllowList {
     pub dns: Vec<String>,

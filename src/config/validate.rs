@@ -573,45 +573,44 @@ fn validate_client_auth(
             "`crl` is set but mode = \"none\"; set mode = \"optional\" or \"require\" (with `ca`)",
         ));
     }
-    let hexes =
-        |v: &Option<Spanned<Vec<String>>>, name: &str| -> Result<Vec<String>, ConfigError> {
-            let Some(v) = v else { return Ok(Vec::new()) };
-            v.get_ref()
-                .iter()
-                .map(|f| parse_fingerprint(f).map_err(|m| invalid(loc.at(v), key(name), m)))
-                .collect()
-        };
-    let mut ip = Vec::new();
-    if let Some(ips) = &raw.allow_ip {
-        for value in ips.get_ref() {
-            ip.push(value.parse::<std::net::IpAddr>().map_err(|_| {
-                invalid(
-                    loc.at(ips),
-                    key("allow_ip"),
-                    format!("`{value}` is not an IP address"),
-                )
-            })?);
-        }
-    }
-    if let Some(uris) = &raw.allow_uri {
-        for u in uris.get_ref() {
-            if !u.contains("://") {
-                return Err(invalid(
-                    loc.at(uris),
-                    key("allow_uri"),
-                    format!("`{u}` is not a URI, e.g. spiffe://example.org/ns/prod/sa/web"),
-                ));
-            }
-        }
-    }
+    // Every entry of every list, checked for its kind at its own line.
+    let entries = |v: &Option<Vec<Spanned<String>>>,
+                   name: &str,
+                   check: &dyn Fn(&str) -> Result<String, String>|
+     -> Result<Vec<String>, ConfigError> {
+        let Some(v) = v else { return Ok(Vec::new()) };
+        v.iter()
+            .map(|entry| {
+                allow_entry(entry.get_ref(), check)
+                    .map_err(|m| invalid(loc.at(entry), key(name), m))
+            })
+            .collect()
+    };
+    let ip = entries(&raw.allow_ip, "allow_ip", &|value| {
+        value
+            .parse::<IpAddr>()
+            .map(|ip| ip.to_string())
+            .map_err(|_| format!("`{value}` is not an IP address"))
+    })?
+    .iter()
+    .map(|ip| ip.parse().expect("an address just written"))
+    .collect();
     let allow = AllowList {
-        dns: raw.allow_dns.unwrap_or_default(),
-        uri: raw.allow_uri.map(|u| u.into_inner()).unwrap_or_default(),
+        dns: entries(&raw.allow_dns, "allow_dns", &allow_dns_entry)?,
+        uri: entries(&raw.allow_uri, "allow_uri", &allow_uri_entry)?,
         ip,
-        cn: raw.allow_cn.unwrap_or_default(),
-        ou: raw.allow_ou.unwrap_or_default(),
-        cert_sha256: hexes(&raw.allow_cert_sha256, "allow_cert_sha256")?,
-        spki_sha256: hexes(&raw.allow_spki_sha256, "allow_spki_sha256")?,
+        cn: entries(&raw.allow_cn, "allow_cn", &|v| Ok(v.to_string()))?,
+        ou: entries(&raw.allow_ou, "allow_ou", &|v| Ok(v.to_string()))?,
+        cert_sha256: entries(
+            &raw.allow_cert_sha256,
+            "allow_cert_sha256",
+            &parse_fingerprint,
+        )?,
+        spki_sha256: entries(
+            &raw.allow_spki_sha256,
+            "allow_spki_sha256",
+            &parse_fingerprint,
+        )?,
     };
     if !allow.is_empty() && auth_mode == ClientAuthMode::None {
         return Err(invalid(
@@ -1184,6 +1183,76 @@ pub fn parse_names(names: &[String]) -> Result<Vec<String>, String> {
         }
     }
     Ok(out)
+}
+
+/// One allow-list entry, refused when empty: an empty entry can never
+/// match a name (and an empty `allow_cn` entry matched a certificate with
+/// an empty CN), so it only hid a typo.
+fn allow_entry(
+    value: &str,
+    check: &dyn Fn(&str) -> Result<String, String>,
+) -> Result<String, String> {
+    if value.trim().is_empty() {
+        return Err("an entry must not be empty: it never matches a client".into());
+    }
+    check(value)
+}
+
+/// An `allow_dns` entry, in the form certificates carry names: lowercase
+/// (DNS names have no case, RFC 4343; the match ignores case too) and
+/// without the root's trailing dot. No wildcards: the list matches names
+/// exactly, and a `*` matched only a certificate that carried the `*`
+/// itself, which a reader of `*.example.com` does not expect. Refusing it
+/// is safer than widening the match: a client certificate for any name
+/// under a domain is a far broader grant than a server certificate's.
+pub fn allow_dns_entry(value: &str) -> Result<String, String> {
+    if value.contains('*') {
+        return Err(format!(
+            "`{value}`: allow_dns matches names exactly and has no wildcards; list each name, or match SPIFFE IDs with allow_uri and a `*` path segment"
+        ));
+    }
+    if value.parse::<IpAddr>().is_ok() {
+        return Err(format!(
+            "`{value}` is an IP address; list it in allow_ip, which matches IP SANs"
+        ));
+    }
+    let lower = value.to_ascii_lowercase();
+    let name = lower.strip_suffix('.').unwrap_or(&lower);
+    if name.ends_with('.') || rustls_pki_types::DnsName::try_from(name).is_err() {
+        return Err(format!(
+            "`{value}` is not a DNS name (letters, digits, `-` and `_` in dot-separated labels)"
+        ));
+    }
+    Ok(name.to_string())
+}
+
+/// An `allow_uri` entry: `scheme://authority[/path]`, nothing a URI cannot
+/// carry, and a `*` only as a whole path segment, the one place the
+/// matcher reads it as a wildcard; anywhere else it matched only itself.
+pub fn allow_uri_entry(value: &str) -> Result<String, String> {
+    let not_a_uri = || format!("`{value}` is not a URI, e.g. spiffe://example.org/ns/prod/sa/web");
+    let (scheme, rest) = value.split_once("://").ok_or_else(not_a_uri)?;
+    let scheme_ok = scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if !scheme_ok
+        || authority.is_empty()
+        || value.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(not_a_uri());
+    }
+    let stray_star = authority.contains('*')
+        || path
+            .split('/')
+            .any(|segment| segment != "*" && segment.contains('*'));
+    if stray_star {
+        return Err(format!(
+            "`{value}`: a `*` matches only as a whole path segment (`/ns/*/sa/web`), not in the authority or part of a segment"
+        ));
+    }
+    Ok(value.to_string())
 }
 
 /// ALPN protocol names as RFC 7301 allows them: 1 to 255 bytes, each once.

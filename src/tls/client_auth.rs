@@ -399,7 +399,12 @@ impl ClientCertVerifier for ClientVerifier {
 
 /// Does a verified client match any entry of any allow-list?
 pub fn allowed(allow: &AllowList, id: &ClientIdentity) -> bool {
-    allow.dns.iter().any(|d| id.dns.contains(d))
+    // DNS names have no case (RFC 4343, RFC 5280 §7.2): a certificate for
+    // `API.internal` names the host `api.internal` does.
+    allow
+        .dns
+        .iter()
+        .any(|d| id.dns.iter().any(|n| n.eq_ignore_ascii_case(d)))
         || allow
             .uri
             .iter()

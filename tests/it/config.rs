@@ -791,3 +791,83 @@ fn empty_file_paths_are_refused_at_their_line() {
     );
     assert_eq!((line, key.as_str()), (6, "listener[0].outbound.ca"));
 }
+
+/// An allow-list entry that can never match, or matches otherwise than it
+/// reads, is refused at its own line. An empty entry matched nothing (and
+/// an empty `allow_cn` entry matched a certificate with an empty CN), and
+/// a `*` in `allow_dns` matched only a certificate carrying the `*`
+/// itself, so a typo or a wildcard left the list quietly narrower.
+#[test]
+fn allow_list_entries_that_cannot_match_are_refused_at_their_line() {
+    let head = "[[listener]]\nbind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n[listener.client_auth]\nmode = \"require\"\nca = \"ca.pem\"\n";
+    let cases = [
+        ("allow_dns = [\"api.internal\", \"\"]\n", 7, "allow_dns", "empty"),
+        (
+            "allow_dns = [\n  \"api.internal\",\n  \"*.internal\",\n]\n",
+            9,
+            "allow_dns",
+            "no wildcards",
+        ),
+        ("allow_dns = [\"api internal\"]\n", 7, "allow_dns", "not a DNS name"),
+        ("allow_dns = [\"api..internal\"]\n", 7, "allow_dns", "not a DNS name"),
+        ("allow_dns = [\"192.0.2.7\"]\n", 7, "allow_dns", "allow_ip"),
+        ("allow_uri = [\"\"]\n", 7, "allow_uri", "empty"),
+        (
+            "allow_uri = [\n  \"spiffe://example.org/ns/prod/sa/web\",\n  \"spiffe://example.org/ns/prod*/sa/web\",\n]\n",
+            9,
+            "allow_uri",
+            "whole path segment",
+        ),
+        (
+            "allow_uri = [\"spiffe://*/ns/prod/sa/web\"]\n",
+            7,
+            "allow_uri",
+            "whole path segment",
+        ),
+        (
+            "allow_uri = [\"spiffe://example.org/ns/prod/sa/web \"]\n",
+            7,
+            "allow_uri",
+            "not a URI",
+        ),
+        ("allow_uri = [\"://example.org/x\"]\n", 7, "allow_uri", "not a URI"),
+        ("allow_uri = [\"spiffe:///ns/x\"]\n", 7, "allow_uri", "not a URI"),
+        ("allow_cn = [\"\"]\n", 7, "allow_cn", "empty"),
+        ("allow_ou = [\n  \"ops\",\n  \"\",\n]\n", 9, "allow_ou", "empty"),
+        ("allow_ip = [\"10.0.0.1\",\n  \"\"]\n", 8, "allow_ip", "empty"),
+        (
+            "allow_cert_sha256 = [\n  \"\",\n]\n",
+            8,
+            "allow_cert_sha256",
+            "empty",
+        ),
+        ("allow_spki_sha256 = [\"\"]\n", 7, "allow_spki_sha256", "empty"),
+    ];
+    for (tail, want_line, want_key, phrase) in cases {
+        let (line, key, message) = error_at(&format!("{head}{tail}"));
+        assert_eq!(
+            (line, key.as_str()),
+            (
+                want_line,
+                format!("listener[0].client_auth.{want_key}").as_str()
+            ),
+            "{tail}: {message}"
+        );
+        assert!(
+            message.contains(phrase),
+            "{tail}: want {phrase:?} in {message}"
+        );
+    }
+
+    // DNS names are compared without regard to case (RFC 4343), and one
+    // trailing dot is the root's: both are written in the form
+    // certificates carry.
+    let config = parse(&format!(
+        "{head}allow_dns = [\"API.Internal.\", \"svc_a.internal\"]\nallow_uri = [\"spiffe://example.org/ns/*/sa/web\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.listeners[0].client_auth.allow.dns,
+        ["api.internal", "svc_a.internal"]
+    );
+}
