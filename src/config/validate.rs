@@ -261,10 +261,10 @@ fn validate_listener(
 ) -> Result<(ListenerConfig, Vec<Origin>), ConfigError> {
     let key = |k: &str| format!("listener[{index}].{k}");
     let name = match &raw.name {
-        Some(n) if n.get_ref().trim().is_empty() => {
-            return Err(invalid(loc.at(n), key("name"), "must not be empty"))
+        Some(n) => {
+            check_listener_name(n.get_ref()).map_err(|m| invalid(loc.at(n), key("name"), m))?;
+            n.get_ref().clone()
         }
-        Some(n) => n.get_ref().clone(),
         None => format!("listener{index}"),
     };
     loc.record(&key("bind"), &raw.bind);
@@ -495,6 +495,31 @@ pub fn check_outbound_bind(bind: SocketAddr) -> Result<(), String> {
             "{bind}: an outbound listener takes plaintext and connects with this sidecar's certificate, so it binds a loopback address only (127.0.0.1 or [::1])"
         ))
     }
+}
+
+/// The longest listener name.
+pub const MAX_LISTENER_NAME: usize = 64;
+
+/// A listener's name is a metric label, a log field, part of error
+/// messages and of the `on_renew` hook's environment. A space, a newline
+/// or a control character there split a log line or a label, or passed
+/// for a second field, so names keep to a set every one of them carries
+/// as it is.
+pub fn check_listener_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.len() > MAX_LISTENER_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!(
+            "{:?}: a listener name is 1 to {MAX_LISTENER_NAME} ASCII letters, digits, `-`, `_` and `.`",
+            name
+        ));
+    }
+    Ok(())
 }
 
 /// The name an outbound listener expects in its peer's certificate.

@@ -871,3 +871,42 @@ fn allow_list_entries_that_cannot_match_are_refused_at_their_line() {
         ["api.internal", "svc_a.internal"]
     );
 }
+
+/// A listener's name goes into metric labels, log fields, error messages
+/// and the `on_renew` hook's environment: a space, a newline or a control
+/// character there split a log line or a label where nothing else does.
+#[test]
+fn listener_names_outside_a_plain_set_are_refused_at_their_line() {
+    let body = "bind = \"0.0.0.0:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+    let long = "a".repeat(65);
+    let bad = [
+        "\"web api\"",
+        "\"web\\napi\"",
+        "\"web\\u0007\"",
+        "\"web\\tapi\"",
+        "\"wéb\"",
+        "\"web/api\"",
+        "\"web\\\"api\"",
+        "\"\"",
+        "\" \"",
+        &format!("\"{long}\""),
+    ];
+    for name in bad {
+        let (line, key, message) = error_at(&format!("[[listener]]\n{body}name = {name}\n"));
+        assert_eq!(
+            (line, key.as_str()),
+            (4, "listener[0].name"),
+            "{name}: {message}"
+        );
+        assert!(
+            message.contains("letters, digits") || message.contains("must not be empty"),
+            "{name}: {message}"
+        );
+    }
+    let max = "b".repeat(64);
+    for good in ["web", "api-v2", "orders_eu.1", "A0", max.as_str()] {
+        let config = parse(&format!("[[listener]]\n{body}name = \"{good}\"\n"))
+            .unwrap_or_else(|e| panic!("{good}: {e}"));
+        assert_eq!(config.listeners[0].name, good);
+    }
+}
