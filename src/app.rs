@@ -426,6 +426,23 @@ impl Running {
             })?);
         }
 
+        // The admin endpoint is bound once, at the start (`main`), and a
+        // reload does not move it: said here, or the operator believes it
+        // moved. The running configuration keeps the address in force, so
+        // every reload that still differs says so again.
+        let mut new = new;
+        let admin_in_force = inner.config.admin;
+        if new.admin != admin_in_force {
+            let describe =
+                |a: Option<SocketAddr>| a.map_or("disabled".to_string(), |a| a.to_string());
+            tracing::warn!(
+                running = %describe(admin_in_force),
+                configured = %describe(new.admin),
+                "the admin endpoint changes only at restart; the reloaded [admin] setting is not applied"
+            );
+            new.admin = admin_in_force;
+        }
+
         // Commit.
         let mut old_listeners: Vec<Option<Live>> = std::mem::take(&mut inner.listeners)
             .into_iter()

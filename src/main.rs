@@ -231,8 +231,17 @@ fn reloader(args: &ConfigArgs, cli: &Cli) -> app::ConfigLoader {
     };
     let state_dir = cli.state_dir.clone();
     let drain_timeout = args.drain_timeout;
+    // `--admin` / `--no-admin` override the file at every reload as at the
+    // start: the file's `[admin]` is then no change, and the reload does
+    // not warn of one. The flags were checked at the start.
+    let admin_flag = (cli.no_admin || cli.admin.is_some())
+        .then(|| cli.admin_override(None))
+        .and_then(Result::ok);
     Box::new(move || {
         let mut config = Config::load(&path)?;
+        if let Some(admin) = admin_flag {
+            config.admin = admin;
+        }
         if let Some(dir) = &state_dir {
             config.state_dir = dir.clone();
             config

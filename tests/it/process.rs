@@ -2325,3 +2325,85 @@ fn json_number(line: &str, key: &str) -> Option<u32> {
     let rest = &line[line.find(&tag)? + tag.len()..];
     rest.split([',', '}']).next()?.trim().parse().ok()
 }
+
+/// The admin endpoint is bound once, at start. A reload whose file moves
+/// or disables it was applied without a word, so the operator believed it
+/// moved; it is named in a warning. Under `--admin` the flag decides, at
+/// a reload as at the start, and the file's `[admin]` is no change.
+#[tokio::test]
+async fn a_reload_that_changes_the_admin_endpoint_warns_that_it_waits_for_a_restart() {
+    const WARNING: &str =
+        "the admin endpoint changes only at restart; the reloaded [admin] setting is not applied";
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::http().await;
+    let listener = format!(
+        "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n"
+    );
+    let reloaded = |p: &Process| {
+        p.stderr
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| is_log(l, "configuration reloaded"))
+            .count()
+    };
+
+    // From the file: turning it off is a change the running process
+    // does not make.
+    let path = dir.path().join("a.toml");
+    std::fs::write(
+        &path,
+        format!("[admin]\nbind = \"127.0.0.1:0\"\n\n{listener}"),
+    )
+    .unwrap();
+    let mut cmd = sheath();
+    cmd.env_remove("SHEATH_ADMIN");
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("a"));
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    proc.listening_addr().await;
+    std::fs::write(&path, format!("[admin]\nenabled = false\n\n{listener}")).unwrap();
+    proc.signal("HUP");
+    let line = proc.wait_log(WARNING).await;
+    assert_eq!(json_field(&line, "running"), Some("127.0.0.1:0"), "{line}");
+    assert_eq!(json_field(&line, "configured"), Some("disabled"), "{line}");
+    // Still there, as the warning says.
+    TcpStream::connect(admin).await.unwrap();
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+
+    // Under `--admin` (SHEATH_ADMIN here) the file's setting is
+    // overridden at every reload as at the start: no change, no warning.
+    let path = dir.path().join("b.toml");
+    std::fs::write(
+        &path,
+        format!("[admin]\nbind = \"127.0.0.1:0\"\n\n{listener}"),
+    )
+    .unwrap();
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("b"));
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut proc = Process::spawn(cmd);
+    admin_addr(&mut proc).await;
+    proc.listening_addr().await;
+    std::fs::write(&path, format!("[admin]\nenabled = false\n\n{listener}")).unwrap();
+    let before = reloaded(&proc);
+    proc.signal("HUP");
+    within("SIGHUP reload", async {
+        while reloaded(&proc) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        proc.stderr.find(&|l| is_log(l, WARNING)).is_none(),
+        "{}",
+        proc.stderr.text()
+    );
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}
