@@ -415,16 +415,10 @@ impl Running {
         }
         let new_http01: Vec<SocketAddr> = http01_binds(&new)
             .into_iter()
-            .filter(|b| !inner.http01.contains(b))
+            .filter(|(b, _)| !inner.http01.contains(b))
+            .map(|(b, _)| b)
             .collect();
-        let mut http01_sockets = Vec::new();
-        for bind in &new_http01 {
-            http01_sockets.push(proxy::bind(*bind).map_err(|source| StartError::Bind {
-                listener: "http-01".into(),
-                addr: *bind,
-                source,
-            })?);
-        }
+        let http01_sockets = bind_http01(&new, &new_http01)?;
 
         // The admin endpoint is bound once, at the start (`main`), and a
         // reload does not move it: said here, or the operator believes it
@@ -967,18 +961,45 @@ async fn ensure_local_ca(
     Ok(Some(Arc::new(ca)))
 }
 
-fn http01_binds(config: &Config) -> Vec<SocketAddr> {
-    let mut binds = Vec::new();
-    for (_, source, _) in config.listeners.iter().flat_map(ListenerConfig::certs) {
-        if let CertSource::Acme(acme) = source {
-            if let Some(bind) = acme.http01_bind {
-                if !binds.contains(&bind) {
-                    binds.push(bind);
+/// The HTTP-01 listeners, each with the key of the first certificate that
+/// asks for it (`listener[0].cert.http01_bind`).
+fn http01_binds(config: &Config) -> Vec<(SocketAddr, String)> {
+    let mut binds: Vec<(SocketAddr, String)> = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        for (cert, source, _) in l.certs() {
+            if let CertSource::Acme(acme) = source {
+                if let Some(bind) = acme.http01_bind {
+                    if !binds.iter().any(|(b, _)| *b == bind) {
+                        binds.push((bind, format!("{}.http01_bind", cert.table_key(index))));
+                    }
                 }
             }
         }
     }
     binds
+}
+
+/// Bind the HTTP-01 listeners `binds` of `config`. An error is located at
+/// the key that asked for the address, as a listener's bind error is:
+/// with several ACME certificates, the address alone did not say which.
+fn bind_http01(config: &Config, binds: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
+    let keys = http01_binds(config);
+    binds
+        .iter()
+        .map(|bind| {
+            proxy::bind(*bind).map_err(|source| {
+                let error = StartError::Bind {
+                    listener: "http-01".into(),
+                    addr: *bind,
+                    source,
+                };
+                match keys.iter().find(|(b, _)| b == bind) {
+                    Some((_, key)) => error.at(&config.origins, key),
+                    None => error,
+                }
+            })
+        })
+        .collect()
 }
 
 /// Build TLS state, bind every listener and start serving.
@@ -999,15 +1020,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             &challenges,
         )?);
     }
-    let http01 = http01_binds(&config);
-    let mut http01_sockets = Vec::new();
-    for bind in &http01 {
-        http01_sockets.push(proxy::bind(*bind).map_err(|source| StartError::Bind {
-            listener: "http-01".into(),
-            addr: *bind,
-            source,
-        })?);
-    }
+    let http01: Vec<SocketAddr> = http01_binds(&config).into_iter().map(|(b, _)| b).collect();
+    let http01_sockets = bind_http01(&config, &http01)?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let running = Running {
         inner: tokio::sync::Mutex::new(Inner {

@@ -859,3 +859,54 @@ async fn a_new_state_dir_gives_unchanged_local_ca_listeners_the_new_ca() {
         .expect("the served certificate is issued by the new directory's CA");
     echo(&mut c).await;
 }
+
+/// An HTTP-01 listener that cannot be bound is reported at the line and
+/// key that name it, at the start and on a reload, like every other bind
+/// error; it named only the address, so with several ACME certificates
+/// the operator had to search for the one that asked for it.
+#[tokio::test]
+async fn an_http01_bind_error_names_its_line_and_key() {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = blocker.local_addr().unwrap();
+    let acme = |http01: &str| {
+        format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\n\
+             [listener.cert]\nsource = \"acme\"\nnames = [\"app.test\"]\ndirectory = \"https://127.0.0.1:9/dir\"\n\
+             challenge = \"http-01\"\nhttp01_bind = \"{http01}\"\nretry_min = \"1h\"\n"
+        )
+    };
+    // At the start. write_config puts four lines before the text.
+    let err = Proxy::start_in(&acme(&busy.to_string()), tempfile::tempdir().unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("sheath.toml:14:15: key `listener[0].cert.http01_bind`"),
+        "{err}"
+    );
+    assert!(err.contains(&format!("cannot bind {busy}")), "{err}");
+
+    // On a reload, for an SNI certificate's.
+    let proxy = Proxy::start(&acme("127.0.0.1:0")).await;
+    let path = proxy.dir.path().join("sheath.toml");
+    let text = format!(
+        "{}[[listener.sni_cert]]\nsource = \"acme\"\nnames = [\"api.test\"]\ndirectory = \"https://127.0.0.1:9/dir\"\n\
+         challenge = \"http-01\"\nhttp01_bind = \"{busy}\"\n",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    let err = proxy
+        .running()
+        .reload(Config::from_toml(&path, &text).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    let line = line_of(&text, &busy.to_string());
+    assert!(
+        err.starts_with(&format!(
+            "{}:{line}:15: key `listener[0].sni_cert[0].http01_bind`",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains(&format!("cannot bind {busy}")), "{err}");
+}
