@@ -681,10 +681,15 @@ fn classify(error: UpstreamError, body: &BodyStatus) -> Failure {
         UpstreamError::Http(_) if body.failed() => {
             Failure::BadRequest("the request body was malformed or cut short")
         }
-        UpstreamError::Http(e) => Failure::BadResponse(match UpstreamError::io_cause(&e) {
-            Some(io) => io.to_string(),
-            None => e.to_string(),
-        }),
+        // The cause says more than hyper's summary ("http2 error"):
+        // the I/O error, or how the upstream reset the stream.
+        UpstreamError::Http(e) => Failure::BadResponse(
+            match (UpstreamError::io_cause(&e), UpstreamError::h2_cause(&e)) {
+                (Some(io), _) => io.to_string(),
+                (None, Some(h2)) => h2,
+                (None, None) => e.to_string(),
+            },
+        ),
     }
 }
 

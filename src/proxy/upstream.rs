@@ -124,6 +124,35 @@ impl UpstreamError {
         }
         None
     }
+
+    /// What an HTTP/2 failure underneath `error` was: a stream the
+    /// upstream reset, a GOAWAY, with the reason code. hyper says only
+    /// "http2 error" and keeps the rest in the error's source.
+    pub fn h2_cause(error: &hyper::Error) -> Option<String> {
+        let mut source = std::error::Error::source(error);
+        while let Some(inner) = source {
+            if let Some(h2) = inner.downcast_ref::<h2::Error>() {
+                let by = if h2.is_remote() {
+                    "the upstream"
+                } else {
+                    "sheath"
+                };
+                return Some(match h2.reason() {
+                    Some(reason) if h2.is_reset() => format!(
+                        "stream reset by {by}: {reason:?} ({})",
+                        reason.description()
+                    ),
+                    Some(reason) if h2.is_go_away() => format!(
+                        "connection closed by {by} (GOAWAY): {reason:?} ({})",
+                        reason.description()
+                    ),
+                    _ => h2.to_string(),
+                });
+            }
+            source = inner.source();
+        }
+        None
+    }
 }
 
 impl<B: RequestBody> UpstreamClient<B> {

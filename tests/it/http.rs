@@ -859,3 +859,52 @@ async fn cookies_split_by_an_http2_client_reach_an_http1_upstream_as_one_line() 
         "{text}"
     );
 }
+
+/// An h2c upstream that answers every stream with RST_STREAM `reason`.
+async fn resetting_h2c_upstream(reason: h2::Reason) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                // Polling for the next stream also drives the connection,
+                // which sends the reset.
+                while let Some(Ok((_request, mut respond))) = conn.accept().await {
+                    respond.send_reset(reason);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A stream the h2c upstream reset is a 502 that says how it was reset.
+/// It said only "http2 error": hyper's summary, with the reason (the one
+/// thing that tells a refused stream from a crashed handler) left in the
+/// error's source.
+#[tokio::test]
+async fn an_h2c_stream_reset_gives_502_with_its_reason() {
+    let pki = TestPki::new();
+    let upstream = resetting_h2c_upstream(h2::Reason::INTERNAL_ERROR).await;
+    let proxy = http_proxy(&pki, upstream, "upstream_protocol = \"h2c\"").await;
+    for h2 in [false, true] {
+        let resp = if h2 {
+            let mut s = client::h2(proxy.addr("web"), pki.roots()).await;
+            within("502", s.send_request(get_h2("/"))).await.unwrap()
+        } else {
+            let mut s = client::h1(proxy.addr("web"), pki.roots()).await;
+            within("502", s.send_request(get("/"))).await.unwrap()
+        };
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        let text = body_text(resp).await;
+        assert!(
+            text.contains(&format!("upstream {upstream} failed: "))
+                && text.contains("stream reset by the upstream")
+                && text.contains("INTERNAL_ERROR"),
+            "{text}"
+        );
+    }
+}
