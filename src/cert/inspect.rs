@@ -21,7 +21,8 @@ pub struct CertInfo {
     pub serial: String,
     pub subject: String,
     pub issuer: String,
-    /// DNS and IP subject alternative names, or the CN when there are none.
+    /// DNS and IP subject alternative names, or the CN when there are none
+    /// (which most clients do not accept as a name; see `from_der`).
     pub names: Vec<String>,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
@@ -108,8 +109,17 @@ impl CertInfo {
                 }
             }
         }
-        // Only when there is no SAN at all does the CN count as a name, as
-        // browsers and rustls' verifier do.
+        // Only when there is no DNS or IP SAN does the CN count as a name,
+        // and only for choosing which certificate to serve (and for showing
+        // one): HAProxy selects on the CN of such a certificate too. Clients
+        // verifying it mostly do not accept that name: rustls' webpki never
+        // reads the CN, Chrome stopped in version 58, Firefox in 101,
+        // Safari in macOS 10.15 / iOS 13, Go in 1.15. OpenSSL's
+        // X509_check_host still falls back to it unless the caller sets
+        // X509_CHECK_FLAG_NEVER_CHECK_SUBJECT (OpenSSL 1.1.0+), so some
+        // OpenSSL-based clients verify it. Serving the certificate for its
+        // CN is then right for them and changes nothing for the others,
+        // which refuse it whichever certificate is chosen.
         if names.is_empty() {
             if let Some(cn) = cert
                 .subject()
