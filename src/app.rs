@@ -42,6 +42,19 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// A reload's new socket overlaps a running listener's, which is
+    /// only closed once the reload is applied.
+    #[error(
+        "listener `{listener}`: cannot bind {addr}: {source}; {running} of the running listener `{running_listener}` holds the port until the reload is applied, and a wildcard and a specific address cannot listen on one port together: reload twice: first to another port, then to {addr}"
+    )]
+    Rebind {
+        listener: String,
+        addr: SocketAddr,
+        running: SocketAddr,
+        running_listener: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("listener `{listener}`: {}: {source}", cert_what(*.cert))]
     Cert {
         listener: String,
@@ -108,7 +121,7 @@ impl StartError {
 fn error_key(index: usize, l: &ListenerConfig, e: &StartError) -> String {
     let listener = format!("listener[{index}]");
     match e {
-        StartError::Bind { .. } => format!("{listener}.bind"),
+        StartError::Bind { .. } | StartError::Rebind { .. } => format!("{listener}.bind"),
         StartError::Cert { cert, source, .. } => {
             let table = cert.table_key(index);
             let files = l.certs().find_map(|(c, s, _)| match s {
@@ -401,6 +414,8 @@ impl Running {
         // Prepare everything fallible before touching what runs.
         let local_ca = ensure_local_ca(&new, inner.local_ca.clone()).await?;
         let state_dir_kept = new.state_dir == inner.config.state_dir;
+        let running: Vec<ListenerHandle> =
+            inner.listeners.iter().map(|l| l.handle.clone()).collect();
         let mut prepared = Vec::with_capacity(new.listeners.len());
         for (index, (l, old)) in new.listeners.iter().zip(&continues).enumerate() {
             let old = old.map(|i| &inner.listeners[i]);
@@ -408,6 +423,7 @@ impl Running {
                 index,
                 l,
                 old.map(|o| (o, state_dir_kept)),
+                &running,
                 &new,
                 local_ca.as_ref(),
                 &self.challenges,
@@ -746,11 +762,12 @@ fn prepare(
     index: usize,
     l: &ListenerConfig,
     old: Option<(&Live, bool)>,
+    running: &[ListenerHandle],
     config: &Config,
     local_ca: Option<&Arc<LocalCa>>,
     challenges: &Arc<Challenges>,
 ) -> Result<Prepared, StartError> {
-    prepare_listener(l, old, config, local_ca, challenges).map_err(|e| {
+    prepare_listener(l, old, running, config, local_ca, challenges).map_err(|e| {
         let key = error_key(index, l, &e);
         e.at(&config.origins, &key)
     })
@@ -759,6 +776,7 @@ fn prepare(
 fn prepare_listener(
     l: &ListenerConfig,
     old: Option<(&Live, bool)>,
+    running: &[ListenerHandle],
     config: &Config,
     local_ca: Option<&Arc<LocalCa>>,
     challenges: &Arc<Challenges>,
@@ -826,11 +844,7 @@ fn prepare_listener(
     let state = build_state(l, certs, acme_tls, verifier, http)?;
     let socket = match old {
         Some(_) => None,
-        None => Some(proxy::bind(l.bind).map_err(|source| StartError::Bind {
-            listener: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?),
+        None => Some(proxy::bind(l.bind).map_err(|source| bind_error(l, running, source))?),
     };
     Ok(Prepared {
         config: l.clone(),
@@ -839,6 +853,40 @@ fn prepare_listener(
         managers,
         verifier: new_verifier,
     })
+}
+
+/// Why `l` could not be bound. A reload binds its new sockets before the
+/// old ones close, so one that moves a listener between an address and
+/// the wildcard on the same port (127.0.0.1:P to 0.0.0.0:P) always fails:
+/// Linux lets no wildcard and specific address listen on one port
+/// together, even with SO_REUSEADDR. "Address in use", about a port
+/// nothing else held, did not say so; the error names the running socket
+/// and the way round, in two reloads.
+fn bind_error(
+    l: &ListenerConfig,
+    running: &[ListenerHandle],
+    source: std::io::Error,
+) -> StartError {
+    let overlaps = |r: &&ListenerHandle| {
+        let (a, b) = (r.local_addr, l.bind);
+        a.port() == b.port()
+            && a.is_ipv4() == b.is_ipv4()
+            && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+    };
+    match running.iter().find(overlaps) {
+        Some(r) if source.kind() == std::io::ErrorKind::AddrInUse => StartError::Rebind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            running: r.local_addr,
+            running_listener: r.name.clone(),
+            source,
+        },
+        _ => StartError::Bind {
+            listener: l.name.clone(),
+            addr: l.bind,
+            source,
+        },
+    }
 }
 
 /// What the outside sees of a listener's certificates: each resolver with
@@ -1015,6 +1063,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             index,
             l,
             None,
+            &[],
             &config,
             local_ca.as_ref(),
             &challenges,

@@ -910,3 +910,59 @@ async fn an_http01_bind_error_names_its_line_and_key() {
     );
     assert!(err.contains(&format!("cannot bind {busy}")), "{err}");
 }
+
+/// A listener moved between an address and the wildcard on one port
+/// (127.0.0.1:P to 0.0.0.0:P) cannot be moved in one reload: the new
+/// socket is bound while the old one still listens, and the kernel does
+/// not let a wildcard and a specific address share a listening port. The
+/// error said only "address in use", about a port nothing else held; it
+/// says why, and how to do it in two steps.
+#[tokio::test]
+async fn moving_a_listener_to_the_wildcard_on_its_port_says_how_to_do_it() {
+    let [port, other, _] = free_ports();
+    let listener = |bind: &str| {
+        format!("[[listener]]\nname = \"web\"\nbind = \"{bind}\"\nupstream = \"127.0.0.1:9\"\nmode = \"tcp\"\n")
+    };
+    let proxy = Proxy::start(&listener(&format!("127.0.0.1:{port}"))).await;
+    let running = proxy.running();
+    let path = proxy.dir.path().join("sheath.toml");
+    let head = format!(
+        "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"5s\"\n\n",
+        proxy.dir.path().join("state").display()
+    );
+    let listener = |bind: &str| format!("{head}{}", listener(bind));
+    let moved = listener(&format!("0.0.0.0:{port}"));
+    let err = running
+        .reload(Config::from_toml(&path, &moved).unwrap())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}:{}:8: key `listener[0].bind`",
+            path.display(),
+            line_of(&moved, "0.0.0.0")
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "127.0.0.1:{port} of the running listener `web` holds the port until the reload is applied"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains("reload twice: first to another port, then to"),
+        "{err}"
+    );
+    // The two steps the message gives work.
+    running
+        .reload(Config::from_toml(&path, &listener(&format!("0.0.0.0:{other}"))).unwrap())
+        .await
+        .unwrap();
+    running
+        .reload(Config::from_toml(&path, &moved).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(proxy.addr("web").port(), port);
+}
