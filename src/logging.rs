@@ -30,12 +30,12 @@ pub enum LogFormat {
 /// Install the global subscriber. `level` is an `EnvFilter` directive such
 /// as `info` or `sheath=debug,hyper=info`; `RUST_LOG`, when set, wins.
 ///
-/// A `level` that does not parse is an error, not `info`: the operator
-/// would get other lines than asked for and no word of why.
+/// A filter that does not parse is an error, not `info`: the operator
+/// would get other lines than asked for and no word of why. That holds for
+/// `RUST_LOG` too, which would otherwise give way to `level` in silence.
 pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
-    let filter = EnvFilter::try_new(with_quiet_rustls(level))
-        .map_err(|e| format!("`{level}` is not a log filter: {e}"))?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or(filter);
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = filter(level, rust_log.as_deref())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -50,9 +50,23 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The filter in force: `RUST_LOG` when set and not empty, else `level`,
+/// with rustls kept quiet either way unless the filter names it. Both must
+/// parse, so a bad `--log-level` is refused whatever `RUST_LOG` says.
+fn filter(level: &str, rust_log: Option<&str>) -> Result<EnvFilter, String> {
+    let level_filter = EnvFilter::try_new(with_quiet_rustls(level))
+        .map_err(|e| format!("`{level}` is not a log filter: {e}"))?;
+    match rust_log.filter(|v| !v.is_empty()) {
+        Some(v) => EnvFilter::try_new(with_quiet_rustls(v)).map_err(|e| {
+            format!("RUST_LOG `{v}`, which takes precedence, is not a log filter: {e}")
+        }),
+        None => Ok(level_filter),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::with_quiet_rustls;
+    use super::{filter, with_quiet_rustls};
 
     #[test]
     fn rustls_quiet_unless_named() {
@@ -62,5 +76,31 @@ mod tests {
             "warn,sheath::cert=info,rustls=error"
         );
         assert_eq!(with_quiet_rustls("rustls=debug"), "rustls=debug");
+    }
+
+    /// The directives of the filter in force, in a stable order.
+    fn directives(level: &str, rust_log: Option<&str>) -> Vec<String> {
+        let shown = filter(level, rust_log).unwrap().to_string();
+        let mut parts: Vec<String> = shown.split(',').map(str::to_string).collect();
+        parts.sort();
+        parts
+    }
+
+    #[test]
+    fn rust_log_wins_and_keeps_rustls_quiet() {
+        assert_eq!(directives("warn", None), ["rustls=error", "warn"]);
+        assert_eq!(directives("warn", Some("")), ["rustls=error", "warn"]);
+        assert_eq!(
+            directives("warn", Some("sheath=debug")),
+            ["rustls=error", "sheath=debug"]
+        );
+        assert_eq!(
+            directives("warn", Some("debug,rustls=info")),
+            ["debug", "rustls=info"]
+        );
+        let err = filter("info", Some("sheath=loud")).unwrap_err();
+        assert!(err.contains("RUST_LOG `sheath=loud`"), "{err}");
+        let err = filter("sheath=loud", Some("info")).unwrap_err();
+        assert!(err.starts_with("`sheath=loud`"), "{err}");
     }
 }

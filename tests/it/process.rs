@@ -2115,6 +2115,46 @@ async fn a_malformed_log_level_is_refused() {
     assert!(out.status.success(), "{}", text(&out.stderr));
 }
 
+/// `RUST_LOG` wins over `--log-level`, and a `RUST_LOG` that does not parse
+/// is refused the same way (exit 2, saying it was RUST_LOG), not dropped for
+/// `--log-level` in silence.
+#[tokio::test]
+async fn a_malformed_rust_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let single = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:8080"];
+    for bad in ["sheath=loud", "sheath=[", "info,=debug="] {
+        let mut cmd = sheath();
+        cmd.env("RUST_LOG", bad)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("check")
+            .args(single);
+        let out = output("sheath check", cmd).await;
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "RUST_LOG={bad:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("RUST_LOG `{bad}`")),
+            "RUST_LOG={bad:?}: the error names RUST_LOG: {stderr}"
+        );
+    }
+    // A good one, or an empty one, still passes.
+    for good in ["warn,sheath::cert=debug", ""] {
+        let mut cmd = sheath();
+        cmd.env("RUST_LOG", good)
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("check")
+            .args(single);
+        let out = output("sheath check", cmd).await;
+        assert!(
+            out.status.success(),
+            "RUST_LOG={good:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
 /// Flags that the rest of the command line makes meaningless are refused
 /// rather than dropped: `--cert-lifetime` sets the local CA's leaves, and
 /// `--client-crl` revokes client certificates, which `--client-auth none`
