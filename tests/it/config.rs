@@ -166,6 +166,222 @@ fn every_deployment_example_parses() {
     );
 }
 
+/// The README, the user's reference for every command, flag and key.
+fn readme() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+        .expect("README.md is readable")
+}
+
+/// The ```toml blocks of the README, with the indentation of a block
+/// inside a list item taken off.
+fn readme_toml_blocks(readme: &str) -> Vec<String> {
+    let mut blocks = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for line in readme.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        match &mut current {
+            None if trimmed == "```toml" => current = Some((indent, String::new())),
+            None => {}
+            Some(_) if trimmed.starts_with("```") => {
+                blocks.push(current.take().expect("inside a block").1);
+            }
+            Some((indent, text)) => {
+                text.push_str(line.get(*indent..).unwrap_or("").trim_end());
+                text.push('\n');
+            }
+        }
+    }
+    assert!(
+        current.is_none(),
+        "a ```toml block in README.md is not closed"
+    );
+    blocks
+}
+
+/// Every ```toml block in the README is a configuration sheath accepts as
+/// shown. A block with a `[[listener]]` table is a whole file; a block
+/// without one (a `[listener.cert.export]` or `[listener.client_auth]`
+/// table, say) is part of a listener and is checked under a minimal
+/// `[[listener]]`, where it belongs.
+#[test]
+fn every_toml_block_in_the_readme_is_a_valid_config() {
+    let readme = readme();
+    let blocks = readme_toml_blocks(&readme);
+    assert!(
+        blocks.len() >= 5,
+        "expected the README's TOML examples, found {}",
+        blocks.len()
+    );
+    for (i, block) in blocks.iter().enumerate() {
+        let text = if block.lines().any(|l| l.trim() == "[[listener]]") {
+            block.clone()
+        } else {
+            format!(
+                "[[listener]]\nbind = \"127.0.0.1:8443\"\nupstream = \"127.0.0.1:8080\"\n\n{block}"
+            )
+        };
+        let config = Config::from_toml(Path::new("/etc/sheath/README.toml"), &text)
+            .unwrap_or_else(|e| panic!("README.md TOML block {i} is refused: {e}\n{text}"));
+        assert!(!config.listeners.is_empty());
+    }
+}
+
+/// The keys the parser accepts in one table, read from its answer to a
+/// key it does not know (`expected one of `a`, `b``).
+fn accepted_keys(text: &str) -> Vec<String> {
+    let message = match parse(text).expect_err("an unknown key is refused") {
+        ConfigError::Invalid { message, .. } => message,
+        other => panic!("unexpected error {other:?}"),
+    };
+    let list = message
+        .split_once("expected")
+        .unwrap_or_else(|| panic!("no list of keys in {message:?}"))
+        .1;
+    let keys: Vec<String> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    assert!(!keys.is_empty(), "no keys in {message:?}");
+    keys
+}
+
+/// Every key the config parser accepts is in the README's configuration
+/// reference, under its own table (a sub-table counts as its key).
+#[test]
+fn the_readme_reference_lists_every_config_key() {
+    let readme = readme();
+    let start = readme
+        .find("### Configuration reference")
+        .expect("README has a configuration reference");
+    let end = start + readme[start..].find("\n## ").expect("a section follows");
+    let reference = &readme[start..end];
+    // Each table's part of the reference: from its "`[name]`" heading line
+    // to the next one.
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in reference.lines() {
+        if line.starts_with("`[") {
+            let name = line[1..].split('`').next().unwrap().to_string();
+            sections.push((name, String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    let section = |name: &str| -> &str {
+        sections
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, body)| body.as_str())
+            .unwrap_or_else(|| panic!("README's reference has no `{name}` table"))
+    };
+    let listener = "[[listener]]\nbind = \"127.0.0.1:8443\"\nupstream = \"127.0.0.1:8080\"\n";
+    let tables: [(&str, &str, String); 9] = [
+        ("", "", "zz_unknown = 1\n".to_string()),
+        (
+            "[global]",
+            "global",
+            format!("[global]\nzz_unknown = 1\n{listener}"),
+        ),
+        (
+            "[admin]",
+            "admin",
+            format!("[admin]\nzz_unknown = 1\n{listener}"),
+        ),
+        (
+            "[[listener]]",
+            "listener",
+            format!("{listener}zz_unknown = 1\n"),
+        ),
+        (
+            "[listener.timeouts]",
+            "listener.timeouts",
+            format!("{listener}[listener.timeouts]\nzz_unknown = 1\n"),
+        ),
+        (
+            "[listener.cert]",
+            "listener.cert",
+            format!("{listener}[listener.cert]\nzz_unknown = 1\n"),
+        ),
+        (
+            "[listener.cert.export]",
+            "listener.cert.export",
+            format!("{listener}[listener.cert.export]\ndir = \"x\"\nzz_unknown = 1\n"),
+        ),
+        (
+            "[listener.client_auth]",
+            "listener.client_auth",
+            format!("{listener}[listener.client_auth]\nzz_unknown = 1\n"),
+        ),
+        (
+            "[listener.outbound]",
+            "listener.outbound",
+            format!("{listener}[listener.outbound]\nzz_unknown = 1\n"),
+        ),
+    ];
+    let mut checked = 0;
+    for (heading, prefix, text) in &tables {
+        for key in accepted_keys(text) {
+            let full = if prefix.is_empty() {
+                key.clone()
+            } else {
+                format!("{prefix}.{key}")
+            };
+            // A sub-table is documented by a table of its own.
+            let as_table = sections
+                .iter()
+                .any(|(n, _)| n == &format!("[{full}]") || n == &format!("[[{full}]]"));
+            let as_row = !heading.is_empty() && section(heading).contains(&format!("`{key}`"));
+            assert!(
+                as_table || as_row,
+                "`{full}` is accepted in a config file but not in README's configuration reference"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 60, "only {checked} keys checked");
+}
+
+/// Every environment variable the command line reads is in the README,
+/// and every flag of `run` has its row in the table of variables.
+#[test]
+fn the_readme_lists_every_flag_and_variable() {
+    use clap::CommandFactory as _;
+    let readme = readme();
+    let cli = sheath::cli::Cli::command();
+    let mut checked = 0;
+    let mut commands = vec![&cli];
+    let mut i = 0;
+    while i < commands.len() {
+        commands.extend(commands[i].get_subcommands());
+        i += 1;
+    }
+    for command in commands {
+        for arg in command.get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let env = env.to_str().unwrap();
+            let long = arg.get_long().expect("every flag has a long name");
+            assert!(
+                readme.contains(&format!("`{env}`")),
+                "{env} (--{long} of `{}`) is not in README.md",
+                command.get_name()
+            );
+            let row = format!("| `{env}` | `--{long}`");
+            let row_short = format!("| `{env}` | `-");
+            if command.get_name() == "run" || command.get_name() == "sheath" {
+                assert!(
+                    readme.contains(&row) || readme.contains(&row_short),
+                    "README.md's table of variables has no row `{row}`"
+                );
+            }
+            checked += 1;
+        }
+    }
+    assert!(checked >= 45, "only {checked} variables checked");
+}
+
 #[test]
 fn minimal_listener_gets_safe_defaults() {
     let c =
