@@ -356,3 +356,254 @@ async fn churn_and_resets_leak_no_connection_slot_in_tcp_mode() {
 async fn churn_and_resets_leak_no_connection_slot_in_http_mode() {
     churn_leaks_no_slot("http").await;
 }
+
+/// One client of [`a_mix_of_failures_leaves_nothing_behind`]: every way
+/// it can fail, picked by `kind`.
+async fn fail_once(kind: usize, addrs: &MixAddrs, roots: &std::sync::Arc<rustls::RootCertStore>) {
+    use h2::client as h2c;
+    let h1 = client::client_config(roots.clone(), &[b"http/1.1"]);
+    match kind {
+        // Not TLS at all.
+        0 => {
+            let mut tcp = TcpStream::connect(addrs.web).await.unwrap();
+            let _ = tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let _ = backend::read_to_end(&mut tcp).await;
+        }
+        // Half a ClientHello, then a reset.
+        1 => {
+            let mut tcp = TcpStream::connect(addrs.mtls).await.unwrap();
+            let mut hello = record_header(512);
+            hello.extend_from_slice(&[0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]);
+            let _ = tcp.write_all(&hello).await;
+            tcp.set_zero_linger().unwrap();
+        }
+        // Silent until the handshake deadline cuts it.
+        2 => {
+            let mut tcp = TcpStream::connect(addrs.tcp_down).await.unwrap();
+            let _ = backend::read_to_end(&mut tcp).await;
+        }
+        // mTLS: no certificate, another CA's, one the allow-list misses.
+        3..=5 => {
+            let config = match kind {
+                3 => client::client_config(roots.clone(), &[b"http/1.1"]),
+                4 => addrs.foreign.rustls_config(roots.clone(), &[b"http/1.1"]),
+                _ => addrs.unlisted.rustls_config(roots.clone(), &[b"http/1.1"]),
+            };
+            // TLS 1.3 clients learn of the refusal on their first read.
+            if let Ok(mut tls) = client::connect(addrs.mtls, config).await {
+                let _ = tls.write_all(REQUEST).await;
+                let answer = backend::read_to_end(&mut tls).await.unwrap_or_default();
+                assert!(answer.is_empty(), "a refused client got an answer");
+            }
+        }
+        // HTTP/1.1: reset mid-response, and a head that never ends.
+        6 => {
+            let mut tls = client::connect(addrs.web, h1).await.unwrap();
+            tls.write_all(
+                b"GET /drip?chunks=100&size=16384&ms=5 HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tls.read(&mut buf).await;
+            tls.get_ref().0.set_zero_linger().unwrap();
+        }
+        7 => {
+            let mut tls = client::connect(addrs.web, h1).await.unwrap();
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: loc").await.unwrap();
+            let _ = backend::read_to_end(&mut tls).await;
+        }
+        // HTTP/2: streams reset as soon as opened; then the connection
+        // reset under streams still waiting for the upstream.
+        8 | 9 | 13 | 14 => {
+            // Towards an HTTP/1.1 upstream, and an h2c one.
+            let addr = if kind < 13 { addrs.web } else { addrs.h2c };
+            let tls = client::connect(addr, client::client_config(roots.clone(), &[b"h2"]))
+                .await
+                .unwrap();
+            tls.get_ref().0.set_zero_linger().unwrap();
+            let (mut sender, connection) = h2c::handshake(tls).await.unwrap();
+            let connection = tokio::spawn(connection);
+            let mut waiting = Vec::new();
+            for _ in 0..20 {
+                let Ok(ready) = sender.ready().await else {
+                    break;
+                };
+                sender = ready;
+                let req = http::Request::get("https://localhost/slow?ms=300")
+                    .body(())
+                    .unwrap();
+                match sender.send_request(req, true) {
+                    // Dropped at once: RST_STREAM.
+                    Ok((response, _)) if kind % 5 == 3 => drop(response),
+                    Ok((response, _)) => waiting.push(response),
+                    Err(_) => break,
+                }
+            }
+            tokio::task::yield_now().await;
+            connection.abort();
+            let _ = connection.await;
+        }
+        // The upstream refuses: HTTP answers 502, TCP closes.
+        10 => {
+            let mut tls = client::connect(addrs.down, h1).await.unwrap();
+            tls.write_all(REQUEST).await.unwrap();
+            let answer = backend::read_to_end(&mut tls).await.unwrap_or_default();
+            assert!(
+                answer.starts_with(b"HTTP/1.1 502"),
+                "{:?}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        11 => {
+            let mut tls =
+                client::connect(addrs.tcp_down, client::client_config(roots.clone(), &[]))
+                    .await
+                    .unwrap();
+            let _ = backend::read_to_end(&mut tls).await;
+        }
+        // The upstream answers after upstream_response: 504.
+        12 => {
+            let mut tls = client::connect(addrs.web, h1).await.unwrap();
+            tls.write_all(
+                b"GET /slow?ms=1500 HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            let answer = backend::read_to_end(&mut tls).await.unwrap_or_default();
+            assert!(
+                answer.starts_with(b"HTTP/1.1 504"),
+                "{:?}",
+                String::from_utf8_lossy(&answer)
+            );
+        }
+        _ => unreachable!("no failure of kind {kind}"),
+    }
+}
+
+struct MixAddrs {
+    web: std::net::SocketAddr,
+    h2c: std::net::SocketAddr,
+    mtls: std::net::SocketAddr,
+    down: std::net::SocketAddr,
+    tcp_down: std::net::SocketAddr,
+    foreign: pki::ClientCert,
+    unlisted: pki::ClientCert,
+}
+
+/// Clients failing every way there is, at once and over and over: at the
+/// handshake (garbage, a reset, silence, each refused client certificate),
+/// in HTTP/1.1 and HTTP/2 (resets mid-response and under open streams,
+/// rapid stream resets, a head that never ends) and at the upstream
+/// (refused, too slow). Afterwards no connection is counted or running,
+/// no task of any kind is left (the HTTP/2 streams and upstream
+/// connections run in tasks the drain does not track), and the proxy and
+/// its backend hold no descriptor more than before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mix_of_failures_leaves_nothing_behind() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let ca = pki.write_ca(dir.path());
+    let upstream = backend::CountingBackend::start().await;
+    let h2c_upstream = backend::CountingBackend::speaking(backend::Speaks::H2c).await;
+    let down = backend::closed_port().await;
+    let timeouts = "[listener.timeouts]\nhandshake = \"500ms\"\nheader_read = \"500ms\"\nupstream_response = \"500ms\"\nupstream_idle = \"200ms\"\n";
+    let cert = pki::files_cert_toml(&files);
+    let listener = |name: &str, upstream: std::net::SocketAddr, mode: &str| {
+        format!("[[listener]]\nname = \"{name}\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"{mode}\"\n{timeouts}{cert}\n")
+    };
+    let toml = format!(
+        "{}{}{}[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\nallow_uri = [\"spiffe://example.org/sa/frontend\"]\n{}{}",
+        listener("web", upstream.addr, "http"),
+        listener("h2c", h2c_upstream.addr, "http")
+            .replace("[listener.timeouts]", "upstream_protocol = \"h2c\"\n[listener.timeouts]"),
+        listener("mtls", upstream.addr, "http"),
+        ca.display(),
+        listener("down", down, "http"),
+        listener("tcp_down", down, "tcp"),
+    );
+    let proxy = Proxy::start_in(&toml, dir).await.unwrap();
+    let mut listed = pki::ClientSpec::new("frontend");
+    listed.uris = vec!["spiffe://example.org/sa/frontend".into()];
+    let mut unlisted = pki::ClientSpec::new("backend");
+    unlisted.uris = vec!["spiffe://example.org/sa/backend".into()];
+    let addrs = std::sync::Arc::new(MixAddrs {
+        web: proxy.addr("web"),
+        h2c: proxy.addr("h2c"),
+        mtls: proxy.addr("mtls"),
+        down: proxy.addr("down"),
+        tcp_down: proxy.addr("tcp_down"),
+        foreign: other.client(&listed),
+        unlisted: pki.client(&unlisted),
+    });
+    let roots = pki.roots();
+    let allowed = pki
+        .client(&listed)
+        .rustls_config(roots.clone(), &[b"http/1.1"]);
+    let served = |addr, config| async move {
+        let mut tls = client::connect(addr, config).await.unwrap();
+        tls.write_all(REQUEST).await.unwrap();
+        let answer = backend::read_to_end(&mut tls).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"));
+    };
+    // Served once each first: a pool's sweep (the h2c connection's too)
+    // runs from its first connection for as long as the listener's state
+    // lives.
+    served(addrs.web, client::client_config(roots.clone(), &[])).await;
+    served(addrs.mtls, allowed.clone()).await;
+    let mut h2 = client::h2(addrs.h2c, roots.clone()).await;
+    let response = h2.send_request(client::get_h2("/")).await.unwrap();
+    assert_eq!(client::body_text(response).await, "ok");
+    drop(h2);
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    // Closed by sheath only once the clients' tasks have dropped them.
+    eventually("the warm-up's connections to close", || {
+        proxy.running().active_connections() + (upstream.open() + h2c_upstream.open()) as u64 == 0
+    })
+    .await;
+    let (fds_before, tasks_before) = (open_fds(), tasks());
+
+    const KINDS: usize = 15;
+    within("the failing clients", async {
+        for round in 0..6 {
+            let mut clients = tokio::task::JoinSet::new();
+            for i in 0..3 * KINDS {
+                let (addrs, roots) = (addrs.clone(), roots.clone());
+                clients.spawn(async move { fail_once((round + i) % KINDS, &addrs, &roots).await });
+            }
+            while let Some(done) = clients.join_next().await {
+                done.unwrap();
+            }
+        }
+    })
+    .await;
+
+    // The listeners still serve, and the allowed client gets through.
+    served(addrs.mtls, allowed).await;
+
+    let settled = || {
+        (
+            proxy.running().active_connections(),
+            proxy.running().connection_tasks(),
+            upstream.open() + h2c_upstream.open(),
+            open_fds().saturating_sub(fds_before),
+            tasks().saturating_sub(tasks_before),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while settled() != (0, 0, 0, 0, 0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        settled(),
+        (0, 0, 0, 0, 0),
+        "(connections counted, connection tasks, backend connections, \
+         descriptors and tasks more than before) after the failures"
+    );
+}
