@@ -553,7 +553,17 @@ pub async fn reload_trust(
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = watcher.changed() => watcher.settle(Duration::from_millis(250)).await,
+            _ = watcher.changed() => {
+                // A reload that replaced this task must not wait for the
+                // files to settle (up to two seconds while they are being
+                // written): every replaced task would keep its watcher, a
+                // thread and descriptors until then, and a reload storm
+                // during a rotation piled them up.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = watcher.settle(Duration::from_millis(250)) => {}
+                }
+            }
             _ = tokio::time::sleep(config.poll_interval) => {}
         }
         let now = trust_fingerprint(&config);
