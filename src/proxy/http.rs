@@ -540,8 +540,13 @@ async fn forward_request(
         let conn = ctx.conn.clone();
         let activity = Arc::clone(&ctx.activity);
         let permit = Arc::clone(&ctx.permit);
+        // The HTTP connection's task, and with it its count in the active
+        // gauge, ends once it has handed the socket over; the tunnel is
+        // the same connection and counts itself while it lasts (for a
+        // moment both do), as it keeps its slot.
+        let active = super::listener::ActiveGuard::enter(Arc::clone(&ctx.conn.stats));
         ctx.conn.drain.tracker.spawn(async move {
-            let _permit = permit;
+            let _slot = (permit, active);
             tunnel(client_upgrade, upstream_upgrade, conn, activity).await;
         });
         forward::strip_hop_by_hop(resp.headers_mut(), true);
@@ -693,6 +698,14 @@ fn classify(error: UpstreamError, body: &BodyStatus) -> Failure {
     }
 }
 
+/// Resolves `limit` after `since`, never without a limit.
+async fn lifetime_end(since: tokio::time::Instant, limit: Option<std::time::Duration>) {
+    match limit {
+        Some(limit) => tokio::time::sleep_until(since + limit).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Relay bytes between an upgraded client connection and the upstream.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
@@ -713,6 +726,9 @@ async fn tunnel(
     let outcome = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => if r.is_ok() { "closed" } else { "error" },
         _ = activity.idle(config.timeouts.idle) => "idle_timeout",
+        // The client was judged at its handshake; a tunnel lasting past
+        // max_lifetime would keep a since-revoked client connected.
+        _ = lifetime_end(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
         _ = conn.drain.abort.cancelled() => "drain_timeout",
     };
     tracing::info!(listener = %config.name, peer = %conn.peer, outcome, "upgraded connection closed");

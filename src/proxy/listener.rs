@@ -233,8 +233,16 @@ fn is_connection_error(e: &io::Error) -> bool {
     )
 }
 
-/// Decrements the active gauge however the connection task ends.
-struct ActiveGuard(Arc<ListenerStats>);
+/// Counts a connection in the active gauge for as long as it lives,
+/// however its task ends.
+pub(super) struct ActiveGuard(Arc<ListenerStats>);
+
+impl ActiveGuard {
+    pub(super) fn enter(stats: Arc<ListenerStats>) -> ActiveGuard {
+        stats.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(stats)
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
@@ -252,8 +260,7 @@ async fn handle(
     permit: OwnedSemaphorePermit,
     drain: Drain,
 ) {
-    stats.active.fetch_add(1, Ordering::Relaxed);
-    let _active = ActiveGuard(Arc::clone(&stats));
+    let _active = ActiveGuard::enter(Arc::clone(&stats));
     // Each phase is boxed and awaited in turn. A task's future is as large
     // as its largest state, and locals an async fn has moved out of can
     // keep their room in it: inline, every connection task held the
@@ -378,6 +385,7 @@ fn serving(
         tls_version,
         cipher,
         drain,
+        since: tokio::time::Instant::now(),
     };
     Some(match config.mode {
         Mode::Tcp => Box::pin(super::tcp::relay(accepted.stream, conn, permit)),

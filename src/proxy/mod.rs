@@ -91,4 +91,7 @@ pub struct ConnInfo {
     pub tls_version: &'static str,
     pub cipher: &'static str,
     pub drain: Drain,
+    /// When the handshake ended, from which `max_lifetime` counts for
+    /// what outlives the connection's first phase (an upgraded tunnel).
+    pub since: tokio::time::Instant,
 }

@@ -245,6 +245,49 @@ async fn websocket_upgrade_echoes() {
     ws.close(None).await.unwrap();
 }
 
+/// An upgraded connection is still a connection: the active gauge counts
+/// it, and `max_lifetime` ends it (its client was judged once, at the
+/// handshake). Both ended with the HTTP connection that handed it over.
+#[tokio::test]
+async fn a_websocket_counts_as_active_and_ends_at_max_lifetime() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(
+        &pki,
+        backend::websocket_echo().await,
+        "[listener.timeouts]\nmax_lifetime = \"1s\"\n",
+    )
+    .await;
+    let stats = proxy.running().listener("web").unwrap().stats.clone();
+    let active = move || stats.active.load(std::sync::atomic::Ordering::Relaxed);
+    let tls = client::connect(
+        proxy.addr("web"),
+        client::client_config(pki.roots(), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut ws, _) = within(
+        "websocket handshake",
+        tokio_tungstenite::client_async("wss://localhost/ws", tls),
+    )
+    .await
+    .unwrap();
+    ws.send(Message::text("hello")).await.unwrap();
+    let echoed = within("echo", ws.next()).await.unwrap().unwrap();
+    assert_eq!(echoed.into_text().unwrap().as_str(), "hello");
+    assert_eq!(active(), 1, "an open tunnel is an active connection");
+
+    let ended = within("the tunnel's end at max_lifetime", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    ended.await;
+    crate::common::eventually("the gauge back to 0", || active() == 0).await;
+}
+
 /// Trailers travel end to end over HTTP/1.1 as well: the upstream's to
 /// the client, the client's to the upstream. An HTTP/1.1 sender writes
 /// only the trailers it announced in `Trailer`, and a server only to a
