@@ -111,6 +111,22 @@ fn duration(
     Ok(Some((value, loc.at(spanned))))
 }
 
+/// `value` unless it is below `min`, which is refused at its line.
+fn at_least(
+    value: Option<(Duration, Origin)>,
+    min: Duration,
+    key: impl Into<String>,
+    message: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        Some((v, origin)) if v < min => Err(invalid(origin, key, message)),
+        other => Ok(other.map(|(v, _)| v)),
+    }
+}
+
+/// See [`at_least`]: the least duration that is not zero.
+const NOT_ZERO: Duration = Duration::from_nanos(1);
+
 fn invalid(origin: Origin, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         origin,
@@ -139,17 +155,13 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         }
         None => default_state_dir(),
     };
-    let drain_timeout = match duration(&loc, &raw.global.drain_timeout, "global.drain_timeout")? {
-        Some((t, origin)) if t.is_zero() => {
-            return Err(invalid(
-                origin,
-                "global.drain_timeout",
-                "must be greater than zero",
-            ))
-        }
-        Some((t, _)) => t,
-        None => DEFAULT_DRAIN_TIMEOUT,
-    };
+    let drain_timeout = at_least(
+        duration(&loc, &raw.global.drain_timeout, "global.drain_timeout")?,
+        NOT_ZERO,
+        "global.drain_timeout",
+        "must be greater than zero",
+    )?
+    .unwrap_or(DEFAULT_DRAIN_TIMEOUT);
 
     let admin = match (raw.admin.enabled, &raw.admin.bind) {
         (Some(false), _) => None,
@@ -691,17 +703,13 @@ fn validate_client_auth(
             ));
         }
     }
-    let poll_interval = match duration(loc, &raw.poll_interval, &key("poll_interval"))? {
-        Some((p, origin)) if p < Duration::from_millis(100) => {
-            return Err(invalid(
-                origin,
-                key("poll_interval"),
-                "must be at least 100ms",
-            ))
-        }
-        Some((p, _)) => p,
-        None => DEFAULT_TRUST_POLL_INTERVAL,
-    };
+    let poll_interval = at_least(
+        duration(loc, &raw.poll_interval, &key("poll_interval"))?,
+        Duration::from_millis(100),
+        key("poll_interval"),
+        "must be at least 100ms",
+    )?
+    .unwrap_or(DEFAULT_TRUST_POLL_INTERVAL);
     Ok(ClientAuthConfig {
         mode: auth_mode,
         ca,
@@ -815,17 +823,13 @@ fn validate_cert(
                 CertSource::LocalCa { names, .. } => names,
                 _ => unreachable!(),
             });
-            let lifetime = match lifetime {
-                Some((l, origin)) if l < Duration::from_secs(10) => {
-                    return Err(invalid(
-                        origin,
-                        key("lifetime"),
-                        "must be at least 10 seconds",
-                    ))
-                }
-                Some((l, _)) => l,
-                None => DEFAULT_LOCAL_CA_LIFETIME,
-            };
+            let lifetime = at_least(
+                lifetime,
+                Duration::from_secs(10),
+                key("lifetime"),
+                "must be at least 10 seconds",
+            )?
+            .unwrap_or(DEFAULT_LOCAL_CA_LIFETIME);
             CertSource::LocalCa { names, lifetime }
         }
         "files" => {
@@ -991,17 +995,13 @@ fn validate_cert(
             "retry_min must be positive and not above retry_max",
         ));
     }
-    let poll_interval = match poll_interval {
-        Some((p, origin)) if p < Duration::from_millis(100) => {
-            return Err(invalid(
-                origin,
-                key("poll_interval"),
-                "must be at least 100ms",
-            ))
-        }
-        Some((p, _)) => p,
-        None => defaults.poll_interval,
-    };
+    let poll_interval = at_least(
+        poll_interval,
+        Duration::from_millis(100),
+        key("poll_interval"),
+        "must be at least 100ms",
+    )?
+    .unwrap_or(defaults.poll_interval);
     let export = match cert.export {
         Some(e) => {
             let origin = loc.at(&e);
@@ -1093,12 +1093,12 @@ fn validate_timeouts(
     let d = Timeouts::default();
     let given = |field: &str, v: &Option<Spanned<HumanDuration>>| {
         let key = format!("listener[{index}].timeouts.{field}");
-        match duration(loc, v, &key)? {
-            Some((v, origin)) if v.is_zero() => {
-                Err(invalid(origin, key, "must be greater than zero"))
-            }
-            other => Ok(other.map(|(v, _)| v)),
-        }
+        at_least(
+            duration(loc, v, &key)?,
+            NOT_ZERO,
+            key,
+            "must be greater than zero",
+        )
     };
     let pick = |field: &str, v: &Option<Spanned<HumanDuration>>, default: Duration| {
         given(field, v).map(|v| v.unwrap_or(default))
