@@ -51,11 +51,16 @@ pub fn relay(
         };
         let tcp = tokio::select! {
             r = super::upstream::connect(upstream, config.timeouts.connect) => r,
-            _ = drain.abort.cancelled() => return,
+            _ = drain.abort.cancelled() => return super::io::reset_on_close(&client),
         };
         let tcp = match tcp {
             Ok(s) => s,
             Err(e) => {
+                // Until the peer is verified, every way out resets the local
+                // client: one that sent nothing yet (waiting for the peer to
+                // speak first) would read a FIN as a peer that accepted and
+                // had nothing to say.
+                super::io::reset_on_close(&client);
                 stats
                     .upstream_connect_failures
                     .fetch_add(1, Ordering::Relaxed);
@@ -67,11 +72,12 @@ pub fn relay(
             TlsConnector::from(Arc::clone(client_tls)).connect(outbound.server_name.clone(), tcp);
         let handshake = tokio::select! {
             r = tokio::time::timeout(config.timeouts.handshake, handshake) => r,
-            _ = drain.abort.cancelled() => return,
+            _ = drain.abort.cancelled() => return super::io::reset_on_close(&client),
         };
         let mut tls = match handshake {
             Ok(Ok(tls)) => tls,
             failed => {
+                super::io::reset_on_close(&client);
                 let (reason, error) = match failed {
                     Ok(Err(e)) => (FailureReason::of_outbound(&e), e.to_string()),
                     _ => (

@@ -358,3 +358,57 @@ async fn only_the_peers_close_notify_ends_the_local_stream_cleanly() {
         }
     }
 }
+
+/// An outbound sheath like [`outbound`], with `timeouts` lines (TOML) for
+/// the listener.
+async fn outbound_with(
+    dir: tempfile::TempDir,
+    target: SocketAddr,
+    ca: &Path,
+    server_name: &str,
+    timeouts: &str,
+) -> Proxy {
+    let toml = format!(
+        "[global]\nstate_dir = \"{0}/state\"\ndrain_timeout = \"5s\"\n\n[[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nupstream = \"{target}\"\nmode = \"outbound\"\n\n[listener.timeouts]\n{timeouts}\n\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"web.test\"]\n\n[listener.outbound]\nca = \"{1}\"\nserver_name = \"{server_name}\"\n",
+        dir.path().display(),
+        ca.display(),
+    );
+    Proxy::start_in(&toml, dir).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_peer_never_reached_resets_a_client_that_sent_nothing() {
+    // A local client waiting for the peer to speak first (a greeting) has
+    // sent nothing, so its socket holds no unread bytes that would make
+    // the close a reset anyway. A bare FIN would read as a peer that
+    // accepted and had nothing to say; the peer was never reached.
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let test_ca = pki.write_ca(dir.path());
+    // Refuses TCP: a port nothing listens on.
+    let closed: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+    // Accepts TCP and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Proves the wrong name.
+    let wrong_name = cut_peer(&pki, vec![PeerEnd::CloseNotify]).await;
+    let cases = [
+        (closed, "peer.test", "a refused connect"),
+        (
+            silent.local_addr().unwrap(),
+            "peer.test",
+            "a handshake timeout",
+        ),
+        (wrong_name, "billing.test", "a peer with the wrong name"),
+    ];
+    for (target, name, what) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let out = outbound_with(dir, target, &test_ca, name, "handshake = \"1s\"").await;
+        let mut tcp = TcpStream::connect(out.addr("out")).await.unwrap();
+        let read = within(what, read_to_end(&mut tcp)).await;
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "{what}"
+        );
+    }
+}
