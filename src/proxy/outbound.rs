@@ -9,10 +9,13 @@
 //! connection is closed without a byte relayed.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::TlsConnector;
@@ -98,12 +101,22 @@ pub fn relay(
                 return;
             }
         };
-        stats.handshakes.fetch_add(1, Ordering::Relaxed);
         let session = tls.get_ref().1;
+        let tls12 = session.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_2);
         let tls_version = session
             .protocol_version()
             .and_then(|v| v.as_str())
             .unwrap_or("-");
+        // In TLS 1.2 the peer's Finished comes after it has checked our
+        // certificate; in TLS 1.3 only what the peer sends next tells.
+        let mut tls = Confirmed {
+            inner: &mut tls,
+            stats: &stats,
+            counted: tls12,
+        };
+        if tls12 {
+            stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        }
 
         let activity = Activity::new(Some(Arc::clone(&stats)));
         // No waiting for first traffic before the buffers exist, as TCP
@@ -130,6 +143,15 @@ pub fn relay(
             _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
             _ = drain.abort.cancelled() => "drain_timeout",
         };
+        if outcome == "refused" && !tls.counted {
+            // Counted as TLS 1.2 counts the same alert in the handshake: a
+            // failure, not a success.
+            stats.handshake_failed(FailureReason::AlertReceived);
+        } else {
+            // Anything else from the peer, or nothing at all: the peer did
+            // not refuse the handshake.
+            tls.confirm();
+        }
         if outcome != "closed" {
             // The peer's stream was cut (a FIN without close_notify, a
             // reset, a fatal alert), or the local client's, or sheath cut
@@ -171,4 +193,70 @@ fn peer_refused(e: &std::io::Error) -> bool {
                 | A::CertificateRequired
         ))
     )
+}
+
+/// The peer's side of the relay, counting the handshake as a success at
+/// the first thing read from the peer that is not its refusal.
+///
+/// A TLS 1.3 client has finished its handshake before the server has
+/// checked the client's certificate, so counting at the end of the
+/// handshake would count a refused connection as a success.
+struct Confirmed<'a, S> {
+    inner: &'a mut S,
+    stats: &'a ListenerStats,
+    /// Counted already, either way.
+    counted: bool,
+}
+
+impl<S> Confirmed<'_, S> {
+    fn confirm(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.stats.handshakes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Confirmed<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = poll {
+            self.confirm();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Confirmed<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut *self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
 }
