@@ -418,3 +418,148 @@ async fn a_peer_never_reached_resets_a_client_that_sent_nothing() {
         );
     }
 }
+
+/// Descriptors this test process holds (nextest runs each test alone in
+/// its process): sheath's and the test peers'.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// How a churning local client's connection fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The peer's port refuses TCP.
+    PeerRefuses,
+    /// The peer proves another name.
+    WrongName,
+    /// The peer does not take this sidecar's certificate.
+    IdentityRefused,
+    /// The peer accepts TCP and never answers: the handshake times out.
+    SilentPeer,
+    /// The local client resets while the handshake to the peer is under way.
+    ClientResets,
+}
+
+#[tokio::test]
+async fn thousands_of_failed_connections_leave_nothing_behind() {
+    use Failure::*;
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = local_ca_root(dir.path());
+    let test_ca = pki.write_ca(dir.path());
+    let (good_peer, _b1) = peer(&pki, &client_ca).await;
+    let stranger_dir = tempfile::tempdir().unwrap();
+    let other_ca = TestPki::new().write_ca(stranger_dir.path());
+    let (strict_peer, _b2) = peer(&pki, &other_ca).await;
+    // A peer that takes connections and keeps each, silent, until sheath
+    // gives up on it.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = silent.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = tcp.read_to_end(&mut Vec::new()).await;
+            });
+        }
+    });
+    let closed: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+
+    let mut outs = Vec::new();
+    for (failure, target, name) in [
+        (PeerRefuses, closed, "peer.test"),
+        (WrongName, good_peer.addr("in"), "billing.test"),
+        (IdentityRefused, strict_peer.addr("in"), "peer.test"),
+        (SilentPeer, silent_addr, "peer.test"),
+        (ClientResets, silent_addr, "peer.test"),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        // Its own state directory, the same local CA: the strict peer
+        // refuses it, the others never get as far as checking it.
+        std::fs::create_dir_all(d.path().join("state")).unwrap();
+        for f in std::fs::read_dir(dir.path().join("state")).unwrap() {
+            let f = f.unwrap();
+            if f.file_type().unwrap().is_file() {
+                std::fs::copy(f.path(), d.path().join("state").join(f.file_name())).unwrap();
+            }
+        }
+        let out = outbound_with(d, target, &test_ca, name, "handshake = \"300ms\"").await;
+        outs.push((failure, out));
+    }
+
+    let once = |failure: Failure, addr: SocketAddr| async move {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        if let ClientResets = failure {
+            tcp.set_zero_linger().unwrap();
+            return;
+        }
+        let _ = tcp
+            .write_all(b"GET / HTTP/1.1\r\nHost: peer.test\r\n\r\n")
+            .await;
+        let read = within(&format!("{failure:?}"), read_to_end(&mut tcp)).await;
+        assert!(
+            read.as_ref().map_or(true, |got| got.is_empty()),
+            "{failure:?}: {read:?}"
+        );
+    };
+    // Warm up each listener (lazily created state), then measure.
+    for (failure, out) in &outs {
+        once(*failure, out.addr("out")).await;
+    }
+    let active = || {
+        outs.iter()
+            .map(|(_, o)| {
+                let stats = &o.running().listener("out").unwrap().stats;
+                stats.active.load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum::<u64>()
+    };
+    crate::common::eventually("the warm-up connections end", || active() == 0).await;
+    let baseline = open_fds();
+
+    const ROUNDS: usize = 300;
+    let mut tasks = tokio::task::JoinSet::new();
+    for round in 0..ROUNDS {
+        for (failure, out) in &outs {
+            tasks.spawn(once(*failure, out.addr("out")));
+        }
+        // A bounded number in flight: the silent peer holds each for the
+        // handshake timeout.
+        if round % 20 == 19 {
+            while let Some(r) = tasks.join_next().await {
+                r.unwrap();
+            }
+        }
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.unwrap();
+    }
+    crate::common::eventually("no connection is active", || active() == 0).await;
+    crate::common::eventually("the descriptors are back to the baseline", || {
+        open_fds() <= baseline
+    })
+    .await;
+    let stats = |f: Failure| &outs.iter().find(|(g, _)| *g == f).unwrap().1;
+    let failures = |f: Failure, reason| {
+        stats(f)
+            .running()
+            .listener("out")
+            .unwrap()
+            .stats
+            .handshake_failures(reason)
+    };
+    // One count per failed connection, with its reason (and the warm-up).
+    let n = ROUNDS as u64 + 1;
+    assert_eq!(stats(PeerRefuses).upstream_connect_failures("out"), n);
+    assert_eq!(failures(WrongName, FailureReason::PeerCertRejected), n);
+    assert_eq!(failures(IdentityRefused, FailureReason::AlertReceived), n);
+    assert_eq!(failures(SilentPeer, FailureReason::Timeout), n);
+    for (failure, out) in &outs {
+        let s = &out.running().listener("out").unwrap().stats;
+        assert_eq!(
+            s.handshakes.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+            "{failure:?}"
+        );
+    }
+}
