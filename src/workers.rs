@@ -146,6 +146,21 @@ impl Assigned {
         Some(Assigned { worker: best })
     }
 
+    /// One more connection on this thread's worker, for a connection that
+    /// outlives the task it was assigned with: an upgraded connection's
+    /// tunnel, whose HTTP connection (and its assignment) ends once it has
+    /// handed the socket over. Without this the worker would be balanced as
+    /// if its tunnels were not there. `None` without workers.
+    pub fn here() -> Option<Assigned> {
+        let workers = all();
+        if workers.len() < 2 {
+            return None;
+        }
+        let worker = index();
+        workers[worker].open.fetch_add(1, Ordering::Relaxed);
+        Some(Assigned { worker })
+    }
+
     /// The runtime to spawn on, if it is not this thread's.
     pub fn elsewhere(&self) -> Option<&'static Handle> {
         (self.worker != index()).then(|| &all()[self.worker].handle)

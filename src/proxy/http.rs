@@ -541,12 +541,14 @@ async fn forward_request(
         let activity = Arc::clone(&ctx.activity);
         let permit = Arc::clone(&ctx.permit);
         // The HTTP connection's task, and with it its count in the active
-        // gauge, ends once it has handed the socket over; the tunnel is
-        // the same connection and counts itself while it lasts (for a
-        // moment both do), as it keeps its slot.
+        // gauge and on its worker, ends once it has handed the socket
+        // over; the tunnel is the same connection and counts itself in
+        // both while it lasts (for a moment both do), as it keeps its
+        // slot. It runs on this worker, as `tracker.spawn` spawns here.
         let active = super::listener::ActiveGuard::enter(Arc::clone(&ctx.conn.stats));
+        let worker = crate::workers::Assigned::here();
         ctx.conn.drain.tracker.spawn(async move {
-            let _slot = (permit, active);
+            let _slot = (permit, active, worker);
             tunnel(client_upgrade, upstream_upgrade, conn, activity).await;
         });
         forward::strip_hop_by_hop(resp.headers_mut(), true);

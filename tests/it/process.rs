@@ -2447,3 +2447,102 @@ async fn a_reload_that_changes_the_admin_endpoint_warns_that_it_waits_for_a_rest
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
+
+/// The sum of every sample of `metric` (all its label sets) in a scrape.
+fn metric_sum(scrape: &str, metric: &str) -> f64 {
+    scrape
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix(metric)?.strip_prefix('{')?;
+            rest.rsplit_once(' ')?.1.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A WebSocket tunnel is still a connection on its worker: the worker
+/// counts it for the tunnel's whole life, as the listener does, so new
+/// connections are balanced against the tunnels open. Its HTTP connection
+/// ends when it hands the socket over, and the worker's count must not
+/// end with it.
+#[tokio::test]
+async fn workers_count_websocket_tunnels_as_open_connections() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::websocket_echo().await;
+    let mut cmd = sheath();
+    cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
+        .arg(state.path());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+        .arg(upstream.to_string());
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    let addr = proc.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(state.path())).unwrap());
+
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let config = client::client_config(roots.clone(), &[b"http/1.1"]);
+        let tls = within("TLS connect", client::connect(addr, config))
+            .await
+            .unwrap();
+        let (mut ws, _) = within(
+            "websocket handshake",
+            tokio_tungstenite::client_async("wss://localhost/ws", tls),
+        )
+        .await
+        .unwrap();
+        ws.send(Message::text("hello")).await.unwrap();
+        let echoed = within("echo", ws.next()).await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), "hello");
+        tunnels.push(ws);
+    }
+    // Once the listener counts each tunnel once, the HTTP connections
+    // that handed them over have ended; the workers must count as many.
+    let counts = |scrape: &str| {
+        (
+            metric_sum(scrape, "sheath_connections_active"),
+            metric_sum(scrape, "sheath_worker_connections_active"),
+        )
+    };
+    let mut last = String::new();
+    let settled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+            if counts(&scrape) == (2.0, 2.0) {
+                return;
+            }
+            last = scrape;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "(listener, workers) open connections: {:?}, want (2, 2), in\n{last}",
+        counts(&last)
+    );
+    // Each on its own worker: the second was balanced against the first.
+    let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+    for worker in 0..2 {
+        let series = format!("sheath_worker_connections_active{{worker=\"{worker}\"}}");
+        assert_eq!(crate::admin::value(&scrape, &series), 1.0, "{scrape}");
+    }
+
+    for mut ws in tunnels {
+        ws.close(None).await.unwrap();
+    }
+    within("every count back to 0", async {
+        loop {
+            let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+            if counts(&scrape) == (0.0, 0.0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}
