@@ -2546,3 +2546,122 @@ async fn workers_count_websocket_tunnels_as_open_connections() {
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
+
+/// A plaintext backend answering every request, HTTP/1.1 or h2c, with
+/// `name`, so that a response tells which upstream it came from.
+async fn named_backend(name: &'static str) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(name.as_bytes())),
+                    ))
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A reload that changes the upstream moves every worker's new
+/// connections to it, over HTTP/1.1 pools and h2c connections alike:
+/// each worker has its own, warm towards the old upstream, and none of
+/// them may answer a connection made after the reload. Connections made
+/// before keep the upstream they started with.
+#[tokio::test]
+async fn a_reload_moves_every_workers_new_connections_to_the_new_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (old, new) = (named_backend("old").await, named_backend("new").await);
+    let port = common::pebble::free_port();
+    let path = dir.path().join("sheath.toml");
+    let write = |upstream: SocketAddr| {
+        let tmp = dir.path().join("sheath.toml.new");
+        std::fs::write(
+            &tmp,
+            format!(
+                "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:{port}\"\n\
+                 upstream = \"{upstream}\"\nupstream_protocol = \"auto\"\n"
+            ),
+        )
+        .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+    };
+    write(old);
+    let mut cmd = sheath();
+    cmd.args(["--workers", "3", "--log-format", "json", "--state-dir"])
+        .arg(&state);
+    cmd.arg("run").arg("--config").arg(&path);
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    let addr = proc.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(&state)).unwrap());
+
+    // Twelve HTTP/1.1 and six HTTP/2 connections, spread over the three
+    // workers, each asked twice: a warm pool and h2c connection per worker.
+    type Body = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+    async fn open(
+        addr: SocketAddr,
+        roots: &Arc<rustls::RootCertStore>,
+    ) -> (
+        Vec<hyper::client::conn::http1::SendRequest<Body>>,
+        Vec<hyper::client::conn::http2::SendRequest<Body>>,
+    ) {
+        let h1 = (0..12).map(|_| client::h1(addr, Arc::clone(roots)));
+        let h2 = (0..6).map(|_| client::h2(addr, Arc::clone(roots)));
+        (
+            futures_util::future::join_all(h1).await,
+            futures_util::future::join_all(h2).await,
+        )
+    }
+    async fn answers(
+        h1: &mut [hyper::client::conn::http1::SendRequest<Body>],
+        h2: &mut [hyper::client::conn::http2::SendRequest<Body>],
+    ) -> Vec<String> {
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            for c in h1.iter_mut() {
+                let resp = c.send_request(client::get("/")).await.unwrap();
+                seen.push(client::body_text(resp).await);
+            }
+            for c in h2.iter_mut() {
+                let resp = c.send_request(client::get_h2("/")).await.unwrap();
+                seen.push(client::body_text(resp).await);
+            }
+        }
+        seen
+    }
+    let (mut before_h1, mut before_h2) = open(addr, &roots).await;
+    let seen = answers(&mut before_h1, &mut before_h2).await;
+    assert!(seen.iter().all(|s| s == "old"), "{seen:?}");
+    let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+    for worker in 0..3 {
+        let series = format!("sheath_worker_connections_active{{worker=\"{worker}\"}}");
+        assert!(crate::admin::value(&scrape, &series) > 0.0, "{scrape}");
+    }
+
+    write(new);
+    let (status, body) = crate::admin::call(admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+
+    let (mut after_h1, mut after_h2) = open(addr, &roots).await;
+    let seen = answers(&mut after_h1, &mut after_h2).await;
+    assert!(
+        seen.iter().all(|s| s == "new"),
+        "a connection made after the reload reached the old upstream: {seen:?}"
+    );
+    let seen = answers(&mut before_h1, &mut before_h2).await;
+    assert!(seen.iter().all(|s| s == "old"), "{seen:?}");
+
+    drop((before_h1, before_h2, after_h1, after_h2));
+    proc.signal("TERM");
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+}
