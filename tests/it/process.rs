@@ -2665,3 +2665,63 @@ async fn a_reload_moves_every_workers_new_connections_to_the_new_upstream() {
     proc.signal("TERM");
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
+
+/// SIGTERM with several workers: the requests in flight on every worker,
+/// HTTP/1.1 and HTTP/2 alike, are answered in full, and sheath exits as
+/// soon as they are, well within the drain bound.
+#[tokio::test]
+async fn sigterm_drains_the_requests_in_flight_on_every_worker() {
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::CountingBackend::start().await;
+    let mut cmd = sheath();
+    cmd.args(["--workers", "3", "--log-format", "json", "--state-dir"])
+        .arg(state.path());
+    cmd.args(["run", "--listen", "127.0.0.1:0", "--drain-timeout", "20s"])
+        .args(["--upstream", &upstream.addr.to_string()]);
+    let mut proc = Process::spawn(cmd);
+    let admin = admin_addr(&mut proc).await;
+    let addr = proc.listening_addr().await;
+    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(state.path())).unwrap());
+
+    let h1 = (0..6).map(|_| client::h1(addr, roots.clone()));
+    let h2 = (0..3).map(|_| client::h2(addr, roots.clone()));
+    let (h1, h2) = (
+        futures_util::future::join_all(h1).await,
+        futures_util::future::join_all(h2).await,
+    );
+    let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+    for worker in 0..3 {
+        let series = format!("sheath_worker_connections_active{{worker=\"{worker}\"}}");
+        assert!(crate::admin::value(&scrape, &series) > 0.0, "{scrape}");
+    }
+    let mut requests = tokio::task::JoinSet::new();
+    for mut c in h1 {
+        requests.spawn(async move {
+            let resp = c.send_request(client::get("/slow?ms=1500")).await?;
+            Ok::<_, hyper::Error>(client::body_text(resp).await)
+        });
+    }
+    for mut c in h2 {
+        requests.spawn(async move {
+            let resp = c.send_request(client::get_h2("/slow?ms=1500")).await?;
+            Ok::<_, hyper::Error>(client::body_text(resp).await)
+        });
+    }
+    // Every request has reached the upstream (one connection each).
+    common::eventually("nine requests at the upstream", || upstream.open() == 9).await;
+
+    let signalled = Instant::now();
+    proc.signal("TERM");
+    let mut answered = Vec::new();
+    while let Some(r) = requests.join_next().await {
+        answered.push(r.unwrap().expect("a request in flight at SIGTERM failed"));
+    }
+    assert!(answered.iter().all(|b| b == "slow ok"), "{answered:?}");
+    assert_eq!(answered.len(), 9);
+    assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "sheath waited for the drain timeout: {:?}",
+        signalled.elapsed()
+    );
+}
