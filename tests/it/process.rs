@@ -1136,21 +1136,49 @@ async fn config_file_changes_and_sighup_reload_in_place() {
     assert_eq!(proc.exit_code(Duration::from_secs(10)).await, 0);
 }
 
+/// sheath with two workers and one listener, on its local CA, in front of
+/// `upstream`.
+struct TwoWorkers {
+    _state: tempfile::TempDir,
+    proc: Process,
+    admin: SocketAddr,
+    addr: SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl TwoWorkers {
+    async fn start(upstream: SocketAddr) -> TwoWorkers {
+        let state = tempfile::tempdir().unwrap();
+        let mut cmd = sheath();
+        cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
+            .arg(state.path());
+        cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
+            .arg(upstream.to_string());
+        let mut proc = Process::spawn(cmd);
+        let admin = admin_addr(&mut proc).await;
+        let addr = proc.listening_addr().await;
+        let ca = std::fs::read_to_string(ca_pem_path(state.path())).unwrap();
+        TwoWorkers {
+            _state: state,
+            proc,
+            admin,
+            addr,
+            roots: pki::roots_from_pem(&ca),
+        }
+    }
+}
+
 /// With several workers, connections go to the one with the fewest open,
 /// whichever worker accepted them, and each serves its own.
 #[tokio::test]
 async fn workers_share_the_connections_between_them() {
-    let state = tempfile::tempdir().unwrap();
-    let upstream = backend::http().await;
-    let mut cmd = sheath();
-    cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
-        .arg(state.path());
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string());
-    let mut proc = Process::spawn(cmd);
-    let admin = admin_addr(&mut proc).await;
-    let addr = proc.listening_addr().await;
-    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(state.path())).unwrap());
+    let TwoWorkers {
+        _state,
+        mut proc,
+        admin,
+        addr,
+        roots,
+    } = TwoWorkers::start(backend::http().await).await;
 
     // Opened at once, as a client opens its pool: the first worker to
     // wake accepts most of them and must pass every other one on.
@@ -2469,17 +2497,13 @@ async fn workers_count_websocket_tunnels_as_open_connections() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
 
-    let state = tempfile::tempdir().unwrap();
-    let upstream = backend::websocket_echo().await;
-    let mut cmd = sheath();
-    cmd.args(["--workers", "2", "--log-format", "json", "--state-dir"])
-        .arg(state.path());
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream"])
-        .arg(upstream.to_string());
-    let mut proc = Process::spawn(cmd);
-    let admin = admin_addr(&mut proc).await;
-    let addr = proc.listening_addr().await;
-    let roots = pki::roots_from_pem(&std::fs::read_to_string(ca_pem_path(state.path())).unwrap());
+    let TwoWorkers {
+        _state,
+        mut proc,
+        admin,
+        addr,
+        roots,
+    } = TwoWorkers::start(backend::websocket_echo().await).await;
 
     let mut tunnels = Vec::new();
     for _ in 0..2 {
