@@ -191,7 +191,7 @@ async fn first_bytes(
         return true;
     }
     let tcp = stream.get_ref().0;
-    let lifetime = super::tcp::max_lifetime(config.timeouts.max_lifetime);
+    let lifetime = super::tcp::max_lifetime(conn.since, config.timeouts.max_lifetime);
     tokio::select! {
         _ = tcp.readable() => return true,
         _ = tokio::time::sleep(limit) => return false,
@@ -251,7 +251,7 @@ async fn drive<C: GracefulConnection>(
     // know it was never read). Wait for it, briefly, then close.
     let mut served_one = false;
     let mut waiting_first: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
-    let lifetime = super::tcp::max_lifetime(config.timeouts.max_lifetime);
+    let lifetime = super::tcp::max_lifetime(conn.since, config.timeouts.max_lifetime);
     let mut lifetime = pin!(lifetime);
     loop {
         tokio::select! {
@@ -700,14 +700,6 @@ fn classify(error: UpstreamError, body: &BodyStatus) -> Failure {
     }
 }
 
-/// Resolves `limit` after `since`, never without a limit.
-async fn lifetime_end(since: tokio::time::Instant, limit: Option<std::time::Duration>) {
-    match limit {
-        Some(limit) => tokio::time::sleep_until(since + limit).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Relay bytes between an upgraded client connection and the upstream.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
@@ -730,7 +722,7 @@ async fn tunnel(
         _ = activity.idle(config.timeouts.idle) => "idle_timeout",
         // The client was judged at its handshake; a tunnel lasting past
         // max_lifetime would keep a since-revoked client connected.
-        _ = lifetime_end(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
+        _ = super::tcp::max_lifetime(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
         _ = conn.drain.abort.cancelled() => "drain_timeout",
     };
     tracing::info!(listener = %config.name, peer = %conn.peer, outcome, "upgraded connection closed");

@@ -13,11 +13,11 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::io::Activity;
@@ -140,7 +140,7 @@ pub fn relay(
                 }
             },
             _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-            _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
+            _ = max_lifetime(started, config.timeouts.max_lifetime) => "max_lifetime",
             _ = drain.abort.cancelled() => "drain_timeout",
         };
         if outcome == "refused" && !tls.counted {

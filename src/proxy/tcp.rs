@@ -9,7 +9,6 @@
 //! drain), is passed on as a reset.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -48,7 +47,6 @@ pub fn relay(
 ) -> impl std::future::Future<Output = ()> + Send {
     async move {
         let _permit = permit;
-        let started = Instant::now();
         let config = &conn.listener.config;
         let upstream = &config.upstream;
         let mut upstream_stream = match super::upstream::connect(upstream, config.timeouts.connect)
@@ -100,7 +98,7 @@ pub fn relay(
                 }
             },
             _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-            _ = max_lifetime(config.timeouts.max_lifetime) => "max_lifetime",
+            _ = max_lifetime(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
             _ = conn.drain.abort.cancelled() => "drain_timeout",
         };
         if outcome != "closed" {
@@ -119,7 +117,7 @@ pub fn relay(
             upstream = %upstream,
             bytes_in,
             bytes_out,
-            duration_ms = started.elapsed().as_millis() as u64,
+            duration_ms = conn.since.elapsed().as_millis() as u64,
             outcome,
             "connection"
         );
@@ -154,10 +152,13 @@ async fn first_traffic(client: &mut TlsStream<TcpStream>, upstream: &TcpStream) 
     }
 }
 
-/// Resolves after the connection's maximum lifetime, if one is set.
-pub async fn max_lifetime(limit: Option<std::time::Duration>) {
+/// Resolves once a connection that began at `since` has lived its
+/// maximum lifetime, if one is set. Every phase (waiting for the first
+/// request, serving, an upgraded tunnel) counts from the same start, so
+/// none of them restarts the clock.
+pub async fn max_lifetime(since: tokio::time::Instant, limit: Option<std::time::Duration>) {
     match limit {
-        Some(limit) => tokio::time::sleep(limit).await,
+        Some(limit) => tokio::time::sleep_until(since + limit).await,
         None => std::future::pending().await,
     }
 }
