@@ -115,44 +115,37 @@ impl UpstreamError {
     /// The I/O error underneath an HTTP failure, which says more than
     /// hyper's summary of it.
     pub fn io_cause(error: &hyper::Error) -> Option<&io::Error> {
-        let mut source = std::error::Error::source(error);
-        while let Some(inner) = source {
-            if let Some(io) = inner.downcast_ref::<io::Error>() {
-                return Some(io);
-            }
-            source = inner.source();
-        }
-        None
+        cause(error)
     }
 
     /// What an HTTP/2 failure underneath `error` was: a stream the
     /// upstream reset, a GOAWAY, with the reason code. hyper says only
     /// "http2 error" and keeps the rest in the error's source.
     pub fn h2_cause(error: &hyper::Error) -> Option<String> {
-        let mut source = std::error::Error::source(error);
-        while let Some(inner) = source {
-            if let Some(h2) = inner.downcast_ref::<h2::Error>() {
-                let by = if h2.is_remote() {
-                    "the upstream"
-                } else {
-                    "sheath"
-                };
-                return Some(match h2.reason() {
-                    Some(reason) if h2.is_reset() => format!(
-                        "stream reset by {by}: {reason:?} ({})",
-                        reason.description()
-                    ),
-                    Some(reason) if h2.is_go_away() => format!(
-                        "connection closed by {by} (GOAWAY): {reason:?} ({})",
-                        reason.description()
-                    ),
-                    _ => h2.to_string(),
-                });
-            }
-            source = inner.source();
-        }
-        None
+        let h2: &h2::Error = cause(error)?;
+        let by = if h2.is_remote() {
+            "the upstream"
+        } else {
+            "sheath"
+        };
+        Some(match h2.reason() {
+            Some(reason) if h2.is_reset() => format!(
+                "stream reset by {by}: {reason:?} ({})",
+                reason.description()
+            ),
+            Some(reason) if h2.is_go_away() => format!(
+                "connection closed by {by} (GOAWAY): {reason:?} ({})",
+                reason.description()
+            ),
+            _ => h2.to_string(),
+        })
     }
+}
+
+/// The first error of type `T` in `error`'s chain of sources.
+fn cause<T: std::error::Error + 'static>(error: &hyper::Error) -> Option<&T> {
+    std::iter::successors(std::error::Error::source(error), |e| e.source())
+        .find_map(|e| e.downcast_ref::<T>())
 }
 
 impl<B: RequestBody> UpstreamClient<B> {
