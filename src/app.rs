@@ -429,10 +429,9 @@ impl Running {
                 &self.challenges,
             )?);
         }
-        let new_http01: Vec<SocketAddr> = http01_binds(&new)
+        let new_http01: Vec<(SocketAddr, String)> = http01_binds(&new)
             .into_iter()
             .filter(|(b, _)| !inner.http01.contains(b))
-            .map(|(b, _)| b)
             .collect();
         let http01_sockets = bind_http01(&new, &new_http01)?;
 
@@ -470,7 +469,7 @@ impl Running {
         for socket in http01_sockets {
             self.serve_http01(socket);
         }
-        inner.http01.extend(new_http01);
+        inner.http01.extend(new_http01.into_iter().map(|(b, _)| b));
         inner.listeners = live;
         inner.local_ca = local_ca.clone();
         inner.config = new;
@@ -1014,37 +1013,33 @@ async fn ensure_local_ca(
 fn http01_binds(config: &Config) -> Vec<(SocketAddr, String)> {
     let mut binds: Vec<(SocketAddr, String)> = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
-        for (cert, source, _) in l.certs() {
-            if let CertSource::Acme(acme) = source {
-                if let Some(bind) = acme.http01_bind {
-                    if !binds.iter().any(|(b, _)| *b == bind) {
-                        binds.push((bind, format!("{}.http01_bind", cert.table_key(index))));
-                    }
-                }
+        for (bind, key) in l.http01_binds(index) {
+            if !binds.iter().any(|(b, _)| *b == bind) {
+                binds.push((bind, key));
             }
         }
     }
     binds
 }
 
-/// Bind the HTTP-01 listeners `binds` of `config`. An error is located at
-/// the key that asked for the address, as a listener's bind error is:
-/// with several ACME certificates, the address alone did not say which.
-fn bind_http01(config: &Config, binds: &[SocketAddr]) -> Result<Vec<TcpListener>, StartError> {
-    let keys = http01_binds(config);
+/// Bind the HTTP-01 listeners `binds`, from [`http01_binds`]. An error is
+/// located at the key that asked for the address, as a listener's bind
+/// error is: with several ACME certificates, the address alone did not
+/// say which.
+fn bind_http01(
+    config: &Config,
+    binds: &[(SocketAddr, String)],
+) -> Result<Vec<TcpListener>, StartError> {
     binds
         .iter()
-        .map(|bind| {
+        .map(|(bind, key)| {
             proxy::bind(*bind).map_err(|source| {
-                let error = StartError::Bind {
+                StartError::Bind {
                     listener: "http-01".into(),
                     addr: *bind,
                     source,
-                };
-                match keys.iter().find(|(b, _)| b == bind) {
-                    Some((_, key)) => error.at(&config.origins, key),
-                    None => error,
                 }
+                .at(&config.origins, key)
             })
         })
         .collect()
@@ -1069,7 +1064,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             &challenges,
         )?);
     }
-    let http01: Vec<SocketAddr> = http01_binds(&config).into_iter().map(|(b, _)| b).collect();
+    let http01 = http01_binds(&config);
     let http01_sockets = bind_http01(&config, &http01)?;
     let (reload_tx, reload_rx) = mpsc::channel(4);
     let running = Running {
@@ -1077,7 +1072,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config: config.clone(),
             listeners: Vec::new(),
             local_ca: local_ca.clone(),
-            http01,
+            http01: http01.into_iter().map(|(b, _)| b).collect(),
         }),
         handles: Arc::new(ArcSwap::from_pointee(Vec::new())),
         challenges,

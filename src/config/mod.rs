@@ -105,6 +105,19 @@ impl ListenerConfig {
                 .map(|(i, c)| (CertRef::Sni(i), &c.source, &c.policy)),
         )
     }
+
+    /// The HTTP-01 listeners its ACME certificates ask for, each with the
+    /// key that asks (`listener[0].cert.http01_bind`); `index` is the
+    /// listener's place in the configuration.
+    pub fn http01_binds(&self, index: usize) -> impl Iterator<Item = (SocketAddr, String)> + '_ {
+        self.certs()
+            .filter_map(move |(cert, source, _)| match source {
+                CertSource::Acme(acme) => acme
+                    .http01_bind
+                    .map(|bind| (bind, format!("{}.http01_bind", cert.table_key(index)))),
+                _ => None,
+            })
+    }
 }
 
 /// Which of a listener's certificates: `[listener.cert]`, or the Nth

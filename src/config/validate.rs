@@ -203,20 +203,15 @@ pub(super) fn validate(path: &Path, text: &str, raw: FileConfig) -> Result<Confi
         binds.push((listener.bind, key));
         // HTTP-01 listeners may be shared by ACME certificates, but not
         // with anything else.
-        for (cert, source, _) in listener.certs() {
-            if let CertSource::Acme(acme) = source {
-                if let Some(bind) = acme.http01_bind {
-                    if binds
-                        .iter()
-                        .any(|(b, k)| *b == bind && k.ends_with(".http01_bind"))
-                    {
-                        continue;
-                    }
-                    let key = format!("{}.http01_bind", cert.table_key(index));
-                    check_bind(&loc, &binds, bind, &key, &table_origin)?;
-                    binds.push((bind, key));
-                }
+        for (bind, key) in listener.http01_binds(index) {
+            if binds
+                .iter()
+                .any(|(b, k)| *b == bind && k.ends_with(".http01_bind"))
+            {
+                continue;
             }
+            check_bind(&loc, &binds, bind, &key, &table_origin)?;
+            binds.push((bind, key));
         }
         // A name selects at most one certificate of a listener.
         let mut cert_names = HashMap::new();
