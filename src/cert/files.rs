@@ -15,6 +15,7 @@ use std::time::Duration;
 use notify::{RecursiveMode, Watcher as _};
 use rustls::sign::CertifiedKey;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use super::manager::Material;
 use super::{certified_key, parse_chain_pem, parse_key_pem, CertError, CertInfo};
@@ -120,6 +121,28 @@ impl Watcher {
     pub async fn changed(&mut self) {
         if self._watcher.is_none() || self.events.recv().await.is_none() {
             std::future::pending::<()>().await;
+        }
+    }
+
+    /// Wait until it is time to read the files again: a change has been
+    /// seen and has settled, or `poll` has passed (a change notify cannot
+    /// see, on a network filesystem say). False once `stop` is cancelled,
+    /// at once even mid-settle: a task a reload replaced must not keep its
+    /// watcher (a thread, descriptors) until its files go quiet, or a
+    /// reload storm during a rotation piles them up.
+    pub async fn next_look(&mut self, poll: Duration, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            _ = stop.cancelled() => false,
+            _ = async {
+                tokio::select! {
+                    _ = self.changed() => {
+                        // Writers often replace files in several steps;
+                        // wait for a quiet moment before reading.
+                        self.settle(Duration::from_millis(250)).await;
+                    }
+                    _ = tokio::time::sleep(poll) => {}
+                }
+            } => true,
         }
     }
 

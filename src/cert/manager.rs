@@ -327,18 +327,8 @@ impl CertManager {
     ) {
         let mut last_error: Option<String> = None;
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = watcher.changed() => {
-                    // Writers often replace files in several steps; wait
-                    // for a quiet moment before reading. A reload that
-                    // replaced this task must not wait for it to end.
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = watcher.settle(Duration::from_millis(250)) => {}
-                    }
-                }
-                _ = tokio::time::sleep(self.policy.poll_interval) => {}
+            if !watcher.next_look(self.policy.poll_interval, &stop).await {
+                return;
             }
             let current = self.resolver.current();
             let cert_path = cert.clone();

@@ -17,7 +17,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -551,20 +550,8 @@ pub async fn reload_trust(
     let mut fingerprint = trust_fingerprint(&config);
     let mut last_error: Option<String> = None;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = watcher.changed() => {
-                // A reload that replaced this task must not wait for the
-                // files to settle (up to two seconds while they are being
-                // written): every replaced task would keep its watcher, a
-                // thread and descriptors until then, and a reload storm
-                // during a rotation piled them up.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = watcher.settle(Duration::from_millis(250)) => {}
-                }
-            }
-            _ = tokio::time::sleep(config.poll_interval) => {}
+        if !watcher.next_look(config.poll_interval, &stop).await {
+            return;
         }
         let now = trust_fingerprint(&config);
         if now == fingerprint {
@@ -609,7 +596,7 @@ fn trust_fingerprint(config: &ClientAuthConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
+    use std::time::{Duration, SystemTime};
 
     /// A CA that issues client certificates and CRLs.
     struct Ca {
