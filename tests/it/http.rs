@@ -219,18 +219,7 @@ async fn http2_streaming_post_is_not_buffered() {
 async fn websocket_upgrade_echoes() {
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, backend::websocket_echo().await, "").await;
-    let tls = client::connect(
-        proxy.addr("web"),
-        client::client_config(pki.roots(), &[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
-    let (mut ws, resp) = within(
-        "websocket handshake",
-        tokio_tungstenite::client_async("wss://localhost/ws", tls),
-    )
-    .await
-    .unwrap();
+    let (mut ws, resp) = client::websocket(proxy.addr("web"), pki.roots()).await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
     for i in 0..50 {
         let text = format!("message {i}");
@@ -259,18 +248,7 @@ async fn a_websocket_counts_as_active_and_ends_at_max_lifetime() {
     .await;
     let stats = proxy.running().listener("web").unwrap().stats.clone();
     let active = move || stats.active.load(std::sync::atomic::Ordering::Relaxed);
-    let tls = client::connect(
-        proxy.addr("web"),
-        client::client_config(pki.roots(), &[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
-    let (mut ws, _) = within(
-        "websocket handshake",
-        tokio_tungstenite::client_async("wss://localhost/ws", tls),
-    )
-    .await
-    .unwrap();
+    let (mut ws, _) = client::websocket(proxy.addr("web"), pki.roots()).await;
     ws.send(Message::text("hello")).await.unwrap();
     let echoed = within("echo", ws.next()).await.unwrap().unwrap();
     assert_eq!(echoed.into_text().unwrap().as_str(), "hello");

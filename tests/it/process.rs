@@ -2507,16 +2507,7 @@ async fn workers_count_websocket_tunnels_as_open_connections() {
 
     let mut tunnels = Vec::new();
     for _ in 0..2 {
-        let config = client::client_config(roots.clone(), &[b"http/1.1"]);
-        let tls = within("TLS connect", client::connect(addr, config))
-            .await
-            .unwrap();
-        let (mut ws, _) = within(
-            "websocket handshake",
-            tokio_tungstenite::client_async("wss://localhost/ws", tls),
-        )
-        .await
-        .unwrap();
+        let (mut ws, _) = client::websocket(addr, roots.clone()).await;
         ws.send(Message::text("hello")).await.unwrap();
         let echoed = within("echo", ws.next()).await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), "hello");

@@ -35,6 +35,29 @@ pub async fn connect(
 }
 
 /// TLS-connect to `addr` sending `name` as SNI (and verifying it).
+/// A WebSocket to `wss://localhost/ws` over HTTP/1.1 through the TLS
+/// listener at `addr`, with the response to its handshake.
+pub async fn websocket(
+    addr: SocketAddr,
+    roots: Arc<RootCertStore>,
+) -> (
+    tokio_tungstenite::WebSocketStream<TlsStream<TcpStream>>,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let tls = super::within(
+        "TLS connect",
+        connect(addr, client_config(roots, &[b"http/1.1"])),
+    )
+    .await
+    .unwrap();
+    super::within(
+        "websocket handshake",
+        tokio_tungstenite::client_async("wss://localhost/ws", tls),
+    )
+    .await
+    .unwrap()
+}
+
 pub async fn connect_as(
     addr: SocketAddr,
     config: Arc<ClientConfig>,
