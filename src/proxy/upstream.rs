@@ -1,5 +1,5 @@
 //! Keep-alive HTTP/1.1 connections to the upstream, pooled per listener,
-//! and one multiplexed HTTP/2 (h2c) connection for upstreams that speak it.
+//! and multiplexed HTTP/2 (h2c) connections for upstreams that speak it.
 //!
 //! Built on hyper's connection-level client rather than hyper-util's
 //! general-purpose one: sheath talks to a single origin, so the pool is one
@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -47,7 +47,7 @@ const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
 /// Pools of HTTP/1.1 connections to one upstream, for requests with
 /// bodies of type `B` (the client's, in sheath). Clones share the pools.
 ///
-/// Each worker (see [`crate::workers`]) has a pool, and an h2c connection,
+/// Each worker (see [`crate::workers`]) has a pool, and h2c connections,
 /// of its own: a connection is driven by a task on the worker that opened
 /// it, and a request from another worker would cross threads twice.
 #[derive(Debug)]
@@ -156,7 +156,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                     upstream: config.upstream.clone(),
                     connect_timeout: config.timeouts.connect,
                     idle_timeout: config.timeouts.upstream_idle,
-                    current: Mutex::new(None),
+                    open: Mutex::new(Vec::new()),
                     connecting: tokio::sync::Mutex::new(()),
                     sweeping: AtomicBool::new(false),
                 })
@@ -225,7 +225,11 @@ impl<B: RequestBody> UpstreamClient<B> {
                         sender,
                         pool: Arc::clone(pool),
                     });
-                    return Ok(resp.map(|body| PooledBody { body, lease }));
+                    return Ok(resp.map(|body| PooledBody {
+                        body,
+                        lease,
+                        _stream: None,
+                    }));
                 }
                 Err(e) => req = send_again(e, reused, resend, &pool.upstream)?,
             }
@@ -511,19 +515,29 @@ const H2C_STREAM_WINDOW: u32 = 256 * 1024;
 /// See [`H2C_STREAM_WINDOW`]: 2^31 - 1, the largest window (RFC 9113 §6.9.1).
 const H2C_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
 
-/// The HTTP/2 connection to an upstream that speaks h2c. One connection
+/// Most h2c connections a worker opens to one upstream. Past it, a
+/// request waits for a stream on the least busy one, as every request did
+/// when there was one connection: an upstream that announces no streams at
+/// all must not make each request open a connection.
+const MAX_H2C_CONNECTIONS: usize = 64;
+
+/// The HTTP/2 connections to an upstream that speaks h2c. One connection
 /// carries every request, as many at once as the upstream's
-/// `SETTINGS_MAX_CONCURRENT_STREAMS` allows (h2 queues the rest); a new
-/// one is opened when it has closed (GOAWAY, a restart) or has gone
-/// unused for the upstream idle timeout.
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` allows; once every open connection has
+/// that many streams in flight, another is opened (as Envoy does), since a
+/// request queued behind long-lived streams (gRPC watches) would wait for
+/// good. A connection is dropped when it has closed (GOAWAY, a restart) or
+/// has had no stream for the upstream idle timeout.
 #[derive(Debug)]
 struct H2Conn<B> {
     upstream: Upstream,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    current: Mutex<Option<H2Sender<B>>>,
-    /// Held while connecting, so requests that find no connection wait
-    /// for one handshake instead of each opening their own.
+    /// Oldest first: requests fill the oldest connection with room, so
+    /// the newer ones idle out when the load drops.
+    open: Mutex<Vec<H2Sender<B>>>,
+    /// Held while connecting, so requests that find no room wait for one
+    /// handshake instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
     sweeping: AtomicBool,
 }
@@ -531,44 +545,103 @@ struct H2Conn<B> {
 #[derive(Debug)]
 struct H2Sender<B> {
     sender: http2::SendRequest<Outgoing<B>>,
-    used: Instant,
+    streams: Arc<Streams>,
+}
+
+/// The streams of one h2c connection: how many are in flight, and how many
+/// the upstream allows (kept up to date by the task driving the connection,
+/// since a `SETTINGS` frame can change it at any time).
+#[derive(Debug)]
+struct Streams {
+    in_flight: AtomicUsize,
+    limit: AtomicUsize,
+    /// When the last stream ended, or the connection opened.
+    idle_since: Mutex<Instant>,
+}
+
+impl Streams {
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < self.limit.load(Ordering::Relaxed)
+    }
+
+    fn idle_for(&self, now: Instant) -> Option<Duration> {
+        (self.in_flight.load(Ordering::Relaxed) == 0).then(|| {
+            now.saturating_duration_since(
+                *self.idle_since.lock().unwrap_or_else(|p| p.into_inner()),
+            )
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> Stream {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Stream(Arc::clone(self))
+    }
+}
+
+/// One request's stream, counted against its connection until the
+/// response body is dropped (ended, failed or abandoned).
+#[derive(Debug)]
+struct Stream(Arc<Streams>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        }
+    }
+}
+
+impl<B> H2Sender<B> {
+    fn usable(&self, now: Instant, idle_timeout: Duration) -> bool {
+        !self.sender.is_closed()
+            && self
+                .streams
+                .idle_for(now)
+                .is_none_or(|idle| idle < idle_timeout)
+    }
 }
 
 impl<B: RequestBody> H2Conn<B> {
-    /// The open connection, marked used now, unless it closed or idled out.
-    fn checkout(&self) -> Option<http2::SendRequest<Outgoing<B>>> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        match current.as_mut() {
-            Some(c) if !c.sender.is_closed() && now.duration_since(c.used) < self.idle_timeout => {
-                c.used = now;
-                Some(c.sender.clone())
-            }
-            // Dropping the last sender lets the connection close once its
-            // streams in flight are done.
-            _ => {
-                *current = None;
-                None
-            }
-        }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<H2Sender<B>>> {
+        // Every critical section is a retain, a push or a scan.
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Stop handing out the current connection; requests in flight on it
-    /// finish there.
-    fn forget(&self) {
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    /// A stream on the oldest open connection with room for one, after
+    /// dropping the connections that closed or idled out. Past
+    /// [`MAX_H2C_CONNECTIONS`], the least busy one, room or not.
+    fn checkout(&self) -> Option<(http2::SendRequest<Outgoing<B>>, Stream)> {
+        let mut open = self.lock();
+        let now = Instant::now();
+        // Dropping the last sender lets a connection close once its
+        // streams in flight are done.
+        open.retain(|c| c.usable(now, self.idle_timeout));
+        let pick = match open.iter().find(|c| c.streams.has_room()) {
+            Some(c) => c,
+            None if open.len() >= MAX_H2C_CONNECTIONS => open
+                .iter()
+                .min_by_key(|c| c.streams.in_flight.load(Ordering::Relaxed))?,
+            None => return None,
+        };
+        Some((pick.sender.clone(), pick.streams.begin()))
+    }
+
+    /// Stop handing out the connection a request just failed on; streams
+    /// in flight on it finish there.
+    fn forget(&self, streams: &Arc<Streams>) {
+        self.lock().retain(|c| !Arc::ptr_eq(&c.streams, streams));
     }
 
     async fn sender(
         self: &Arc<Self>,
-    ) -> Result<(http2::SendRequest<Outgoing<B>>, bool), UpstreamError> {
-        if let Some(sender) = self.checkout() {
-            return Ok((sender, true));
+    ) -> Result<(http2::SendRequest<Outgoing<B>>, Stream, bool), UpstreamError> {
+        if let Some((sender, stream)) = self.checkout() {
+            return Ok((sender, stream, true));
         }
         let _connecting = self.connecting.lock().await;
         // Someone else may have connected while this request waited.
-        if let Some(sender) = self.checkout() {
-            return Ok((sender, true));
+        if let Some((sender, stream)) = self.checkout() {
+            return Ok((sender, stream, true));
         }
         let stream = connect(&self.upstream, self.connect_timeout).await?;
         let handshake = http2::Builder::new(TokioExecutor::new())
@@ -585,15 +658,33 @@ impl<B: RequestBody> H2Conn<B> {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
             Ok(result) => result.map_err(UpstreamError::Http)?,
         };
+        // Until the upstream's SETTINGS arrive, hyper's assumption (100,
+        // the least RFC 9113 recommends servers allow).
+        let streams = Arc::new(Streams {
+            in_flight: AtomicUsize::new(0),
+            limit: AtomicUsize::new(connection.current_max_send_streams()),
+            idle_since: Mutex::new(Instant::now()),
+        });
         let upstream = self.upstream.clone();
+        let limit = Arc::clone(&streams);
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = std::future::poll_fn(|cx| {
+                let polled = std::future::Future::poll(connection.as_mut(), cx);
+                // Every frame read (SETTINGS among them) is read here.
+                limit
+                    .limit
+                    .store(connection.current_max_send_streams(), Ordering::Relaxed);
+                polled
+            });
+            if let Err(e) = ended.await {
                 tracing::debug!(upstream = %upstream, error = %e, "upstream h2c connection ended");
             }
         });
-        *self.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Sender {
+        let stream = streams.begin();
+        self.lock().push(H2Sender {
             sender: sender.clone(),
-            used: Instant::now(),
+            streams,
         });
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             // So an idle sidecar holds no upstream connection open forever.
@@ -601,17 +692,10 @@ impl<B: RequestBody> H2Conn<B> {
             tokio::spawn(sweep(
                 Arc::downgrade(self),
                 idle_timeout,
-                move |conn, now| {
-                    let mut current = conn.current.lock().unwrap_or_else(|p| p.into_inner());
-                    if current.as_ref().is_some_and(|c| {
-                        c.sender.is_closed() || now.duration_since(c.used) >= idle_timeout
-                    }) {
-                        *current = None;
-                    }
-                },
+                move |conn, now| conn.lock().retain(|c| c.usable(now, idle_timeout)),
             ));
         }
-        Ok((sender, false))
+        Ok((sender, stream, false))
     }
 
     async fn send(
@@ -620,15 +704,21 @@ impl<B: RequestBody> H2Conn<B> {
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let mut req = req.map(Either::Left);
         loop {
-            let (mut sender, reused) = self.sender().await?;
+            let (mut sender, stream, reused) = self.sender().await?;
             let resend = (reused && replayable(&req)).then(|| Head::of(&req));
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|body| PooledBody { body, lease: None })),
+                Ok(resp) => {
+                    return Ok(resp.map(|body| PooledBody {
+                        body,
+                        lease: None,
+                        _stream: Some(stream),
+                    }))
+                }
                 Err(e) => {
                     req = send_again(e, reused, resend, &self.upstream)?;
                     // Sent again on a new connection, not on one that may
                     // not know yet that it is closing: one retry at most.
-                    self.forget();
+                    self.forget(&stream.0);
                 }
             }
         }
@@ -649,6 +739,9 @@ struct Lease<B> {
 pub struct PooledBody<B: RequestBody = Incoming> {
     body: Incoming,
     lease: Option<Lease<B>>,
+    /// Over h2c: the stream, counted against its connection's limit until
+    /// the body is dropped.
+    _stream: Option<Stream>,
 }
 
 impl<B: RequestBody> PooledBody<B> {

@@ -359,3 +359,64 @@ async fn a_large_response_head_passes_from_an_h2c_upstream() {
     assert_eq!((status, big), (StatusCode::OK, Some(30000)), "{text}");
     assert_eq!(text, "ok");
 }
+
+/// An h2c upstream takes only as many streams at once as its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` says (hyper's servers 200, Go's 250,
+/// nginx 128). sheath carried every request of a worker on one connection,
+/// so past that number requests waited in the connection's queue until a
+/// stream ended: behind long-lived gRPC streams (watches, subscriptions),
+/// for good. Like Envoy, it opens another connection once the streams in
+/// flight on every open one are at the upstream's limit.
+#[tokio::test]
+async fn requests_past_the_upstreams_stream_limit_go_on_another_h2c_connection() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2cMaxStreams(4)).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+    let h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+
+    // A first request, so the connection's SETTINGS have arrived.
+    let resp = within("a first request", h2.clone().send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+
+    // Four long requests take every stream the upstream allows it.
+    let held: Vec<_> = (0..4)
+        .map(|_| {
+            let mut h2 = h2.clone();
+            tokio::spawn(async move { h2.send_request(get_h2("/slow?ms=60000")).await })
+        })
+        .collect();
+    crate::common::eventually("four requests at the upstream", || backend.handling() == 4).await;
+    assert_eq!(backend.accepted(), 1);
+
+    // The next ones, HTTP/2 and HTTP/1.1 clients alike, are answered.
+    let resp = within(
+        "a request past the upstream's stream limit",
+        h2.clone().send_request(get_h2("/")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("an HTTP/1.1 client's request", h1.send_request(get("/")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    assert_eq!(backend.accepted(), 2, "one connection more, reused");
+
+    // Once the long ones end, their connection takes requests again and
+    // no third one is opened.
+    for request in held {
+        request.abort();
+    }
+    crate::common::eventually("the long requests cancelled", || backend.handling() == 0).await;
+    let requests = (0..8).map(|_| {
+        let mut h2 = h2.clone();
+        async move { h2.send_request(get_h2("/slow?ms=50")).await }
+    });
+    for resp in within("8 requests", futures_util::future::join_all(requests)).await {
+        assert_eq!(body_text(resp.unwrap()).await, "slow ok");
+    }
+    assert_eq!(backend.accepted(), 2, "8 requests on the two connections");
+}

@@ -137,3 +137,36 @@ async fn an_unused_upstream_connection_is_closed_after_upstream_idle() {
         assert_eq!(backend.accepted(), 2, "{protocol}");
     }
 }
+
+/// An h2c connection is idle when no stream is in flight on it, not when
+/// no request has started on it for a while: one carrying a long download
+/// (or a gRPC stream) keeps taking new requests. It was set aside
+/// `upstream_idle` after its last request started, and the next request
+/// opened a second connection beside it.
+#[tokio::test]
+async fn an_h2c_connection_with_a_stream_in_flight_is_not_idle() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(
+        &pki,
+        backend.addr,
+        "upstream_protocol = \"h2c\"\n[listener.timeouts]\nupstream_idle = \"300ms\"\n",
+    )
+    .await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let resp = within("a download", h1.send_request(get("/drip?chunks=20&ms=50")))
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    // Ten chunks 50 ms apart: the stream has outlived upstream_idle.
+    for _ in 0..10 {
+        within("a chunk", body.frame()).await.unwrap().unwrap();
+    }
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within("a request beside it", h2.send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    assert_eq!(backend.accepted(), 1, "the busy connection took it");
+    while within("the rest", body.frame()).await.is_some() {}
+}

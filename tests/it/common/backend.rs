@@ -71,6 +71,7 @@ pub struct CountingBackend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
+    handling: Arc<AtomicUsize>,
     close: tokio::sync::watch::Sender<u64>,
 }
 
@@ -83,6 +84,9 @@ pub enum Speaks {
     H2c,
     /// Either, told apart by the HTTP/2 preface.
     Both,
+    /// [`Speaks::H2c`], taking at most this many streams at once per
+    /// connection (`SETTINGS_MAX_CONCURRENT_STREAMS`; hyper's default is 200).
+    H2cMaxStreams(u32),
 }
 
 impl CountingBackend {
@@ -95,11 +99,13 @@ impl CountingBackend {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
+        let handling = Arc::new(AtomicUsize::new(0));
         let (close, _) = tokio::sync::watch::channel(0u64);
         let backend = CountingBackend {
             addr,
             accepted: Arc::clone(&accepted),
             open: Arc::clone(&open),
+            handling: Arc::clone(&handling),
             close: close.clone(),
         };
         tokio::spawn(async move {
@@ -107,24 +113,33 @@ impl CountingBackend {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 open.fetch_add(1, Ordering::SeqCst);
                 let open = Arc::clone(&open);
+                let handling = Arc::clone(&handling);
                 let mut closing = close.subscribe();
                 tokio::spawn(async move {
                     let io = TokioIo::new(stream);
+                    let route = service_fn(move |req| counted(Arc::clone(&handling), req));
                     let serve = async move {
                         let _ = match speaks {
                             Speaks::Http1 => hyper::server::conn::http1::Builder::new()
-                                .serve_connection(io, service_fn(route))
+                                .serve_connection(io, route)
                                 .await
                                 .map_err(|e| e.to_string()),
                             Speaks::H2c => {
                                 hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                                    .serve_connection(io, service_fn(route))
+                                    .serve_connection(io, route)
+                                    .await
+                                    .map_err(|e| e.to_string())
+                            }
+                            Speaks::H2cMaxStreams(max) => {
+                                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                                    .max_concurrent_streams(max)
+                                    .serve_connection(io, route)
                                     .await
                                     .map_err(|e| e.to_string())
                             }
                             Speaks::Both => {
                                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                                    .serve_connection(io, service_fn(route))
+                                    .serve_connection(io, route)
                                     .await
                                     .map_err(|e| e.to_string())
                             }
@@ -150,6 +165,12 @@ impl CountingBackend {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.load(Ordering::SeqCst)
+    }
+
+    /// Requests whose handler is running now (a `/slow` one until it
+    /// answers).
+    pub fn handling(&self) -> usize {
+        self.handling.load(Ordering::SeqCst)
     }
 
     /// Close every open connection, and return once all are closed.
@@ -178,6 +199,23 @@ fn query(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
         .find(|(k, _)| *k == key)
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// [`route`], counted in `handling` while its handler runs (also when the
+/// request is cancelled halfway).
+async fn counted(
+    handling: Arc<AtomicUsize>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    struct Handling(Arc<AtomicUsize>);
+    impl Drop for Handling {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    handling.fetch_add(1, Ordering::SeqCst);
+    let _handling = Handling(handling);
+    route(req).await
 }
 
 async fn route(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
