@@ -488,6 +488,7 @@ impl Running {
             state,
             managers,
             verifier,
+            stats,
         } = p;
         let name = config.name.clone();
         match old {
@@ -531,7 +532,6 @@ impl Running {
             }
             None => {
                 let socket = socket.expect("a new listener has a bound socket");
-                let stats = Arc::new(ListenerStats::default());
                 let limit = Arc::new(Semaphore::new(config.max_connections));
                 let state_swap = Arc::new(ArcSwap::new(Arc::clone(&state)));
                 assert!(
@@ -751,6 +751,9 @@ struct Prepared {
     managers: Vec<CertManager>,
     /// A new client verifier, when client auth is new or changed.
     verifier: Option<Arc<ClientVerifier>>,
+    /// The running listener's counters, or new ones: made here so that the
+    /// upstream client counts its connections in them from the start.
+    stats: Arc<ListenerStats>,
 }
 
 /// `l` is `config.listeners[index]`; errors name where the setting they
@@ -827,6 +830,7 @@ fn prepare_listener(
             (Some(Arc::clone(&v)), Some(v))
         }
     };
+    let stats = old.map_or_else(Arc::default, |o| Arc::clone(&o.handle.stats));
     // Keep the upstream pool warm when nothing about the upstream changed.
     let http = match (&old_state, old) {
         (Some(state), Some(o))
@@ -838,7 +842,7 @@ fn prepare_listener(
         {
             state.http.clone()
         }
-        _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l)),
+        _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l, &stats)),
     };
     let state = build_state(l, certs, acme_tls, verifier, http)?;
     let socket = match old {
@@ -851,6 +855,7 @@ fn prepare_listener(
         state,
         managers,
         verifier: new_verifier,
+        stats,
     })
 }
 

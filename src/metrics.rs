@@ -42,6 +42,43 @@ pub struct ListenerStats {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub upstream_connect_failures: AtomicU64,
+    /// HTTP mode's upstream connections by [`UpstreamKind`]: open now, and
+    /// opened in all (a count that keeps climbing under steady load says
+    /// the upstream closes idle connections before `upstream_idle`).
+    upstream_open: [AtomicU64; UpstreamKind::ALL.len()],
+    upstream_opened: [AtomicU64; UpstreamKind::ALL.len()],
+}
+
+/// What an HTTP-mode upstream connection speaks, the `protocol` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamKind {
+    Http1,
+    H2c,
+}
+
+impl UpstreamKind {
+    pub const ALL: [UpstreamKind; 2] = [UpstreamKind::Http1, UpstreamKind::H2c];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            UpstreamKind::Http1 => "http1",
+            UpstreamKind::H2c => "h2c",
+        }
+    }
+}
+
+/// An open upstream connection, counted until dropped (when the task
+/// driving the connection ends).
+#[derive(Debug)]
+pub struct UpstreamOpen {
+    stats: std::sync::Arc<ListenerStats>,
+    kind: UpstreamKind,
+}
+
+impl Drop for UpstreamOpen {
+    fn drop(&mut self) {
+        self.stats.upstream_open[self.kind as usize].fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ListenerStats {
@@ -64,6 +101,24 @@ impl ListenerStats {
     /// Responses in a status class: 1 for 1xx … 5 for 5xx.
     pub fn responses(&self, class: usize) -> u64 {
         self.responses[class - 1].load(Ordering::Relaxed)
+    }
+
+    /// Count an upstream connection just opened, open until the guard drops.
+    pub fn upstream_opened(self: &std::sync::Arc<Self>, kind: UpstreamKind) -> UpstreamOpen {
+        self.upstream_opened[kind as usize].fetch_add(1, Ordering::Relaxed);
+        self.upstream_open[kind as usize].fetch_add(1, Ordering::Relaxed);
+        UpstreamOpen {
+            stats: std::sync::Arc::clone(self),
+            kind,
+        }
+    }
+
+    /// Upstream connections of `kind` open now, and opened in all.
+    pub fn upstream_connections(&self, kind: UpstreamKind) -> (u64, u64) {
+        (
+            self.upstream_open[kind as usize].load(Ordering::Relaxed),
+            self.upstream_opened[kind as usize].load(Ordering::Relaxed),
+        )
     }
 
     pub fn add_bytes(&self, bytes_in: u64, bytes_out: u64) {
@@ -289,6 +344,39 @@ impl Collector for SheathCollector {
             Counter,
             |s| load(&s.upstream_connect_failures)
         );
+        for (name, help, open) in [
+            (
+                "sheath_upstream_connections_active",
+                "HTTP mode's upstream connections open now, by protocol",
+                true,
+            ),
+            (
+                "sheath_upstream_connections_opened",
+                "HTTP mode's upstream connections opened, by protocol",
+                false,
+            ),
+        ] {
+            let kind = if open {
+                MetricType::Gauge
+            } else {
+                MetricType::Counter
+            };
+            let mut f = family(&mut enc, name, help, None, kind)?;
+            for l in listeners.iter() {
+                for protocol in UpstreamKind::ALL {
+                    let (now, all) = l.stats.upstream_connections(protocol);
+                    let labels = [
+                        ("listener", l.name.as_str()),
+                        ("protocol", protocol.label()),
+                    ];
+                    if open {
+                        f.gauge(&labels, now as f64)?;
+                    } else {
+                        f.counter(&labels, all)?;
+                    }
+                }
+            }
+        }
 
         let mut f = family(
             &mut enc,

@@ -37,6 +37,7 @@ use tokio::net::TcpStream;
 
 use super::BodyProgress;
 use crate::config::{ListenerConfig, Upstream, UpstreamProtocol};
+use crate::metrics::{ListenerStats, UpstreamKind};
 
 /// Most idle connections kept; more are closed as their responses end.
 const MAX_IDLE: usize = 1024;
@@ -88,6 +89,7 @@ struct Pool<B> {
     /// connection lets the others age out when traffic drops.
     idle: Mutex<Vec<IdleConn<B>>>,
     sweeping: AtomicBool,
+    stats: Arc<ListenerStats>,
 }
 
 #[derive(Debug)]
@@ -149,7 +151,9 @@ fn cause<T: std::error::Error + 'static>(error: &hyper::Error) -> Option<&T> {
 }
 
 impl<B: RequestBody> UpstreamClient<B> {
-    pub fn new(config: &ListenerConfig) -> UpstreamClient<B> {
+    /// A client for `config`'s upstream, counting its connections in
+    /// `stats`.
+    pub fn new(config: &ListenerConfig, stats: &Arc<ListenerStats>) -> UpstreamClient<B> {
         let h2 = (config.upstream_protocol != UpstreamProtocol::Http1).then(|| {
             crate::workers::each(|| {
                 Arc::new(H2Conn {
@@ -159,6 +163,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                     open: Mutex::new(Vec::new()),
                     connecting: tokio::sync::Mutex::new(()),
                     sweeping: AtomicBool::new(false),
+                    stats: Arc::clone(stats),
                 })
             })
         });
@@ -169,6 +174,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                 idle_timeout: config.timeouts.upstream_idle,
                 idle: Mutex::new(Vec::new()),
                 sweeping: AtomicBool::new(false),
+                stats: Arc::clone(stats),
             })
         });
         UpstreamClient { pools, h2 }
@@ -430,9 +436,12 @@ impl<B: RequestBody> Pool<B> {
             .await
             .map_err(UpstreamError::Http)?;
         let upstream = self.upstream.clone();
+        let open = self.stats.upstream_opened(UpstreamKind::Http1);
         // Ends when the connection closes: the upstream closed it, or every
-        // sender was dropped (evicted, pool gone) and it is idle.
+        // sender was dropped (evicted, pool gone) and it is idle. An
+        // upgraded one (a WebSocket) leaves the count as it is handed over.
         tokio::spawn(async move {
+            let _open = open;
             if let Err(e) = connection.with_upgrades().await {
                 tracing::debug!(upstream = %upstream, error = %e, "upstream connection ended");
             }
@@ -540,6 +549,7 @@ struct H2Conn<B> {
     /// handshake instead of each opening their own.
     connecting: tokio::sync::Mutex<()>,
     sweeping: AtomicBool,
+    stats: Arc<ListenerStats>,
 }
 
 #[derive(Debug)]
@@ -667,7 +677,9 @@ impl<B: RequestBody> H2Conn<B> {
         });
         let upstream = self.upstream.clone();
         let limit = Arc::clone(&streams);
+        let open = self.stats.upstream_opened(UpstreamKind::H2c);
         tokio::spawn(async move {
+            let _open = open;
             let mut connection = std::pin::pin!(connection);
             let ended = std::future::poll_fn(|cx| {
                 let polled = std::future::Future::poll(connection.as_mut(), cx);
@@ -828,7 +840,7 @@ mod tests {
             "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"http\"\n"
         );
         let config = Config::from_toml(std::path::Path::new("test.toml"), &text).unwrap();
-        UpstreamClient::new(&config.listeners[0])
+        UpstreamClient::new(&config.listeners[0], &Arc::default())
     }
 
     fn request(method: http::Method) -> Request<Empty<Bytes>> {

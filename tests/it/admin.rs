@@ -171,6 +171,21 @@ async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
         3.0
     );
     assert!(value(&scrape, &format!("sheath_sent_bytes_total{{{web_l}}}")) > 0.0);
+    // Three requests one after another: one pooled connection.
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_upstream_connections_opened_total{{{web_l},protocol=\"http1\"}}")
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            &format!("sheath_upstream_connections_active{{{web_l},protocol=\"h2c\"}}")
+        ),
+        0.0
+    );
     assert_eq!(
         value(
             &scrape,

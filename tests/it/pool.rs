@@ -170,3 +170,42 @@ async fn an_h2c_connection_with_a_stream_in_flight_is_not_idle() {
     assert_eq!(backend.accepted(), 1, "the busy connection took it");
     while within("the rest", body.frame()).await.is_some() {}
 }
+
+/// The upstream connections a listener holds, by protocol, as
+/// `sheath_upstream_connections_active` and `_opened_total` show them:
+/// open while pooled, gone when `upstream_idle` closes them, and the
+/// opened count rising only when a connection is made.
+#[tokio::test]
+async fn upstream_connections_are_counted_by_protocol_until_they_close() {
+    use sheath::metrics::UpstreamKind::{H2c, Http1};
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::Both).await;
+    let proxy = http_proxy(
+        &pki,
+        backend.addr,
+        "upstream_protocol = \"auto\"\n[listener.timeouts]\nupstream_idle = \"300ms\"\n",
+    )
+    .await;
+    let stats = proxy.running().listener("web").unwrap().stats;
+    assert_eq!(stats.upstream_connections(Http1), (0, 0));
+
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for _ in 0..3 {
+        let resp = within("h1", h1.send_request(get("/"))).await.unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+        let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
+        assert_eq!(body_text(resp).await, "ok");
+    }
+    assert_eq!(stats.upstream_connections(Http1), (1, 1));
+    assert_eq!(stats.upstream_connections(H2c), (1, 1));
+    assert_eq!(backend.open(), 2);
+
+    eventually("both closed after upstream_idle", || {
+        stats.upstream_connections(Http1).0 == 0 && stats.upstream_connections(H2c).0 == 0
+    })
+    .await;
+    assert_eq!(stats.upstream_connections(Http1), (0, 1));
+    assert_eq!(stats.upstream_connections(H2c), (0, 1));
+    eventually("the backend saw them close", || backend.open() == 0).await;
+}
