@@ -308,18 +308,15 @@ async fn metrics_follow_traffic_handshake_failures_rotation_and_reloads() {
 /// promtool, Prometheus' own checker, reads the exposition as a scraper
 /// that did not ask for OpenMetrics gets it; one that asks gets
 /// OpenMetrics, as Prometheus does by default.
-#[tokio::test]
-async fn metrics_pass_promtool_and_openmetrics_is_served_to_who_asks_for_it() {
-    if !crate::common::require_tool("promtool") {
-        return;
-    }
-    let pki = TestPki::new();
+/// A sheath whose scrape has a sample in every family (a worker's
+/// excepted: one worker): an HTTP listener with a request served for the
+/// histogram, an mTLS TCP listener for the client trust reloads. The
+/// proxy, to keep running, and its admin address.
+async fn with_every_family(pki: &TestPki) -> (Proxy, SocketAddr) {
     let dir = tempfile::tempdir().unwrap();
     let files = pki.write_server(dir.path(), "server");
     let ca = pki.write_ca(dir.path());
     let cert = crate::common::pki::files_cert_toml(&files);
-    // Every family has samples: a request for the histogram, an mTLS
-    // listener for the client trust reloads.
     let toml = format!(
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{cert}\n\
          [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{cert}\n\
@@ -334,6 +331,43 @@ async fn metrics_pass_promtool_and_openmetrics_is_served_to_who_asks_for_it() {
     let resp = h1.send_request(client::get("/")).await.unwrap();
     assert_eq!(resp.status(), 200);
     client::body_text(resp).await;
+    (proxy, admin)
+}
+
+/// Every metric sheath exposes is in the README's table, under the name a
+/// query uses.
+#[tokio::test]
+async fn the_readme_lists_every_metric() {
+    let pki = TestPki::new();
+    let (_proxy, admin) = with_every_family(&pki).await;
+    let (_, text) = scrape(admin, None).await;
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let mut checked = 0;
+    for line in text.lines() {
+        let Some(family) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        // The text format names counters with their `_total`.
+        let (name, kind) = family.split_once(' ').unwrap();
+        // A label list or the closing backtick may follow the name.
+        assert!(
+            readme.contains(&format!("`{name}`")) || readme.contains(&format!("`{name}{{")),
+            "{name} ({kind}) is not in README.md"
+        );
+        checked += 1;
+    }
+    assert!(checked > 20, "only {checked} families in\n{text}");
+}
+
+#[tokio::test]
+async fn metrics_pass_promtool_and_openmetrics_is_served_to_who_asks_for_it() {
+    if !crate::common::require_tool("promtool") {
+        return;
+    }
+    let pki = TestPki::new();
+    let (_proxy, admin) = with_every_family(&pki).await;
 
     // Without an Accept header (curl, promtool's usual input) and with a
     // text-format one: the Prometheus text format.
