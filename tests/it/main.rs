@@ -18,6 +18,7 @@ mod local_ca;
 mod mtls;
 mod netns;
 mod outbound;
+mod outbound_live;
 mod pebble_smoke;
 mod pool;
 mod process;
