@@ -90,8 +90,27 @@ pub fn parse_chain_pem(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'sta
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             what: what.to_string(),
-            reason: e.to_string(),
+            reason: pem_reason(&e),
         })
+}
+
+/// A PEM parse error in words. The parser's own text gives the label it
+/// looked for as a list of byte values ("missing section end marker: [67,
+/// 69, 82, ...]"), which is what an operator saw for a file cut short or
+/// caught half-written, the commonest broken file of all.
+pub fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error;
+    match e {
+        Error::MissingSectionEnd { end_marker } => format!(
+            "no `-----END {}-----` line after its BEGIN line (the file is cut short, or was read while being written)",
+            String::from_utf8_lossy(end_marker)
+        ),
+        Error::IllegalSectionStart { line } => format!(
+            "malformed BEGIN line `{}`",
+            String::from_utf8_lossy(line).trim_end()
+        ),
+        other => other.to_string(),
+    }
 }
 
 /// Parse the first private key (PKCS#8, SEC1 or PKCS#1) in a PEM text.
@@ -102,7 +121,7 @@ pub fn parse_key_pem(what: &str, pem: &[u8]) -> Result<Option<PrivateKeyDer<'sta
         Err(pem::Error::NoItemsFound) => Ok(None),
         Err(e) => Err(CertError::Pem {
             what: what.to_string(),
-            reason: e.to_string(),
+            reason: pem_reason(&e),
         }),
     }
 }

@@ -114,7 +114,7 @@ fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>,
         if data.starts_with(b"-----") || data.iter().take(64).all(|b| b.is_ascii()) {
             CertificateRevocationListDer::pem_slice_iter(data)
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("malformed PEM CRL: {e}"))?
+                .map_err(|e| format!("malformed PEM CRL: {}", crate::cert::pem_reason(&e)))?
         } else {
             vec![CertificateRevocationListDer::from(data.to_vec())]
         };

@@ -343,6 +343,11 @@ async fn rotated_identity_files_reach_new_connections_and_broken_ones_never_do()
         status.load().consecutive_failures > before
     })
     .await;
+    let error = status.load().last_error.clone().unwrap_or_default();
+    assert!(
+        error.contains("-----END CERTIFICATE-----") && !error.contains("[67, "),
+        "the half-written certificate's error should name the missing line in words: {error}"
+    );
     let mut half = Echoing::open(addr).await;
     assert_eq!(
         peer.next_client_cert().await,
@@ -436,6 +441,10 @@ async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connectio
     assert!(
         error.contains(&ca_path.display().to_string()),
         "the error does not name the file: {error}"
+    );
+    assert!(
+        error.contains("-----END CERTIFICATE-----") && !error.contains("[67, "),
+        "the error should name the missing line in words: {error}"
     );
     let mut kept = Echoing::open(addr).await;
     assert_eq!(kept.peer, "new");
