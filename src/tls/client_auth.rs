@@ -84,7 +84,11 @@ pub fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore, TrustError> {
         let pem = read(path)?;
         let certs = parse_chain_pem(&shown, &pem).map_err(|e| TrustError::Invalid {
             path: shown.clone(),
-            reason: e.to_string(),
+            // This error names the file already; the parser's does too.
+            reason: match e {
+                crate::cert::CertError::Pem { reason, .. } => format!("malformed PEM: {reason}"),
+                other => other.to_string(),
+            },
         })?;
         if certs.is_empty() {
             return Err(TrustError::NoCa { path: shown });
