@@ -956,6 +956,9 @@ fn new_manager(
         policy.clone(),
         Arc::clone(resolver),
     );
+    if l.mode == Mode::Outbound {
+        manager.presented_as_client();
+    }
     // Whatever can be had without the network is served from the first
     // connection; an ACME listener without a cached certificate starts
     // empty and is not ready until its first issuance.

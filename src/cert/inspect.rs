@@ -90,6 +90,18 @@ fn escape_dn_value(value: &str, out: &mut String) {
 }
 
 impl CertInfo {
+    /// May the certificate authenticate a TLS client? Without the extended
+    /// key usage extension any use is allowed; with it, clientAuth (or
+    /// anyExtendedKeyUsage) must be listed, or peers refuse it.
+    pub fn allows_client_auth(der: &CertificateDer<'_>) -> Result<bool, String> {
+        let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
+        match cert.extended_key_usage() {
+            Ok(Some(eku)) => Ok(eku.value.client_auth || eku.value.any),
+            Ok(None) => Ok(true),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     pub fn from_der(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
         let (rest, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| e.to_string())?;
         if !rest.is_empty() {

@@ -90,6 +90,9 @@ pub struct CertManager {
     /// reload that fails must not leave its certificate in the export
     /// directory nor run the hook for something never served.
     pending_export: Option<(Material, export::Turn)>,
+    /// Presented to peers as a client (outbound mode): files must allow
+    /// client authentication.
+    client_identity: bool,
 }
 
 impl CertManager {
@@ -119,6 +122,33 @@ impl CertManager {
             status,
             watcher,
             pending_export: None,
+            client_identity: false,
+        }
+    }
+
+    /// This certificate is an outbound listener's identity. A pair of
+    /// files whose certificate does not allow client authentication is
+    /// refused like a broken one: installed, it would end every new
+    /// connection at the peer. Issued certificates are not checked: the
+    /// local CA's allow it, and refusing an ACME CA's would order again
+    /// on every retry, to be refused again.
+    pub fn presented_as_client(&mut self) {
+        self.client_identity = true;
+    }
+
+    fn usable_files(
+        &self,
+        material: Material,
+        cert: &std::path::Path,
+    ) -> Result<Material, CertError> {
+        if !self.client_identity {
+            return Ok(material);
+        }
+        let what = cert.display().to_string();
+        match CertInfo::allows_client_auth(&material.certified.cert[0]) {
+            Ok(true) => Ok(material),
+            Ok(false) => Err(CertError::NotForClients { what }),
+            Err(reason) => Err(CertError::Parse { what, reason }),
         }
     }
 
@@ -145,7 +175,9 @@ impl CertManager {
                     key_pem: leaf.key_pem,
                 }))
             }
-            Source::Files { cert, key } => files::load_material(cert, key).map(Some),
+            Source::Files { cert, key } => files::load_material(cert, key)
+                .and_then(|m| self.usable_files(m, cert))
+                .map(Some),
             Source::Acme(acme) => Ok(acme.cached()),
         }
     }
@@ -336,7 +368,8 @@ impl CertManager {
             let loaded =
                 tokio::task::spawn_blocking(move || files::load_material(&cert_path, &key_path))
                     .await
-                    .expect("file loading panicked");
+                    .expect("file loading panicked")
+                    .and_then(|m| self.usable_files(m, &cert));
             match loaded {
                 Ok(material) => {
                     last_error = None;

@@ -518,3 +518,51 @@ async fn the_peers_close_notify_reaches_the_local_client_as_fin_and_it_can_still
     let seen = peer.next_end().await;
     assert_eq!(seen.read.unwrap(), b"sent after the peer's end");
 }
+
+/// A certificate for servers only (an extended key usage without
+/// clientAuth, as public CAs now issue) is a valid pair, but every peer
+/// that checks its clients refuses it: it must not replace an identity
+/// that works.
+#[tokio::test]
+async fn a_certificate_not_for_client_authentication_never_replaces_the_identity() {
+    let pki = TestPki::new();
+    let mut peer = ScriptedPeer::start("peer", &pki, &pki, Script::Echo).await;
+    let first = identity(&pki, 1);
+    let (out, cert, key) = outbound_with_identity(&first, peer.addr, &pki).await;
+    let addr = out.addr("out");
+    let status = out.running().listener("out").unwrap().certs[0]
+        .status
+        .clone();
+
+    let mut spec = ClientSpec::new("web");
+    spec.eku = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server_only = pki.client(&spec);
+    write_atomically(&key, &server_only.key_pem);
+    write_atomically(&cert, &server_only.cert_pem);
+    eventually(
+        "the certificate not for client authentication is read and refused",
+        || status.load().consecutive_failures > 0,
+    )
+    .await;
+    let error = status.load().last_error.clone().unwrap_or_default();
+    assert!(error.contains("clientAuth"), "the error was {error}");
+    assert_eq!(status.load().installs, 1);
+    let mut after = Echoing::open(addr).await;
+    assert_eq!(
+        peer.next_client_cert().await,
+        first.der,
+        "the server-only certificate replaced the working identity"
+    );
+    after.round_trip("still the first identity").await;
+
+    // At the start (or a reload) there is no identity to keep: the files
+    // are refused with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = server_only.write(dir.path(), "id");
+    let ca = pki.write_ca(dir.path());
+    let error = Proxy::start_in(&outbound_toml(peer.addr, &cert, &key, &ca), dir)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("clientAuth"), "the error was {error}");
+}
