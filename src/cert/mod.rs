@@ -62,7 +62,7 @@ pub enum CertError {
     BadKey { what: String, reason: String },
     #[error("{what}: certificate expired at {not_after}")]
     Expired { what: String, not_after: String },
-    #[error("{what}: the certificate's extended key usage does not include clientAuth, so peers refuse it as this sidecar's identity in outbound mode; ask its issuer for one with clientAuth (public CAs have been dropping it)")]
+    #[error("{what}: the certificate's extended key usage does not include clientAuth, so peers refuse it as this sidecar's identity in outbound mode; ask its issuer for one with clientAuth")]
     NotForClients { what: String },
     #[error("{what}: certificate not valid before {not_before}")]
     NotYetValid { what: String, not_before: String },
