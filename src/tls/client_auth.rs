@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -44,7 +45,7 @@ pub enum TrustError {
     NoCa { path: String },
     #[error("{path}: {reason}")]
     Invalid { path: String, reason: String },
-    #[error("building client verifier: {0}")]
+    #[error("building the certificate verifier: {0}")]
     Verifier(String),
 }
 
@@ -283,9 +284,9 @@ pub struct ClientVerifier {
     allow: AllowList,
     mandatory: bool,
     /// Successful trust reloads since start.
-    pub reloads: std::sync::atomic::AtomicU64,
+    pub reloads: AtomicU64,
     /// Reload attempts refused because the new trust did not load.
-    pub failed_reloads: std::sync::atomic::AtomicU64,
+    pub failed_reloads: AtomicU64,
 }
 
 impl ClientVerifier {
@@ -544,41 +545,78 @@ pub async fn reload_trust(
     verifier: Arc<ClientVerifier>,
     stop: CancellationToken,
 ) {
-    let paths: Vec<&Path> = config
-        .ca
-        .iter()
-        .chain(&config.crl)
-        .map(|p| p.as_path())
-        .collect();
-    let mut watcher = crate::cert::files::Watcher::new(&paths);
-    let mut fingerprint = trust_fingerprint(&config);
-    let mut last_error: Option<String> = None;
-    loop {
-        if !watcher.next_look(config.poll_interval, &stop).await {
-            return;
-        }
-        let now = trust_fingerprint(&config);
-        if now == fingerprint {
-            continue;
-        }
-        match load_verifier(&config) {
-            Ok(inner) => {
-                verifier.replace(inner);
-                verifier
-                    .reloads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                fingerprint = now;
-                last_error = None;
-                tracing::info!(listener = %listener, "client trust reloaded (CA bundle / CRL)");
+    let paths: Vec<PathBuf> = config.ca.iter().chain(&config.crl).cloned().collect();
+    let watched = WatchedTrust {
+        listener: &listener,
+        paths: &paths,
+        poll_interval: config.poll_interval,
+        reloads: &verifier.reloads,
+        failed_reloads: &verifier.failed_reloads,
+        reloaded: "client trust reloaded (CA bundle / CRL)",
+        kept: "client trust not reloaded; the last good CA bundle and CRLs stay in force",
+    };
+    watched
+        .run(
+            &stop,
+            || load_verifier(&config),
+            |inner| verifier.replace(inner),
+        )
+        .await;
+}
+
+/// Trust read from files and kept current the same way wherever it is
+/// used (client trust, an outbound listener's peer trust): the files are
+/// looked at on a settled change or every poll interval, read again only
+/// if their contents changed, and what fails to load leaves the last good
+/// trust in force, counted, and logged once per distinct error.
+pub(crate) struct WatchedTrust<'a> {
+    pub listener: &'a str,
+    pub paths: &'a [PathBuf],
+    pub poll_interval: std::time::Duration,
+    pub reloads: &'a AtomicU64,
+    pub failed_reloads: &'a AtomicU64,
+    /// Logged when new trust is installed.
+    pub reloaded: &'static str,
+    /// Logged, with the error, when it is not.
+    pub kept: &'static str,
+}
+
+impl WatchedTrust<'_> {
+    /// Until `stop`: `load` the files when they changed, `install` what
+    /// loads.
+    pub async fn run<T>(
+        &self,
+        stop: &CancellationToken,
+        load: impl Fn() -> Result<T, TrustError>,
+        install: impl Fn(T),
+    ) {
+        let paths: Vec<&Path> = self.paths.iter().map(PathBuf::as_path).collect();
+        let mut watcher = crate::cert::files::Watcher::new(&paths);
+        let mut fingerprint = trust_fingerprint(self.paths);
+        let mut last_error: Option<String> = None;
+        loop {
+            if !watcher.next_look(self.poll_interval, stop).await {
+                return;
             }
-            Err(e) => {
-                verifier
-                    .failed_reloads
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let message = e.to_string();
-                if last_error.as_deref() != Some(&message) {
-                    tracing::warn!(listener = %listener, error = %message, "client trust not reloaded; the last good CA bundle and CRLs stay in force");
-                    last_error = Some(message);
+            let now = trust_fingerprint(self.paths);
+            if now == fingerprint {
+                continue;
+            }
+            match load() {
+                Ok(trust) => {
+                    install(trust);
+                    self.reloads.fetch_add(1, Ordering::Relaxed);
+                    fingerprint = now;
+                    last_error = None;
+                    tracing::info!(listener = %self.listener, "{}", self.reloaded);
+                }
+                Err(e) => {
+                    self.failed_reloads.fetch_add(1, Ordering::Relaxed);
+                    let message = e.to_string();
+                    if last_error.as_deref() != Some(&message) {
+                        tracing::warn!(listener = %self.listener, error = %message, "{}", self.kept);
+                        last_error = Some(message);
+                    }
                 }
             }
         }
@@ -586,9 +624,9 @@ pub async fn reload_trust(
 }
 
 /// A hash over the trust files' contents, to tell real changes apart.
-fn trust_fingerprint(config: &ClientAuthConfig) -> String {
+fn trust_fingerprint(paths: &[PathBuf]) -> String {
     let mut all = Vec::new();
-    for path in config.ca.iter().chain(&config.crl) {
+    for path in paths {
         all.extend_from_slice(path.as_os_str().as_encoded_bytes());
         all.push(0);
         all.extend(std::fs::read(path).unwrap_or_default());
