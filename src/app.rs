@@ -29,6 +29,7 @@ use crate::config::{
 use crate::proxy::{self, upstream::UpstreamClient, Listener, ListenerState, ListenerStats};
 use crate::shutdown::{Drain, DrainOutcome, SignalEvent};
 use crate::tls::client_auth::ClientVerifier;
+use crate::tls::outbound::PeerVerifier;
 use crate::tls::{self, CertResolver, ListenerCerts, ALPN_H2, ALPN_HTTP11};
 
 /// Why sheath could not start, or a reload could not be applied.
@@ -200,6 +201,8 @@ pub struct ListenerHandle {
     pub certs: Vec<CertHandle>,
     /// The client verifier, on mTLS listeners.
     pub client_verifier: Option<Arc<ClientVerifier>>,
+    /// The peer verifier, on outbound listeners with `ca` files.
+    pub peer_verifier: Option<Arc<PeerVerifier>>,
 }
 
 /// One of a listener's certificates.
@@ -259,6 +262,9 @@ struct Live {
     cert_task: CancellationToken,
     /// Stops the trust reloader (replaced when client auth changes).
     trust_task: CancellationToken,
+    /// Stops the peer trust reloader (replaced when the outbound settings
+    /// change).
+    peer_trust_task: CancellationToken,
     drain: Drain,
     /// The accept loops, one per worker.
     accept: Vec<JoinHandle<()>>,
@@ -488,6 +494,7 @@ impl Running {
             state,
             managers,
             verifier,
+            peer_verifier,
             stats,
         } = p;
         let name = config.name.clone();
@@ -517,6 +524,15 @@ impl Running {
                     old.trust_task.cancel();
                     old.handle.client_verifier = None;
                 }
+                if let Some(verifier) = peer_verifier {
+                    old.peer_trust_task.cancel();
+                    old.peer_trust_task = self.stop_background.child_token();
+                    old.handle.peer_verifier = Some(Arc::clone(&verifier));
+                    spawn_peer_trust(&name, &config, verifier, &old.peer_trust_task);
+                } else if !watches_peer_ca(&config) {
+                    old.peer_trust_task.cancel();
+                    old.handle.peer_verifier = None;
+                }
                 let (was, now) = (old.config.max_connections, config.max_connections);
                 if now > was {
                     old.limit.add_permits(now - was);
@@ -540,6 +556,7 @@ impl Running {
                 );
                 let cert_task = self.stop_background.child_token();
                 let trust_task = self.stop_background.child_token();
+                let peer_trust_task = self.stop_background.child_token();
                 let handover = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
                 let listener = Listener::new(
                     socket,
@@ -554,6 +571,7 @@ impl Running {
                     stats,
                     certs: cert_handles(&state.certs, &managers),
                     client_verifier: verifier.clone(),
+                    peer_verifier: peer_verifier.clone(),
                 };
                 tracing::info!(
                     listener = %name,
@@ -573,6 +591,9 @@ impl Running {
                         trust_task.clone(),
                     ));
                 }
+                if let Some(verifier) = peer_verifier {
+                    spawn_peer_trust(&name, &config, verifier, &peer_trust_task);
+                }
                 let stop_accepting = CancellationToken::new();
                 let drain = Drain {
                     graceful: self.drain.graceful.child_token(),
@@ -588,6 +609,7 @@ impl Running {
                     stop_accepting,
                     cert_task,
                     trust_task,
+                    peer_trust_task,
                     drain,
                     accept,
                     handover,
@@ -680,6 +702,31 @@ impl Running {
     }
 }
 
+/// Does `config` have peer trust from files, which a task keeps current?
+fn watches_peer_ca(config: &ListenerConfig) -> bool {
+    config.outbound.as_ref().is_some_and(|o| !o.ca.is_empty())
+}
+
+/// Start keeping `verifier` current from the `ca` files of `config`'s
+/// outbound settings, until `stop`.
+fn spawn_peer_trust(
+    name: &str,
+    config: &ListenerConfig,
+    verifier: Arc<PeerVerifier>,
+    stop: &CancellationToken,
+) {
+    let outbound = config
+        .outbound
+        .clone()
+        .expect("a peer verifier comes from outbound settings");
+    tokio::spawn(tls::outbound::reload_peer_trust(
+        name.to_string(),
+        outbound,
+        verifier,
+        stop.clone(),
+    ));
+}
+
 /// Take `by` permits out of a listener's connection limit for good.
 ///
 /// The semaphore only forgets permits that are available: those held by
@@ -718,6 +765,7 @@ async fn retire(old: Live, drain_timeout: Duration) {
     old.stop_accepting.cancel();
     old.cert_task.cancel();
     old.trust_task.cancel();
+    old.peer_trust_task.cancel();
     old.drain.graceful.cancel();
     let abort = old.drain.abort.clone();
     tokio::spawn(async move {
@@ -751,6 +799,9 @@ struct Prepared {
     managers: Vec<CertManager>,
     /// A new client verifier, when client auth is new or changed.
     verifier: Option<Arc<ClientVerifier>>,
+    /// A new peer verifier, when an outbound listener's settings with `ca`
+    /// files are new or changed.
+    peer_verifier: Option<Arc<PeerVerifier>>,
     /// The running listener's counters, or new ones: made here so that the
     /// upstream client counts its connections in them from the start.
     stats: Arc<ListenerStats>,
@@ -830,6 +881,21 @@ fn prepare_listener(
             (Some(Arc::clone(&v)), Some(v))
         }
     };
+    // Unchanged outbound settings keep the verifier and its watcher, which
+    // already follow the files; a reload does not read them again.
+    let peer_unchanged = old.is_some_and(|o| o.config.outbound == l.outbound);
+    let (peer_verifier, new_peer_verifier) = match (&l.outbound, old) {
+        (None, _) => (None, None),
+        (Some(o), _) if o.ca.is_empty() => (None, None),
+        (Some(_), Some(o)) if peer_unchanged => (o.handle.peer_verifier.clone(), None),
+        (Some(o), _) => {
+            let v = PeerVerifier::new(o).map_err(|source| StartError::Outbound {
+                listener: l.name.clone(),
+                source,
+            })?;
+            (Some(Arc::clone(&v)), Some(v))
+        }
+    };
     let stats = old.map_or_else(Arc::default, |o| Arc::clone(&o.handle.stats));
     // Keep the upstream pool warm when nothing about the upstream changed.
     let http = match (&old_state, old) {
@@ -844,7 +910,7 @@ fn prepare_listener(
         }
         _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l, &stats)),
     };
-    let state = build_state(l, certs, acme_tls, verifier, http)?;
+    let state = build_state(l, certs, acme_tls, verifier, peer_verifier, http)?;
     let socket = match old {
         Some(_) => None,
         None => Some(proxy::bind(l.bind).map_err(|source| bind_error(l, running, source))?),
@@ -855,6 +921,7 @@ fn prepare_listener(
         state,
         managers,
         verifier: new_verifier,
+        peer_verifier: new_peer_verifier,
         stats,
     })
 }
@@ -1287,6 +1354,7 @@ fn build_state(
     certs: Arc<ListenerCerts>,
     acme_tls: Option<Arc<rustls::ServerConfig>>,
     client_verifier: Option<Arc<ClientVerifier>>,
+    peer_verifier: Option<Arc<PeerVerifier>>,
     http: Option<UpstreamClient<proxy::client_body::ClientBody>>,
 ) -> Result<Arc<ListenerState>, StartError> {
     let configured: Vec<&[u8]> = listener.alpn.iter().map(|p| p.as_bytes()).collect();
@@ -1305,8 +1373,9 @@ fn build_state(
             source,
         },
     )?;
-    // Outbound mode presents the listener's (default) certificate; CA files
-    // are read again on every reload.
+    // Outbound mode presents the listener's (default) certificate. CA files
+    // are watched through `peer_verifier`; the system's roots are read
+    // again on every reload.
     let outbound = match &listener.outbound {
         Some(o) => Some(
             tls::outbound::client_config(
@@ -1314,6 +1383,7 @@ fn build_state(
                 &listener.alpn,
                 listener.tls_min_version,
                 Arc::clone(&certs.all()[0]),
+                peer_verifier,
             )
             .map_err(|source| StartError::Outbound {
                 listener: listener.name.clone(),

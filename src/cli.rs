@@ -469,6 +469,7 @@ impl SingleListener {
             Some(OutboundConfig {
                 ca: self.peer_ca.clone(),
                 server_name,
+                poll_interval: config::DEFAULT_TRUST_POLL_INTERVAL,
             })
         } else {
             if !self.peer_ca.is_empty() {

@@ -553,6 +553,27 @@ impl Collector for SheathCollector {
 
         let mut f = family(
             &mut enc,
+            "sheath_peer_trust_reloads",
+            "Outbound peer CA bundle reloads by outcome",
+            None,
+            MetricType::Counter,
+        )?;
+        for l in listeners.iter() {
+            if let Some(v) = &l.peer_verifier {
+                let name = l.name.as_str();
+                f.counter(
+                    &[("listener", name), ("outcome", "success")],
+                    v.reloads.load(Ordering::Relaxed),
+                )?;
+                f.counter(
+                    &[("listener", name), ("outcome", "failure")],
+                    v.failed_reloads.load(Ordering::Relaxed),
+                )?;
+            }
+        }
+
+        let mut f = family(
+            &mut enc,
             "sheath_config_reloads",
             "Configuration reloads by outcome",
             None,

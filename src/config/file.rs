@@ -66,6 +66,7 @@ pub struct ListenerFile {
 pub struct OutboundFile {
     pub ca: Option<Spanned<OneOrMany>>,
     pub server_name: Option<Spanned<String>>,
+    pub poll_interval: Option<Spanned<HumanDuration>>,
 }
 
 /// A single value or a list, for keys like `ca` where one file is usual.

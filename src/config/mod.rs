@@ -194,7 +194,8 @@ impl ClientAuthMode {
     }
 }
 
-/// How often client trust files are re-read by default.
+/// How often trust files (client CAs and CRLs, an outbound listener's peer
+/// CAs) are re-read by default.
 pub const DEFAULT_TRUST_POLL_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Client-certificate verification, authorization and identity forwarding.
@@ -442,6 +443,8 @@ pub struct OutboundConfig {
     /// (an IP literal is checked against its IP addresses, and no SNI is
     /// sent).
     pub server_name: rustls::pki_types::ServerName<'static>,
+    /// How often the `ca` files are re-read without a change notification.
+    pub poll_interval: Duration,
 }
 
 /// Every phase of a connection has a bound; nothing waits forever.
@@ -788,6 +791,7 @@ impl Config {
                 if !o.ca.is_empty() {
                     let ca = quoted_list(o.ca.iter().map(|p| p.to_string_lossy()));
                     let _ = writeln!(out, "ca = {ca}");
+                    let _ = writeln!(out, "poll_interval = {}", q(&dur(o.poll_interval)));
                 }
                 let _ = writeln!(out, "server_name = {}", q(&o.server_name.to_str()));
             }

@@ -489,7 +489,26 @@ fn validate_outbound(
             )
         })?,
     };
-    Ok(Some(OutboundConfig { ca, server_name }))
+    let poll_interval = at_least(
+        duration(loc, &raw.poll_interval, &key(".poll_interval"))?,
+        Duration::from_millis(100),
+        key(".poll_interval"),
+        "must be at least 100ms",
+    )?;
+    if let (Some(_), true, Some(spanned)) = (poll_interval, ca.is_empty(), &raw.poll_interval) {
+        // The system's roots are not watched: a period set for them would
+        // read as if they were.
+        return Err(invalid(
+            loc.at(spanned),
+            key(".poll_interval"),
+            "poll_interval needs `ca`; the system's roots are read at the start and at a reload",
+        ));
+    }
+    Ok(Some(OutboundConfig {
+        ca,
+        server_name,
+        poll_interval: poll_interval.unwrap_or(DEFAULT_TRUST_POLL_INTERVAL),
+    }))
 }
 
 /// An outbound listener's plaintext side: anyone who reaches it speaks

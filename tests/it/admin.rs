@@ -61,7 +61,7 @@ pub async fn scrape(admin: SocketAddr, accept: Option<&str>) -> (String, String)
 
 /// The value of the sample `series` (name with labels, exactly as
 /// exposed), or `None` when it is not in the scrape.
-fn sample(scrape: &str, series: &str) -> Option<f64> {
+pub fn sample(scrape: &str, series: &str) -> Option<f64> {
     scrape.lines().find_map(|line| {
         let value = line.strip_prefix(series)?.strip_prefix(' ')?;
         Some(value.parse().unwrap())
@@ -320,9 +320,14 @@ async fn with_every_family(pki: &TestPki) -> (Proxy, SocketAddr) {
     let toml = format!(
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\n{cert}\n\
          [[listener]]\nname = \"db\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n{cert}\n\
-         [listener.client_auth]\nmode = \"require\"\nca = \"{}\"\n",
+         [listener.client_auth]\nmode = \"require\"\nca = \"{}\"\n\
+         [[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nupstream = \"{}\"\nmode = \"outbound\"\n\
+         [listener.cert]\nsource = \"local_ca\"\nnames = [\"web.test\"]\n\
+         [listener.outbound]\nca = \"{}\"\nserver_name = \"peer.test\"\n",
         backend::http().await,
         backend::tcp_echo().await,
+        ca.display(),
+        backend::closed_port().await,
         ca.display()
     );
     let proxy = Proxy::start_in(&toml, dir).await.unwrap();

@@ -815,6 +815,30 @@ ca = "mesh-ca.pem"
     );
     assert_eq!((line, key.as_str()), (4, "listener[0].outbound"));
     assert!(message.contains("needs mode = \"outbound\""), "{message}");
+
+    // The peer CA files' re-read period: bounded like client trust's, and
+    // only where there are files to re-read.
+    let outbound = "[[listener]]\nbind = \"127.0.0.1:15001\"\nupstream = \"peer.test:8443\"\nmode = \"outbound\"\n[listener.outbound]\n";
+    let (line, key, message) = error_at(&format!(
+        "{outbound}ca = \"ca.pem\"\npoll_interval = \"1ms\"\n"
+    ));
+    assert_eq!(
+        (line, key.as_str()),
+        (7, "listener[0].outbound.poll_interval")
+    );
+    assert!(message.contains("at least 100ms"), "{message}");
+    let (line, key, message) = error_at(&format!("{outbound}poll_interval = \"5s\"\n"));
+    assert_eq!(
+        (line, key.as_str()),
+        (6, "listener[0].outbound.poll_interval")
+    );
+    assert!(message.contains("needs `ca`"), "{message}");
+    let config = parse(&format!(
+        "{outbound}ca = \"ca.pem\"\npoll_interval = \"250ms\"\n"
+    ))
+    .unwrap();
+    let peer = config.listeners[0].outbound.as_ref().unwrap();
+    assert_eq!(peer.poll_interval, std::time::Duration::from_millis(250));
 }
 
 #[test]

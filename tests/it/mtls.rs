@@ -1174,7 +1174,7 @@ async fn control_characters_in_a_client_identity_are_written_escaped() {
 }
 
 /// Change watchers (inotify instances) this process holds.
-fn inotify_instances() -> usize {
+pub fn inotify_instances() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .unwrap()
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())

@@ -17,10 +17,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::admin::{admin_for, call, value};
+use crate::admin::{admin_for, call, sample, value};
 use crate::common::backend::read_to_end;
 use crate::common::pki::{ClientCert, ClientSpec};
 use crate::common::{eventually, within, Proxy, TestPki};
+use crate::mtls::inotify_instances;
 use sheath::config::Config;
 use sheath::tls::handshake::FailureReason;
 
@@ -51,6 +52,8 @@ struct Seen {
 
 struct ScriptedPeer {
     addr: SocketAddr,
+    /// The certificate the peer presents from its next handshake on.
+    cert: Arc<PeerCert>,
     /// A connection's handshake, the client certificate it presented.
     accepted: mpsc::UnboundedReceiver<Option<CertificateDer<'static>>>,
     /// A connection's end.
@@ -77,18 +80,13 @@ impl ScriptedPeer {
         versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> ScriptedPeer {
         sheath::install_crypto_provider();
-        let (cert, key) = server_ca.server_cert(&["peer.test"], Duration::from_secs(3600));
-        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let cert = Arc::new(PeerCert(std::sync::Mutex::new(peer_cert(server_ca))));
         let verifier = rustls::server::WebPkiClientVerifier::builder(client_ca.roots())
             .build()
             .unwrap();
         let server = rustls::ServerConfig::builder_with_protocol_versions(versions)
             .with_client_cert_verifier(verifier)
-            .with_single_cert(chain, key)
-            .unwrap();
+            .with_cert_resolver(Arc::clone(&cert) as _);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -142,9 +140,16 @@ impl ScriptedPeer {
         });
         ScriptedPeer {
             addr,
+            cert,
             accepted,
             ended,
         }
+    }
+
+    /// Present a certificate from `ca` from the next handshake on, as a
+    /// peer moved to a new root does.
+    fn serve_cert_from(&self, ca: &TestPki) {
+        *self.cert.0.lock().unwrap() = peer_cert(ca);
     }
 
     /// The client certificate of the next connection the peer accepts.
@@ -159,6 +164,30 @@ impl ScriptedPeer {
         within("the peer's connection ends", self.ended.recv())
             .await
             .unwrap()
+    }
+}
+
+/// A certificate for `peer.test` from `ca`, with its key.
+fn peer_cert(ca: &TestPki) -> Arc<rustls::sign::CertifiedKey> {
+    let (cert, key) = ca.server_cert(&["peer.test"], Duration::from_secs(3600));
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let key = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).unwrap();
+    Arc::new(rustls::sign::CertifiedKey::new(chain, key))
+}
+
+/// The scripted peer's certificate, replaceable while it serves.
+#[derive(Debug)]
+struct PeerCert(std::sync::Mutex<Arc<rustls::sign::CertifiedKey>>);
+
+impl rustls::server::ResolvesServerCert for PeerCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(Arc::clone(&self.0.lock().unwrap()))
     }
 }
 
@@ -190,6 +219,37 @@ struct Echoing {
 }
 
 impl Echoing {
+    /// A connection through `addr` that reaches the peer, or None if it
+    /// ends before the greeting (a peer sheath refused).
+    async fn try_open(addr: SocketAddr) -> Option<Echoing> {
+        let mut tcp = TcpStream::connect(addr).await.ok()?;
+        let mut greeting = Vec::new();
+        while !greeting.ends_with(b"\n") {
+            let mut byte = [0u8; 1];
+            match tcp.read(&mut byte).await {
+                Ok(1) => greeting.push(byte[0]),
+                _ => return None,
+            }
+        }
+        let peer = String::from_utf8(greeting).unwrap().trim_end().to_string();
+        Some(Echoing { tcp, peer })
+    }
+
+    /// Open connections through `addr` until one reaches the peer; no
+    /// reload is asked for, so only trust sheath took by itself lets one
+    /// through.
+    async fn until_open(addr: SocketAddr, what: &str) -> Echoing {
+        within(what, async {
+            loop {
+                if let Some(open) = Echoing::try_open(addr).await {
+                    return open;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
     async fn open(addr: SocketAddr) -> Echoing {
         let mut tcp = TcpStream::connect(addr).await.unwrap();
         let mut greeting = Vec::new();
@@ -386,8 +446,11 @@ async fn reload(out: &Proxy) -> Result<u64, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Peer trust from `ca` files is watched as client trust is: a bundle
+/// replaced on disk applies from the next connection without a reload,
+/// and connections verified under the old one stay up.
 #[tokio::test]
-async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connections() {
+async fn a_replaced_peer_ca_takes_effect_without_a_reload_and_spares_open_connections() {
     let (old_ca, new_ca) = (TestPki::new(), TestPki::new());
     let clients = TestPki::new();
     let mut old_peer = ScriptedPeer::start("old", &old_ca, &clients, Script::Echo).await;
@@ -402,13 +465,15 @@ async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connectio
     old_peer.next_client_cert().await;
     established.round_trip("before").await;
 
-    // The file alone changes nothing until the reload reads it.
+    // The old root leaves the bundle: a peer signed only by it is refused
+    // from the next connection on, with no reload.
     write_atomically(&ca_path, &new_ca.ca_pem);
-    let mut still = Echoing::open(addr).await;
-    still.round_trip("still the old trust").await;
-
-    reload(&out).await.unwrap();
-    // A peer signed only by the old CA is refused before a byte is relayed.
+    within("a peer of the old CA is refused without a reload", async {
+        while Echoing::try_open(addr).await.is_some() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
     let mut refused = TcpStream::connect(addr).await.unwrap();
     let read = within("the refused connection ends", read_to_end(&mut refused)).await;
     assert_eq!(
@@ -416,14 +481,14 @@ async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connectio
         Err(std::io::ErrorKind::ConnectionReset),
         "a peer of the old CA after the change"
     );
-    eventually("the refusal is counted", || {
-        stats.handshake_failures(FailureReason::PeerCertRejected) == 1
+    eventually("the refusals are counted", || {
+        stats.handshake_failures(FailureReason::PeerCertRejected) >= 2
     })
     .await;
-    established.round_trip("after the reload").await;
-    still.round_trip("after the reload").await;
+    established.round_trip("after the change").await;
 
-    // The new trust accepts a peer of the new CA.
+    // A reload that moves the listener to a peer of the new CA keeps the
+    // trust the files gave it.
     crate::common::write_config(
         out.dir.path(),
         &outbound_toml(new_peer.addr, &cert, &key, &ca_path),
@@ -433,14 +498,134 @@ async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connectio
     assert_eq!(moved.peer, "new");
     new_peer.next_client_cert().await;
     moved.round_trip("new trust").await;
+    established.round_trip("at the end").await;
+}
 
-    // A CA file that does not load fails the reload, and the trust in
-    // force stays.
-    write_atomically(&ca_path, "-----BEGIN CERTIFICATE-----\nnot base64!\n");
-    let error = reload(&out).await.unwrap_err();
-    let shown = ca_path.display().to_string();
+/// The series of the outbound listener `out`'s peer-trust reloads with
+/// `outcome`, 0 while it is not in the scrape.
+async fn peer_trust_reloads(admin: SocketAddr, outcome: &str) -> f64 {
+    let (_, scrape) = call(admin, "GET", "/metrics").await;
+    sample(
+        &scrape,
+        &format!("sheath_peer_trust_reloads_total{{listener=\"out\",outcome=\"{outcome}\"}}"),
+    )
+    .unwrap_or(0.0)
+}
+
+/// A CA root rotation as it happens under Kubernetes: the peer moves to a
+/// certificate from a new root, the Secret holding the bundle gains that
+/// root, and outbound connections must reach the peer again with nobody
+/// reloading sheath, while those opened under the old root stay up.
+#[tokio::test]
+async fn a_peer_moved_to_a_new_root_is_reached_once_the_bundle_gains_it_without_a_reload() {
+    let (first_root, second_root, third_root) = (TestPki::new(), TestPki::new(), TestPki::new());
+    let clients = TestPki::new();
+    let mut peer = ScriptedPeer::start("peer", &first_root, &clients, Script::Echo).await;
+    let (out, _, _) = outbound_with_identity(&identity(&clients, 1), peer.addr, &first_root).await;
+    let ca_path = out.dir.path().join("test-ca.pem");
+    let addr = out.addr("out");
+    let stats = out.running().listener("out").unwrap().stats.clone();
+    let admin = admin_for(&out).await;
+
+    let mut established = Echoing::open(addr).await;
+    peer.next_client_cert().await;
+    established.round_trip("under the first root").await;
+
+    // The peer moves first, as a careless rotation does: refused.
+    peer.serve_cert_from(&second_root);
+    assert!(
+        Echoing::try_open(addr).await.is_none(),
+        "a peer of a root not in the bundle was reached"
+    );
+    eventually("the refusal is counted", || {
+        stats.handshake_failures(FailureReason::PeerCertRejected) == 1
+    })
+    .await;
+
+    // The bundle renamed in whole (Kubernetes' `..data` swap does the
+    // same), the new root beside the first.
+    write_atomically(
+        &ca_path,
+        &format!("{}{}", first_root.ca_pem, second_root.ca_pem),
+    );
+    let mut second =
+        Echoing::until_open(addr, "a new connection to reach the peer of the new root").await;
+    second.round_trip("under the second root").await;
+    established.round_trip("after the rename").await;
+
+    // Rewritten in place: the next root added, the first one dropped.
+    peer.serve_cert_from(&third_root);
+    std::fs::write(
+        &ca_path,
+        format!("{}{}", second_root.ca_pem, third_root.ca_pem),
+    )
+    .unwrap();
+    let mut third =
+        Echoing::until_open(addr, "a new connection to reach the peer of the next root").await;
+    third.round_trip("under the third root").await;
+    second.round_trip("after the rewrite").await;
+    established
+        .round_trip("opened under a root no longer trusted")
+        .await;
+    assert!(
+        peer_trust_reloads(admin, "success").await >= 2.0,
+        "the two new bundles are not counted"
+    );
+}
+
+/// A bundle caught broken (half-written, emptied) is read, refused and
+/// counted, and the roots that work stay; the next good one is taken.
+#[tokio::test]
+async fn a_broken_peer_ca_bundle_keeps_the_last_good_roots_and_is_counted() {
+    let (root, next_root, clients) = (TestPki::new(), TestPki::new(), TestPki::new());
+    let mut peer = ScriptedPeer::start("peer", &root, &clients, Script::Echo).await;
+    let (out, _, _) = outbound_with_identity(&identity(&clients, 1), peer.addr, &root).await;
+    let ca_path = out.dir.path().join("test-ca.pem");
+    let addr = out.addr("out");
+    let admin = admin_for(&out).await;
+    let mut established = Echoing::open(addr).await;
+    peer.next_client_cert().await;
+
+    let truncated = root.ca_pem[..root.ca_pem.len() / 2].to_string();
+    for (what, contents) in [
+        ("a truncated bundle", truncated.as_str()),
+        ("an empty bundle", ""),
+    ] {
+        let before = peer_trust_reloads(admin, "failure").await;
+        write_atomically(&ca_path, contents);
+        within(&format!("{what} is read and refused"), async {
+            while peer_trust_reloads(admin, "failure").await <= before {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let mut after = Echoing::open(addr).await;
+        after.round_trip(what).await;
+        established.round_trip(what).await;
+    }
+    assert_eq!(peer_trust_reloads(admin, "success").await, 0.0);
+
+    // A good bundle after the broken ones is taken.
+    peer.serve_cert_from(&next_root);
+    write_atomically(&ca_path, &format!("{}{}", root.ca_pem, next_root.ca_pem));
+    let mut rotated =
+        Echoing::until_open(addr, "the good bundle after the broken ones is taken").await;
+    rotated.round_trip("the next root").await;
+    established.round_trip("at the end").await;
+    assert_eq!(peer_trust_reloads(admin, "success").await, 1.0);
+
+    // At the start there is no trust to keep: the file is refused, named
+    // once, with the missing line in words.
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = identity(&clients, 2).write(dir.path(), "id");
+    let broken = dir.path().join("broken-ca.pem");
+    std::fs::write(&broken, "-----BEGIN CERTIFICATE-----\nnot base64!\n").unwrap();
+    let error = Proxy::start_in(&outbound_toml(peer.addr, &cert, &key, &broken), dir)
+        .await
+        .unwrap_err()
+        .to_string();
     assert_eq!(
-        error.matches(&shown).count(),
+        error.matches(&broken.display().to_string()).count(),
         1,
         "the error should name the file once: {error}"
     );
@@ -448,10 +633,90 @@ async fn a_replaced_peer_ca_takes_effect_at_the_reload_and_spares_open_connectio
         error.contains("-----END CERTIFICATE-----") && !error.contains("[67, "),
         "the error should name the missing line in words: {error}"
     );
-    let mut kept = Echoing::open(addr).await;
-    assert_eq!(kept.peer, "new");
-    kept.round_trip("kept trust").await;
-    established.round_trip("at the end").await;
+}
+
+/// A reload that changes an outbound listener's peer settings replaces
+/// its trust watcher, and a removed listener's goes with it: the old one
+/// stops at once, even while its files keep changing (see the client-trust
+/// test of the same name in mtls.rs for what piled up when it did not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_peer_trust_watcher_stops_at_once_while_its_files_change() {
+    let (pki, clients) = (TestPki::new(), TestPki::new());
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = identity(&clients, 1).write(dir.path(), "id");
+    std::fs::create_dir(dir.path().join("trust")).unwrap();
+    let bundle = dir.path().join("trust/peers.pem");
+    std::fs::write(&bundle, &pki.ca_pem).unwrap();
+    let peer = crate::common::backend::closed_port().await;
+    // Each name is other outbound settings: a new peer trust and watcher.
+    let config = |n: u32| {
+        format!(
+            "[[listener]]\nname = \"out\"\nbind = \"127.0.0.1:0\"\nupstream = \"{peer}\"\nmode = \"outbound\"\n\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n\n[listener.outbound]\nca = \"{}\"\nserver_name = \"peer{n}.test\"\n",
+            cert.display(),
+            key.display(),
+            bundle.display()
+        )
+    };
+    let proxy = Proxy::start_in(&config(0), dir).await.unwrap();
+    let apply = |toml: String| {
+        let running = proxy.running();
+        let path = proxy.dir.path().join("sheath.toml");
+        async move {
+            let new = Config::from_toml(&path, &toml).unwrap();
+            running.reload(new).await.unwrap();
+        }
+    };
+    // One for the identity's files, one for the peer trust's (started by
+    // its task, so maybe not yet).
+    let watchers = 2;
+    eventually("the peer trust watcher to start", || {
+        inotify_instances() == watchers
+    })
+    .await;
+
+    let writing = {
+        let (bundle, pem) = (bundle.clone(), pki.ca_pem.clone());
+        tokio::spawn(async move {
+            loop {
+                write_atomically(&bundle, &pem);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // Each watcher is replaced 100 ms after it started, inside its wait
+    // for the directory to settle.
+    for n in 1..6 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        apply(config(n)).await;
+    }
+    let settled = |expected: usize| async move {
+        // Half of the longest wait: a watcher still waiting would be there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        while inotify_instances() > expected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        inotify_instances()
+    };
+    let left = settled(watchers).await;
+    assert_eq!(
+        left, watchers,
+        "inotify instances a second after five reloads (the identity's and the peer trust's before)"
+    );
+
+    // The listener removed (another, without peer trust, in its place):
+    // only the newcomer's certificate watcher is left.
+    let other = format!(
+        "[[listener]]\nname = \"other\"\nbind = \"127.0.0.1:0\"\nupstream = \"{peer}\"\nmode = \"tcp\"\n\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    apply(other).await;
+    let left = settled(1).await;
+    writing.abort();
+    assert_eq!(
+        left, 1,
+        "inotify instances a second after the listener's removal"
+    );
 }
 
 #[tokio::test]
