@@ -185,7 +185,10 @@ impl CertManager {
     /// Publish the first certificate, before the task runs; its export
     /// waits for [`CertManager::run`].
     pub fn install_first(&mut self, material: Material) {
-        self.publish(&material, "startup");
+        // A cached ACME certificate was issued by an earlier run, and may be
+        // due already; a local-CA leaf was issued just now.
+        let issued_now = matches!(self.source, Source::LocalCa { .. });
+        self.publish(&material, "startup", issued_now);
         // Its place in line is taken now: managers of reloads in quick
         // succession may start running in any order.
         self.pending_export = Some((material, export::Turn::take()));
@@ -193,18 +196,22 @@ impl CertManager {
 
     /// Publish validated material, record it and export it.
     pub fn install(&self, material: Material, why: &str) {
-        self.publish(&material, why);
+        self.publish(&material, why, true);
         self.export(material, export::Turn::take());
     }
 
-    fn publish(&self, material: &Material, why: &str) {
+    /// `issued_now`: the certificate was issued for this install, not
+    /// found cached.
+    fn publish(&self, material: &Material, why: &str, issued_now: bool) {
         let old = self
             .resolver
             .swap(material.certified.clone(), material.info.clone());
         let info = &material.info;
+        let ratio = self.policy.renew_ratio;
         let renew_at = match self.source {
             Source::Files { .. } => None,
-            _ => Some(renew::renew_at(info, self.policy.renew_ratio)),
+            _ if issued_now => Some(renew::renew_issued_at(info, ratio, SystemTime::now())),
+            _ => Some(renew::renew_at(info, ratio)),
         };
         tracing::info!(
             listener = %self.listener,

@@ -1,20 +1,36 @@
 //! When to renew, how long to wait after a failure, and the record of it
 //! all ([`CertStatus`]) that logs, readiness and metrics read.
 //!
-//! Renewal time is computed from the certificate itself: `not_before +
-//! lifetime × ratio`, moved earlier by a random jitter of up to 5% of the
-//! lifetime (at most an hour) so a fleet started together does not renew
-//! together.
+//! Renewal time is computed from the certificate itself: `ratio` of the way
+//! through its validity, moved earlier by a random jitter of up to 5% of
+//! it (at most an hour) so a fleet started together does not renew
+//! together. The validity counts from the moment sheath obtained the
+//! certificate, or from its `notBefore` for one found cached.
 
 use std::time::{Duration, SystemTime};
 
 use super::CertInfo;
 use crate::config::CertRef;
 
-/// Renewal moment for a certificate.
+/// Renewal moment for a certificate found rather than issued (an ACME
+/// certificate cached by an earlier run): `ratio` of its lifetime after
+/// its `notBefore`. It may have passed already.
 pub fn renew_at(info: &CertInfo, ratio: f64) -> SystemTime {
-    let lifetime = info.lifetime();
-    let due = info.not_before + lifetime.mul_f64(ratio);
+    schedule(info.not_before, info.not_after, ratio)
+}
+
+/// Renewal moment for a certificate issued at `now`: `ratio` of what is
+/// left of it. Counted from `notBefore`, a certificate backdated by more
+/// than `ratio` of its lifetime (a local-CA leaf of seconds, backdated by
+/// a quarter of it for clock skew, under a low `renew_ratio`; a CA whose
+/// clock is behind) was due as it arrived, and so was each one after it.
+pub fn renew_issued_at(info: &CertInfo, ratio: f64, now: SystemTime) -> SystemTime {
+    schedule(now.max(info.not_before), info.not_after, ratio)
+}
+
+fn schedule(from: SystemTime, until: SystemTime, ratio: f64) -> SystemTime {
+    let lifetime = until.duration_since(from).unwrap_or_default();
+    let due = from + lifetime.mul_f64(ratio);
     let max_jitter = lifetime.mul_f64(0.05).min(Duration::from_secs(3600));
     due.checked_sub(max_jitter.mul_f64(random_unit()))
         .unwrap_or(due)
@@ -123,6 +139,21 @@ mod tests {
         let due = short.not_before + Duration::from_secs(200);
         let at = renew_at(&short, 2.0 / 3.0);
         assert!(at <= due && at >= due - Duration::from_secs(15));
+    }
+
+    #[test]
+    fn an_issued_certificate_counts_from_its_issuance_however_backdated() {
+        // A 10 s leaf backdated by 2.5 s, under renew_ratio 0.1.
+        let i = info(Duration::from_millis(12_500));
+        let issued = i.not_before + Duration::from_millis(2_500);
+        for _ in 0..100 {
+            let at = renew_issued_at(&i, 0.1, issued);
+            assert!(at <= issued + Duration::from_secs(1));
+            assert!(at >= issued + Duration::from_millis(500));
+        }
+        // Issued before its notBefore (a CA's clock ahead): from notBefore.
+        let early = i.not_before - Duration::from_secs(5);
+        assert!(renew_issued_at(&i, 0.5, early) >= i.not_before);
     }
 
     #[test]

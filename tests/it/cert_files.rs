@@ -330,11 +330,17 @@ async fn local_ca_leaf_is_renewed_before_it_expires() {
         .status
         .clone();
     let first = status.load().current.clone().unwrap();
-    let renew_at = status.load().renew_at.unwrap();
-    // 2/3 of the lifetime after not_before, minus at most 5% jitter.
-    let offset = renew_at.duration_since(first.not_before).unwrap();
-    let due = first.lifetime().mul_f64(2.0 / 3.0);
-    let earliest = due - first.lifetime().mul_f64(0.05);
+    let (installed, renew_at) = {
+        let s = status.load();
+        (s.last_success.unwrap(), s.renew_at.unwrap())
+    };
+    // 2/3 of the lifetime left when it was issued (just before it was
+    // installed), minus at most 5% jitter.
+    let offset = renew_at.duration_since(installed).unwrap();
+    let left = first.not_after.duration_since(installed).unwrap();
+    let slack = Duration::from_millis(50);
+    let due = left.mul_f64(2.0 / 3.0) + slack;
+    let earliest = left.mul_f64(2.0 / 3.0) - left.mul_f64(0.05) - slack;
     assert!(
         offset <= due && offset >= earliest,
         "{offset:?} not in {earliest:?}..{due:?}"
@@ -351,6 +357,39 @@ async fn local_ca_leaf_is_renewed_before_it_expires() {
         SystemTime::now() < first.not_after,
         "renewed only after expiry"
     );
+}
+
+/// A leaf of a few seconds is backdated by a quarter of its lifetime (for
+/// clients' clock skew), so with a low `renew_ratio` the renewal time
+/// counted from its notBefore had passed when it was issued: every new
+/// leaf was renewed at once, in a loop that never gave its thread back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backdated_leaf_with_a_low_renew_ratio_is_not_renewed_in_a_loop() {
+    let upstream = backend::tcp_echo().await;
+    let proxy = Proxy::start(&format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"localhost\"]\nlifetime = \"10s\"\nrenew_ratio = 0.1\n"
+    ))
+    .await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    let mut seen = 0;
+    within("three renewals", async {
+        while seen < 4 {
+            let s = status.load_full();
+            if s.installs > seen {
+                seen = s.installs;
+                let (installed, renew_at) = (s.last_success.unwrap(), s.renew_at.unwrap());
+                let not_after = s.current.as_ref().unwrap().not_after;
+                assert!(
+                    installed < renew_at && renew_at < not_after,
+                    "certificate #{seen}, installed at {installed:?}, is due for renewal at {renew_at:?} (expires {not_after:?})"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
 }
 
 /// How many certificates the proxy presents in its handshake.
