@@ -298,7 +298,14 @@ impl CertManager {
                 _ = self.resolver.stale() => {
                     // A handshake saw an expired or missing certificate.
                     // That overrides the renewal schedule, never a backoff.
-                    if retry_at.is_some_and(|t| t > SystemTime::now()) {
+                    // The wake is kept until this task next waits, so it
+                    // may come from a handshake during the attempt that
+                    // installed what is served now: no reason to renew.
+                    let now = SystemTime::now();
+                    let served = self.resolver.current();
+                    if served.is_some_and(|c| now <= c.info.not_after)
+                        || retry_at.is_some_and(|t| t > now)
+                    {
                         continue;
                     }
                     tracing::info!(listener = %self.listener, cert = %self.cert, "certificate expired or missing at handshake time; renewing now");

@@ -151,6 +151,47 @@ async fn tls_alpn_01_issuance_then_renewal_without_failed_handshakes() {
     assert!(s.renew_at.unwrap() < current.not_after);
 }
 
+/// Clients that came while the first certificate was being ordered found
+/// none, and each woke the manager to renew "now". That wake outlived the
+/// order: the certificate just installed was ordered again at once.
+#[tokio::test]
+async fn handshakes_during_the_first_order_do_not_order_a_second_certificate() {
+    let Some(setup) = pebble(None, false, None, 0).await else {
+        return;
+    };
+    let root = setup.pebble.issuing_root_pem().await;
+    let upstream = backend::tcp_echo().await;
+    let proxy = Proxy::start(&listener_toml(&setup, upstream, &ca_root(&setup))).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    let addr = proxy.addr("l");
+    let mut refused = 0;
+    within("the first certificate", async {
+        while status.load().installs == 0 {
+            if verified_roundtrip(addr, &root).await.is_err() {
+                refused += 1;
+            }
+        }
+    })
+    .await;
+    assert!(refused > 0, "no handshake came before the certificate");
+    // A second order takes Pebble well under a second here; give it two.
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(2) {
+        verified_roundtrip(addr, &root).await.unwrap();
+        let s = status.load();
+        assert_eq!(
+            s.installs,
+            1,
+            "a second certificate {:?} after {:?}",
+            s.current.as_ref().map(|c| &c.serial),
+            watched.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn http_01_issuance_with_nonce_rejections_and_redirects() {
     // 15% of nonces rejected: the client must retry badNonce.
