@@ -343,8 +343,20 @@ impl CertManager {
                     self.install(material, why);
                 }
                 Err(e) => {
-                    let delay = backoff.failed(e.retry_after);
-                    let next = SystemTime::now() + delay;
+                    let now = SystemTime::now();
+                    let mut delay = backoff.failed(e.retry_after);
+                    // A wait that runs past the served certificate's end
+                    // would serve it expired for the rest of the wait,
+                    // though the CA may be back long before (up to
+                    // retry_max, an hour by default): one more attempt as it
+                    // expires instead. Unless the CA itself asked to wait.
+                    let end = self.resolver.current().map(|c| c.info.not_after);
+                    if let (None, Some(end)) = (e.retry_after, end) {
+                        if let Ok(left) = end.duration_since(now) {
+                            delay = delay.min(left);
+                        }
+                    }
+                    let next = now + delay;
                     retry_at = Some(next);
                     let failures = self.record_failure(&e.message, Some(next));
                     let current = self.resolver.current();

@@ -409,6 +409,54 @@ async fn ca_outage_keeps_the_old_certificate_and_backs_off() {
     assert_eq!(status.load().consecutive_failures, 0);
 }
 
+/// A failed renewal's backoff wait never runs past the served
+/// certificate's end. With `retry_max` long next to what is left of the
+/// certificate, a CA back within the wait was asked again only when the
+/// wait was over, and clients were refused an expired certificate all the
+/// while: the next attempt is due when the certificate expires at the
+/// latest.
+#[tokio::test]
+async fn a_retry_wait_ends_when_the_served_certificate_does() {
+    let Some(mut setup) = pebble(Some(12), false, None, 0).await else {
+        return;
+    };
+    // Renewal ~4 s after issuance; then steps of 30 and 60 s.
+    let toml = listener_toml(
+        &setup,
+        backend::tcp_echo().await,
+        &format!("{}renew_ratio = 0.34\n", ca_root(&setup)),
+    )
+    .replace("retry_min = \"200ms\"", "retry_min = \"30s\"")
+    .replace("retry_max = \"2s\"", "retry_max = \"60s\"");
+    let proxy = Proxy::start(&toml).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+    wait_installs(&status, 1, &setup.pebble).await;
+    setup.pebble.stop();
+    let (installs, _) = at_first_failure(&status).await;
+    let s = status.load_full();
+    let not_after = s.current.as_ref().unwrap().not_after;
+    let retry = s.next_retry.unwrap();
+    assert!(
+        retry <= not_after,
+        "next attempt {:?} after the certificate's end",
+        retry.duration_since(not_after).unwrap()
+    );
+
+    // The CA is back before the certificate ends: the attempt at its end
+    // renews it.
+    setup.pebble.restart().await;
+    within("the renewal as the certificate ends", async {
+        while status.load().installs == installs {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.load().consecutive_failures, 0);
+    drop(proxy);
+}
+
 /// `consecutive_failures` as the metrics endpoint reports it.
 async fn failures_metric(admin: std::net::SocketAddr) -> f64 {
     let (_, scrape) = call(admin, "GET", "/metrics").await;
