@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_TYPE, HOST, TE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -554,6 +554,13 @@ async fn forward_request(
         forward::strip_hop_by_hop(resp.headers_mut(), true);
     } else {
         forward::strip_hop_by_hop(resp.headers_mut(), false);
+    }
+    if resp.status() == StatusCode::NOT_MODIFIED
+        && parts.version < Version::HTTP_2
+        && resp.headers().contains_key(CONTENT_LENGTH)
+    {
+        // hyper's HTTP/2 server passes it on as it is.
+        resp.body_mut().keep_content_length();
     }
     // Whichever version the upstream spoke, the client's connection
     // writes the response in its own.

@@ -235,6 +235,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                         body,
                         lease,
                         _stream: None,
+                        length_kept: false,
                     }));
                 }
                 Err(e) => req = send_again(e, reused, resend, &pool.upstream)?,
@@ -724,6 +725,7 @@ impl<B: RequestBody> H2Conn<B> {
                         body,
                         lease: None,
                         _stream: Some(stream),
+                        length_kept: false,
                     }))
                 }
                 Err(e) => {
@@ -754,9 +756,23 @@ pub struct PooledBody<B: RequestBody = Incoming> {
     /// Over h2c: the stream, counted against its connection's limit until
     /// the body is dropped.
     _stream: Option<Stream>,
+    /// See [`PooledBody::keep_content_length`].
+    length_kept: bool,
 }
 
 impl<B: RequestBody> PooledBody<B> {
+    /// Have hyper's HTTP/1 server write this bodiless response's
+    /// `Content-Length`, as a `304` may carry it (the length of the `200`
+    /// it stands for, RFC 9110 §8.6). For a body that says it has ended,
+    /// hyper drops any length but `0` as if it described that body; for
+    /// one that may still have data and an unknown size, it writes the
+    /// header's own value, having checked it, and then sends no body, a
+    /// `304` having none. This body then never ends by itself, so it is
+    /// only for responses that cannot have one.
+    pub fn keep_content_length(&mut self) {
+        self.length_kept = true;
+    }
+
     fn release(&mut self) {
         if let Some(lease) = self.lease.take() {
             lease.pool.put_back(lease.sender);
@@ -784,10 +800,16 @@ impl<B: RequestBody> Body for PooledBody<B> {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        !self.length_kept && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
+        if self.length_kept {
+            // An exact size would have to be the header's value (hyper
+            // asserts so in debug builds) and would not be what this body
+            // holds.
+            return SizeHint::default();
+        }
         self.body.size_hint()
     }
 }

@@ -23,6 +23,7 @@ mod pebble_smoke;
 mod pool;
 mod process;
 mod reload;
+mod semantics;
 mod shutdown;
 mod sni;
 mod tcp;
