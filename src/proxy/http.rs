@@ -402,6 +402,16 @@ impl Failure {
             CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
+        if let Failure::NotImplemented(_) = self {
+            // The body was framed by its last coding, chunked, but a
+            // message with a coding sheath does not read is one that
+            // other parsers on the path may have framed otherwise: no
+            // request after it is read on this connection, as with both a
+            // length and chunked (nginx closes after a 501 too). The body
+            // is still read, and discarded, before the close.
+            resp.headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

@@ -701,8 +701,9 @@ async fn an_upstream_response_framed_two_ways_reaches_the_client_as_one_response
 /// sent as `gzip, chunked` it takes the chunks off and leaves the bytes
 /// compressed, and with the hop-by-hop `Transfer-Encoding` removed the
 /// next hop would take them for the body itself. A request with another
-/// coding gets 501 (RFC 9112 §6.1), as from nginx, and never reaches the
-/// backend; an upstream response with one is a 502, not a corrupted body.
+/// coding gets 501 (RFC 9112 §6.1), as from nginx, never reaches the
+/// backend, and ends its connection: nothing pipelined behind it is read;
+/// an upstream response with one is a 502, not a corrupted body.
 #[tokio::test]
 async fn transfer_codings_other_than_chunked_are_refused_not_stripped() {
     let pki = TestPki::new();
@@ -712,19 +713,20 @@ async fn transfer_codings_other_than_chunked_are_refused_not_stripped() {
     for (what, request) in [
         (
             "gzip, chunked",
-            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"[..],
+            &b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         ),
         (
             "gzip and chunked on two lines",
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ),
         (
             "chunked twice",
-            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
         ),
     ] {
         let answer = raw_exchange(addr, &pki, request).await;
         assert!(answer.starts_with("HTTP/1.1 501 "), "{what}: {answer:?}");
+        assert_eq!(answer.matches("HTTP/1.1 ").count(), 1, "{what}: {answer:?}");
     }
     assert_eq!(
         recorder.requests(),
