@@ -5,8 +5,9 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use http::StatusCode;
+use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -39,6 +40,16 @@ impl Upstream {
         }
     }
 
+    /// Exactly `n` bytes of body, or `None` if the connection ends first.
+    async fn body(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        Some(self.buf.drain(..n).collect())
+    }
+
     async fn fill(&mut self) -> bool {
         let mut chunk = [0u8; 4096];
         match self.tcp.read(&mut chunk).await {
@@ -56,9 +67,13 @@ impl Upstream {
     }
 }
 
+/// What each connection to a [`raw_upstream`] received, in the order
+/// they were accepted.
+type Connections = Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>;
+
 /// A plaintext upstream that hands each connection it accepts to
 /// `script`; returns its address and, per connection, what it received.
-async fn raw_upstream<F, Fut>(script: F) -> (SocketAddr, Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>)
+async fn raw_upstream<F, Fut>(script: F) -> (SocketAddr, Connections)
 where
     F: Fn(Upstream) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
@@ -130,6 +145,39 @@ impl RawClient {
     }
 }
 
+impl RawClient {
+    /// `n` bytes of body, or what came before the connection ended.
+    async fn body(&mut self, n: usize) -> Result<Vec<u8>, Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill().await {
+                return Err(std::mem::take(&mut self.buf));
+            }
+        }
+        Ok(self.buf.drain(..n).collect())
+    }
+
+    /// Everything until the connection ends, which it must within 5 s.
+    async fn rest(&mut self) -> Vec<u8> {
+        let mut chunk = [0u8; 4096];
+        let ended = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match self.tls.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        let rest = std::mem::take(&mut self.buf);
+        assert!(
+            ended.is_ok(),
+            "the connection stayed open after {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        rest
+    }
+}
+
 /// The value of `name` (lowercase) in a lowercased head.
 fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines()
@@ -188,4 +236,215 @@ async fn a_304_keeps_the_content_length_of_what_it_stands_for() {
         let body = within("h2 body", resp.into_body().collect()).await.unwrap();
         assert!(body.to_bytes().is_empty());
     }
+}
+
+/// A response to `HEAD` carries the `Content-Length` of the `GET` and no
+/// body (RFC 9110 §9.3.2); a byte of body written after it would be read
+/// as the start of the next response on an HTTP/1.1 connection.
+#[tokio::test]
+async fn a_head_response_keeps_the_get_length_and_the_connection_goes_on() {
+    let (upstream, _) = raw_upstream(|mut up| async move {
+        while let Some(head) = up.head().await {
+            let answer: &[u8] = if head.starts_with("HEAD ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+            };
+            if !up.send(answer).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    for round in 0..2 {
+        raw.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "round {round}: {head}");
+        assert_eq!(field(&head, "content-length"), Some("5000"), "{head}");
+        // The next bytes are the next response's, not a body.
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "round {round}: {head}");
+        assert_eq!(raw.body(2).await.unwrap(), b"ok");
+    }
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let head = Request::head("https://localhost/")
+            .body(client::empty())
+            .unwrap();
+        let resp = within("h2 HEAD", h2.send_request(head)).await.unwrap();
+        assert_eq!(
+            resp.headers().get("content-length").unwrap(),
+            "5000",
+            "round {round}"
+        );
+        let body = within("h2 body", resp.into_body().collect()).await.unwrap();
+        assert!(body.to_bytes().is_empty(), "round {round}");
+        let resp = within("h2 GET", h2.send_request(get_h2("/")))
+            .await
+            .unwrap();
+        assert_eq!(client::body_text(resp).await, "ok", "round {round}");
+    }
+}
+
+/// `Expect: 100-continue` over HTTP/1.1: the client gets one `100` (the
+/// upstream's own is not passed on as a second), sends its body, and gets
+/// the upstream's answer. An upstream that refuses with `417` before
+/// reading the body and closes: the client, which had its `100` and sent
+/// the body, gets the `417`, and its connection serves the next request,
+/// the body not taken for one.
+#[tokio::test]
+async fn expect_100_continue_gets_one_100_and_an_early_refusal_leaves_the_connection_usable() {
+    let (echo, _) = raw_upstream(|mut up| async move {
+        while let Some(head) = up.head().await {
+            let head = head.to_ascii_lowercase();
+            let n = field(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+            if n > 0 && !up.send(b"HTTP/1.1 100 Continue\r\n\r\n").await {
+                return;
+            }
+            let Some(body) = up.body(n).await else { return };
+            let answer = format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+            if !up.send(answer.as_bytes()).await || !up.send(&body).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let (refusing, _) = raw_upstream(|mut up| async move {
+        while let Some(head) = up.head().await {
+            if head.starts_with("POST ") {
+                up.send(b"HTTP/1.1 417 Expectation Failed\r\nContent-Length: 4\r\nConnection: close\r\n\r\nnope")
+                    .await;
+                return;
+            }
+            if !up.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await {
+                return;
+            }
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    const UPLOAD: &[u8] =
+        b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n";
+
+    let proxy = http_proxy(&pki, echo, "").await;
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    for round in 0..2 {
+        raw.send(UPLOAD).await;
+        let head = raw.head().await.unwrap();
+        assert_eq!(head, "http/1.1 100 continue\r\n\r\n", "round {round}");
+        raw.send(b"hello").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "round {round}: {head}");
+        assert_eq!(raw.body(5).await.unwrap(), b"hello", "round {round}");
+    }
+
+    let proxy = http_proxy(&pki, refusing, "").await;
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    for round in 0..2 {
+        raw.send(UPLOAD).await;
+        let head = raw.head().await.unwrap();
+        assert_eq!(head, "http/1.1 100 continue\r\n\r\n", "round {round}");
+        raw.send(b"hello").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 417 "), "round {round}: {head}");
+        assert_eq!(raw.body(4).await.unwrap(), b"nope", "round {round}");
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "round {round}: {head}");
+        assert_eq!(raw.body(2).await.unwrap(), b"ok", "round {round}");
+    }
+}
+
+/// `103 Early Hints` (or any 1xx but `100` and `101`) from the upstream is
+/// dropped, as nginx does (hyper's servers have no way to send it) and
+/// the final response follows it to both kinds of client.
+#[tokio::test]
+async fn early_hints_are_dropped_and_the_final_response_follows() {
+    let upstream = answering(
+        b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n\
+          HTTP/1.1 102 Processing\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    )
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    for round in 0..2 {
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "round {round}: {head}");
+        assert!(!head.contains("link:"), "{head}");
+        assert_eq!(raw.body(2).await.unwrap(), b"ok");
+    }
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(client::body_text(resp).await, "ok");
+}
+
+/// An HTTP/1.0-style response, with neither a length nor chunked coding,
+/// ends when the upstream closes; that end is the body's end, and an
+/// HTTP/2 client gets the whole body, ended normally (END_STREAM), as an
+/// HTTP/1.1 client does (chunked).
+#[tokio::test]
+async fn a_response_ended_by_the_upstreams_close_arrives_whole() {
+    let (upstream, _) = raw_upstream(|mut up| async move {
+        if up.head().await.is_some() {
+            up.send(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+                .await;
+            up.send(&[b'a'; 100_000]).await;
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
+        let body = within("h2 body", resp.into_body().collect()).await;
+        assert_eq!(body.unwrap().to_bytes().len(), 100_000, "round {round}");
+    }
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let resp = within("h1", h1.send_request(client::get("/")))
+            .await
+            .unwrap();
+        let body = within("h1 body", resp.into_body().collect()).await;
+        assert_eq!(body.unwrap().to_bytes().len(), 100_000, "round {round}");
+    }
+}
+
+/// An upstream that closes, cleanly, before the length it announced: the
+/// client must not be handed the part as if it were the whole. HTTP/1.1
+/// gets the announced length and a connection that ends short of it;
+/// HTTP/2 a reset stream.
+#[tokio::test]
+async fn a_response_short_of_its_length_is_an_error_to_the_client() {
+    let (upstream, _) = raw_upstream(|mut up| async move {
+        if up.head().await.is_some() {
+            up.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789")
+                .await;
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let head = raw.head().await.unwrap();
+    assert_eq!(field(&head, "content-length"), Some("100"), "{head}");
+    assert_eq!(raw.rest().await, b"0123456789");
+
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
+    let body = within("h2 body", resp.into_body().collect()).await;
+    let error = body.expect_err("a body short of its length arrived complete");
+    let reset = std::error::Error::source(&error)
+        .and_then(|e| e.downcast_ref::<h2::Error>())
+        .and_then(h2::Error::reason);
+    assert!(reset.is_some(), "not a stream reset: {error:?}");
 }
