@@ -1,6 +1,6 @@
 //! Header rewriting: the per-request work `proxy::http` does on every
-//! request head before it goes upstream (hop-by-hop removal, replaced
-//! forwarding headers, client identity headers).
+//! request head before it goes upstream (hop-by-hop removal, the length
+//! in plain decimal, replaced forwarding headers, client identity headers).
 
 use std::net::SocketAddr;
 
@@ -63,6 +63,7 @@ fn rewrite(
     id: Option<&ClientIdentity>,
 ) {
     forward::strip_hop_by_hop(headers, false);
+    forward::plain_length(headers);
     let host = headers.get(http::header::HOST).cloned();
     forward::set_forwarded(headers, client, host.as_ref());
     forward::set_identity(headers, forward, id);

@@ -333,6 +333,37 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Make a request's `Content-Length` one line in plain decimal. hyper
+/// accepts a length written more than once if every copy says the same,
+/// and leading zeros, and passes the field on as it came: the upstream
+/// would get each copy, or `010`, which a parser that reads C's octal
+/// takes for 8, leaving the last bytes of the body to be read as the
+/// start of the next request on a pooled connection.
+///
+/// The usual request has one length, or none, without a leading zero:
+/// one lookup, no allocation.
+pub fn plain_length(headers: &mut HeaderMap) {
+    let mut lengths = headers.get_all(CONTENT_LENGTH).iter();
+    let Some(first) = lengths.next() else {
+        return;
+    };
+    let digits = first.as_bytes();
+    // `0` itself is plain.
+    let zeros = digits
+        .iter()
+        .take_while(|d| **d == b'0')
+        .count()
+        .min(digits.len().saturating_sub(1));
+    if zeros == 0 && lengths.next().is_none() {
+        return;
+    }
+    // hyper read the value as digits alone, so what follows the zeros is
+    // a valid value.
+    if let Ok(plain) = HeaderValue::from_bytes(&digits[zeros..]) {
+        headers.insert(CONTENT_LENGTH, plain);
+    }
+}
+
 /// What the forwarding headers say about the client's address. It is the
 /// same for every request on a connection, so it is formatted once per
 /// connection instead of once per request; so is the `Forwarded` value for
@@ -454,6 +485,26 @@ fn header_value(s: &str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_length_goes_on_once_in_plain_decimal() {
+        for (lines, plain) in [
+            (&["10"][..], Some("10")),
+            (&["0"], Some("0")),
+            (&["00"], Some("0")),
+            (&["010"], Some("10")),
+            (&["10", "10"], Some("10")),
+            (&[], None),
+        ] {
+            let mut headers = HeaderMap::new();
+            for line in lines {
+                headers.append(CONTENT_LENGTH, HeaderValue::from_static(line));
+            }
+            plain_length(&mut headers);
+            let after: Vec<&HeaderValue> = headers.get_all(CONTENT_LENGTH).iter().collect();
+            assert_eq!(after, plain.into_iter().collect::<Vec<_>>(), "{lines:?}");
+        }
+    }
 
     #[test]
     fn only_chunked_alone_is_a_transfer_coding_passed_on() {

@@ -471,6 +471,7 @@ async fn forward_request(
     *upstream_req.method_mut() = parts.method;
     *upstream_req.headers_mut() = parts.headers;
     forward::strip_hop_by_hop(upstream_req.headers_mut(), upgrading);
+    forward::plain_length(upstream_req.headers_mut());
     if h2c {
         // HTTP/2 names the host in :authority, which hyper takes from an
         // absolute URI; a Host header beside it would only be a second copy.

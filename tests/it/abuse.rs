@@ -411,6 +411,12 @@ async fn ambiguous_request_framing_never_reaches_the_backend_as_another_request(
             b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
         ),
         (
+            // A line folded onto the one before (obs-fold, RFC 9112 §5.2):
+            // a length folded out of sight of a parser that reads lines.
+            "a folded field",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length:\r\n 5\r\n\r\nhello",
+        ),
+        (
             "a bare CR in a field",
             b"GET / HTTP/1.1\r\nHost: x\r\nX: a\rb\r\n\r\n",
         ),

@@ -178,6 +178,16 @@ impl RawClient {
     }
 }
 
+/// What each connection to a [`raw_upstream`] received, as text.
+fn received(connections: &Connections) -> Vec<String> {
+    connections
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|c| String::from_utf8_lossy(&c.lock().unwrap()).into_owned())
+        .collect()
+}
+
 /// The value of `name` (lowercase) in a lowercased head.
 fn field<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines()
@@ -447,4 +457,70 @@ async fn a_response_short_of_its_length_is_an_error_to_the_client() {
         .and_then(|e| e.downcast_ref::<h2::Error>())
         .and_then(h2::Error::reason);
     assert!(reset.is_some(), "not a stream reset: {error:?}");
+}
+
+/// What HTTP/1.1 parsers may read in more than one way reaches the
+/// upstream one way: sheath frames each request anew, so a bare LF (which
+/// RFC 9112 §2.2 lets a recipient read as a line's end) becomes CRLF, and
+/// a length written twice, or with leading zeros (`010`, which a parser
+/// that reads C's octal takes for 8), becomes one length in plain decimal.
+/// The upstream, a pooled connection, must find the body's end where
+/// sheath did, or what follows becomes the start of the next request.
+#[tokio::test]
+async fn a_request_reaches_the_upstream_framed_one_way() {
+    let (upstream, connections) = raw_upstream(|mut up| async move {
+        while let Some(head) = up.head().await {
+            let lower = head.to_ascii_lowercase();
+            let n = field(&lower, "content-length").map_or(0, |v| v.parse().unwrap());
+            if up.body(n).await.is_none()
+                || !up
+                    .send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    for (what, request) in [
+        (
+            "bare LF",
+            &b"POST /a HTTP/1.1\nHost: x\nContent-Length: 10\n\n0123456789"[..],
+        ),
+        (
+            "bare LF and CRLF",
+            b"POST /a HTTP/1.1\r\nHost: x\nContent-Length: 10\r\n\r\n0123456789",
+        ),
+        (
+            "one length twice",
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nContent-Length: 10\r\n\r\n0123456789",
+        ),
+        (
+            "leading zeros",
+            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 010\r\n\r\n0123456789",
+        ),
+    ] {
+        let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+        raw.send(request).await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 200 "), "{what}: {head}");
+        assert_eq!(raw.body(2).await.unwrap(), b"ok", "{what}");
+        let seen = received(&connections).concat();
+        let (head, body) = seen.rsplit_once("POST /a ").unwrap().1.split_once("\r\n\r\n").unwrap();
+        assert!(
+            !head.replace("\r\n", "").contains('\n'),
+            "{what}: a bare LF reached the upstream: {head:?}"
+        );
+        let lengths: Vec<String> = head
+            .lines()
+            .filter_map(|l| {
+                let l = l.to_ascii_lowercase();
+                Some(l.strip_prefix("content-length:")?.trim().to_string())
+            })
+            .collect();
+        assert_eq!(lengths, ["10"], "{what}: {head:?}");
+        assert_eq!(body, "0123456789", "{what}");
+    }
 }
