@@ -136,9 +136,23 @@ pub fn set_identity(
 /// only sheath may set: RFC 9110 (§6.5.1) forbids merging trailers into
 /// the header section, but a backend that did would otherwise read a
 /// forwarding address or a client identity the client wrote itself.
+/// Its fields that describe a hop or the framing go too, as from an
+/// upstream's trailers ([`strip_framing_from_trailers`]).
 pub fn strip_from_trailers(trailers: &mut HeaderMap, identity_header: Option<&HeaderName>) {
     remove_listed(trailers, &FORWARDING);
     remove_identity(trailers, identity_header);
+    strip_framing_from_trailers(trailers);
+}
+
+/// Remove from trailers the fields that describe a hop (`Connection` and
+/// what it names, `Keep-Alive`, `Transfer-Encoding`, …) or the message's
+/// length, which mean nothing after the body (RFC 9110 §6.5.1). HTTP/2
+/// refuses to send a connection-specific field (RFC 9113 §8.2.2): with one
+/// in an HTTP/1.1 upstream's trailers, an HTTP/2 client got the body and
+/// then a reset stream instead of the response's end.
+pub fn strip_framing_from_trailers(trailers: &mut HeaderMap) {
+    strip_hop_by_hop(trailers, false);
+    trailers.remove(CONTENT_LENGTH);
 }
 
 /// Remove every identity header a client may have sent: the ones sheath

@@ -789,12 +789,18 @@ impl<B: RequestBody> Body for PooledBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let frame = Pin::new(&mut this.body).poll_frame(cx);
+        let mut frame = Pin::new(&mut this.body).poll_frame(cx);
         match BodyProgress::of(&frame, &this.body) {
             BodyProgress::Going => {}
             BodyProgress::Ended => this.release(),
             // A failed body leaves the connection unusable.
             BodyProgress::Failed => this.lease = None,
+        }
+        if let Poll::Ready(Some(Ok(frame))) = &mut frame {
+            // Data frames, all but the last of a body, pass untouched.
+            if let Some(trailers) = frame.trailers_mut() {
+                super::forward::strip_framing_from_trailers(trailers);
+            }
         }
         frame
     }

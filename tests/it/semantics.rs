@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::common::backend::{CountingBackend, Speaks};
 use crate::common::client::{self, get_h2};
 use crate::common::{within, TestPki};
 use crate::http::http_proxy;
@@ -523,4 +524,62 @@ async fn a_request_reaches_the_upstream_framed_one_way() {
         assert_eq!(lengths, ["10"], "{what}: {head:?}");
         assert_eq!(body, "0123456789", "{what}");
     }
+}
+
+/// Trailers are end to end, but an upstream may write fields in them that
+/// describe its hop or the message's framing (`Connection`, `Keep-Alive`,
+/// `Transfer-Encoding`, `Content-Length`), which mean nothing there (RFC
+/// 9110 §6.5.1). They are dropped on the way: HTTP/2 refuses to send a
+/// connection-specific field at all (RFC 9113 §8.2.2), and an HTTP/2
+/// client got its whole body then a reset stream instead of the response.
+#[tokio::test]
+async fn hop_by_hop_and_framing_fields_are_dropped_from_trailers() {
+    let upstream = answering(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\
+          Trailer: x-ok, connection, keep-alive, transfer-encoding, content-length\r\n\r\n\
+          4\r\ndone\r\n0\r\nX-Ok: 1\r\nConnection: close\r\nKeep-Alive: timeout=5\r\n\
+          Transfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n",
+    )
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let mut req = get_h2("/");
+        req.headers_mut().insert("te", "trailers".parse().unwrap());
+        let resp = within("h2", h2.send_request(req)).await.unwrap();
+        let body = within("h2 body", resp.into_body().collect()).await;
+        let body = body.unwrap_or_else(|e| panic!("round {round}: {e:?}"));
+        let trailers = body.trailers().cloned().expect("trailers");
+        let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-ok"], "round {round}");
+        assert_eq!(body.to_bytes(), "done");
+    }
+    let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+    for round in 0..2 {
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+            .await;
+        let head = raw.head().await.unwrap();
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        let chunk = raw.body(b"4\r\ndone\r\n".len()).await.unwrap();
+        assert_eq!(chunk, b"4\r\ndone\r\n");
+        // The last chunk and the trailer section.
+        let trailer = raw.head().await.unwrap();
+        assert_eq!(trailer, "0\r\nx-ok: 1\r\n\r\n", "round {round}");
+    }
+
+    // A client's trailers, on to an h2c upstream that echoes them.
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let mut sent = http::HeaderMap::new();
+    sent.insert("x-checksum", "c0ffee".parse().unwrap());
+    sent.insert("keep-alive", "timeout=5".parse().unwrap());
+    let req = client::post_with_trailers("/echo", b"payload", sent);
+    let resp = within("echo", h1.send_request(req)).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body = within("echo body", resp.into_body().collect()).await;
+    let trailers = body.unwrap().trailers().cloned().expect("trailers");
+    let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
+    assert_eq!(names, ["x-checksum"]);
 }
