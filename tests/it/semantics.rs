@@ -583,3 +583,78 @@ async fn hop_by_hop_and_framing_fields_are_dropped_from_trailers() {
     let names: Vec<&str> = trailers.keys().map(|k| k.as_str()).collect();
     assert_eq!(names, ["x-checksum"]);
 }
+
+/// An HTTP/2 request whose DATA say another length than its
+/// `content-length` (RFC 9113 §8.1.1) goes to an HTTP/1.1 upstream with
+/// that length as its framing: passed on, a body longer than its length
+/// would end early and leave the rest, a request of the client's making,
+/// on a pooled connection ("H2.CL" smuggling); a shorter one would take
+/// the start of the next request as its own. The stream is reset, and
+/// the upstream sees nothing of it on a connection that carries another
+/// request.
+#[tokio::test]
+async fn an_http2_body_unlike_its_content_length_never_frames_an_upstream_request() {
+    let (upstream, connections) = raw_upstream(|mut up| async move {
+        while let Some(head) = up.head().await {
+            let lower = head.to_ascii_lowercase();
+            let n = field(&lower, "content-length").map_or(0, |v| v.parse().unwrap());
+            if up.body(n).await.is_none()
+                || !up
+                    .send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, upstream, "").await;
+    for (what, length, data) in [
+        (
+            "longer",
+            "0",
+            &b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        ),
+        (
+            "longer still",
+            "5",
+            b"01234GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+        ),
+        ("shorter", "100", b"01234"),
+    ] {
+        let config = client::client_config(pki.roots(), &[b"h2"]);
+        let tls = within("TLS connect", client::connect(proxy.addr("web"), config))
+            .await
+            .unwrap();
+        let (mut sender, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(connection);
+        let req = Request::post("https://localhost/")
+            .header("content-length", length)
+            .body(())
+            .unwrap();
+        let (resp, mut body) = sender.send_request(req, false).unwrap();
+        body.send_data(bytes::Bytes::from_static(data), true)
+            .unwrap();
+        match within("the answer", resp).await {
+            Err(e) => assert_eq!(e.reason(), Some(h2::Reason::PROTOCOL_ERROR), "{what}: {e}"),
+            Ok(resp) => assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{what}"),
+        }
+        // The next request, on a connection of its own, reaches the
+        // upstream as itself and alone.
+        let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+        let resp = within("h2", h2.send_request(get_h2("/after")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{what}");
+        for seen in received(&connections) {
+            assert!(!seen.contains("smuggled"), "{what}: {seen:?}");
+            if let Some(post) = seen.find("POST ") {
+                assert!(
+                    !seen[post..].contains("GET /after"),
+                    "{what}: another request followed a broken body: {seen:?}"
+                );
+            }
+        }
+    }
+}
