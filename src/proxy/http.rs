@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, TE};
 use http::uri::Authority;
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{Either, Full};
@@ -308,6 +308,14 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
     let request_line = tracing::enabled!(tracing::Level::INFO)
         .then(|| (req.method().clone(), req.uri().path().to_owned()));
     let version = req.version();
+    // Only a request with a body can wait for `100 Continue`: a bodiless
+    // one (nearly every GET) looks no further.
+    let expects_continue = version == Version::HTTP_11
+        && !req.body().is_end_stream()
+        && req
+            .headers()
+            .get(EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
 
     let response = match forward_request(req, &ctx).await {
         Ok(resp) => resp,
@@ -318,7 +326,18 @@ async fn proxy(req: Request<Incoming>, ctx: Arc<RequestCtx>) -> Response<ProxyBo
                     .upstream_connect_failures
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
-            failure.response(&config.upstream)
+            let mut resp = failure.response(&config.upstream);
+            if expects_continue {
+                // Most of sheath's answers come before the body was asked
+                // for, so with no `100` sent: the client cannot tell
+                // whether the body is still read, nor where its next
+                // request would begin. RFC 9110 §10.1.1 has the server
+                // say whether it closes; it does, once it has read what
+                // the client sends anyway.
+                resp.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            resp
         }
     };
     ctx.conn

@@ -658,3 +658,33 @@ async fn an_http2_body_unlike_its_content_length_never_frames_an_upstream_reques
         }
     }
 }
+
+/// A client that sent `Expect: 100-continue` and got sheath's own answer
+/// (the upstream is down) before any `100` cannot tell whether sheath
+/// still reads the body, so it cannot tell where its next request would
+/// begin: it was left to send the body anyway or wait out sheath's
+/// lingering read (5 s) on a connection that then closed unannounced. The
+/// answer says `Connection: close` (RFC 9110 §10.1.1: a server answering
+/// before it read the content says whether it will close), and a body
+/// sent anyway is read before the connection ends.
+#[tokio::test]
+async fn an_answer_before_100_continue_says_the_connection_closes() {
+    let pki = TestPki::new();
+    let proxy = http_proxy(&pki, crate::common::backend::closed_port().await, "").await;
+    for send_the_body in [false, true] {
+        let mut raw = RawClient::connect(proxy.addr("web"), &pki).await;
+        raw.send(
+            b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n",
+        )
+        .await;
+        let head = raw.head().await.unwrap();
+        assert!(head.starts_with("http/1.1 502 "), "{head}");
+        assert_eq!(field(&head, "connection"), Some("close"), "{head}");
+        let length: usize = field(&head, "content-length").unwrap().parse().unwrap();
+        raw.body(length).await.unwrap();
+        if send_the_body {
+            raw.send(b"hello").await;
+            assert_eq!(raw.rest().await, b"");
+        }
+    }
+}
