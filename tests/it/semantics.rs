@@ -370,9 +370,10 @@ async fn expect_100_continue_gets_one_100_and_an_early_refusal_leaves_the_connec
     }
 }
 
-/// `103 Early Hints` (or any 1xx but `100` and `101`) from the upstream is
-/// dropped, as nginx does (hyper's servers have no way to send it) and
-/// the final response follows it to both kinds of client.
+/// `103 Early Hints` (or any 1xx but `100` and `101`) from the upstream,
+/// HTTP/1.1 or h2c, is dropped, as nginx does (hyper's servers have no
+/// way to send it), and the final response follows it to both kinds of
+/// client.
 #[tokio::test]
 async fn early_hints_are_dropped_and_the_final_response_follows() {
     let upstream = answering(
@@ -395,6 +396,47 @@ async fn early_hints_are_dropped_and_the_final_response_follows() {
     let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     assert_eq!(client::body_text(resp).await, "ok");
+
+    // The same from an h2c upstream, which sends its hint as a HEADERS
+    // frame of its own ahead of the response's.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2c = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut connection) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_, mut respond))) = connection.accept().await {
+                    let hint = http::Response::builder()
+                        .status(103)
+                        .header("link", "</s.css>; rel=preload")
+                        .body(())
+                        .unwrap();
+                    respond.send_informational(hint).unwrap();
+                    let done = http::Response::new(());
+                    let mut body = respond.send_response(done, false).unwrap();
+                    body.send_data(bytes::Bytes::from_static(b"ok"), true)
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let proxy = http_proxy(&pki, h2c, "upstream_protocol = \"h2c\"").await;
+    let mut h1 = client::h1(proxy.addr("web"), pki.roots()).await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for round in 0..2 {
+        let resp = within("h1", h1.send_request(client::get("/")))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        assert!(!resp.headers().contains_key("link"), "{resp:?}");
+        assert_eq!(client::body_text(resp).await, "ok");
+        let resp = within("h2", h2.send_request(get_h2("/"))).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
+        assert!(!resp.headers().contains_key("link"), "{resp:?}");
+        assert_eq!(client::body_text(resp).await, "ok");
+    }
 }
 
 /// An HTTP/1.0-style response, with neither a length nor chunked coding,
