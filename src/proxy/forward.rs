@@ -397,7 +397,7 @@ pub struct ClientAddr {
 
 impl ClientAddr {
     pub fn new(peer: SocketAddr) -> ClientAddr {
-        let ip = canonical_ip(peer.ip());
+        let ip = super::unmapped(peer).ip();
         let forwarded_for = match ip {
             IpAddr::V4(v4) => format!("for={v4}"),
             // RFC 7239 §6: IPv6 addresses are bracketed and therefore quoted.
@@ -467,14 +467,6 @@ pub fn set_forwarded(headers: &mut HeaderMap, client: &ClientAddr, host: Option<
         None => client.forwarded_without_host.clone(),
     };
     headers.insert(FORWARDED.clone(), forwarded);
-}
-
-/// IPv4 clients on a dual-stack socket show up as `::ffff:a.b.c.d`.
-fn canonical_ip(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
 }
 
 fn quote(value: &str) -> String {

@@ -147,6 +147,7 @@ impl Listener {
             match accepted {
                 Ok((tcp, peer)) => {
                     backoff = Duration::ZERO;
+                    let peer = super::unmapped(peer);
                     self.stats.accepted.fetch_add(1, Ordering::Relaxed);
                     let state = self.state.load_full();
                     let stats = Arc::clone(&self.stats);
@@ -302,7 +303,7 @@ async fn handshake(
     // to say which of the host's addresses it was (a syscall per
     // connection).
     let local = if listening.ip().is_unspecified() {
-        tcp.local_addr().unwrap_or(listening)
+        tcp.local_addr().map_or(listening, super::unmapped)
     } else {
         listening
     };

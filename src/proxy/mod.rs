@@ -26,6 +26,21 @@ use crate::tls::ListenerCerts;
 
 pub use listener::{bind, Listener, ListenerStats};
 
+/// An IPv4 client of a dual-stack socket is `::ffff:a.b.c.d` to the
+/// kernel. sheath binds IPv6 sockets IPv6 only, but one handed over by
+/// systemd (`ListenStream=[::]:443`) takes both families; wherever sheath
+/// names the client (forwarding headers, PROXY header, logs) it is the
+/// IPv4 address, as nginx and Envoy give it.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// Where a frame just polled from `body` leaves it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum BodyProgress {

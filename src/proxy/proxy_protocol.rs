@@ -32,8 +32,9 @@ pub fn header(
     local: SocketAddr,
     alpn: Option<&[u8]>,
 ) -> std::io::Result<Vec<u8>> {
-    let peer = unmap(conn.peer);
-    let local = unmap(local);
+    // Both of one family, so a v1 line never mixes TCP4 and TCP6 addresses.
+    let peer = super::unmapped(conn.peer);
+    let local = super::unmapped(local);
     match version {
         ProxyProtocol::V1 => {
             let addresses: ppp::v1::Addresses = match (peer, local) {
@@ -96,15 +97,4 @@ fn ssl_tlv(conn: &ConnInfo) -> Vec<u8> {
 /// rustls says `TLSv1_3`; the convention (OpenSSL, HAProxy) is `TLSv1.3`.
 fn tls_version_name(rustls_name: &str) -> String {
     rustls_name.replace('_', ".")
-}
-
-/// A v4 client on a dual-stack socket is reported as v4.
-fn unmap(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::from((v4, v6.port())),
-            None => addr,
-        },
-        v4 => v4,
-    }
 }

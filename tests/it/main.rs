@@ -13,6 +13,7 @@ mod config;
 mod export;
 mod grpc;
 mod http;
+mod ipv6;
 mod limits;
 mod local_ca;
 mod mtls;

@@ -133,7 +133,7 @@ impl Process {
 
     /// Wait for a line matching `pred` on stdout (`on_stdout`) or stderr.
     /// Fails fast, with the child's stderr, if sheath exits first.
-    async fn wait_line(
+    pub(crate) async fn wait_line(
         &mut self,
         what: &str,
         on_stdout: bool,
