@@ -4,13 +4,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
-use crate::common::{backend, client, pki, require, within};
+use crate::common::{backend, client, pki, require, within, Proxy, TestPki};
 use crate::process::{ca_pem_path, isolated, json_field, Process, BIN};
 
 /// Can this host bind `::1`? Under `CI=true` it must.
@@ -193,5 +194,92 @@ async fn ipv4_clients_of_a_dual_stack_socket_are_named_by_their_ipv4_address() {
                 client.port()
             )
         );
+    }
+}
+
+/// A TLS peer on `[::1]` with a certificate for `names`, greeting each
+/// connection and closing it cleanly; the SNI each handshake carried is
+/// sent on the channel.
+async fn ipv6_peer(
+    pki: &TestPki,
+    names: &[&str],
+) -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<Option<String>>,
+) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = pki.server_cert(names, Duration::from_secs(3600));
+    let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = TcpListener::bind("[::1]:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let _ = tx.send(tls.get_ref().1.server_name().map(str::to_string));
+                let _ = tls.write_all(b"greeting").await;
+                let _ = tls.shutdown().await;
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// An outbound peer named by an IPv6 literal (`upstream = "[::1]:P"`, no
+/// `server_name`): sheath sends no SNI, which carries DNS names only
+/// (RFC 6066 §3), and verifies the address against the certificate's IP
+/// SANs, so a certificate for 127.0.0.1 and localhost does not pass.
+#[tokio::test]
+async fn an_outbound_peer_named_by_an_ipv6_literal_is_verified_by_its_ip_san() {
+    if !ipv6_loopback() {
+        return;
+    }
+    let pki = TestPki::new();
+    for (names, verified) in [(&["::1"][..], true), (&["127.0.0.1", "localhost"], false)] {
+        let (peer, mut sni) = ipv6_peer(&pki, names).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = pki.write_ca(dir.path());
+        let out = Proxy::start_in(
+            &format!(
+                "[[listener]]\nname = \"out\"\nbind = \"[::1]:0\"\nupstream = \"{peer}\"\nmode = \"outbound\"\n\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"web.test\"]\n\n[listener.outbound]\nca = \"{}\"\n",
+                ca.display()
+            ),
+            dir,
+        )
+        .await
+        .unwrap();
+        let mut tcp = TcpStream::connect(out.addr("out")).await.unwrap();
+        let mut got = Vec::new();
+        let read = within("the peer's answer", tcp.read_to_end(&mut got)).await;
+        if verified {
+            assert_eq!(
+                (read.is_ok(), &*String::from_utf8_lossy(&got)),
+                (true, "greeting"),
+                "{names:?}: {read:?}"
+            );
+            assert_eq!(within("the peer's handshake", sni.recv()).await, Some(None));
+        } else {
+            assert!(
+                got.is_empty() && read.is_err(),
+                "{names:?}: {read:?} {got:?}"
+            );
+        }
     }
 }
