@@ -550,8 +550,16 @@ pub fn check_listener_name(name: &str) -> Result<(), String> {
 
 /// The name an outbound listener expects in its peer's certificate.
 pub fn parse_server_name(value: &str) -> Result<rustls::pki_types::ServerName<'static>, String> {
-    rustls::pki_types::ServerName::try_from(value.to_ascii_lowercase())
-        .map_err(|_| format!("`{value}` is neither a DNS name nor an IP address"))
+    rustls::pki_types::ServerName::try_from(value.to_ascii_lowercase()).map_err(|_| {
+        match value
+            .strip_prefix('[')
+            .and_then(|v| v.strip_suffix(']'))
+            .filter(|ip| ip.parse::<std::net::Ipv6Addr>().is_ok())
+        {
+            Some(ip) => format!("`{value}`: an IPv6 address is written without brackets here, as a certificate holds it: `{ip}`"),
+            None => format!("`{value}` is neither a DNS name nor an IP address"),
+        }
+    })
 }
 
 /// Why an outbound listener takes no client-certificate settings.
@@ -1132,10 +1140,62 @@ fn validate_timeouts(
     })
 }
 
-/// A listen address: `IP:PORT`, IPv6 in brackets.
+/// A listen address: `IP:PORT`, IPv6 in brackets, a link-local one's zone
+/// by interface number (`[fe80::1%2]:8443`).
 pub fn parse_bind(value: &str) -> Result<SocketAddr, String> {
-    value.parse::<SocketAddr>().map_err(|_| {
-        format!("`{value}` is not a valid listen address; expected IP:PORT such as 0.0.0.0:8443 or [::]:8443")
+    let addr = value.parse::<SocketAddr>().map_err(|_| {
+        ipv6_mistake(value).unwrap_or_else(|| {
+            format!("`{value}` is not a valid listen address; expected IP:PORT such as 0.0.0.0:8443 or [::]:8443")
+        })
+    })?;
+    if let Some(v4) = mapped(addr) {
+        // sheath's IPv6 sockets are IPv6 only; the kernel refuses to bind
+        // one to such an address, and said only "Invalid argument".
+        return Err(format!(
+            "`{value}` is an IPv4 address in IPv6 form, which an IPv6-only socket cannot bind; write {v4}"
+        ));
+    }
+    Ok(addr)
+}
+
+/// `addr` as IPv4, if it is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
+fn mapped(addr: SocketAddr) -> Option<SocketAddr> {
+    match addr {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map(|v4| SocketAddr::from((v4, v6.port()))),
+        SocketAddr::V4(_) => None,
+    }
+}
+
+/// What to write instead of an `IP:PORT` that fails to parse the ways
+/// people write IPv6 wrongly: without brackets (`::1:8443` is itself an
+/// address, so no port is read), or with a zone named (`%eth0`), which
+/// only a number can give.
+fn ipv6_mistake(value: &str) -> Option<String> {
+    if value.parse::<std::net::Ipv6Addr>().is_ok() {
+        let fix = match value.rsplit_once(':') {
+            Some((ip, port))
+                if ip.parse::<std::net::Ipv6Addr>().is_ok() && port.parse::<u16>().is_ok() =>
+            {
+                format!("[{ip}]:{port}")
+            }
+            _ => format!("[{value}]:PORT"),
+        };
+        return Some(format!(
+            "`{value}` reads as an IPv6 address with no port; an IPv6 address goes in brackets before its port: {fix}"
+        ));
+    }
+    let (_, zone) = value
+        .strip_prefix('[')?
+        .split_once(']')?
+        .0
+        .split_once('%')?;
+    (zone.parse::<u32>().is_err()).then(|| {
+        format!(
+            "`{value}`: a zone is given by interface number (`ip link` lists them), such as [fe80::1%2]:8443, not by name"
+        )
     })
 }
 
@@ -1149,8 +1209,25 @@ pub fn parse_upstream(value: &str, allow_remote: bool) -> Result<Upstream, Strin
         )
     };
     let (host, port) = if let Ok(addr) = value.parse::<SocketAddr>() {
+        if let Some(v4) = mapped(addr) {
+            return Err(format!(
+                "`{value}` is an IPv4 address in IPv6 form; write {v4}"
+            ));
+        }
+        if let SocketAddr::V6(v6) = addr {
+            // The host is kept as text, and the zone would be lost with
+            // it: a link-local address without one cannot be reached.
+            if v6.scope_id() != 0 {
+                return Err(format!(
+                    "`{value}`: an upstream address with a zone (`%`) is not supported"
+                ));
+            }
+        }
         (addr.ip().to_string(), addr.port())
     } else {
+        if let Some(fix) = ipv6_mistake(value) {
+            return Err(fix);
+        }
         let (host, port) = value.rsplit_once(':').ok_or_else(bad)?;
         let port: u16 = port.parse().map_err(|_| bad())?;
         if host.is_empty() || host.contains(':') || host.contains('/') || host.contains(' ') {

@@ -456,6 +456,85 @@ fn remote_upstream_is_refused_unless_allowed() {
     }
 }
 
+/// An IPv6 address takes its port after brackets. Written without them
+/// (`::1:8443` is itself an IPv6 address, so no port is read), with an
+/// IPv4 address in IPv6 form (a socket sheath binds on IPv6 is IPv6 only,
+/// and the kernel refused it only when binding) or with a zone named
+/// instead of numbered, the error says what to write. `server_name`
+/// takes an address bare, as the certificate holds it.
+#[test]
+fn ipv6_addresses_written_the_wrong_way_get_the_way_to_write_them() {
+    let listener = |bind: &str, upstream: &str| {
+        format!("[[listener]]\nbind = \"{bind}\"\nupstream = \"{upstream}\"\n")
+    };
+    let outbound = |server_name: &str| {
+        format!(
+            "{}mode = \"outbound\"\n[listener.outbound]\nserver_name = \"{server_name}\"\n",
+            listener("127.0.0.1:15001", "[::1]:8443")
+        )
+    };
+    for (text, line, key, fix) in [
+        (
+            listener("::1:8443", "127.0.0.1:8080"),
+            2,
+            "bind",
+            "[::1]:8443",
+        ),
+        (
+            listener("2001:db8::1", "127.0.0.1:8080"),
+            2,
+            "bind",
+            "[2001:db8::1]:PORT",
+        ),
+        (
+            listener("[::ffff:127.0.0.1]:8443", "127.0.0.1:8080"),
+            2,
+            "bind",
+            "127.0.0.1:8443",
+        ),
+        (
+            listener("[fe80::1%eth0]:8443", "127.0.0.1:8080"),
+            2,
+            "bind",
+            "interface number",
+        ),
+        (
+            listener("[::1]:8443", "::1:8080"),
+            3,
+            "upstream",
+            "[::1]:8080",
+        ),
+        (
+            listener("[::1]:8443", "[::ffff:127.0.0.1]:8080"),
+            3,
+            "upstream",
+            "127.0.0.1:8080",
+        ),
+        (
+            format!(
+                "{}allow_remote_upstream = true\n",
+                listener("[::1]:8443", "[fe80::1%2]:8080")
+            ),
+            3,
+            "upstream",
+            "zone",
+        ),
+        (outbound("[::1]"), 6, "outbound.server_name", "`::1`"),
+    ] {
+        let (at, k, message) = error_at(&text);
+        assert_eq!(
+            (at, k.as_str()),
+            (line, &*format!("listener[0].{key}")),
+            "{text}"
+        );
+        assert!(message.contains(fix), "{text}: {message}");
+    }
+    // The forms that work: an address in brackets, a zone by number.
+    let c = parse(&listener("[fe80::1%2]:8443", "[::1]:8080")).unwrap();
+    assert_eq!(c.listeners[0].bind, "[fe80::1%2]:8443".parse().unwrap());
+    assert_eq!(c.listeners[0].upstream.authority, "[::1]:8080");
+}
+
 #[test]
 fn type_errors_and_bad_values_are_located() {
     let (line, key, _) = error_at(
