@@ -283,3 +283,32 @@ async fn an_outbound_peer_named_by_an_ipv6_literal_is_verified_by_its_ip_san() {
         }
     }
 }
+
+/// A local-CA listener named by an IPv6 address carries it as an IP SAN
+/// that a client connecting to `[::1]` verifies (rustls checks an IP
+/// name against IP SANs only, never a DNS SAN spelt `::1`).
+#[tokio::test]
+async fn a_local_ca_certificate_for_an_ipv6_address_verifies_at_that_address() {
+    if !ipv6_loopback() {
+        return;
+    }
+    let toml = format!(
+        "[[listener]]\nname = \"v6\"\nbind = \"[::1]:0\"\nupstream = \"{}\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"local_ca\"\nnames = [\"::1\"]\n",
+        backend::tcp_echo().await
+    );
+    let proxy = Proxy::start(&toml).await;
+    let pem = std::fs::read_to_string(crate::outbound::local_ca_root(proxy.dir.path())).unwrap();
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    let addr = proxy.addr("v6");
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut tls = within(
+        "TLS to [::1]",
+        TlsConnector::from(config).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+    )
+    .await
+    .expect("the certificate verifies for ::1");
+    tls.write_all(b"ping").await.unwrap();
+    let mut echoed = [0u8; 4];
+    within("echo", tls.read_exact(&mut echoed)).await.unwrap();
+    assert_eq!(&echoed, b"ping");
+}
