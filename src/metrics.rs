@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::app::Observed;
+use crate::app::{ListenerHandle, Observed};
 use crate::tls::handshake::FailureReason;
 
 /// Upper bounds (seconds) of the request latency histogram buckets.
@@ -530,45 +530,34 @@ impl Collector for SheathCollector {
             )?;
         }
 
-        let mut f = family(
-            &mut enc,
-            "sheath_client_trust_reloads",
-            "Client CA bundle and CRL reloads by outcome",
-            None,
-            MetricType::Counter,
-        )?;
-        for l in listeners.iter() {
-            if let Some(v) = &l.client_verifier {
-                let name = l.name.as_str();
-                f.counter(
-                    &[("listener", name), ("outcome", "success")],
-                    v.reloads.load(Ordering::Relaxed),
-                )?;
-                f.counter(
-                    &[("listener", name), ("outcome", "failure")],
-                    v.failed_reloads.load(Ordering::Relaxed),
-                )?;
-            }
-        }
-
-        let mut f = family(
-            &mut enc,
-            "sheath_peer_trust_reloads",
-            "Outbound peer CA bundle reloads by outcome",
-            None,
-            MetricType::Counter,
-        )?;
-        for l in listeners.iter() {
-            if let Some(v) = &l.peer_verifier {
-                let name = l.name.as_str();
-                f.counter(
-                    &[("listener", name), ("outcome", "success")],
-                    v.reloads.load(Ordering::Relaxed),
-                )?;
-                f.counter(
-                    &[("listener", name), ("outcome", "failure")],
-                    v.failed_reloads.load(Ordering::Relaxed),
-                )?;
+        // Both kinds of trust read from files count their re-reads alike.
+        type Reloads = for<'a> fn(&'a ListenerHandle) -> Option<(&'a AtomicU64, &'a AtomicU64)>;
+        let trusts: [(&str, &str, Reloads); 2] = [
+            (
+                "sheath_client_trust_reloads",
+                "Client CA bundle and CRL reloads by outcome",
+                |l| {
+                    let v = l.client_verifier.as_deref()?;
+                    Some((&v.reloads, &v.failed_reloads))
+                },
+            ),
+            (
+                "sheath_peer_trust_reloads",
+                "Outbound peer CA bundle reloads by outcome",
+                |l| {
+                    let v = l.peer_verifier.as_deref()?;
+                    Some((&v.reloads, &v.failed_reloads))
+                },
+            ),
+        ];
+        for (name, help, reloads) in trusts {
+            let mut f = family(&mut enc, name, help, None, MetricType::Counter)?;
+            for l in listeners.iter() {
+                if let Some((success, failure)) = reloads(l) {
+                    let name = l.name.as_str();
+                    f.counter(&[("listener", name), ("outcome", "success")], load(success))?;
+                    f.counter(&[("listener", name), ("outcome", "failure")], load(failure))?;
+                }
             }
         }
 
