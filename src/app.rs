@@ -132,7 +132,10 @@ fn error_key(index: usize, l: &ListenerConfig, e: &StartError) -> String {
             let Some(key_path) = files else { return table };
             // Which of the two files the error is about.
             let on_key = match source {
-                CertError::Read { path, .. } | CertError::NoKey { path } => path == key_path,
+                CertError::Read { path, .. }
+                | CertError::NoKey { path, .. }
+                | CertError::EncryptedKey { path }
+                | CertError::Format { path, .. } => path == key_path,
                 CertError::Pem { what, .. } => *what == key_path.display().to_string(),
                 _ => false,
             };

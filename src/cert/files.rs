@@ -18,41 +18,55 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::manager::Material;
-use super::{certified_key, parse_chain_pem, parse_key_pem, CertError, CertInfo};
+use rustls_pki_types::PrivateKeyDer;
+
+use super::{certified_key, read_chain, read_key, without_bom, CertError, CertInfo};
 
 /// Read and check a certificate chain and its key from disk.
 pub fn load(cert_path: &Path, key_path: &Path) -> Result<(Arc<CertifiedKey>, CertInfo), CertError> {
     load_material(cert_path, key_path).map(|m| (m.certified, m.info))
 }
 
-/// Read and check a certificate chain and its key, keeping the PEM text.
+/// Read and check a certificate chain and its key, keeping their PEM text
+/// (DER files are given it) for an export.
 pub fn load_material(cert_path: &Path, key_path: &Path) -> Result<Material, CertError> {
+    // Bytes, not text: a DER or PKCS#12 file is not UTF-8, and the error
+    // for it must say what it is, not that it is not UTF-8.
     let read = |p: &Path| {
-        std::fs::read_to_string(p).map_err(|source| CertError::Read {
+        std::fs::read(p).map_err(|source| CertError::Read {
             path: p.to_path_buf(),
             source,
         })
     };
-    let cert_pem = read(cert_path)?;
-    let key_pem = read(key_path)?;
-    let what = cert_path.display().to_string();
-    let chain = parse_chain_pem(&what, cert_pem.as_bytes())?;
-    if chain.is_empty() {
-        return Err(CertError::NoCertificate {
-            path: cert_path.to_path_buf(),
-        });
-    }
-    let key =
-        parse_key_pem(&key_path.display().to_string(), key_pem.as_bytes())?.ok_or_else(|| {
-            CertError::NoKey {
-                path: key_path.to_path_buf(),
-            }
-        })?;
-    let (certified, info) = certified_key(&what, chain, key)?;
+    let cert_data = read(cert_path)?;
+    let key_data = read(key_path)?;
+    let chain = read_chain(cert_path, &cert_data)?;
+    let key = read_key(key_path, &key_data)?;
+    let chain_pem = match std::str::from_utf8(without_bom(&cert_data)) {
+        Ok(text) if text.contains("-----BEGIN ") => text.to_string(),
+        _ => pem::encode_many(
+            &chain
+                .iter()
+                .map(|c| pem::Pem::new("CERTIFICATE", c.as_ref()))
+                .collect::<Vec<_>>(),
+        ),
+    };
+    let key_pem = match std::str::from_utf8(without_bom(&key_data)) {
+        Ok(text) if text.contains("-----BEGIN ") => text.to_string(),
+        _ => pem::encode(&pem::Pem::new(
+            match &key {
+                PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+                PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+                _ => "PRIVATE KEY",
+            },
+            key.secret_der(),
+        )),
+    };
+    let (certified, info) = certified_key(&cert_path.display().to_string(), chain, key)?;
     Ok(Material {
         certified,
         info,
-        chain_pem: cert_pem,
+        chain_pem,
         key_pem,
     })
 }

@@ -24,7 +24,7 @@ pub use local_ca::LocalCa;
 pub use manager::{CertManager, Material};
 pub use renew::CertStatus;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
@@ -46,10 +46,17 @@ pub enum CertError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: no PEM certificate found", path.display())]
-    NoCertificate { path: PathBuf },
-    #[error("{}: no PEM private key found", path.display())]
-    NoKey { path: PathBuf },
+    #[error("{}: no PEM certificate found{hint}", path.display())]
+    NoCertificate { path: PathBuf, hint: &'static str },
+    #[error("{}: no PEM private key found{hint}", path.display())]
+    NoKey { path: PathBuf, hint: &'static str },
+    #[error(
+        "{}: the private key is encrypted, and sheath cannot ask for its passphrase; write it out decrypted with `openssl pkey -in {} -out <new file>` (it asks for the passphrase), make the new file readable by sheath alone, and give that as the key",
+        path.display(), path.display()
+    )]
+    EncryptedKey { path: PathBuf },
+    #[error("{}: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
     #[error("{what}: malformed PEM: {reason}")]
     Pem { what: String, reason: String },
     #[error("{what}: cannot parse certificate: {reason}")]
@@ -88,7 +95,7 @@ pub enum CertError {
 /// Parse every certificate in a PEM text.
 pub fn parse_chain_pem(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
     use rustls_pki_types::pem::PemObject;
-    CertificateDer::pem_slice_iter(pem)
+    CertificateDer::pem_slice_iter(without_bom(pem))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CertError::Pem {
             what: what.to_string(),
@@ -118,7 +125,7 @@ pub fn pem_reason(e: &rustls_pki_types::pem::Error) -> String {
 /// Parse the first private key (PKCS#8, SEC1 or PKCS#1) in a PEM text.
 pub fn parse_key_pem(what: &str, pem: &[u8]) -> Result<Option<PrivateKeyDer<'static>>, CertError> {
     use rustls_pki_types::pem::{self, PemObject};
-    match PrivateKeyDer::from_pem_slice(pem) {
+    match PrivateKeyDer::from_pem_slice(without_bom(pem)) {
         Ok(key) => Ok(Some(key)),
         Err(pem::Error::NoItemsFound) => Ok(None),
         Err(e) => Err(CertError::Pem {
@@ -127,6 +134,146 @@ pub fn parse_key_pem(what: &str, pem: &[u8]) -> Result<Option<PrivateKeyDer<'sta
         }),
     }
 }
+
+/// The text after a UTF-8 byte order mark, which Windows editors write
+/// at the start of a file. The PEM parser reads a BEGIN line only at the
+/// start of a line, so behind a mark the first block (a chain's leaf, a
+/// bundle's first CA) was silently skipped.
+pub fn without_bom(data: &[u8]) -> &[u8] {
+    data.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(data)
+}
+
+/// Binary content: DER (an ASN.1 SEQUENCE) and no PEM block anywhere.
+fn is_der(data: &[u8]) -> bool {
+    data.first() == Some(&0x30) && !data.windows(11).any(|w| w == b"-----BEGIN ")
+}
+
+fn is_der_certificate(data: &[u8]) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(data).is_ok_and(|(rest, _)| rest.is_empty())
+}
+
+/// A PKCS#12 PFX: SEQUENCE { version 3, ContentInfo { pkcs7 content
+/// type, ... }, ... } (RFC 7292 §4). BER, as some exporters write it.
+fn is_pkcs12(data: &[u8]) -> bool {
+    use x509_parser::der_parser::ber::parse_ber;
+    let Ok((_, pfx)) = parse_ber(data) else {
+        return false;
+    };
+    let Ok(items) = pfx.as_sequence() else {
+        return false;
+    };
+    let version = items.first().and_then(|v| v.as_u32().ok());
+    let content_type = items
+        .get(1)
+        .and_then(|c| c.as_sequence().ok())
+        .and_then(|c| c.first())
+        .and_then(|oid| oid.as_oid().ok())
+        .map(|oid| oid.to_id_string());
+    version == Some(3) && content_type.is_some_and(|oid| oid.starts_with("1.2.840.113549.1.7."))
+}
+
+/// Why binary content that is not what was asked for cannot be used.
+fn binary_error(path: &Path, data: &[u8], expected: &str) -> CertError {
+    let shown = path.display();
+    let reason = if is_pkcs12(data) {
+        format!(
+            "this is a PKCS#12 (.p12/.pfx) bundle, which sheath does not read; extract the chain with `openssl pkcs12 -in {shown} -nokeys -out chain.pem` and the key with `openssl pkcs12 -in {shown} -nocerts -nodes -out key.pem`, and give those as `cert` and `key`"
+        )
+    } else {
+        format!("this is neither PEM nor a DER {expected}")
+    };
+    CertError::Format {
+        path: path.to_path_buf(),
+        reason,
+    }
+}
+
+/// Certificates from a file: a PEM chain (after a byte order mark, between
+/// lines of other text), or a single DER certificate.
+pub fn read_chain(path: &Path, data: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
+    let data = without_bom(data);
+    if is_der(data) {
+        if is_der_certificate(data) {
+            return Ok(vec![CertificateDer::from(data.to_vec())]);
+        }
+        // The key format guess takes a PKCS#12 bundle for a key.
+        if !is_pkcs12(data) && PrivateKeyDer::try_from(data).is_ok() {
+            return Err(CertError::NoCertificate {
+                path: path.to_path_buf(),
+                hint: SWAPPED_KEY,
+            });
+        }
+        return Err(binary_error(path, data, "certificate"));
+    }
+    let chain = parse_chain_pem(&path.display().to_string(), data)?;
+    if chain.is_empty() {
+        let hint = if data.iter().all(u8::is_ascii_whitespace) {
+            " (the file is empty)"
+        } else if parse_key_pem("", data).is_ok_and(|k| k.is_some()) || is_encrypted_key(data) {
+            SWAPPED_KEY
+        } else {
+            ""
+        };
+        return Err(CertError::NoCertificate {
+            path: path.to_path_buf(),
+            hint,
+        });
+    }
+    Ok(chain)
+}
+
+const SWAPPED_KEY: &str = "; it holds a private key: are the certificate and key paths swapped?";
+
+/// A PEM key sealed with a passphrase: PKCS#8's own block, or the legacy
+/// OpenSSL header in an RSA or EC block. The parser skips the first and
+/// fails on the second's header lines as if they were base64.
+fn is_encrypted_key(data: &[u8]) -> bool {
+    let has = |needle: &[u8]| data.windows(needle.len()).any(|w| w == needle);
+    has(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || has(b"Proc-Type: 4,ENCRYPTED")
+}
+
+/// The first private key in a file: PEM (PKCS#8, SEC1 or PKCS#1, also
+/// after other blocks, as in a file holding the chain too) or DER.
+pub fn read_key(path: &Path, data: &[u8]) -> Result<PrivateKeyDer<'static>, CertError> {
+    let data = without_bom(data);
+    if is_der(data) {
+        if is_der_certificate(data) {
+            return Err(CertError::NoKey {
+                path: path.to_path_buf(),
+                hint: SWAPPED_CERT,
+            });
+        }
+        if is_pkcs12(data) {
+            return Err(binary_error(path, data, "private key"));
+        }
+        return PrivateKeyDer::try_from(data.to_vec())
+            .map_err(|_| binary_error(path, data, "private key"));
+    }
+    let parsed = parse_key_pem(&path.display().to_string(), data);
+    if let Ok(Some(key)) = parsed {
+        return Ok(key);
+    }
+    if is_encrypted_key(data) {
+        return Err(CertError::EncryptedKey {
+            path: path.to_path_buf(),
+        });
+    }
+    parsed?;
+    let hint = if data.iter().all(u8::is_ascii_whitespace) {
+        " (the file is empty)"
+    } else if parse_chain_pem("", data).is_ok_and(|c| !c.is_empty()) {
+        SWAPPED_CERT
+    } else {
+        ""
+    };
+    Err(CertError::NoKey {
+        path: path.to_path_buf(),
+        hint,
+    })
+}
+
+const SWAPPED_CERT: &str = "; it holds a certificate: are the certificate and key paths swapped?";
 
 /// Check a chain and key and turn them into something rustls can serve.
 ///

@@ -510,3 +510,404 @@ async fn a_chain_in_the_wrong_order_is_named_as_such() {
     assert!(err.contains("leaf"), "{err}");
     assert!(!err.contains("does not match"), "{err}");
 }
+
+/// Run openssl in `dir`; a failure fails the test with openssl's words.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Rewrite `file` in `dir` with `openssl <args> -in file -out file`
+/// (openssl truncates its output before it reads its input).
+fn openssl_rewrite(dir: &Path, file: &str, args: &[&str]) {
+    let new = format!("{file}.new");
+    let mut all = args.to_vec();
+    all.extend(["-in", file, "-out", &new]);
+    openssl(dir, &all);
+    std::fs::rename(dir.join(&new), dir.join(file)).unwrap();
+}
+
+/// `<stem>.key` as `genkey` (an openssl command line, given `-out`) writes
+/// it, and `<stem>.pem`, a localhost certificate for it issued by the test
+/// CA with `openssl x509 -req`. Returns the certificate's serial.
+fn openssl_pair(pki: &TestPki, dir: &Path, stem: &str, genkey: &[&str]) -> String {
+    if !dir.join("ca.key").exists() {
+        std::fs::write(dir.join("ca.pem"), &pki.ca_pem).unwrap();
+        std::fs::write(dir.join("ca.key"), pki.ca_key_pem()).unwrap();
+        std::fs::write(
+            dir.join("ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+    }
+    let key = format!("{stem}.key");
+    // Right after the command: genrsa wants its key size last.
+    let mut args = genkey.to_vec();
+    args.splice(1..1, ["-out", key.as_str()]);
+    openssl(dir, &args);
+    let csr = format!("{stem}.csr");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-new",
+            "-key",
+            &key,
+            "-subj",
+            "/CN=localhost",
+            "-out",
+            &csr,
+        ],
+    );
+    let cert = format!("{stem}.pem");
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext",
+            "-out",
+            &cert,
+        ],
+    );
+    serial_of(&std::fs::read_to_string(dir.join(&cert)).unwrap())
+}
+
+const P256: &[&str] = &[
+    "genpkey",
+    "-algorithm",
+    "EC",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+];
+
+fn files_toml(cert: &Path, key: &Path) -> String {
+    format!(
+        "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nmode = \"tcp\"\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    )
+}
+
+/// Keys of every type rustls can sign with, in the encodings openssl
+/// writes them, and the shapes certificate files take on their way from a
+/// CA or another tool: each is served and verifies at a client.
+#[tokio::test]
+async fn openssl_keys_and_files_in_every_common_shape_are_served() {
+    if !crate::common::require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    fn bom(path: &Path) {
+        let text = std::fs::read(path).unwrap();
+        std::fs::write(path, [b"\xEF\xBB\xBF".as_slice(), &text].concat()).unwrap();
+    }
+    type Shape = fn(&Path);
+    let same: Shape = |_| {};
+    let cases: Vec<(&str, &[&str], Shape)> = vec![
+        ("ECDSA P-256, PKCS#8", P256, same),
+        (
+            "ECDSA P-384, PKCS#8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+            ],
+            same,
+        ),
+        (
+            "ECDSA P-521, PKCS#8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-521",
+            ],
+            same,
+        ),
+        // The parameters block ahead of the key, as `ecparam -genkey`
+        // writes it without -noout.
+        (
+            "ECDSA P-256, SEC1 after EC PARAMETERS",
+            &["ecparam", "-name", "prime256v1", "-genkey"],
+            same,
+        ),
+        ("Ed25519", &["genpkey", "-algorithm", "ed25519"], same),
+        (
+            "RSA 2048, PKCS#8",
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ],
+            same,
+        ),
+        (
+            "RSA 3072, PKCS#1",
+            &["genrsa", "-traditional", "3072"],
+            same,
+        ),
+        (
+            "RSA 4096, PKCS#1",
+            &["genrsa", "-traditional", "4096"],
+            same,
+        ),
+        ("DER certificate and PKCS#8 key", P256, |dir| {
+            openssl_rewrite(dir, "k.pem", &["x509", "-outform", "DER"]);
+            openssl_rewrite(dir, "k.key", &["pkey", "-outform", "DER"]);
+        }),
+        (
+            "DER certificate and PKCS#1 key",
+            &["genrsa", "-traditional", "2048"],
+            |dir| {
+                openssl_rewrite(dir, "k.pem", &["x509", "-outform", "DER"]);
+                openssl_rewrite(dir, "k.key", &["rsa", "-traditional", "-outform", "DER"]);
+            },
+        ),
+        ("a UTF-8 byte order mark before each file", P256, |dir| {
+            bom(&dir.join("k.pem"));
+            bom(&dir.join("k.key"));
+        }),
+        ("CRLF line endings", P256, |dir| {
+            for f in ["k.pem", "k.key"] {
+                let text = std::fs::read_to_string(dir.join(f)).unwrap();
+                std::fs::write(dir.join(f), text.replace('\n', "\r\n")).unwrap();
+            }
+        }),
+        ("`openssl x509 -text` before the block", P256, |dir| {
+            openssl_rewrite(dir, "k.pem", &["x509", "-text"]);
+        }),
+        (
+            "certificate and key in one file, given for both",
+            P256,
+            |dir| {
+                let text = std::fs::read_to_string(dir.join("k.pem")).unwrap()
+                    + &std::fs::read_to_string(dir.join("k.key")).unwrap();
+                std::fs::write(dir.join("k.pem"), &text).unwrap();
+                std::fs::write(dir.join("k.key"), &text).unwrap();
+            },
+        ),
+        (
+            "key first, then the certificate, in one file",
+            P256,
+            |dir| {
+                let text = std::fs::read_to_string(dir.join("k.key")).unwrap()
+                    + &std::fs::read_to_string(dir.join("k.pem")).unwrap();
+                std::fs::write(dir.join("k.pem"), &text).unwrap();
+                std::fs::write(dir.join("k.key"), &text).unwrap();
+            },
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, genkey, shape) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let serial = openssl_pair(&pki, dir.path(), "k", genkey);
+        shape(dir.path());
+        let toml = files_toml(&dir.path().join("k.pem"), &dir.path().join("k.key"));
+        let proxy = match Proxy::start_in(&toml, dir).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                failures.push(format!("{what}: refused: {e}"));
+                continue;
+            }
+        };
+        match served_cert(proxy.addr("l"), pki.roots()).await {
+            Ok(info) if info.serial == serial => {}
+            other => failures.push(format!("{what}: served {other:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// Files sheath cannot serve from are refused at the start with words that
+/// name the file and say what to do, never a parser's message or "no key
+/// found" for a key that is there but encrypted.
+#[tokio::test]
+async fn unusable_files_are_refused_saying_what_to_do() {
+    if !crate::common::require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    type Shape = fn(&Path);
+    let cases: Vec<(&str, Shape, &str, &str, &[&str])> = vec![
+        (
+            "encrypted PKCS#8",
+            |dir| openssl_rewrite(dir, "k.key", &["pkcs8", "-topk8", "-passout", "pass:x"]),
+            "k.pem",
+            "k.key",
+            &["k.key", "encrypted", "openssl pkey -in"],
+        ),
+        (
+            "legacy encrypted SEC1",
+            |dir| openssl_rewrite(dir, "k.key", &["ec", "-aes256", "-passout", "pass:x"]),
+            "k.pem",
+            "k.key",
+            &["k.key", "encrypted", "openssl pkey -in"],
+        ),
+        (
+            "PKCS#12 given as the certificate",
+            |dir| {
+                openssl(
+                    dir,
+                    &[
+                        "pkcs12", "-export", "-in", "k.pem", "-inkey", "k.key", "-passout",
+                        "pass:", "-out", "k.p12",
+                    ],
+                )
+            },
+            "k.p12",
+            "k.key",
+            &["k.p12", "PKCS#12", "openssl pkcs12 -in"],
+        ),
+        (
+            "PKCS#12 given as the key",
+            |dir| {
+                openssl(
+                    dir,
+                    &[
+                        "pkcs12", "-export", "-in", "k.pem", "-inkey", "k.key", "-passout",
+                        "pass:", "-out", "k.p12",
+                    ],
+                )
+            },
+            "k.pem",
+            "k.p12",
+            &["k.p12", "PKCS#12", "openssl pkcs12 -in"],
+        ),
+        (
+            "certificate and key paths swapped",
+            |_| {},
+            "k.key",
+            "k.pem",
+            &["k.key", "private key", "swapped"],
+        ),
+        (
+            "the certificate given as the key",
+            |_| {},
+            "k.pem",
+            "k.pem",
+            &["k.pem", "no PEM private key", "swapped"],
+        ),
+        (
+            "empty certificate file",
+            |dir| std::fs::write(dir.join("k.pem"), "").unwrap(),
+            "k.pem",
+            "k.key",
+            &["k.pem", "empty"],
+        ),
+        (
+            "a directory",
+            |dir| std::fs::create_dir(dir.join("d")).unwrap(),
+            "d",
+            "k.key",
+            &["/d", "directory"],
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, shape, cert, key, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        openssl_pair(&pki, dir.path(), "k", P256);
+        shape(dir.path());
+        let toml = files_toml(&dir.path().join(cert), &dir.path().join(key));
+        match Proxy::start_in(&toml, dir).await {
+            Ok(_) => failures.push(format!("{what}: started")),
+            Err(e) => {
+                let e = e.to_string();
+                if let Some(missing) = expected.iter().find(|x| !e.contains(**x)) {
+                    failures.push(format!("{what}: {missing:?} not in: {e}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+/// The same files written over a working pair: the refusals reach the
+/// status in the same words and never replace what serves, and a DER pair
+/// rotated in is served.
+#[tokio::test]
+async fn rotated_files_in_other_shapes_are_refused_or_served() {
+    if !crate::common::require_tool("openssl") {
+        return;
+    }
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let original = openssl_pair(&pki, &path, "k", P256);
+    let (cert, key) = (path.join("k.pem"), path.join("k.key"));
+    let proxy = proxy_on(dir, &cert, &key).await;
+    until_serving(&proxy, &pki, &original).await;
+    let status = proxy.running().listener("l").unwrap().certs[0]
+        .status
+        .clone();
+
+    // A new pair whose key is encrypted.
+    let serial = openssl_pair(&pki, &path, "n", P256);
+    openssl_rewrite(&path, "n.key", &["pkcs8", "-topk8", "-passout", "pass:x"]);
+    let before = status.load().consecutive_failures;
+    std::fs::rename(path.join("n.key"), &key).unwrap();
+    std::fs::rename(path.join("n.pem"), &cert).unwrap();
+    let error = rejected(&proxy, &pki, before, &original).await;
+    assert!(error.contains("encrypted"), "{error}");
+
+    // A PKCS#12 bundle where the certificate was.
+    let serial2 = openssl_pair(&pki, &path, "p", P256);
+    openssl(
+        &path,
+        &[
+            "pkcs12", "-export", "-in", "p.pem", "-inkey", "p.key", "-passout", "pass:", "-out",
+            "p.p12",
+        ],
+    );
+    let before = status.load().consecutive_failures;
+    std::fs::rename(path.join("p.key"), &key).unwrap();
+    std::fs::rename(path.join("p.p12"), &cert).unwrap();
+    let error = rejected(&proxy, &pki, before, &original).await;
+    assert!(error.contains("PKCS#12"), "{error}");
+    assert_ne!(serial, serial2);
+
+    // The same pair in DER is served (its key is in place as k.key now).
+    openssl(
+        &path,
+        &["x509", "-in", "p.pem", "-outform", "DER", "-out", "p.der"],
+    );
+    openssl(
+        &path,
+        &[
+            "pkey",
+            "-in",
+            "k.key",
+            "-outform",
+            "DER",
+            "-out",
+            "p.key.der",
+        ],
+    );
+    std::fs::rename(path.join("p.key.der"), &key).unwrap();
+    std::fs::rename(path.join("p.der"), &cert).unwrap();
+    until_serving(&proxy, &pki, &serial2).await;
+}

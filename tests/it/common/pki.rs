@@ -125,6 +125,11 @@ impl TestPki {
         }
     }
 
+    /// The CA's private key, PEM, for issuing with `openssl x509 -req`.
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
+    }
+
     /// Write the CA certificate under `dir`, for curl/openssl.
     pub fn write_ca(&self, dir: &Path) -> PathBuf {
         let path = dir.join("test-ca.pem");
