@@ -32,7 +32,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::cert::inspect::sha256_hex;
-use crate::cert::parse_chain_pem;
+use crate::cert::{read_chain, without_bom, CertError};
 use crate::config::{AllowList, ClientAuthConfig, ClientAuthMode};
 
 /// Why client trust could not be loaded.
@@ -76,24 +76,31 @@ pub fn load_verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVeri
         .map_err(|e| TrustError::Verifier(e.to_string()))
 }
 
-/// PEM CA bundles as trust anchors; a file without a certificate is an
-/// error, not an empty trust.
+/// CA bundles (PEM, or one DER certificate) as trust anchors; a file
+/// without a certificate is an error, not an empty trust.
 pub fn load_roots(paths: &[PathBuf]) -> Result<RootCertStore, TrustError> {
     let mut roots = RootCertStore::empty();
     for path in paths {
         let shown = path.display().to_string();
-        let pem = read(path)?;
-        let certs = parse_chain_pem(&shown, &pem).map_err(|e| TrustError::Invalid {
-            path: shown.clone(),
-            // This error names the file already; the parser's does too.
-            reason: match e {
-                crate::cert::CertError::Pem { reason, .. } => format!("malformed PEM: {reason}"),
-                other => other.to_string(),
+        let data = read(path)?;
+        let certs = read_chain(path, &data).map_err(|e| match e {
+            CertError::NoCertificate { .. } => TrustError::NoCa {
+                path: shown.clone(),
+            },
+            // These name the file already, as the trust error does.
+            CertError::Pem { reason, .. } => TrustError::Invalid {
+                path: shown.clone(),
+                reason: format!("malformed PEM: {reason}"),
+            },
+            CertError::Format { reason, .. } => TrustError::Invalid {
+                path: shown.clone(),
+                reason,
+            },
+            other => TrustError::Invalid {
+                path: shown.clone(),
+                reason: other.to_string(),
             },
         })?;
-        if certs.is_empty() {
-            return Err(TrustError::NoCa { path: shown });
-        }
         for cert in certs {
             roots.add(cert).map_err(|e| TrustError::Invalid {
                 path: shown.clone(),
@@ -115,6 +122,9 @@ fn read(path: &Path) -> Result<Vec<u8>, TrustError> {
 /// file is refused at load time, not at the first handshake.
 fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     use rustls::pki_types::pem::PemObject;
+    // A byte order mark is not ASCII: the PEM file behind one was taken
+    // for DER.
+    let data = without_bom(data);
     let crls: Vec<CertificateRevocationListDer<'static>> =
         if data.starts_with(b"-----") || data.iter().take(64).all(|b| b.is_ascii()) {
             CertificateRevocationListDer::pem_slice_iter(data)

@@ -1247,3 +1247,92 @@ async fn a_replaced_trust_watcher_stops_at_once_while_its_files_change() {
         "inotify instances a second after five reloads (the certificate's and the trust's before)"
     );
 }
+
+/// Client trust in the shapes CA bundles and CRLs arrive in: a byte order
+/// mark from a Windows editor, CRLF, comments between the certificates as
+/// distribution bundles have them, DER. Each loads whole: the client's CA
+/// is trusted and a revoked client refused. A CRL past its nextUpdate
+/// still revokes (sheath does not enforce a CRL's own expiry: refusing
+/// every client of the CA for a late CRL would be an outage, not safety).
+#[tokio::test]
+async fn ca_bundles_and_crls_in_the_shapes_tools_write_them() {
+    let pki = TestPki::new();
+    let other = TestPki::new();
+    let (upstream, _) = recording_echo().await;
+    let client = pki.client(&ClientSpec::new("ok"));
+    let revoked = pki.client(&ClientSpec::new("revoked"));
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let (crl_pem, crl_der) = pki.crl_valid(&[revoked.serial], now - hour, now + hour);
+    let (stale_pem, _) = pki.crl_valid(&[revoked.serial], now - 2 * hour, now - hour);
+    let bom = |s: &str| [b"\xEF\xBB\xBF".as_slice(), s.as_bytes()].concat();
+    let ca = pki.ca_pem.as_bytes().to_vec();
+    // What the case is, the CA bundle's bytes, the CRL's if any.
+    type Case = (&'static str, Vec<u8>, Option<Vec<u8>>);
+    let cases: Vec<Case> = vec![
+        (
+            "a byte order mark before the bundle, the client's CA first",
+            bom(&format!("{}{}", pki.ca_pem, other.ca_pem)),
+            None,
+        ),
+        ("CRLF", pki.ca_pem.replace('\n', "\r\n").into_bytes(), None),
+        (
+            "comments between the certificates",
+            format!(
+                "# sheath test CA, other\n{}\n# Issuer: CN=sheath test CA\n# Label: \"sheath\"\n{}",
+                other.ca_pem, pki.ca_pem
+            )
+            .into_bytes(),
+            None,
+        ),
+        ("a DER certificate", pki.ca_der.to_vec(), None),
+        (
+            "a PEM CRL after a byte order mark",
+            ca.clone(),
+            Some(bom(&crl_pem)),
+        ),
+        ("a DER CRL", ca.clone(), Some(crl_der)),
+        (
+            "a CRL past its nextUpdate",
+            ca.clone(),
+            Some(stale_pem.into_bytes()),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, bundle, crl) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let files = pki.write_server(dir.path(), "server");
+        std::fs::write(dir.path().join("clients.ca"), &bundle).unwrap();
+        let crl_line = match &crl {
+            Some(crl) => {
+                std::fs::write(dir.path().join("clients.crl"), crl).unwrap();
+                format!("crl = \"{}\"\n", dir.path().join("clients.crl").display())
+            }
+            None => String::new(),
+        };
+        let toml = format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\n{}\n[listener.client_auth]\nmode = \"require\"\nca = \"{}\"\n{crl_line}",
+            crate::common::pki::files_cert_toml(&files),
+            dir.path().join("clients.ca").display()
+        );
+        let proxy = match Proxy::start_in(&toml, dir).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                failures.push(format!("{what}: refused: {e}"));
+                continue;
+            }
+        };
+        let addr = proxy.addr("l");
+        if let Err(e) = exchange(addr, client.rustls_config(pki.roots(), &[])).await {
+            failures.push(format!("{what}: the client was refused: {e}"));
+        }
+        if crl.is_some()
+            && exchange(addr, revoked.rustls_config(pki.roots(), &[]))
+                .await
+                .is_ok()
+        {
+            failures.push(format!("{what}: the revoked client got in"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

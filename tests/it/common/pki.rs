@@ -290,16 +290,32 @@ impl TestPki {
     /// A CRL revoking `serials`, PEM.
     pub fn crl(&self, serials: &[u64]) -> String {
         let now = SystemTime::now();
+        self.crl_valid(
+            serials,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+        )
+        .0
+    }
+
+    /// A CRL revoking `serials`, issued at `this_update` and due for
+    /// replacement at `next_update`: PEM and DER.
+    pub fn crl_valid(
+        &self,
+        serials: &[u64],
+        this_update: SystemTime,
+        next_update: SystemTime,
+    ) -> (String, Vec<u8>) {
         let params = rcgen::CertificateRevocationListParams {
-            this_update: (now - Duration::from_secs(60)).into(),
-            next_update: (now + Duration::from_secs(3600)).into(),
+            this_update: this_update.into(),
+            next_update: next_update.into(),
             crl_number: rcgen::SerialNumber::from(rand::random::<u32>() as u64),
             issuing_distribution_point: None,
             revoked_certs: serials
                 .iter()
                 .map(|s| rcgen::RevokedCertParams {
                     serial_number: rcgen::SerialNumber::from(*s),
-                    revocation_time: (now - Duration::from_secs(30)).into(),
+                    revocation_time: this_update.into(),
                     reason_code: Some(rcgen::RevocationReason::KeyCompromise),
                     invalidity_date: None,
                 })
@@ -307,6 +323,7 @@ impl TestPki {
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        params.signed_by(&issuer).unwrap().pem().unwrap()
+        let crl = params.signed_by(&issuer).unwrap();
+        (crl.pem().unwrap(), crl.der().to_vec())
     }
 }
