@@ -530,6 +530,23 @@ impl Collector for SheathCollector {
             )?;
         }
 
+        let mut f = family(
+            &mut enc,
+            "sheath_client_crl_next_update",
+            "When the earliest CRL of a listener's client trust is due to be replaced (its nextUpdate); past it, the CRL still applies",
+            Some(&seconds_unit),
+            MetricType::Gauge,
+        )?;
+        for l in listeners.iter() {
+            if let Some(at) = l
+                .client_verifier
+                .as_ref()
+                .and_then(|v| v.crls_next_update())
+            {
+                f.gauge(&[("listener", l.name.as_str())], seconds(at))?;
+            }
+        }
+
         // Both kinds of trust read from files count their re-reads alike.
         type Reloads = for<'a> fn(&'a ListenerHandle) -> Option<(&'a AtomicU64, &'a AtomicU64)>;
         let trusts: [(&str, &str, Reloads); 2] = [

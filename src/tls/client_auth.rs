@@ -18,6 +18,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -49,17 +50,39 @@ pub enum TrustError {
     Verifier(String),
 }
 
+/// Client trust as loaded from its files.
+#[derive(Debug)]
+pub struct LoadedTrust {
+    pub verifier: Arc<dyn ClientCertVerifier>,
+    /// The earliest `nextUpdate` among the CRLs, if any has one: when the
+    /// CRLs should have been replaced by.
+    pub crls_next_update: Option<SystemTime>,
+}
+
 /// Load CA bundles and CRLs into a webpki verifier.
-pub fn load_verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVerifier>, TrustError> {
+pub fn load_verifier(config: &ClientAuthConfig) -> Result<LoadedTrust, TrustError> {
     let roots = load_roots(&config.ca)?;
     let mut crls = Vec::new();
+    let mut crls_next_update: Option<SystemTime> = None;
     for path in &config.crl {
         let shown = path.display().to_string();
         let data = read(path)?;
-        let parsed = parse_crls(&data).map_err(|reason| TrustError::Invalid {
+        let (parsed, next_update) = parse_crls(&data).map_err(|reason| TrustError::Invalid {
             path: shown.clone(),
             reason,
         })?;
+        if let Some(next_update) = next_update {
+            if next_update < SystemTime::now() {
+                // Still applied (see the README), but what was revoked
+                // since is not in it: someone should know.
+                tracing::warn!(
+                    crl = %shown,
+                    next_update = %humantime::format_rfc3339_seconds(next_update),
+                    "CRL past its nextUpdate; it still applies, but revocations since are not in it"
+                );
+            }
+            crls_next_update = Some(crls_next_update.map_or(next_update, |t| t.min(next_update)));
+        }
         crls.extend(parsed);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -71,9 +94,13 @@ pub fn load_verifier(config: &ClientAuthConfig) -> Result<Arc<dyn ClientCertVeri
     if config.mode == ClientAuthMode::Optional {
         builder = builder.allow_unauthenticated();
     }
-    builder
+    let verifier = builder
         .build()
-        .map_err(|e| TrustError::Verifier(e.to_string()))
+        .map_err(|e| TrustError::Verifier(e.to_string()))?;
+    Ok(LoadedTrust {
+        verifier,
+        crls_next_update,
+    })
 }
 
 /// CA bundles (PEM, or one DER certificate) as trust anchors; a file
@@ -118,9 +145,14 @@ fn read(path: &Path) -> Result<Vec<u8>, TrustError> {
     })
 }
 
-/// CRLs in PEM (any number) or a single DER CRL. Each is parsed so a broken
-/// file is refused at load time, not at the first handshake.
-fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
+/// CRLs in PEM (any number) or a single DER CRL, and the earliest
+/// `nextUpdate` among them. Each is parsed so a broken file is refused at
+/// load time, not at the first handshake.
+type Crls = (
+    Vec<CertificateRevocationListDer<'static>>,
+    Option<SystemTime>,
+);
+fn parse_crls(data: &[u8]) -> Result<Crls, String> {
     use rustls::pki_types::pem::PemObject;
     // A byte order mark is not ASCII: the PEM file behind one was taken
     // for DER.
@@ -136,11 +168,17 @@ fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>,
     if crls.is_empty() {
         return Err("no CRL found".into());
     }
+    let mut next_update: Option<SystemTime> = None;
     for crl in &crls {
-        x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-            .map_err(|e| format!("cannot parse CRL: {e}"))?;
+        let (_, parsed) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                .map_err(|e| format!("cannot parse CRL: {e}"))?;
+        if let Some(at) = parsed.next_update() {
+            let at = UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
+            next_update = Some(next_update.map_or(at, |t| t.min(at)));
+        }
     }
-    Ok(crls)
+    Ok((crls, next_update))
 }
 
 /// One generation of client trust: the webpki verifier for the CA bundles
@@ -151,13 +189,15 @@ fn parse_crls(data: &[u8]) -> Result<Vec<CertificateRevocationListDer<'static>>,
 struct Trust {
     verifier: Arc<dyn ClientCertVerifier>,
     verified: VerifiedChains,
+    crls_next_update: Option<SystemTime>,
 }
 
 impl Trust {
-    fn new(verifier: Arc<dyn ClientCertVerifier>) -> Trust {
+    fn new(loaded: LoadedTrust) -> Trust {
         Trust {
-            verifier,
+            verifier: loaded.verifier,
             verified: VerifiedChains::default(),
+            crls_next_update: loaded.crls_next_update,
         }
     }
 }
@@ -312,8 +352,13 @@ impl ClientVerifier {
 
     /// Swap in new trust; the next handshake uses it, and no chain the
     /// old trust accepted is taken as verified.
-    pub fn replace(&self, verifier: Arc<dyn ClientCertVerifier>) {
-        self.inner.store(Arc::new(Trust::new(verifier)));
+    pub fn replace(&self, loaded: LoadedTrust) {
+        self.inner.store(Arc::new(Trust::new(loaded)));
+    }
+
+    /// The earliest `nextUpdate` of the CRLs in force, if any has one.
+    pub fn crls_next_update(&self) -> Option<SystemTime> {
+        self.inner.load().crls_next_update
     }
 
     /// The identity in a chain this verifier accepted: the one already

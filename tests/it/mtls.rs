@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Request;
 use rcgen::ExtendedKeyUsagePurpose;
@@ -1332,6 +1332,27 @@ async fn ca_bundles_and_crls_in_the_shapes_tools_write_them() {
                 .is_ok()
         {
             failures.push(format!("{what}: the revoked client got in"));
+        }
+        // The CRL's nextUpdate, for `sheath_client_crl_next_update_seconds`
+        // to alert on (to the second, as the CRL carries it).
+        let due = crl.is_some().then(|| {
+            let due = if what.contains("past its nextUpdate") {
+                now - hour
+            } else {
+                now + hour
+            };
+            due.duration_since(UNIX_EPOCH).unwrap().as_secs()
+        });
+        let seen = proxy
+            .running()
+            .listener("l")
+            .unwrap()
+            .client_verifier
+            .unwrap()
+            .crls_next_update();
+        let seen = seen.map(|t| t.duration_since(UNIX_EPOCH).unwrap().as_secs());
+        if seen != due {
+            failures.push(format!("{what}: CRL next update {seen:?}, want {due:?}"));
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
