@@ -13,57 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::backend::CountingBackend;
 use crate::common::client::{self, body_text, get};
-use crate::common::{within, Proxy, TestPki};
+use crate::common::h2raw::{guarded, h2_frame, read_until_closed, serves_http1, serves_http2};
+use crate::common::{within, TestPki};
 use crate::http::http_proxy;
-
-/// Everything the server sends until it closes, and whether it closed
-/// within `bound`: a TLS close, a reset or EOF all count as closed.
-async fn read_until_closed(
-    tls: &mut (impl AsyncReadExt + Unpin),
-    bound: Duration,
-) -> (Vec<u8>, bool) {
-    let mut seen = Vec::new();
-    let closed = tokio::time::timeout(bound, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => seen.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
-    (seen, closed)
-}
-
-/// An HTTP listener with `extra` TOML in its table, in front of a backend
-/// that counts the connections it gets.
-async fn guarded(extra: &str) -> (TestPki, CountingBackend, Proxy) {
-    let pki = TestPki::new();
-    let backend = CountingBackend::start().await;
-    let proxy = http_proxy(&pki, backend.addr, extra).await;
-    (pki, backend, proxy)
-}
-
-/// A well-behaved HTTP/1.1 client on a new connection gets its answer.
-async fn serves_http1(addr: SocketAddr, pki: &TestPki) {
-    let mut sender = client::h1(addr, pki.roots()).await;
-    let resp = within("response", sender.send_request(get("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(body_text(resp).await, "ok");
-}
-
-/// The same over HTTP/2.
-async fn serves_http2(addr: SocketAddr, pki: &TestPki) {
-    let mut sender = client::h2(addr, pki.roots()).await;
-    let resp = within("response", sender.send_request(client::get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-}
 
 #[tokio::test]
 async fn a_request_head_sent_a_byte_at_a_time_is_cut_at_the_header_read_timeout() {
@@ -219,16 +171,6 @@ async fn http2_rapid_reset_is_answered_with_goaway_and_bounded_backend_work() {
 
     // A new connection is served.
     serves_http2(addr, &pki).await;
-}
-
-/// An HTTP/2 frame: `kind`, `flags`, on stream `stream`, carrying `payload`.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut frame = len.to_be_bytes()[1..].to_vec();
-    frame.extend_from_slice(&[kind, flags]);
-    frame.extend_from_slice(&stream.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod cert_files;
 mod config;
 mod export;
 mod grpc;
+mod h2_abuse;
 mod http;
 mod ipv6;
 mod limits;

@@ -72,6 +72,7 @@ pub struct CountingBackend {
     accepted: Arc<AtomicUsize>,
     open: Arc<AtomicUsize>,
     handling: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     close: tokio::sync::watch::Sender<u64>,
 }
 
@@ -100,12 +101,14 @@ impl CountingBackend {
         let accepted = Arc::new(AtomicUsize::new(0));
         let open = Arc::new(AtomicUsize::new(0));
         let handling = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
         let (close, _) = tokio::sync::watch::channel(0u64);
         let backend = CountingBackend {
             addr,
             accepted: Arc::clone(&accepted),
             open: Arc::clone(&open),
             handling: Arc::clone(&handling),
+            requests: Arc::clone(&requests),
             close: close.clone(),
         };
         tokio::spawn(async move {
@@ -114,10 +117,13 @@ impl CountingBackend {
                 open.fetch_add(1, Ordering::SeqCst);
                 let open = Arc::clone(&open);
                 let handling = Arc::clone(&handling);
+                let requests = Arc::clone(&requests);
                 let mut closing = close.subscribe();
                 tokio::spawn(async move {
                     let io = TokioIo::new(stream);
-                    let route = service_fn(move |req| counted(Arc::clone(&handling), req));
+                    let route = service_fn(move |req| {
+                        counted(Arc::clone(&handling), Arc::clone(&requests), req)
+                    });
                     let serve = async move {
                         let _ = match speaks {
                             Speaks::Http1 => hyper::server::conn::http1::Builder::new()
@@ -173,6 +179,11 @@ impl CountingBackend {
         self.handling.load(Ordering::SeqCst)
     }
 
+    /// Requests received so far, on every connection.
+    pub fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
     /// Close every open connection, and return once all are closed.
     pub async fn close_all(&self) {
         self.close.send_modify(|generation| *generation += 1);
@@ -205,8 +216,10 @@ fn query(req: &Request<Incoming>, key: &str, default: u64) -> u64 {
 /// request is cancelled halfway).
 async fn counted(
     handling: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    requests.fetch_add(1, Ordering::SeqCst);
     struct Handling(Arc<AtomicUsize>);
     impl Drop for Handling {
         fn drop(&mut self) {

@@ -5,6 +5,7 @@
 pub mod acme_front;
 pub mod backend;
 pub mod client;
+pub mod h2raw;
 pub mod pebble;
 pub mod pki;
 
