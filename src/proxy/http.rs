@@ -58,6 +58,16 @@ const H2_SEND_BUF: usize = 64 * 1024;
 /// stream's setup each time and the client nothing. h2's own default, said
 /// here so that a change of default cannot lift it.
 const MAX_H2_PENDING_RESETS: usize = 20;
+/// HTTP/2 streams sheath itself resets over a connection's life for the
+/// client's errors on them (a body longer than its content-length, a
+/// malformed header block, a stream past [`MAX_H2_STREAMS`]), after which
+/// the connection ends with GOAWAY ENHANCE_YOUR_CALM. Each such reset
+/// frees a stream slot while the upstream request it began may go on
+/// working, so without a bound one connection keeps any number of upstream
+/// requests busy (CVE-2025-8671, "MadeYouReset"); hyper's default of 1,024
+/// let one connection have 1,088 upstream requests in flight at once. A
+/// client that heeds SETTINGS never comes near 128.
+const MAX_H2_LOCAL_RESETS: usize = 128;
 
 /// Serve one TLS connection as HTTP until it closes, goes idle, or drains.
 ///
@@ -136,6 +146,7 @@ async fn serve_http(
             .timer(TokioTimer::new())
             .max_concurrent_streams(MAX_H2_STREAMS)
             .max_pending_accept_reset_streams(MAX_H2_PENDING_RESETS)
+            .max_local_error_reset_streams(MAX_H2_LOCAL_RESETS)
             .max_header_list_size(MAX_HEADER_BYTES as u32)
             .max_send_buf_size(H2_SEND_BUF);
         drive(

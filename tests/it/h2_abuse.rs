@@ -7,12 +7,12 @@
 //! cost sheath a bounded amount, reach the backend a bounded number of
 //! times, and leave other clients served.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 
 use crate::common::h2raw::*;
-use crate::common::within;
+use crate::common::{within, DEADLINE};
 
 /// Write `unit` over and over, up to `budget` bytes, reading nothing.
 /// Returns the bytes written and how it ended: "stalled" when a write made
@@ -230,4 +230,76 @@ async fn streams_past_the_concurrency_bound_are_refused_and_bad_stream_ids_end_t
             "{what}: {goaway:?}"
         );
     }
+}
+
+/// `POST /slow?ms=5000` announcing a one-byte body.
+fn post_slow() -> Vec<u8> {
+    let mut block = vec![0x83, 0x87];
+    block.extend(hpack_int(0x00, 4, 4));
+    block.extend(hpack_str(b"/slow?ms=5000"));
+    block.extend(hpack_int(0x00, 4, 1));
+    block.extend(hpack_str(b"localhost"));
+    block.extend(hpack_int(0x00, 4, 28));
+    block.extend(hpack_str(b"1"));
+    block
+}
+
+#[tokio::test]
+async fn streams_the_server_is_made_to_reset_are_bounded_per_connection() {
+    let (pki, backend, proxy) = guarded("").await;
+    let addr = proxy.addr("web");
+    let tls = raw_h2(addr, &pki, &[]).await;
+    let (mut r, mut w) = tokio::io::split(tls);
+    let reader = tokio::spawn(async move { frames_until_closed(&mut r, DEADLINE).await });
+    // Requests that announce one byte of body and send two: sheath (h2)
+    // resets each stream itself, which frees its slot among the 128 and
+    // is no client reset for the rapid-reset bound to count, while the
+    // backend goes on working on what it was sent (CVE-2025-8671). Each
+    // batch is reset once the backend has it, as an attacker's pause would
+    // ensure; 32 batches of 64.
+    let mut next = 1u32;
+    let mut reached = 0;
+    'batches: for _ in 0..32 {
+        let first = next;
+        let mut open = Vec::new();
+        for _ in 0..64 {
+            open.extend(h2_frame(HEADERS, END_HEADERS, next, &post_slow()));
+            next += 2;
+        }
+        if w.write_all(&open).await.is_err() {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while backend.requests() < reached + 64 {
+            if reader.is_finished() || Instant::now() > deadline {
+                break 'batches;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        reached += 64;
+        let mut overrun = Vec::new();
+        for id in (first..next).step_by(2) {
+            overrun.extend(h2_frame(DATA, END_STREAM, id, b"xx"));
+        }
+        if w.write_all(&overrun).await.is_err() {
+            break;
+        }
+    }
+    let (frames, closed) = within("the flood's connection", reader).await.unwrap();
+    let goaway = frames.iter().find(|f| f.kind == GOAWAY);
+    let opened = (next - 1) / 2;
+    assert!(closed, "the connection stayed open after {opened} streams");
+    assert_eq!(
+        goaway.and_then(Frame::error_code),
+        Some(ENHANCE_YOUR_CALM),
+        "{goaway:?}"
+    );
+    let requests = backend.requests();
+    assert!(
+        requests < 300,
+        "{requests} backend requests from {opened} streams on one connection, {} still being handled",
+        backend.handling()
+    );
+    serves_http1(addr, &pki).await;
+    serves_http2(addr, &pki).await;
 }
