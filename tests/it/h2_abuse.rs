@@ -1,11 +1,13 @@
 //! HTTP/2 denial of service by frames a client sends at no cost to itself:
 //! control frames whose answers it never reads (CVE-2019-9512, -9515),
-//! frames that carry nothing (CVE-2019-9518), priorities and window
-//! updates (CVE-2019-9513, -9516), streams the server is made to reset
-//! itself (CVE-2025-8671, "MadeYouReset"), headers that decompress far
-//! past their wire size, and streams past the concurrency bound. Each must
-//! cost sheath a bounded amount, reach the backend a bounded number of
-//! times, and leave other clients served.
+//! frames that carry nothing (CVE-2019-9518), streams the server is made
+//! to reset itself (CVE-2025-8671, "MadeYouReset"), headers that
+//! decompress far past their wire size, and streams past the concurrency
+//! bound. Each must cost sheath a bounded amount, reach the backend a
+//! bounded number of times, and leave other clients served. PRIORITY and
+//! WINDOW_UPDATE floods (CVE-2019-9513, -9516) have no test: h2 keeps no
+//! priority tree and answers neither, so they cost sheath a frame parse
+//! each, as much as any traffic, with no bound of sheath's to hold.
 
 use std::time::{Duration, Instant};
 
