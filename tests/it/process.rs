@@ -831,10 +831,9 @@ async fn sigterm_under_load_finishes_what_is_in_flight_and_exits_0() {
         "exit {:?} after the signal",
         signalled.elapsed()
     );
-    assert!(
-        tokio::net::TcpStream::connect(addr).await.is_err(),
-        "something still accepts on {addr}"
-    );
+    // New connections were refused during the drain: each looping client
+    // stopped at one. The port is not tried again after the exit: the
+    // kernel may hand it at once to a listener of another test.
 }
 
 #[tokio::test]
