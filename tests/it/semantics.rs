@@ -502,16 +502,11 @@ async fn a_response_short_of_its_length_is_an_error_to_the_client() {
     assert!(reset.is_some(), "not a stream reset: {error:?}");
 }
 
-/// What HTTP/1.1 parsers may read in more than one way reaches the
-/// upstream one way: sheath frames each request anew, so a bare LF (which
-/// RFC 9112 §2.2 lets a recipient read as a line's end) becomes CRLF, and
-/// a length written twice, or with leading zeros (`010`, which a parser
-/// that reads C's octal takes for 8), becomes one length in plain decimal.
-/// The upstream, a pooled connection, must find the body's end where
-/// sheath did, or what follows becomes the start of the next request.
-#[tokio::test]
-async fn a_request_reaches_the_upstream_framed_one_way() {
-    let (upstream, connections) = raw_upstream(|mut up| async move {
+/// An upstream that reads each request's body by its `Content-Length`
+/// (none: no body) and answers `ok`: where it finds a request's end is
+/// where the next one starts, as on a pooled connection.
+async fn framing_upstream() -> (SocketAddr, Connections) {
+    raw_upstream(|mut up| async move {
         while let Some(head) = up.head().await {
             let lower = head.to_ascii_lowercase();
             let n = field(&lower, "content-length").map_or(0, |v| v.parse().unwrap());
@@ -524,7 +519,19 @@ async fn a_request_reaches_the_upstream_framed_one_way() {
             }
         }
     })
-    .await;
+    .await
+}
+
+/// What HTTP/1.1 parsers may read in more than one way reaches the
+/// upstream one way: sheath frames each request anew, so a bare LF (which
+/// RFC 9112 §2.2 lets a recipient read as a line's end) becomes CRLF, and
+/// a length written twice, or with leading zeros (`010`, which a parser
+/// that reads C's octal takes for 8), becomes one length in plain decimal.
+/// The upstream, a pooled connection, must find the body's end where
+/// sheath did, or what follows becomes the start of the next request.
+#[tokio::test]
+async fn a_request_reaches_the_upstream_framed_one_way() {
+    let (upstream, connections) = framing_upstream().await;
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, upstream, "").await;
     for (what, request) in [
@@ -636,20 +643,7 @@ async fn hop_by_hop_and_framing_fields_are_dropped_from_trailers() {
 /// request.
 #[tokio::test]
 async fn an_http2_body_unlike_its_content_length_never_frames_an_upstream_request() {
-    let (upstream, connections) = raw_upstream(|mut up| async move {
-        while let Some(head) = up.head().await {
-            let lower = head.to_ascii_lowercase();
-            let n = field(&lower, "content-length").map_or(0, |v| v.parse().unwrap());
-            if up.body(n).await.is_none()
-                || !up
-                    .send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                    .await
-            {
-                return;
-            }
-        }
-    })
-    .await;
+    let (upstream, connections) = framing_upstream().await;
     let pki = TestPki::new();
     let proxy = http_proxy(&pki, upstream, "").await;
     for (what, length, data) in [
