@@ -238,7 +238,7 @@ impl<B: RequestBody> UpstreamClient<B> {
                         length_kept: false,
                     }));
                 }
-                Err(e) => req = send_again(e, reused, resend, &pool.upstream)?,
+                Err(e) => req = send_again(e, reused, resend, &pool.upstream, |body| body)?,
             }
         }
     }
@@ -250,16 +250,17 @@ impl<B: RequestBody> UpstreamClient<B> {
 /// and got no response byte only if it can be replayed (`resend`, kept for
 /// reused connections only). A fresh connection's failure is the
 /// upstream's answer.
-fn send_again<B>(
-    mut error: hyper::client::conn::TrySendError<Request<Outgoing<B>>>,
+fn send_again<B, T>(
+    mut error: hyper::client::conn::TrySendError<Request<T>>,
     reused: bool,
     resend: Option<Head>,
     upstream: &Upstream,
+    unwrap: impl FnOnce(T) -> Outgoing<B>,
 ) -> Result<Request<Outgoing<B>>, UpstreamError> {
     match (error.take_message(), resend) {
         (Some(unsent), _) if reused => {
             tracing::debug!(upstream = %upstream, "connection closed before the request was sent; sending again");
-            Ok(unsent)
+            Ok(unsent.map(unwrap))
         }
         (None, Some(head)) if closed_without_response(error.error()) => {
             tracing::debug!(upstream = %upstream, error = %error.error(), "connection closed under an idempotent request; sending again");
@@ -555,7 +556,7 @@ struct H2Conn<B> {
 
 #[derive(Debug)]
 struct H2Sender<B> {
-    sender: http2::SendRequest<Outgoing<B>>,
+    sender: http2::SendRequest<CountedBody<B>>,
     streams: Arc<Streams>,
 }
 
@@ -585,16 +586,22 @@ impl Streams {
 
     fn begin(self: &Arc<Self>) -> Stream {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        Stream(Arc::clone(self))
+        Stream(Arc::new(Counted(Arc::clone(self))))
     }
 }
 
-/// One request's stream, counted against its connection until the
-/// response body is dropped (ended, failed or abandoned).
-#[derive(Debug)]
-struct Stream(Arc<Streams>);
+/// One request's stream, counted against its connection until both the
+/// response body and the request body are dropped (ended, failed or
+/// abandoned): a response can end while the request body is still being
+/// sent (a `413` to an upload), and the stream stays open, and counted by
+/// the upstream, until the upload ends too.
+#[derive(Debug, Clone)]
+struct Stream(Arc<Counted>);
 
-impl Drop for Stream {
+#[derive(Debug)]
+struct Counted(Arc<Streams>);
+
+impl Drop for Counted {
     fn drop(&mut self) {
         if self.0.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             *self.0.idle_since.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
@@ -621,7 +628,7 @@ impl<B: RequestBody> H2Conn<B> {
     /// A stream on the oldest open connection with room for one, after
     /// dropping the connections that closed or idled out. Past
     /// [`MAX_H2C_CONNECTIONS`], the least busy one, room or not.
-    fn checkout(&self) -> Option<(http2::SendRequest<Outgoing<B>>, Stream)> {
+    fn checkout(&self) -> Option<(http2::SendRequest<CountedBody<B>>, Stream)> {
         let mut open = self.lock();
         let now = Instant::now();
         // Dropping the last sender lets a connection close once its
@@ -645,7 +652,7 @@ impl<B: RequestBody> H2Conn<B> {
 
     async fn sender(
         self: &Arc<Self>,
-    ) -> Result<(http2::SendRequest<Outgoing<B>>, Stream, bool), UpstreamError> {
+    ) -> Result<(http2::SendRequest<CountedBody<B>>, Stream, bool), UpstreamError> {
         if let Some((sender, stream)) = self.checkout() {
             return Ok((sender, stream, true));
         }
@@ -719,7 +726,11 @@ impl<B: RequestBody> H2Conn<B> {
         loop {
             let (mut sender, stream, reused) = self.sender().await?;
             let resend = (reused && replayable(&req)).then(|| Head::of(&req));
-            match sender.try_send_request(req).await {
+            let counted = req.map(|body| CountedBody {
+                body,
+                _stream: stream.clone(),
+            });
+            match sender.try_send_request(counted).await {
                 Ok(resp) => {
                     return Ok(resp.map(|body| PooledBody {
                         body,
@@ -729,13 +740,41 @@ impl<B: RequestBody> H2Conn<B> {
                     }))
                 }
                 Err(e) => {
-                    req = send_again(e, reused, resend, &self.upstream)?;
+                    req = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
                     // Sent again on a new connection, not on one that may
                     // not know yet that it is closing: one retry at most.
-                    self.forget(&stream.0);
+                    self.forget(&stream.0 .0);
                 }
             }
         }
+    }
+}
+
+/// A request body on an h2c stream, which holds its stream's count until
+/// hyper drops it (sent in full, or the stream reset).
+#[derive(Debug)]
+struct CountedBody<B> {
+    body: Outgoing<B>,
+    _stream: Stream,
+}
+
+impl<B: RequestBody> Body for CountedBody<B> {
+    type Data = Bytes;
+    type Error = <Outgoing<B> as Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -13,6 +13,7 @@ mod config;
 mod export;
 mod grpc;
 mod h2_abuse;
+mod h2pool;
 mod http;
 mod ipv6;
 mod limits;
