@@ -497,6 +497,7 @@ async fn forward_request(
         ));
     }
     let body_status = body.status();
+    let head_over_h2 = parts.version == Version::HTTP_2 && parts.method == http::Method::HEAD;
     let mut upstream_req = Request::new(body);
     *upstream_req.method_mut() = parts.method;
     *upstream_req.headers_mut() = parts.headers;
@@ -606,6 +607,14 @@ async fn forward_request(
     // Whichever version the upstream spoke, the client's connection
     // writes the response in its own.
     *resp.version_mut() = Version::HTTP_11;
+    if head_over_h2 {
+        // A HEAD response has no content, whatever its length says; some
+        // h2c servers (hyper's among them) send the GET's body anyway, which
+        // h2 takes as a malformed stream, and hyper's HTTP/2 server (unlike
+        // its HTTP/1.1 one) reads a HEAD response's body like any other: the
+        // client got a reset stream. Nothing of the upstream's body is read.
+        return Ok(resp.map(|_| Either::Right(Full::new(Bytes::new()))));
+    }
     Ok(resp.map(Either::Left))
 }
 

@@ -420,3 +420,31 @@ async fn requests_past_the_upstreams_stream_limit_go_on_another_h2c_connection()
     }
     assert_eq!(backend.accepted(), 2, "8 requests on the two connections");
 }
+
+/// A HEAD from an HTTP/2 client gets the response head and no body,
+/// whatever the upstream sends after it. hyper's HTTP/2 server, like some
+/// other h2c servers, sends the GET's body in answer to a HEAD; h2 took
+/// that as a malformed stream, and the client got a reset instead of its
+/// answer (an HTTP/1.1 client, whose server side knows HEAD, did not).
+#[tokio::test]
+async fn a_head_from_an_http2_client_is_answered_whatever_the_h2c_upstream_sends() {
+    let pki = TestPki::new();
+    let backend = CountingBackend::speaking(Speaks::H2c).await;
+    let proxy = http_proxy(&pki, backend.addr, "upstream_protocol = \"h2c\"").await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+    for _ in 0..2 {
+        let req = Request::head("https://localhost/")
+            .body(client::empty())
+            .unwrap();
+        let resp = within("a HEAD", h2.send_request(req)).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-length"], "2");
+        let body = within("its end", resp.into_body().collect()).await.unwrap();
+        assert!(body.to_bytes().is_empty());
+    }
+    // The connection carries on.
+    let resp = within("a GET after", h2.send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+}
