@@ -676,7 +676,7 @@ impl<B: RequestBody> H2Conn<B> {
             Err(_) => return Err(UpstreamError::ConnectTimeout(self.connect_timeout)),
             Ok(result) => result.map_err(UpstreamError::Http)?,
         };
-        // Until the upstream's SETTINGS arrive, hyper's assumption (100,
+        // Until the upstream's SETTINGS are seen, hyper's assumption (100,
         // the least RFC 9113 recommends servers allow).
         let streams = Arc::new(Streams {
             in_flight: AtomicUsize::new(0),
@@ -691,7 +691,11 @@ impl<B: RequestBody> H2Conn<B> {
             let mut connection = std::pin::pin!(connection);
             let ended = std::future::poll_fn(|cx| {
                 let polled = std::future::Future::poll(connection.as_mut(), cx);
-                // Every frame read (SETTINGS among them) is read here.
+                // hyper drives the HTTP/2 connection in a task of its own;
+                // this one is woken when a request is handed over or a
+                // queued one gets a stream. The limit read then is h2's
+                // current view of the upstream's SETTINGS, so a change
+                // reaches the checkouts that follow the next request.
                 limit
                     .limit
                     .store(connection.current_max_send_streams(), Ordering::Relaxed);
