@@ -502,7 +502,12 @@ async fn forward_request(
     *upstream_req.method_mut() = parts.method;
     *upstream_req.headers_mut() = parts.headers;
     forward::strip_hop_by_hop(upstream_req.headers_mut(), upgrading);
-    forward::plain_length(upstream_req.headers_mut());
+    if !upstream_req.body().is_end_stream() {
+        // A length that can be read two ways matters only with a body:
+        // `0` is 0 however it is written, and a bodiless request (nearly
+        // every GET) saves the lookup.
+        forward::plain_length(upstream_req.headers_mut());
+    }
     if h2c {
         // HTTP/2 names the host in :authority, which hyper takes from an
         // absolute URI; a Host header beside it would only be a second copy.
