@@ -173,6 +173,30 @@ fn is_pkcs12(data: &[u8]) -> bool {
     version == Some(3) && content_type.is_some_and(|oid| oid.starts_with("1.2.840.113549.1.7."))
 }
 
+/// A PKCS#8 EncryptedPrivateKeyInfo in DER (`openssl pkcs8 -topk8
+/// -outform DER`): SEQUENCE { AlgorithmIdentifier of a password-based
+/// scheme (PKCS#5, or PKCS#12's), OCTET STRING } (RFC 5958 §3).
+fn is_encrypted_der_key(data: &[u8]) -> bool {
+    use x509_parser::der_parser::ber::parse_ber;
+    let Ok((_, info)) = parse_ber(data) else {
+        return false;
+    };
+    let Ok(items) = info.as_sequence() else {
+        return false;
+    };
+    let scheme = items
+        .first()
+        .and_then(|a| a.as_sequence().ok())
+        .and_then(|a| a.first())
+        .and_then(|oid| oid.as_oid().ok())
+        .map(|oid| oid.to_id_string());
+    items.len() == 2
+        && items[1].as_slice().is_ok()
+        && scheme.is_some_and(|oid| {
+            oid.starts_with("1.2.840.113549.1.5.") || oid.starts_with("1.2.840.113549.1.12.1.")
+        })
+}
+
 /// Why binary content that is not what was asked for cannot be used.
 fn binary_error(path: &Path, data: &[u8], expected: &str) -> CertError {
     let shown = path.display();
@@ -246,6 +270,11 @@ pub fn read_key(path: &Path, data: &[u8]) -> Result<PrivateKeyDer<'static>, Cert
         }
         if is_pkcs12(data) {
             return Err(binary_error(path, data, "private key"));
+        }
+        if is_encrypted_der_key(data) {
+            return Err(CertError::EncryptedKey {
+                path: path.to_path_buf(),
+            });
         }
         return PrivateKeyDer::try_from(data.to_vec())
             .map_err(|_| binary_error(path, data, "private key"));

@@ -762,6 +762,19 @@ async fn unusable_files_are_refused_saying_what_to_do() {
             &["k.key", "encrypted", "openssl pkey -in"],
         ),
         (
+            "encrypted PKCS#8 in DER",
+            |dir| {
+                openssl_rewrite(
+                    dir,
+                    "k.key",
+                    &["pkcs8", "-topk8", "-outform", "DER", "-passout", "pass:x"],
+                )
+            },
+            "k.pem",
+            "k.key",
+            &["k.key", "encrypted", "openssl pkey -in"],
+        ),
+        (
             "legacy encrypted SEC1",
             |dir| openssl_rewrite(dir, "k.key", &["ec", "-aes256", "-passout", "pass:x"]),
             "k.pem",
