@@ -29,6 +29,7 @@ use std::sync::Arc;
 
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::der_parser::ber::{parse_ber, BerObject};
 
 /// Why certificate material was refused.
 #[derive(Debug, thiserror::Error)]
@@ -156,45 +157,37 @@ fn is_der_certificate(data: &[u8]) -> bool {
 /// A PKCS#12 PFX: SEQUENCE { version 3, ContentInfo { pkcs7 content
 /// type, ... }, ... } (RFC 7292 §4). BER, as some exporters write it.
 fn is_pkcs12(data: &[u8]) -> bool {
-    use x509_parser::der_parser::ber::parse_ber;
-    let Ok((_, pfx)) = parse_ber(data) else {
-        return false;
-    };
-    let Ok(items) = pfx.as_sequence() else {
-        return false;
-    };
-    let version = items.first().and_then(|v| v.as_u32().ok());
-    let content_type = items
-        .get(1)
-        .and_then(|c| c.as_sequence().ok())
-        .and_then(|c| c.first())
-        .and_then(|oid| oid.as_oid().ok())
-        .map(|oid| oid.to_id_string());
-    version == Some(3) && content_type.is_some_and(|oid| oid.starts_with("1.2.840.113549.1.7."))
+    ber_sequence(data, |items| {
+        items.first().and_then(|v| v.as_u32().ok()) == Some(3)
+            && leading_oid(items.get(1)).is_some_and(|oid| oid.starts_with("1.2.840.113549.1.7."))
+    })
 }
 
 /// A PKCS#8 EncryptedPrivateKeyInfo in DER (`openssl pkcs8 -topk8
 /// -outform DER`): SEQUENCE { AlgorithmIdentifier of a password-based
 /// scheme (PKCS#5, or PKCS#12's), OCTET STRING } (RFC 5958 §3).
 fn is_encrypted_der_key(data: &[u8]) -> bool {
-    use x509_parser::der_parser::ber::parse_ber;
-    let Ok((_, info)) = parse_ber(data) else {
-        return false;
-    };
-    let Ok(items) = info.as_sequence() else {
-        return false;
-    };
-    let scheme = items
-        .first()
-        .and_then(|a| a.as_sequence().ok())
-        .and_then(|a| a.first())
-        .and_then(|oid| oid.as_oid().ok())
-        .map(|oid| oid.to_id_string());
-    items.len() == 2
-        && items[1].as_slice().is_ok()
-        && scheme.is_some_and(|oid| {
-            oid.starts_with("1.2.840.113549.1.5.") || oid.starts_with("1.2.840.113549.1.12.1.")
-        })
+    ber_sequence(data, |items| {
+        items.len() == 2
+            && items[1].as_slice().is_ok()
+            && leading_oid(items.first()).is_some_and(|oid| {
+                oid.starts_with("1.2.840.113549.1.5.") || oid.starts_with("1.2.840.113549.1.12.1.")
+            })
+    })
+}
+
+/// Is `data` a BER (or DER) SEQUENCE whose items pass `test`?
+fn ber_sequence(data: &[u8], test: impl FnOnce(&[BerObject<'_>]) -> bool) -> bool {
+    parse_ber(data)
+        .ok()
+        .is_some_and(|(_, seq)| seq.as_sequence().is_ok_and(|items| test(items)))
+}
+
+/// The dotted OID that opens `item`, a SEQUENCE such as an
+/// AlgorithmIdentifier or a ContentInfo.
+fn leading_oid(item: Option<&BerObject<'_>>) -> Option<String> {
+    let first = item?.as_sequence().ok()?.first()?;
+    Some(first.as_oid().ok()?.to_id_string())
 }
 
 /// Why binary content that is not what was asked for cannot be used.
@@ -232,19 +225,30 @@ pub fn read_chain(path: &Path, data: &[u8]) -> Result<Vec<CertificateDer<'static
     }
     let chain = parse_chain_pem(&path.display().to_string(), data)?;
     if chain.is_empty() {
-        let hint = if data.iter().all(u8::is_ascii_whitespace) {
-            " (the file is empty)"
-        } else if parse_key_pem("", data).is_ok_and(|k| k.is_some()) || is_encrypted_key(data) {
-            SWAPPED_KEY
-        } else {
-            ""
-        };
+        let holds_key =
+            || parse_key_pem("", data).is_ok_and(|k| k.is_some()) || is_encrypted_key(data);
         return Err(CertError::NoCertificate {
             path: path.to_path_buf(),
-            hint,
+            hint: missing_hint(data, holds_key, SWAPPED_KEY),
         });
     }
     Ok(chain)
+}
+
+/// What a "no certificate / no key found" error adds: that the file is
+/// empty, or that it holds the other half of the pair (`swapped`).
+fn missing_hint(
+    data: &[u8],
+    holds_other: impl FnOnce() -> bool,
+    swapped: &'static str,
+) -> &'static str {
+    if data.iter().all(u8::is_ascii_whitespace) {
+        " (the file is empty)"
+    } else if holds_other() {
+        swapped
+    } else {
+        ""
+    }
 }
 
 const SWAPPED_KEY: &str = "; it holds a private key: are the certificate and key paths swapped?";
@@ -289,16 +293,10 @@ pub fn read_key(path: &Path, data: &[u8]) -> Result<PrivateKeyDer<'static>, Cert
         });
     }
     parsed?;
-    let hint = if data.iter().all(u8::is_ascii_whitespace) {
-        " (the file is empty)"
-    } else if parse_chain_pem("", data).is_ok_and(|c| !c.is_empty()) {
-        SWAPPED_CERT
-    } else {
-        ""
-    };
+    let holds_chain = || parse_chain_pem("", data).is_ok_and(|c| !c.is_empty());
     Err(CertError::NoKey {
         path: path.to_path_buf(),
-        hint,
+        hint: missing_hint(data, holds_chain, SWAPPED_CERT),
     })
 }
 

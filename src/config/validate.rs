@@ -1160,13 +1160,7 @@ pub fn parse_bind(value: &str) -> Result<SocketAddr, String> {
 
 /// `addr` as IPv4, if it is an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`).
 fn mapped(addr: SocketAddr) -> Option<SocketAddr> {
-    match addr {
-        SocketAddr::V6(v6) => v6
-            .ip()
-            .to_ipv4_mapped()
-            .map(|v4| SocketAddr::from((v4, v6.port()))),
-        SocketAddr::V4(_) => None,
-    }
+    Some(crate::proxy::unmapped(addr)).filter(|v4| *v4 != addr)
 }
 
 /// What to write instead of an `IP:PORT` that fails to parse the ways

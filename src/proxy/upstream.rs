@@ -598,6 +598,13 @@ impl Streams {
 #[derive(Debug, Clone)]
 struct Stream(Arc<Counted>);
 
+impl Stream {
+    /// The connection's streams this one counts against.
+    fn streams(&self) -> &Arc<Streams> {
+        &self.0 .0
+    }
+}
+
 #[derive(Debug)]
 struct Counted(Arc<Streams>);
 
@@ -747,7 +754,7 @@ impl<B: RequestBody> H2Conn<B> {
                     req = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
                     // Sent again on a new connection, not on one that may
                     // not know yet that it is closing: one retry at most.
-                    self.forget(&stream.0 .0);
+                    self.forget(stream.streams());
                 }
             }
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use crate::common::client::served_cert;
-use crate::common::{backend, within, Proxy, TestPki};
+use crate::common::{backend, within, write_atomically, Proxy, TestPki};
 
 /// A proxy on the files at `cert` / `key`, polling slowly so that change
 /// notifications are what the tests exercise (and a long poll still
@@ -23,12 +23,6 @@ async fn proxy_on(dir: tempfile::TempDir, cert: &Path, key: &Path) -> Proxy {
         key.display()
     );
     Proxy::start_in(&toml, dir).await.unwrap()
-}
-
-fn write_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// Poll handshakes until the served serial is `serial`.

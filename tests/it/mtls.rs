@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 
 use crate::common::client::{self, body_text, header, parse_headers};
 use crate::common::pki::ClientSpec;
-use crate::common::{backend, require_tool, within, Proxy, TestPki};
+use crate::common::{backend, require_tool, within, write_atomically, Proxy, TestPki};
 
 /// An echo backend that counts every connection and byte it receives, to
 /// prove a refused client reached nothing.
@@ -885,12 +885,6 @@ async fn haproxy_reads_the_header_and_then_exactly_the_client_bytes() {
     haproxy.kill().await.unwrap();
 }
 
-fn write_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 #[tokio::test]
 async fn rotated_ca_bundle_and_crl_apply_to_new_handshakes() {
     let old_ca = TestPki::new();
@@ -1182,6 +1176,31 @@ pub fn inotify_instances() -> usize {
         .count()
 }
 
+/// [`inotify_instances`] once it is `expected`, or a second on: half of a
+/// watcher's longest wait for its files to settle, so a watcher still
+/// waiting would be counted. Until then the count may be short as well as
+/// long: a new watcher is started by a task of its own.
+pub async fn inotify_instances_settled(expected: usize) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(1);
+    while inotify_instances() != expected && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    inotify_instances()
+}
+
+/// Rewrite `path` with `contents` every 50 ms, as a rotation tool looping
+/// on it would, until the task is aborted: a watcher that sees it waits
+/// for a quiet moment that never comes.
+pub fn rewriting(path: &Path, contents: &str) -> tokio::task::JoinHandle<()> {
+    let (path, contents) = (path.to_path_buf(), contents.to_string());
+    tokio::spawn(async move {
+        loop {
+            write_atomically(&path, &contents);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+}
+
 /// A reload that changes client auth replaces the listener's trust
 /// watcher, and the old one stops at once, even while its files keep
 /// changing. It waited for them to settle first (two seconds at most
@@ -1215,18 +1234,7 @@ async fn a_replaced_trust_watcher_stops_at_once_while_its_files_change() {
     })
     .await;
 
-    // The bundle rewritten every 50 ms, as a rotation tool looping on it
-    // would: each watcher that sees it waits for a quiet 250 ms that
-    // never comes.
-    let writing = {
-        let (bundle, pem) = (bundle.clone(), pki.ca_pem.clone());
-        tokio::spawn(async move {
-            loop {
-                write_atomically(&bundle, &pem);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let writing = rewriting(&bundle, &pki.ca_pem);
     // Each watcher is replaced 100 ms after it started, inside its wait.
     for poll in 11..16 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1235,14 +1243,7 @@ async fn a_replaced_trust_watcher_stops_at_once_while_its_files_change() {
                 .unwrap();
         proxy.running().reload(new).await.unwrap();
     }
-    // Half of the longest wait: a watcher still waiting would be there.
-    let deadline = std::time::Instant::now() + Duration::from_secs(1);
-    // `!=`, not `>`: the newest watcher is started by a task of its own
-    // and may not be counted yet.
-    while inotify_instances() != watchers && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let left = inotify_instances();
+    let left = inotify_instances_settled(watchers).await;
     writing.abort();
     assert_eq!(
         left, watchers,

@@ -20,8 +20,8 @@ use tokio::sync::mpsc;
 use crate::admin::{admin_for, call, sample, value};
 use crate::common::backend::read_to_end;
 use crate::common::pki::{ClientCert, ClientSpec};
-use crate::common::{eventually, within, Proxy, TestPki};
-use crate::mtls::inotify_instances;
+use crate::common::{eventually, within, write_atomically, Proxy, TestPki};
+use crate::mtls::{inotify_instances, inotify_instances_settled, rewriting};
 use sheath::config::Config;
 use sheath::tls::handshake::FailureReason;
 
@@ -293,12 +293,6 @@ fn identity(pki: &TestPki, n: u32) -> ClientCert {
     let mut spec = ClientSpec::new("web");
     spec.uris = vec![format!("spiffe://mesh.test/web/{n}")];
     pki.client(&spec)
-}
-
-fn write_atomically(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp-write");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// An outbound sheath presenting `id` from files under its directory,
@@ -674,32 +668,14 @@ async fn a_replaced_peer_trust_watcher_stops_at_once_while_its_files_change() {
     })
     .await;
 
-    let writing = {
-        let (bundle, pem) = (bundle.clone(), pki.ca_pem.clone());
-        tokio::spawn(async move {
-            loop {
-                write_atomically(&bundle, &pem);
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    let writing = rewriting(&bundle, &pki.ca_pem);
     // Each watcher is replaced 100 ms after it started, inside its wait
     // for the directory to settle.
     for n in 1..6 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         apply(config(n)).await;
     }
-    let settled = |expected: usize| async move {
-        // Half of the longest wait: a watcher still waiting would be there.
-        // Until then the count may also be short: the newest watcher is
-        // started by a task of its own.
-        let deadline = std::time::Instant::now() + Duration::from_secs(1);
-        while inotify_instances() != expected && std::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        inotify_instances()
-    };
-    let left = settled(watchers).await;
+    let left = inotify_instances_settled(watchers).await;
     assert_eq!(
         left, watchers,
         "inotify instances a second after five reloads (the identity's and the peer trust's before)"
@@ -713,7 +689,7 @@ async fn a_replaced_peer_trust_watcher_stops_at_once_while_its_files_change() {
         key.display()
     );
     apply(other).await;
-    let left = settled(1).await;
+    let left = inotify_instances_settled(1).await;
     writing.abort();
     assert_eq!(
         left, 1,

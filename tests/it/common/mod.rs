@@ -73,6 +73,14 @@ impl Proxy {
     }
 }
 
+/// Replace `path`'s contents at once (write beside it, rename over it), as
+/// rotation tools and Kubernetes do.
+pub fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-write");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 /// Write `toml` (with `{dir}` substituted) to `<dir>/sheath.toml`.
 pub fn write_config(dir: &Path, toml: &str) -> PathBuf {
     let path = dir.join("sheath.toml");
