@@ -71,18 +71,16 @@ pub fn load_verifier(config: &ClientAuthConfig) -> Result<LoadedTrust, TrustErro
             path: shown.clone(),
             reason,
         })?;
-        if let Some(next_update) = next_update {
-            if next_update < SystemTime::now() {
-                // Still applied (see the README), but what was revoked
-                // since is not in it: someone should know.
-                tracing::warn!(
-                    crl = %shown,
-                    next_update = %humantime::format_rfc3339_seconds(next_update),
-                    "CRL past its nextUpdate; it still applies, but revocations since are not in it"
-                );
-            }
-            crls_next_update = Some(crls_next_update.map_or(next_update, |t| t.min(next_update)));
+        if let Some(past) = next_update.filter(|t| *t < SystemTime::now()) {
+            // Still applied (see the README), but what was revoked since
+            // is not in it: someone should know.
+            tracing::warn!(
+                crl = %shown,
+                next_update = %humantime::format_rfc3339_seconds(past),
+                "CRL past its nextUpdate; it still applies, but revocations since are not in it"
+            );
         }
+        crls_next_update = crls_next_update.into_iter().chain(next_update).min();
         crls.extend(parsed);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -173,10 +171,10 @@ fn parse_crls(data: &[u8]) -> Result<Crls, String> {
         let (_, parsed) =
             x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
                 .map_err(|e| format!("cannot parse CRL: {e}"))?;
-        if let Some(at) = parsed.next_update() {
-            let at = UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64);
-            next_update = Some(next_update.map_or(at, |t| t.min(at)));
-        }
+        let at = parsed
+            .next_update()
+            .map(|at| UNIX_EPOCH + Duration::from_secs(at.timestamp().max(0) as u64));
+        next_update = next_update.into_iter().chain(at).min();
     }
     Ok((crls, next_update))
 }
