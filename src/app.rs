@@ -481,6 +481,9 @@ impl Running {
         inner.http01.extend(new_http01.into_iter().map(|(b, _)| b));
         inner.listeners = live;
         inner.local_ca = local_ca.clone();
+        // Said again on every reload that still asks for more than the
+        // limit, like the [admin] warning above.
+        crate::resources::check_open_files(&new);
         inner.config = new;
         self.local_ca.store(Arc::new(local_ca));
         self.handles.store(Arc::new(
@@ -1128,6 +1131,9 @@ fn bind_http01(
 /// Everything that can fail (certificates, trust, binds) is done before the
 /// first connection is accepted, so a bad start fails as a whole.
 pub async fn start(config: Config) -> Result<Running, StartError> {
+    // Before the listeners say they are listening: the warning belongs
+    // with the start, not after it.
+    crate::resources::check_open_files(&config);
     let challenges = Challenges::new();
     let local_ca = ensure_local_ca(&config, None).await?;
     let mut prepared = Vec::with_capacity(config.listeners.len());

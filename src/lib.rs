@@ -15,6 +15,7 @@ pub mod demo;
 pub mod logging;
 pub mod metrics;
 pub mod proxy;
+pub mod resources;
 pub mod shutdown;
 pub mod tls;
 pub mod upgrade;

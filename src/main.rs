@@ -262,6 +262,19 @@ fn serve(
     loader: app::ConfigLoader,
     watch: Option<std::path::PathBuf>,
 ) -> ExitCode {
+    // Before any connection: each takes two descriptors, and a soft
+    // limit of 1,024 is common (see `sheath::resources`).
+    match sheath::resources::raise_open_files() {
+        Ok(Some(raised)) => {
+            tracing::debug!(
+                from = raised.from,
+                to = raised.to,
+                "raised the open-file limit"
+            )
+        }
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit to its hard limit"),
+    }
     // Rust's count honours CPU affinity and cgroup quotas, so a sidecar
     // limited to one CPU gets one worker.
     let workers = cli.workers.map_or_else(

@@ -283,6 +283,49 @@ impl Collector for SheathCollector {
         )?;
         f.single(seconds(self.0.started))?;
 
+        // The standard process families, under the names Prometheus' own
+        // client libraries give them, so the usual dashboards and alerts
+        // (descriptors in use against the limit) work unchanged.
+        let usage = crate::resources::Usage::now();
+        let f = family(
+            &mut enc,
+            "process_cpu",
+            "User and system CPU time the process has used",
+            Some(&seconds_unit),
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(usage.cpu.as_secs_f64()).encode(f.0)?;
+        if let Some(bytes) = usage.resident_bytes {
+            let f = family(
+                &mut enc,
+                "process_resident_memory",
+                "Resident memory size",
+                Some(&bytes_unit),
+                MetricType::Gauge,
+            )?;
+            f.single(bytes as f64)?;
+        }
+        if let Some(open) = usage.open_fds {
+            let f = family(
+                &mut enc,
+                "process_open_fds",
+                "Open file descriptors",
+                None,
+                MetricType::Gauge,
+            )?;
+            f.single(open as f64)?;
+        }
+        if let Some(max) = usage.max_fds {
+            let f = family(
+                &mut enc,
+                "process_max_fds",
+                "The soft limit on open file descriptors",
+                None,
+                MetricType::Gauge,
+            )?;
+            f.single(max as f64)?;
+        }
+
         macro_rules! per_listener {
             ($name:expr, $help:expr, $unit:expr, $kind:ident, |$s:ident| $value:expr) => {{
                 let mut f = family(&mut enc, $name, $help, $unit, MetricType::$kind)?;

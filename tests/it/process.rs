@@ -932,6 +932,137 @@ async fn out_of_file_descriptors_accept_backs_off_and_recovers() {
     echo_round_trip(&mut fresh, b"served again").await;
 }
 
+/// `sheath` started with an open-file limit of `soft:hard`, as a service
+/// manager or a container runtime starts it (`prlimit` execs sheath in
+/// its own process, so the pid is sheath's).
+fn sheath_with_open_files(soft: u64, hard: u64) -> Command {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={soft}:{hard}"))
+        .arg("--")
+        .arg(BIN);
+    isolated(cmd)
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open-file limit in\n{limits}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    (fields[3].to_string(), fields[4].to_string())
+}
+
+#[tokio::test]
+async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
+    use rustix::process::{getrlimit, Resource};
+
+    if !common::require_tool("prlimit") {
+        return;
+    }
+    // Within what this process may hand down without privileges.
+    let hard = getrlimit(Resource::Nofile)
+        .maximum
+        .map_or(4096, |h| h.min(4096));
+    let state = tempfile::tempdir().unwrap();
+    let upstream = backend::tcp_echo().await;
+    // systemd's and recent container runtimes' soft limit is 1,024; a
+    // lower one keeps the test small.
+    let mut cmd = sheath_with_open_files(128, hard);
+    cmd.args(["--log-format", "json", "run", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", &upstream.to_string(), "--mode", "tcp"])
+        .arg("--state-dir")
+        .arg(state.path());
+    let mut proxy = Process::spawn(cmd);
+    let addr = proxy.listening_addr().await;
+    let admin = admin_addr(&mut proxy).await;
+    let hard_text = hard.to_string();
+    assert_eq!(open_file_limits(proxy.pid), (hard_text.clone(), hard_text));
+
+    // In TCP mode each client holds two of sheath's descriptors (its own
+    // and its upstream's): 100 clients take 200, past the 128 sheath was
+    // started with, where accepting failed with EMFILE.
+    let pem = std::fs::read_to_string(ca_pem_path(state.path())).unwrap();
+    let config = client::client_config(pki::roots_from_pem(&pem), &[]);
+    let mut clients = Vec::new();
+    for n in 0..100 {
+        let mut tls = within("TLS connect", client::connect(addr, config.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("client {n}: {e}"));
+        echo_round_trip(&mut tls, b"ping").await;
+        clients.push(tls);
+    }
+    let (_, scrape) = crate::admin::call(admin, "GET", "/metrics").await;
+    assert_eq!(crate::admin::value(&scrape, "process_max_fds"), hard as f64);
+    let open = crate::admin::value(&scrape, "process_open_fds");
+    assert!(open >= 200.0, "{open} descriptors open with 100 clients");
+}
+
+#[tokio::test]
+async fn an_open_file_limit_below_what_max_connections_needs_is_warned_about() {
+    if !common::require_tool("prlimit") {
+        return;
+    }
+    const WARNING: &str = "the open-file limit is below what max_connections allows (a descriptor for each client and one for its upstream): past about `connections` connections, clients wait or get errors; raise the limit (systemd `LimitNOFILE=`, `docker run --ulimit nofile=N:N`, the pod's container runtime) or lower max_connections";
+    let dir = tempfile::tempdir().unwrap();
+    let upstream = backend::tcp_echo().await;
+    let toml = |max: u32| {
+        format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\nmax_connections = {max}\n"
+        )
+    };
+    let config = common::write_config(dir.path(), &toml(500));
+    let text = std::fs::read_to_string(&config).unwrap();
+    // Soft and hard alike: nothing to raise, as under `LimitNOFILE=200`.
+    let mut cmd = sheath_with_open_files(200, 200);
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&config);
+    let mut proxy = Process::spawn(cmd);
+    let warning = proxy.wait_log(WARNING).await;
+    // 500 connections need 2 × 500 + 64 descriptors; 200 leave room for
+    // (200 - 64) / 2.
+    for field in ["\"limit\":200", "\"needed\":1064", "\"connections\":68"] {
+        assert!(warning.contains(field), "{field} not in {warning}");
+    }
+    proxy.listening_addr().await;
+    let warnings = |proxy: &Process| {
+        proxy
+            .stderr
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| is_log(l, WARNING))
+            .count()
+    };
+    let reloads = |proxy: &Process| {
+        proxy
+            .stderr
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| is_log(l, "configuration reloaded"))
+            .count()
+    };
+
+    // A reload within the limit says nothing; the check runs before the
+    // reload is announced.
+    common::write_atomically(
+        &config,
+        &text.replace("max_connections = 500", "max_connections = 50"),
+    );
+    proxy.signal("HUP");
+    common::eventually("the first reload", || reloads(&proxy) >= 1).await;
+    assert_eq!(warnings(&proxy), 1, "{}", proxy.stderr.text());
+
+    // One past it warns again (the watched file may reload it twice).
+    common::write_atomically(&config, &text);
+    proxy.signal("HUP");
+    common::eventually("the warning on reload", || warnings(&proxy) >= 2).await;
+}
+
 #[tokio::test]
 async fn drain_timeout_cuts_stuck_connection_and_exits_nonzero() {
     let state = tempfile::tempdir().unwrap();
