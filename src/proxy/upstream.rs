@@ -15,6 +15,12 @@
 //! then ended without a response byte, it is sent again only if it has no
 //! body and an idempotent method, as nginx does: the upstream may have
 //! acted on anything else.
+//!
+//! An h2c upstream can also say that it did not process a stream: it
+//! resets it with `REFUSED_STREAM`, or its GOAWAY leaves the stream out.
+//! Such a request is sent again, once, on another connection, whatever
+//! its method (RFC 9113 §8.7), if it has no body: a body is passed on as
+//! it arrives, so none is kept to send a second time.
 
 use std::collections::HashMap;
 use std::io;
@@ -361,6 +367,37 @@ fn replayable<B: Body>(req: &Request<B>) -> bool {
     req.body().is_end_stream() && req.method().is_idempotent()
 }
 
+/// How an h2c upstream said it did not process a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unprocessed {
+    /// `RST_STREAM` with `REFUSED_STREAM`: this stream only; the
+    /// connection takes others.
+    Refused,
+    /// A GOAWAY whose last stream id is below the stream's: the
+    /// connection takes no stream more.
+    GoingAway,
+}
+
+/// Did the upstream say, in a frame of its own, that it did not process
+/// the stream `error` ended? Only then may a request that is not
+/// idempotent go again. h2 fails a stream with the upstream's GOAWAY only
+/// when the GOAWAY's last stream id is below it, or when the stream was
+/// opened after the GOAWAY came, whatever the GOAWAY's error code; a stream
+/// the GOAWAY covers fails when the connection closes, as a broken pipe,
+/// which says nothing about whether it was processed.
+fn unprocessed(error: &hyper::Error) -> Option<Unprocessed> {
+    let h2: &h2::Error = cause(error)?;
+    if !h2.is_remote() {
+        None
+    } else if h2.is_go_away() {
+        Some(Unprocessed::GoingAway)
+    } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+        Some(Unprocessed::Refused)
+    } else {
+        None
+    }
+}
+
 /// Did the connection end before a response arrived, as an idle connection
 /// the upstream just closed does? Not a malformed response or a timeout.
 fn closed_without_response(error: &hyper::Error) -> bool {
@@ -634,18 +671,26 @@ impl<B: RequestBody> H2Conn<B> {
 
     /// A stream on the oldest open connection with room for one, after
     /// dropping the connections that closed or idled out. Past
-    /// [`MAX_H2C_CONNECTIONS`], the least busy one, room or not.
-    fn checkout(&self) -> Option<(http2::SendRequest<CountedBody<B>>, Stream)> {
+    /// [`MAX_H2C_CONNECTIONS`], the least busy one, room or not. Never on
+    /// the connection whose streams are `avoid`: the one that refused the
+    /// request being sent again.
+    fn checkout(
+        &self,
+        avoid: Option<&Arc<Streams>>,
+    ) -> Option<(http2::SendRequest<CountedBody<B>>, Stream)> {
         let mut open = self.lock();
         let now = Instant::now();
         // Dropping the last sender lets a connection close once its
         // streams in flight are done.
         open.retain(|c| c.usable(now, self.idle_timeout));
-        let pick = match open.iter().find(|c| c.streams.has_room()) {
+        let candidates = open
+            .iter()
+            .filter(|c| avoid.is_none_or(|a| !Arc::ptr_eq(&c.streams, a)));
+        let pick = match candidates.clone().find(|c| c.streams.has_room()) {
             Some(c) => c,
-            None if open.len() >= MAX_H2C_CONNECTIONS => open
-                .iter()
-                .min_by_key(|c| c.streams.in_flight.load(Ordering::Relaxed))?,
+            None if open.len() >= MAX_H2C_CONNECTIONS => {
+                candidates.min_by_key(|c| c.streams.in_flight.load(Ordering::Relaxed))?
+            }
             None => return None,
         };
         Some((pick.sender.clone(), pick.streams.begin()))
@@ -657,15 +702,19 @@ impl<B: RequestBody> H2Conn<B> {
         self.lock().retain(|c| !Arc::ptr_eq(&c.streams, streams));
     }
 
+    /// A stream, on an open connection other than `avoid` (see
+    /// [`H2Conn::checkout`]) or a new one, and whether the connection was
+    /// open already.
     async fn sender(
         self: &Arc<Self>,
+        avoid: Option<&Arc<Streams>>,
     ) -> Result<(http2::SendRequest<CountedBody<B>>, Stream, bool), UpstreamError> {
-        if let Some((sender, stream)) = self.checkout() {
+        if let Some((sender, stream)) = self.checkout(avoid) {
             return Ok((sender, stream, true));
         }
         let _connecting = self.connecting.lock().await;
         // Someone else may have connected while this request waited.
-        if let Some((sender, stream)) = self.checkout() {
+        if let Some((sender, stream)) = self.checkout(avoid) {
             return Ok((sender, stream, true));
         }
         let stream = connect(&self.upstream, self.connect_timeout).await?;
@@ -734,9 +783,19 @@ impl<B: RequestBody> H2Conn<B> {
         req: Request<B>,
     ) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let mut req = req.map(Either::Left);
+        // The connection that did not process the request, once it has
+        // said so: the request is sent again once for that, elsewhere.
+        let mut refused_by: Option<Arc<Streams>> = None;
         loop {
-            let (mut sender, stream, reused) = self.sender().await?;
-            let resend = (reused && replayable(&req)).then(|| Head::of(&req));
+            let (mut sender, stream, reused) = self.sender(refused_by.as_ref()).await?;
+            let replay = reused && replayable(&req);
+            // hyper does not hand back a request once h2 has it, so the
+            // head to send again is copied beforehand: of every bodiless
+            // request while a refusal may still be answered by sending it
+            // again (any stream may be refused), and of a replayable one
+            // on a reused connection.
+            let head = ((refused_by.is_none() && req.body().is_end_stream()) || replay)
+                .then(|| Head::of(&req));
             let counted = req.map(|body| CountedBody {
                 body,
                 _stream: stream.clone(),
@@ -751,10 +810,32 @@ impl<B: RequestBody> H2Conn<B> {
                     }))
                 }
                 Err(e) => {
-                    req = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
-                    // Sent again on a new connection, not on one that may
-                    // not know yet that it is closing: one retry at most.
-                    self.forget(stream.streams());
+                    let unprocessed = unprocessed(e.error());
+                    if unprocessed == Some(Unprocessed::GoingAway) {
+                        // h2 opens no stream more on a connection that got a
+                        // GOAWAY, and hyper notices only when it next polls
+                        // it: until then, other requests must not get it.
+                        self.forget(stream.streams());
+                    }
+                    match (unprocessed, head) {
+                        (Some(_), Some(head)) if refused_by.is_none() => {
+                            tracing::debug!(
+                                upstream = %self.upstream,
+                                error = UpstreamError::h2_cause(e.error()).as_deref(),
+                                "the upstream did not process the request; sending it again on another connection"
+                            );
+                            refused_by = Some(Arc::clone(stream.streams()));
+                            req = head.into_request();
+                        }
+                        (_, head) => {
+                            let resend = head.filter(|_| replay);
+                            req = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
+                            // Sent again on a new connection, not on one that
+                            // may not know yet that it is closing: one retry
+                            // at most.
+                            self.forget(stream.streams());
+                        }
+                    }
                 }
             }
         }

@@ -31,6 +31,8 @@ pub const END_HEADERS: u8 = 0x4;
 pub const SETTINGS_HEADER_TABLE_SIZE: u16 = 0x1;
 pub const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
 
+pub const NO_ERROR: u32 = 0x0;
+pub const INTERNAL_ERROR: u32 = 0x2;
 pub const ENHANCE_YOUR_CALM: u32 = 0xb;
 pub const PROTOCOL_ERROR: u32 = 0x1;
 pub const REFUSED_STREAM: u32 = 0x7;
