@@ -272,6 +272,7 @@ fn cert_json(s: &CertStatus) -> serde_json::Value {
         "last_error": s.last_error,
         "consecutive_failures": s.consecutive_failures,
         "installs": s.installs,
+        "chain_problems": s.chain_problems,
     })
 }
 

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::acme::AcmeIssuer;
 use super::renew::{self, Backoff, CertStatus};
-use super::{export, files, CertError, CertInfo, LocalCa};
+use super::{chain, export, files, CertError, CertInfo, LocalCa};
 use crate::config::{CertPolicy, CertRef};
 use crate::tls::CertResolver;
 
@@ -226,9 +226,29 @@ impl CertManager {
             "certificate installed"
         );
         let now = SystemTime::now();
+        // Here, at install, and not where the files are read: an unchanged
+        // chain is read again every poll_interval, and would repeat its
+        // warnings each time.
+        let chain_problems = chain::problems(&material.certified.cert, now);
+        let file = match &self.source {
+            Source::Files { cert, .. } => cert.display().to_string(),
+            _ => "-".to_string(),
+        };
+        for problem in &chain_problems {
+            tracing::warn!(
+                listener = %self.listener,
+                cert = %self.cert,
+                source = self.source.kind(),
+                file,
+                serial = %info.serial,
+                problem,
+                "the certificate chain has a problem; it is served as it is"
+            );
+        }
         let previous = self.status.load();
         self.status.store(Arc::new(CertStatus {
             current: Some(info.clone()),
+            chain_problems,
             renew_at,
             last_success: Some(now),
             consecutive_failures: 0,

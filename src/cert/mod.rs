@@ -4,10 +4,12 @@
 //! Whatever the source, material becomes a rustls [`CertifiedKey`] only
 //! after it has been checked: the chain parses, the key matches the leaf and
 //! the leaf is within its validity period. Half-valid material never reaches
-//! the resolver.
+//! the resolver. A chain that only some clients refuse (a wrong or expired
+//! intermediate) is served with a warning instead; see [`chain`].
 
 pub mod acme;
 pub mod bootstrap;
+pub mod chain;
 pub mod challenge;
 pub mod export;
 pub mod files;

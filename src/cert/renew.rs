@@ -97,6 +97,10 @@ pub struct CertStatus {
     pub next_retry: Option<SystemTime>,
     /// Certificates installed since start (the first one included).
     pub installs: u64,
+    /// What makes some clients refuse the served chain (see
+    /// `chain::problems`): logged once at install, and kept here for as
+    /// long as the chain is served.
+    pub chain_problems: Vec<String>,
 }
 
 impl CertStatus {

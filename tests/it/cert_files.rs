@@ -918,3 +918,132 @@ async fn rotated_files_in_other_shapes_are_refused_or_served() {
     std::fs::rename(path.join("p.der"), &cert).unwrap();
     until_serving(&proxy, &pki, &serial2).await;
 }
+
+/// Chains whose intermediates do not lead from the leaf to its root, or
+/// have expired, fail for the clients that do not already have the right
+/// intermediate. sheath serves them as the file has them (refusing them
+/// would take away what still works for the others) but says what is
+/// wrong, naming the certificates by position and subject, in the status
+/// (`/certs`) and a warning. Correct chains, their root included or not,
+/// get no warning. A client that trusts the root alone shows which chains
+/// fail.
+#[tokio::test]
+async fn chains_some_clients_refuse_are_served_saying_why() {
+    let pki = TestPki::new();
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let name = "sheath test intermediate";
+    let int = pki.intermediate(name, now - day, now + day);
+    let (leaf, key) = int.server_cert(&["localhost"]);
+    // Same name, another key: the intermediate its CA replaced, and
+    // another CA's. Only the signature tells either from the right one.
+    let rotated = pki.intermediate(name, now - 2 * day, now + day);
+    let foreign = TestPki::new().intermediate(name, now - day, now + day);
+    let unrelated = pki.intermediate("another intermediate", now - day, now + day);
+    let lapsed = pki.intermediate("lapsed intermediate", now - 2 * day, now - day);
+    let (lapsed_leaf, lapsed_key) = lapsed.server_cert(&["localhost"]);
+    let upper = pki.intermediate("upper intermediate", now - day, now + day);
+    let lower = upper.intermediate("lower intermediate", now - day, now + day);
+    let (deep_leaf, deep_key) = lower.server_cert(&["localhost"]);
+    let same_name: &[&str] = &["certificate 2 (CN=sheath test intermediate) did not issue certificate 1 (CN=localhost); it has the name of certificate 1's issuer, but not the key that signed it"];
+
+    // What the case is, the chain file, its key, what the one warning
+    // says (none when empty), whether the root-only client connects.
+    type Case<'a> = (&'a str, String, &'a str, &'a [&'a str], bool);
+    let cases: Vec<Case> = vec![
+        ("leaf and intermediate", leaf.clone() + &int.pem, &key, &[], true),
+        (
+            "the root included",
+            leaf.clone() + &int.pem + &pki.ca_pem,
+            &key,
+            &[],
+            true,
+        ),
+        (
+            "two intermediates",
+            deep_leaf.clone() + &lower.pem + &upper.pem,
+            &deep_key,
+            &[],
+            true,
+        ),
+        (
+            "the intermediate its CA replaced",
+            leaf.clone() + &rotated.pem,
+            &key,
+            same_name,
+            false,
+        ),
+        (
+            "another CA's intermediate of the same name",
+            leaf.clone() + &foreign.pem,
+            &key,
+            same_name,
+            false,
+        ),
+        (
+            "an unrelated intermediate",
+            leaf.clone() + &unrelated.pem,
+            &key,
+            &["certificate 2 (CN=another intermediate) did not issue certificate 1 (CN=localhost): clients that do not already have certificate 1's issuer (CN=sheath test intermediate) refuse the chain"],
+            false,
+        ),
+        (
+            "an expired intermediate",
+            lapsed_leaf + &lapsed.pem,
+            &lapsed_key,
+            &["certificate 2 (CN=lapsed intermediate) expired at ", "replace it"],
+            false,
+        ),
+        (
+            // webpki looks for an issuer all through the chain; clients
+            // that read it in order do not.
+            "intermediates out of order",
+            deep_leaf + &upper.pem + &lower.pem,
+            &deep_key,
+            &[
+                "certificate 2 (CN=upper intermediate) did not issue certificate 1 (CN=localhost); certificate 3 (CN=lower intermediate) did",
+                "the right order is 1, 3, 2",
+            ],
+            true,
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (what, chain, key, want, connects) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("c.key"));
+        std::fs::write(&cert_path, &chain).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let proxy = match Proxy::start_in(&files_toml(&cert_path, &key_path), dir).await {
+            Ok(proxy) => proxy,
+            Err(e) => {
+                failures.push(format!("{what}: refused: {e}"));
+                continue;
+            }
+        };
+        let problems = proxy
+            .running()
+            .listener("l")
+            .unwrap()
+            .cert_status()
+            .chain_problems
+            .clone();
+        let as_wanted = if want.is_empty() {
+            problems.is_empty()
+        } else {
+            problems.len() == 1 && want.iter().all(|w| problems[0].contains(w))
+        };
+        if !as_wanted {
+            failures.push(format!(
+                "{what}: chain problems {problems:?}, want {want:?}"
+            ));
+        }
+        let config = crate::common::client::client_config(pki.roots(), &[]);
+        let connected = crate::common::client::connect(proxy.addr("l"), config).await;
+        if connected.is_ok() != connects {
+            failures.push(format!(
+                "{what}: a client trusting the root alone: {connected:?}, want connected: {connects}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

@@ -607,6 +607,91 @@ async fn read_only_secret_files_are_served_and_their_rotation_followed() {
     );
 }
 
+/// A chain some clients refuse is served, with a warning that names the
+/// file, the certificate by position and subject, and what is wrong: at
+/// the start, and again when the files are rotated to another such chain.
+/// The chain fixed is installed without one.
+#[tokio::test]
+async fn a_chain_some_clients_refuse_is_named_in_a_warning_at_start_and_rotation() {
+    const WARNING: &str = "the certificate chain has a problem; it is served as it is";
+    let warned = |l: &str, about: &str| is_log(l, WARNING) && l.contains(about);
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let now = std::time::SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let int = pki.intermediate("sheath test intermediate", now - day, now + day);
+    // The intermediate its CA replaced: same name, another key.
+    let replaced = pki.intermediate("sheath test intermediate", now - 2 * day, now + day);
+    let (leaf, key) = int.server_cert(&["localhost"]);
+    let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_path, leaf.clone() + &replaced.pem).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\nupstream = \"127.0.0.1:9\"\nmode = \"tcp\"\n\
+             [listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\npoll_interval = \"300ms\"\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    );
+    let mut cmd = sheath();
+    cmd.args(["--log-format", "json", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config);
+    let mut proc = Process::spawn(cmd);
+    let line = proc.wait_log(WARNING).await;
+    assert_eq!(
+        json_field(&line, "file"),
+        Some(cert_path.to_str().unwrap()),
+        "{line}"
+    );
+    let problem = json_field(&line, "problem").unwrap_or_default();
+    assert!(
+        problem.starts_with("certificate 2 (CN=sheath test intermediate) did not issue certificate 1 (CN=localhost); it has the name of certificate 1's issuer, but not the key that signed it"),
+        "{line}"
+    );
+    let addr = proc.listening_addr().await;
+
+    // Rotated to a chain whose intermediate has expired.
+    let lapsed = pki.intermediate("lapsed intermediate", now - 2 * day, now - day);
+    let (lapsed_leaf, lapsed_key) = lapsed.server_cert(&["localhost"]);
+    common::write_atomically(&key_path, &lapsed_key);
+    common::write_atomically(&cert_path, &(lapsed_leaf + &lapsed.pem));
+    proc.wait_line("the expired intermediate named", false, |l| {
+        warned(l, "certificate 2 (CN=lapsed intermediate) expired at ")
+    })
+    .await;
+
+    // Fixed: installed, and nothing to warn of.
+    let installed = |p: &Process| {
+        p.stderr
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| is_log(l, "certificate installed"))
+            .count()
+    };
+    let before = installed(&proc);
+    common::write_atomically(&key_path, &key);
+    common::write_atomically(&cert_path, &(leaf + &int.pem));
+    within("the fixed chain installed", async {
+        while installed(&proc) == before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let config = client::client_config(pki.roots(), &[]);
+    let tls = client::connect(addr, config).await.unwrap();
+    assert_eq!(tls.get_ref().1.peer_certificates().unwrap().len(), 2);
+    let warnings = proc.stderr.lines.lock().unwrap().clone();
+    let warnings: Vec<_> = warnings.iter().filter(|l| is_log(l, WARNING)).collect();
+    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+}
+
 /// Every temporary (`.NAME.tmp.PID`) under `dir`, at any depth.
 fn temporaries(dir: &Path) -> Vec<String> {
     let mut found = Vec::new();

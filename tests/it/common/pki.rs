@@ -91,22 +91,20 @@ impl TestPki {
         not_after: SystemTime,
         alg: &'static rcgen::SignatureAlgorithm,
     ) -> (String, String) {
-        let key = KeyPair::generate_for(alg).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = names
-            .iter()
-            .map(|n| match n.parse() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*n).try_into().unwrap()),
-            })
-            .collect();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = not_before.into();
-        params.not_after = not_after.into();
         let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
+        leaf(names, not_before, not_after, alg, &issuer)
+    }
+
+    /// An intermediate CA named `cn` under this CA, valid from
+    /// `not_before` to `not_after`.
+    pub fn intermediate(
+        &self,
+        cn: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Intermediate {
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        intermediate(cn, not_before, not_after, &issuer)
     }
 
     /// Write a localhost server certificate and key under `dir`.
@@ -141,6 +139,93 @@ impl TestPki {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
         Arc::new(roots)
+    }
+}
+
+/// A server certificate for `names` signed by `issuer`, and its key: PEM.
+fn leaf(
+    names: &[&str],
+    not_before: SystemTime,
+    not_after: SystemTime,
+    alg: &'static rcgen::SignatureAlgorithm,
+    issuer: &Issuer<'_, &KeyPair>,
+) -> (String, String) {
+    let key = KeyPair::generate_for(alg).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = names
+        .iter()
+        .map(|n| match n.parse() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName((*n).try_into().unwrap()),
+        })
+        .collect();
+    params.distinguished_name.push(DnType::CommonName, names[0]);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+/// An intermediate CA: its certificate, and what it takes to issue more.
+pub struct Intermediate {
+    pub pem: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+fn intermediate(
+    cn: &str,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    issuer: &Issuer<'_, &KeyPair>,
+) -> Intermediate {
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let cert = params.signed_by(&key, issuer).unwrap();
+    Intermediate {
+        pem: cert.pem(),
+        params,
+        key,
+    }
+}
+
+impl Intermediate {
+    /// An intermediate CA named `cn` under this one.
+    pub fn intermediate(
+        &self,
+        cn: &str,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Intermediate {
+        intermediate(
+            cn,
+            not_before,
+            not_after,
+            &Issuer::from_params(&self.params, &self.key),
+        )
+    }
+
+    /// A server certificate for `names`, valid from a minute ago for an
+    /// hour, and its key: PEM.
+    pub fn server_cert(&self, names: &[&str]) -> (String, String) {
+        let now = SystemTime::now();
+        leaf(
+            names,
+            now - Duration::from_secs(60),
+            now + Duration::from_secs(3600),
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &Issuer::from_params(&self.params, &self.key),
+        )
     }
 }
 
