@@ -66,8 +66,10 @@ pub enum CertError {
     Parse { what: String, reason: String },
     #[error("{what}: private key does not match the certificate")]
     KeyMismatch { what: String },
-    #[error("{what}: the private key belongs to certificate #{index} of the chain, not to the first; the leaf (the server's own certificate) must come first")]
-    ChainOrder { what: String, index: usize },
+    /// `position` counts from 1 for the first certificate of the file, as
+    /// the chain warnings do (see `chain::problems`).
+    #[error("{what}: the private key belongs to certificate {position} of the chain, not to the first; the leaf (the server's own certificate) must come first")]
+    ChainOrder { what: String, position: usize },
     #[error("{what}: unusable private key: {reason}")]
     BadKey { what: String, reason: String },
     #[error("{what}: certificate expired at {not_after}")]
@@ -323,7 +325,7 @@ pub fn certified_key(
     for (i, intermediate) in chain.iter().enumerate().skip(1) {
         CertInfo::from_der(intermediate).map_err(|reason| CertError::Parse {
             what: what.to_string(),
-            reason: format!("chain certificate #{i}: {reason}"),
+            reason: format!("certificate {} of the chain: {reason}", i + 1),
         })?;
     }
     info.check_validity_now(what)?;
@@ -350,7 +352,7 @@ pub fn certified_key(
         return Err(match index {
             Some(index) => CertError::ChainOrder {
                 what: what.to_string(),
-                index,
+                position: index + 1,
             },
             None => CertError::KeyMismatch {
                 what: what.to_string(),
