@@ -59,7 +59,7 @@ pub fn open_file_limit() -> Option<u64> {
 }
 
 /// Descriptors `config` may need at once: two for each connection its
-/// listeners allow (the client's and the upstream's), and [`RESERVED`].
+/// listeners allow (the client's and the upstream's), and `RESERVED` (64).
 /// A lower bound: an HTTP/2 client's streams each take an upstream
 /// HTTP/1.1 connection, and idle upstream connections are kept.
 pub fn open_files_needed(config: &Config) -> u64 {

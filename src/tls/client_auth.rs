@@ -10,7 +10,7 @@
 //! that fails to load leaves the last good trust in place.
 //!
 //! Each generation of trust remembers the chains it has accepted (see
-//! [`VerifiedChains`]), so a client that reconnects with the same
+//! `VerifiedChains`), so a client that reconnects with the same
 //! certificate is not verified from scratch on every handshake.
 
 use std::collections::HashMap;
