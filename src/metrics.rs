@@ -295,35 +295,30 @@ impl Collector for SheathCollector {
             MetricType::Counter,
         )?;
         ConstCounter::new(usage.cpu.as_secs_f64()).encode(f.0)?;
-        if let Some(bytes) = usage.resident_bytes {
-            let f = family(
-                &mut enc,
+        let gauges = [
+            (
                 "process_resident_memory",
                 "Resident memory size",
                 Some(&bytes_unit),
-                MetricType::Gauge,
-            )?;
-            f.single(bytes as f64)?;
-        }
-        if let Some(open) = usage.open_fds {
-            let f = family(
-                &mut enc,
+                usage.resident_bytes,
+            ),
+            (
                 "process_open_fds",
                 "Open file descriptors",
                 None,
-                MetricType::Gauge,
-            )?;
-            f.single(open as f64)?;
-        }
-        if let Some(max) = usage.max_fds {
-            let f = family(
-                &mut enc,
+                usage.open_fds,
+            ),
+            (
                 "process_max_fds",
                 "The soft limit on open file descriptors",
                 None,
-                MetricType::Gauge,
-            )?;
-            f.single(max as f64)?;
+                usage.max_fds,
+            ),
+        ];
+        for (name, help, unit, value) in gauges {
+            if let Some(value) = value {
+                family(&mut enc, name, help, unit, MetricType::Gauge)?.single(value as f64)?;
+            }
         }
 
         macro_rules! per_listener {

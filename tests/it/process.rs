@@ -172,6 +172,12 @@ impl Process {
         }
     }
 
+    /// How many log lines with `message` sheath has written so far.
+    pub(crate) fn logged(&self, message: &str) -> usize {
+        let lines = self.stderr.lines.lock().unwrap();
+        lines.iter().filter(|l| is_log(l, message)).count()
+    }
+
     pub(crate) async fn wait_log(&mut self, message: &str) -> String {
         self.wait_line(&format!("log {message:?}"), false, |l| is_log(l, message))
             .await
@@ -666,15 +672,7 @@ async fn a_chain_some_clients_refuse_is_named_in_a_warning_at_start_and_rotation
     .await;
 
     // Fixed: installed, and nothing to warn of.
-    let installed = |p: &Process| {
-        p.stderr
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_log(l, "certificate installed"))
-            .count()
-    };
+    let installed = |p: &Process| p.logged("certificate installed");
     let before = installed(&proc);
     common::write_atomically(&key_path, &key);
     common::write_atomically(&cert_path, &(leaf + &int.pem));
@@ -687,9 +685,7 @@ async fn a_chain_some_clients_refuse_is_named_in_a_warning_at_start_and_rotation
     let config = client::client_config(pki.roots(), &[]);
     let tls = client::connect(addr, config).await.unwrap();
     assert_eq!(tls.get_ref().1.peer_certificates().unwrap().len(), 2);
-    let warnings = proc.stderr.lines.lock().unwrap().clone();
-    let warnings: Vec<_> = warnings.iter().filter(|l| is_log(l, WARNING)).collect();
-    assert_eq!(warnings.len(), 2, "{warnings:#?}");
+    assert_eq!(proc.logged(WARNING), 2, "{}", proc.stderr.text());
 }
 
 /// Every temporary (`.NAME.tmp.PID`) under `dir`, at any depth.
@@ -1111,26 +1107,8 @@ async fn an_open_file_limit_below_what_max_connections_needs_is_warned_about() {
         assert!(warning.contains(field), "{field} not in {warning}");
     }
     proxy.listening_addr().await;
-    let warnings = |proxy: &Process| {
-        proxy
-            .stderr
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_log(l, WARNING))
-            .count()
-    };
-    let reloads = |proxy: &Process| {
-        proxy
-            .stderr
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_log(l, "configuration reloaded"))
-            .count()
-    };
+    let warnings = |p: &Process| p.logged(WARNING);
+    let reloads = |p: &Process| p.logged("configuration reloaded");
 
     // A reload within the limit says nothing; the check runs before the
     // reload is announced.
@@ -1312,15 +1290,7 @@ async fn config_file_changes_and_sighup_reload_in_place() {
     );
 
     // SIGHUP reloads too.
-    let reloads = |p: &Process| {
-        p.stderr
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_log(l, "configuration reloaded"))
-            .count()
-    };
+    let reloads = |p: &Process| p.logged("configuration reloaded");
     let before = reloads(&proc);
     proc.signal("HUP");
     within("SIGHUP reload", async {
@@ -2638,15 +2608,7 @@ async fn a_reload_that_changes_the_admin_endpoint_warns_that_it_waits_for_a_rest
     let listener = format!(
         "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\n"
     );
-    let reloaded = |p: &Process| {
-        p.stderr
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| is_log(l, "configuration reloaded"))
-            .count()
-    };
+    let reloaded = |p: &Process| p.logged("configuration reloaded");
 
     // From the file: turning it off is a change the running process
     // does not make.
