@@ -276,28 +276,24 @@ fn send_again<B, T>(
     }
 }
 
+/// How long the first address family has before the other is tried
+/// alongside it: RFC 8305's Connection Attempt Delay, 300 ms as in Go and
+/// hyper-util.
+const FALLBACK_DELAY: Duration = Duration::from_millis(300);
+
 /// Open a TCP connection to the upstream, for HTTP mode's pool and for
 /// each TCP-mode client.
+///
+/// An IP literal, the usual sidecar upstream, is one plain connect. A
+/// name's addresses are tried as Happy Eyeballs does (RFC 8305), so that
+/// a dead address first in the list (a node behind DNS round robin, a
+/// gone pod, an IPv6 route that drops packets) costs a share of `timeout`
+/// rather than all of it; see [`connect_name`].
 pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
-    let connect = async {
-        match upstream.host.parse::<IpAddr>() {
-            Ok(ip) => TcpStream::connect(SocketAddr::new(ip, upstream.port)).await,
-            Err(_) => {
-                let ips = resolve(&upstream.host).await?;
-                // In order, as getaddrinfo sorted them (RFC 6724): `localhost`
-                // is often ::1 first, and an upstream bound to 127.0.0.1 only
-                // refuses that at once.
-                let mut last = None;
-                for ip in ips.iter() {
-                    match TcpStream::connect(SocketAddr::new(*ip, upstream.port)).await {
-                        Ok(stream) => return Ok(stream),
-                        Err(e) => last = Some(e),
-                    }
-                }
-                Err(last.expect("resolve returns at least one address"))
-            }
-        }
+    let Ok(ip) = upstream.host.parse::<IpAddr>() else {
+        return connect_name(upstream, timeout).await;
     };
+    let connect = TcpStream::connect(SocketAddr::new(ip, upstream.port));
     let stream = match tokio::time::timeout(timeout, connect).await {
         Err(_) => return Err(UpstreamError::ConnectTimeout(timeout)),
         Ok(result) => result.map_err(UpstreamError::Connect)?,
@@ -310,6 +306,87 @@ pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream
         tracing::debug!(error = %e, "TCP keep-alive not set on upstream connection");
     }
     Ok(stream)
+}
+
+/// Connect to an upstream name with hyper-util's `HttpConnector`, which
+/// already does what a name with several addresses needs: the addresses
+/// of the first one's family in getaddrinfo's order (RFC 6724), the other
+/// family's from [`FALLBACK_DELAY`] on, or at once when the first family
+/// has failed, and each address an equal share of `timeout` within its
+/// family. The addresses come from [`resolve`]'s cache through
+/// [`CachedResolver`]. The outer timeout keeps the whole attempt within
+/// `timeout`, which the fallback family, started late, could overrun.
+async fn connect_name(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use tower_service::Service;
+
+    let mut connector = HttpConnector::new_with_resolver(CachedResolver);
+    connector.set_connect_timeout(Some(timeout));
+    connector.set_happy_eyeballs_timeout(Some(FALLBACK_DELAY));
+    // Small writes (request heads, interactive TCP traffic) must leave at
+    // once, not wait for an ACK.
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(TCP_KEEPALIVE));
+    // The connector takes a URI; `http://` with the upstream's authority
+    // (with its port) names nothing more than `host:port`.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTP);
+    parts.authority = Some(upstream.authority.clone());
+    parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    let uri = http::Uri::from_parts(parts).expect("scheme, authority and path make a URI");
+    match tokio::time::timeout(timeout, connector.call(uri)).await {
+        Err(_) => Err(UpstreamError::ConnectTimeout(timeout)),
+        Ok(Ok(stream)) => Ok(stream.into_inner()),
+        Ok(Err(e)) => Err(connect_failure(&e, timeout)),
+    }
+}
+
+/// sheath's error for a failure of `HttpConnector`, whose own says only
+/// "tcp connect error" or "dns error": the I/O error beneath it, so that a
+/// refused connection still reads (and is answered) as one, and a connect
+/// that timed out (an address's share of the timeout ran out) as a
+/// connect timeout.
+fn connect_failure(error: &(dyn std::error::Error + 'static), timeout: Duration) -> UpstreamError {
+    let io = std::iter::successors(error.source(), |e| e.source())
+        .find_map(|e| e.downcast_ref::<io::Error>());
+    match io {
+        Some(io) if io.kind() == io::ErrorKind::TimedOut => UpstreamError::ConnectTimeout(timeout),
+        // The connector's error keeps the one it wraps: rebuilt, with the
+        // same kind and wording.
+        Some(io) => UpstreamError::Connect(match io.raw_os_error() {
+            Some(code) => io::Error::from_raw_os_error(code),
+            None => io::Error::new(io.kind(), io.to_string()),
+        }),
+        None => UpstreamError::Connect(io::Error::other(error.to_string())),
+    }
+}
+
+/// The resolver `HttpConnector` asks for a name's addresses: [`resolve`],
+/// with its cache and its fallback to the last addresses that worked.
+#[derive(Debug, Clone, Copy)]
+struct CachedResolver;
+
+impl tower_service::Service<hyper_util::client::legacy::connect::dns::Name> for CachedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: hyper_util::client::legacy::connect::dns::Name) -> Self::Future {
+        Box::pin(async move {
+            let ips = resolve(name.as_str()).await?;
+            // Port 0: the connector puts the URI's port in.
+            Ok(ips
+                .iter()
+                .map(|ip| SocketAddr::new(*ip, 0))
+                .collect::<Vec<_>>()
+                .into_iter())
+        })
+    }
 }
 
 /// How long the addresses of an upstream name are reused. Resolving runs
@@ -992,6 +1069,49 @@ mod tests {
             stream.peer_addr().unwrap(),
             accepted.unwrap().0.local_addr().unwrap()
         );
+    }
+
+    /// `HttpConnector`'s errors, which say only "tcp connect error", still
+    /// tell a connect timeout (504) from a refusal (502) once sheath has
+    /// taken the I/O error from beneath them.
+    #[tokio::test]
+    async fn connector_errors_keep_a_timeout_and_a_refusal_apart() {
+        use hyper_util::client::legacy::connect::HttpConnector;
+        use socket2::{Domain, Socket, Type};
+        use tower_service::Service;
+
+        // A black hole: a backlog of 0 takes one connection, never
+        // accepted; the kernel drops SYNs to the full queue.
+        let hole = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        hole.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .unwrap();
+        hole.listen(0).unwrap();
+        let hole_addr = hole.local_addr().unwrap().as_socket().unwrap();
+        let _queued = std::net::TcpStream::connect(hole_addr).unwrap();
+        let refusing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let refusing_addr = refusing.local_addr().unwrap();
+        drop(refusing);
+
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(100)));
+        let configured = Duration::from_secs(7);
+        let uri = |addr: SocketAddr| format!("http://{addr}/").parse().unwrap();
+
+        let timed_out = connector.call(uri(hole_addr)).await.unwrap_err();
+        match connect_failure(&timed_out, configured) {
+            UpstreamError::ConnectTimeout(t) => assert_eq!(t, configured),
+            other => panic!("{timed_out:?} became {other:?}"),
+        }
+        let refused = connector.call(uri(refusing_addr)).await.unwrap_err();
+        match connect_failure(&refused, configured) {
+            UpstreamError::Connect(e) => {
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+                // As the system words it, as before the connector.
+                let direct = std::net::TcpStream::connect(refusing_addr).unwrap_err();
+                assert_eq!(e.to_string(), direct.to_string());
+            }
+            other => panic!("{refused:?} became {other:?}"),
+        }
     }
 
     fn client_for(upstream: std::net::SocketAddr) -> UpstreamClient<Empty<Bytes>> {

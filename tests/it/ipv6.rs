@@ -15,7 +15,7 @@ use crate::common::{backend, client, pki, require, within, Proxy, TestPki};
 use crate::process::{ca_pem_path, isolated, json_field, Process, BIN};
 
 /// Can this host bind `::1`? Under `CI=true` it must.
-fn ipv6_loopback() -> bool {
+pub(crate) fn ipv6_loopback() -> bool {
     let found = std::net::TcpListener::bind("[::1]:0").is_ok();
     require(
         found,

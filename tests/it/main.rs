@@ -10,6 +10,7 @@ mod admin;
 mod bootstrap;
 mod cert_files;
 mod config;
+mod connect;
 mod export;
 mod grpc;
 mod h2_abuse;
