@@ -73,6 +73,31 @@ impl Activity {
         }
     }
 
+    /// Resolves with the limit reached first: `"idle_timeout"` once
+    /// nothing has moved for `idle`, `"max_lifetime"` once the connection
+    /// that began at `since` has lived `lifetime`. One timer for both, not
+    /// one each: every idle TCP-mode connection keeps this future, and a
+    /// second timer was 112 bytes more of it (W7 in benches/compare.py).
+    pub async fn idle_or_lifetime(
+        &self,
+        idle: Duration,
+        since: Instant,
+        lifetime: Option<Duration>,
+    ) -> &'static str {
+        let end = lifetime.map(|l| since + l);
+        loop {
+            let idle_at = self.last() + idle;
+            let (deadline, outcome) = match end {
+                Some(end) if end <= idle_at => (end, "max_lifetime"),
+                _ => (idle_at, "idle_timeout"),
+            };
+            if Instant::now() >= deadline {
+                return outcome;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
     pub fn totals(&self) -> (u64, u64) {
         (
             self.bytes_in.load(Ordering::Relaxed),

@@ -83,7 +83,9 @@ pub fn relay(
             // has something to say, not while a connection sits idle after
             // its handshake (W7 in benches/compare.py).
             first_traffic(&mut client, &upstream_stream).await;
-            copy_both_ways(&mut client, &mut upstream_stream, &activity).await
+            // Boxed: allocated once traffic begins, so the copying state
+            // is no part of what an idle connection's future holds.
+            Box::pin(copy_both_ways(&mut client, &mut upstream_stream, &activity)).await
         };
         // The select stays here rather than in a function shared with
         // outbound mode: an async fn taking the relay would hold it (and
@@ -97,8 +99,7 @@ pub fn relay(
                     "error"
                 }
             },
-            _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-            _ = max_lifetime(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
+            limit = activity.idle_or_lifetime(config.timeouts.idle, conn.since, config.timeouts.max_lifetime) => limit,
             _ = conn.drain.abort.cancelled() => "drain_timeout",
         };
         if outcome != "closed" {
@@ -146,10 +147,18 @@ async fn first_traffic(client: &mut TlsStream<TcpStream>, upstream: &TcpStream) 
         return;
     }
     // Readiness errors surface again in the relay, which reports them.
-    tokio::select! {
-        _ = client.get_ref().0.readable() => {}
-        _ = upstream.readable() => {}
-    }
+    // Polled rather than two `readable()` futures, which an idle
+    // connection's future would hold (W7).
+    std::future::poll_fn(|cx| {
+        let client = client.get_ref().0.poll_read_ready(cx).is_ready();
+        let upstream = upstream.poll_read_ready(cx).is_ready();
+        if client || upstream {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Resolves once a connection that began at `since` has lived its
