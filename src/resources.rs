@@ -54,15 +54,15 @@ pub fn raise_open_files() -> std::io::Result<Option<Raised>> {
 }
 
 /// The soft open-file limit in force; `None` when unlimited.
-pub fn open_file_limit() -> Option<u64> {
+fn open_file_limit() -> Option<u64> {
     getrlimit(Resource::Nofile).current
 }
 
 /// Descriptors `config` may need at once: two for each connection its
-/// listeners allow (the client's and the upstream's), and `RESERVED` (64).
+/// listeners allow (the client's and the upstream's), and [`RESERVED`].
 /// A lower bound: an HTTP/2 client's streams each take an upstream
 /// HTTP/1.1 connection, and idle upstream connections are kept.
-pub fn open_files_needed(config: &Config) -> u64 {
+fn open_files_needed(config: &Config) -> u64 {
     let connections: u64 = config
         .listeners
         .iter()

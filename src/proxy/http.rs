@@ -781,10 +781,9 @@ async fn tunnel(
     let mut upstream = TokioIo::new(upstream);
     let outcome = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => if r.is_ok() { "closed" } else { "error" },
-        _ = activity.idle(config.timeouts.idle) => "idle_timeout",
         // The client was judged at its handshake; a tunnel lasting past
         // max_lifetime would keep a since-revoked client connected.
-        _ = super::tcp::max_lifetime(conn.since, config.timeouts.max_lifetime) => "max_lifetime",
+        limit = activity.idle_or_lifetime(config.timeouts.idle, conn.since, config.timeouts.max_lifetime) => limit,
         _ = conn.drain.abort.cancelled() => "drain_timeout",
     };
     tracing::info!(listener = %config.name, peer = %conn.peer, outcome, "upgraded connection closed");

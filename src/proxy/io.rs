@@ -76,8 +76,9 @@ impl Activity {
     /// Resolves with the limit reached first: `"idle_timeout"` once
     /// nothing has moved for `idle`, `"max_lifetime"` once the connection
     /// that began at `since` has lived `lifetime`. One timer for both, not
-    /// one each: every idle TCP-mode connection keeps this future, and a
-    /// second timer was 112 bytes more of it (W7 in benches/compare.py).
+    /// one each: every idle relay (TCP mode, outbound mode, an upgraded
+    /// tunnel) keeps this future, and a second timer was 112 bytes more of
+    /// it (W7 in benches/compare.py).
     pub async fn idle_or_lifetime(
         &self,
         idle: Duration,

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::io::Activity;
-use super::tcp::{copy_both_ways, max_lifetime};
+use super::tcp::copy_both_ways;
 use super::{ListenerState, ListenerStats};
 use crate::shutdown::Drain;
 use crate::tls::handshake::FailureReason;
@@ -139,8 +139,7 @@ pub fn relay(
                     "error"
                 }
             },
-            _ = activity.idle(config.timeouts.idle) => "idle_timeout",
-            _ = max_lifetime(started, config.timeouts.max_lifetime) => "max_lifetime",
+            limit = activity.idle_or_lifetime(config.timeouts.idle, started, config.timeouts.max_lifetime) => limit,
             _ = drain.abort.cancelled() => "drain_timeout",
         };
         if outcome == "refused" && !tls.counted {

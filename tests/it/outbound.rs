@@ -562,3 +562,58 @@ async fn thousands_of_failed_connections_leave_nothing_behind() {
         );
     }
 }
+
+/// The local client's connection ends after `idle` without traffic, and
+/// after `max_lifetime` however busy it is: the relay's one timer for
+/// both (`Activity::idle_or_lifetime`) answers to each.
+#[tokio::test]
+async fn idle_and_lifetime_limits_end_an_outbound_connection() {
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let client_ca = local_ca_root(dir.path());
+    let (peer, _backend) = peer(&pki, &client_ca).await;
+    let test_ca = pki.write_ca(dir.path());
+    let out = outbound_with(
+        dir,
+        peer.addr("in"),
+        &test_ca,
+        "peer.test",
+        "idle = \"300ms\"\nmax_lifetime = \"1500ms\"",
+    )
+    .await;
+
+    // Silent after the request line: the idle limit ends it.
+    let mut quiet = TcpStream::connect(out.addr("out")).await.unwrap();
+    quiet.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = within("idle close", quiet.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+    assert!(took < Duration::from_millis(1400), "closed after {took:?}");
+    assert!(rest.is_empty());
+
+    // A header line every 100 ms keeps it from going idle; the lifetime
+    // ends it all the same.
+    let mut busy = TcpStream::connect(out.addr("out")).await.unwrap();
+    busy.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+    let started = std::time::Instant::now();
+    within("lifetime close", async {
+        let mut n = 0;
+        while busy
+            .write_all(format!("x-keep-{n}: busy\r\n").as_bytes())
+            .await
+            .is_ok()
+        {
+            n += 1;
+            let mut byte = [0u8; 1];
+            match tokio::time::timeout(Duration::from_millis(100), busy.read(&mut byte)).await {
+                Err(_) => continue,
+                Ok(_) => break,
+            }
+        }
+    })
+    .await;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(1200), "closed after {took:?}");
+}
