@@ -21,7 +21,7 @@ use crate::admin::{admin_for, call, sample, value};
 use crate::common::backend::read_to_end;
 use crate::common::pki::{ClientCert, ClientSpec};
 use crate::common::{eventually, within, write_atomically, Proxy, TestPki};
-use crate::mtls::{inotify_instances, inotify_instances_settled, rewriting};
+use crate::mtls::{inotify_instances, inotify_instances_settled, peak_during_reloads, rewriting};
 use sheath::config::Config;
 use sheath::tls::handshake::FailureReason;
 
@@ -669,32 +669,36 @@ async fn a_replaced_peer_trust_watcher_stops_at_once_while_its_files_change() {
     .await;
 
     let writing = rewriting(&bundle, &pki.ca_pem);
-    // Each watcher is replaced 100 ms after it started, inside its wait
-    // for the directory to settle.
-    for n in 1..6 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        apply(config(n)).await;
-    }
+    let peak = peak_during_reloads(20, |n| apply(config(n))).await;
     let left = inotify_instances_settled(watchers).await;
+    assert!(
+        peak <= watchers + 3,
+        "{peak} inotify instances at once during twenty reloads: replaced peer trust watchers outlived their replacement"
+    );
     assert_eq!(
         left, watchers,
-        "inotify instances a second after five reloads (the identity's and the peer trust's before)"
+        "inotify instances after the reloads (the identity's and the peer trust's before)"
     );
 
-    // The listener removed (another, without peer trust, in its place):
-    // only the newcomer's certificate watcher is left.
+    // The listener removed (another, without peer trust, in its place)
+    // and put back, in turn: a removed listener's watchers go at once too.
+    // At the end only the newcomer's certificate watcher is left.
     let other = format!(
         "[[listener]]\nname = \"other\"\nbind = \"127.0.0.1:0\"\nupstream = \"{peer}\"\nmode = \"tcp\"\n\n[listener.cert]\nsource = \"files\"\ncert = \"{}\"\nkey = \"{}\"\n",
         cert.display(),
         key.display()
     );
-    apply(other).await;
+    let peak = peak_during_reloads(21, |n| {
+        apply(if n % 2 == 1 { other.clone() } else { config(n) })
+    })
+    .await;
     let left = inotify_instances_settled(1).await;
     writing.abort();
-    assert_eq!(
-        left, 1,
-        "inotify instances a second after the listener's removal"
+    assert!(
+        peak <= watchers + 3,
+        "{peak} inotify instances at once while the listener was removed and put back: removed listeners' watchers outlived them"
     );
+    assert_eq!(left, 1, "inotify instances after the listener's removal");
 }
 
 #[tokio::test]
