@@ -493,6 +493,25 @@ impl SingleListener {
                 "sets the lifetime of local-CA certificates; it has no effect with --cert/--key or --acme-directory",
             ));
         }
+        if self.acme_directory.is_none() {
+            // Without a directory there is no ACME client to hand these
+            // to; taken silently, the operator would wait for a
+            // certificate from a CA sheath never asks.
+            let acme_only = [
+                (self.acme_challenge.is_some(), "--acme-challenge"),
+                (self.acme_http01_bind.is_some(), "--acme-http01-bind"),
+                (self.acme_ca_root.is_some(), "--acme-ca-root"),
+                (self.acme_ca_fingerprint.is_some(), "--acme-ca-fingerprint"),
+                (!self.acme_contact.is_empty(), "--acme-contact"),
+                (self.acme_eab_kid.is_some(), "--acme-eab-kid"),
+            ];
+            if let Some((_, flag)) = acme_only.into_iter().find(|(set, _)| *set) {
+                return Err(flag_error(
+                    flag,
+                    "needs --acme-directory (without it the certificate comes from --cert/--key or the local CA)",
+                ));
+            }
+        }
         let cert = match (&self.cert, &self.key, &self.acme_directory) {
             (Some(_), _, Some(_)) => {
                 return Err(flag_error(

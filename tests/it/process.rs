@@ -2378,7 +2378,7 @@ async fn flags_that_would_be_ignored_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let single = ["--listen", "127.0.0.1:0", "--upstream", "127.0.0.1:8080"];
-    let cases: [(&str, &[&str]); 3] = [
+    let cases: [(&str, &[&str]); 6] = [
         (
             "--cert-lifetime",
             &["--cert", "c.pem", "--key", "k.pem", "--cert-lifetime", "1h"],
@@ -2395,6 +2395,22 @@ async fn flags_that_would_be_ignored_are_refused() {
             ],
         ),
         ("--client-crl", &["--client-crl", "crl.pem"]),
+        (
+            "--acme-contact",
+            &["--acme-contact", "mailto:ops@example.test"],
+        ),
+        (
+            "--acme-challenge",
+            &[
+                "--cert",
+                "c.pem",
+                "--key",
+                "k.pem",
+                "--acme-challenge",
+                "http-01",
+            ],
+        ),
+        ("--acme-ca-root", &["--acme-ca-root", "root.pem"]),
     ];
     for (flag, args) in cases {
         let mut cmd = sheath();
