@@ -13,8 +13,8 @@
 //! was written, hyper hands the request back and it is sent again on
 //! another connection. When the request was written and the connection
 //! then ended without a response byte, it is sent again only if it has no
-//! body and an idempotent method, as nginx does: the upstream may have
-//! acted on anything else.
+//! body and an idempotent method, as nginx does, and only once: the
+//! upstream may have acted on anything else, and may have died of it.
 //!
 //! An h2c upstream can also say that it did not process a stream: it
 //! resets it with `REFUSED_STREAM`, or its GOAWAY leaves the stream out.
@@ -223,6 +223,9 @@ impl<B: RequestBody> UpstreamClient<B> {
     async fn send_http1(&self, req: Request<B>) -> Result<Response<PooledBody<B>>, UpstreamError> {
         let mut req = req.map(Either::Left);
         let pool = self.pool();
+        // Whether the request has been replayed once already: see
+        // `send_again`.
+        let mut replayed = false;
         loop {
             let (mut sender, reused) = match pool.checkout() {
                 Some(sender) => (sender, true),
@@ -230,7 +233,7 @@ impl<B: RequestBody> UpstreamClient<B> {
             };
             // Kept only where sending again is allowed; a fresh connection
             // that fails is the upstream's answer.
-            let resend = (reused && replayable(&req)).then(|| Head::of(&req));
+            let resend = (reused && !replayed && replayable(&req)).then(|| Head::of(&req));
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     let lease = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Lease {
@@ -244,33 +247,54 @@ impl<B: RequestBody> UpstreamClient<B> {
                         length_kept: false,
                     }));
                 }
-                Err(e) => req = send_again(e, reused, resend, &pool.upstream, |body| body)?,
+                Err(e) => {
+                    let again = send_again(e, reused, resend, &pool.upstream, |body| body)?;
+                    req = again.request;
+                    replayed |= again.replayed;
+                }
             }
         }
     }
 }
 
+/// A request to send again, and whether the upstream may have seen it
+/// already.
+struct Again<B> {
+    request: Request<Outgoing<B>>,
+    replayed: bool,
+}
+
 /// The request to send again after `error` on a connection, or the error
 /// to answer with. A request that was never written goes again if its
-/// connection was a reused one (it closed under it); one that was written
-/// and got no response byte only if it can be replayed (`resend`, kept for
-/// reused connections only). A fresh connection's failure is the
-/// upstream's answer.
+/// connection was a reused one (it closed under it), as often as that
+/// happens: the upstream has not seen it. One that was written and got no
+/// response byte goes again only if it can be replayed (`resend`, kept for
+/// reused connections only, and by the callers for one replay per request:
+/// an upstream that dies of a request, a query of death, must not be
+/// handed it once per pooled connection, which for an upstream of several
+/// worker processes is one dead worker each). A fresh connection's failure
+/// is the upstream's answer.
 fn send_again<B, T>(
     mut error: hyper::client::conn::TrySendError<Request<T>>,
     reused: bool,
     resend: Option<Head>,
     upstream: &Upstream,
     unwrap: impl FnOnce(T) -> Outgoing<B>,
-) -> Result<Request<Outgoing<B>>, UpstreamError> {
+) -> Result<Again<B>, UpstreamError> {
     match (error.take_message(), resend) {
         (Some(unsent), _) if reused => {
             tracing::debug!(upstream = %upstream, "connection closed before the request was sent; sending again");
-            Ok(unsent.map(unwrap))
+            Ok(Again {
+                request: unsent.map(unwrap),
+                replayed: false,
+            })
         }
         (None, Some(head)) if closed_without_response(error.error()) => {
             tracing::debug!(upstream = %upstream, error = %error.error(), "connection closed under an idempotent request; sending again");
-            Ok(head.into_request())
+            Ok(Again {
+                request: head.into_request(),
+                replayed: true,
+            })
         }
         _ => Err(UpstreamError::Http(error.into_error())),
     }
@@ -863,9 +887,12 @@ impl<B: RequestBody> H2Conn<B> {
         // The connection that did not process the request, once it has
         // said so: the request is sent again once for that, elsewhere.
         let mut refused_by: Option<Arc<Streams>> = None;
+        // Whether a request the upstream may have processed has been sent
+        // again once already (see `send_again`).
+        let mut replayed = false;
         loop {
             let (mut sender, stream, reused) = self.sender(refused_by.as_ref()).await?;
-            let replay = reused && replayable(&req);
+            let replay = reused && !replayed && replayable(&req);
             // hyper does not hand back a request once h2 has it, so the
             // head to send again is copied beforehand: of every bodiless
             // request while a refusal may still be answered by sending it
@@ -906,7 +933,9 @@ impl<B: RequestBody> H2Conn<B> {
                         }
                         (_, head) => {
                             let resend = head.filter(|_| replay);
-                            req = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
+                            let again = send_again(e, reused, resend, &self.upstream, |c| c.body)?;
+                            req = again.request;
+                            replayed |= again.replayed;
                             // Sent again on a new connection, not on one that
                             // may not know yet that it is closing: one retry
                             // at most.
@@ -1212,6 +1241,71 @@ mod tests {
             Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e:?}"),
             other => panic!("a POST must not be sent twice: {other:?}"),
         }
+    }
+
+    /// An upstream that dies of a request (a query of death) closes each
+    /// connection it reads it on without answering. With three connections
+    /// pooled to it, an idempotent request reaches it twice: once, and
+    /// once more on another connection, as for a keep-alive race; not once
+    /// per pooled connection and then on a new one.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_request_the_upstream_dies_of_is_sent_again_once_not_once_per_connection() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = client_for(listener.local_addr().unwrap());
+        let deaths = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&deaths);
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let deaths = Arc::clone(&counted);
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    loop {
+                        let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            match stream.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                            continue;
+                        };
+                        if head.starts_with(b"GET /die ") {
+                            deaths.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                        head.drain(..end + 4);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        stream.write_all(ok).await.unwrap();
+                    }
+                });
+            }
+        });
+        let get = |path: &str| {
+            let mut req = request(http::Method::GET);
+            *req.uri_mut() = path.parse().unwrap();
+            client.send(req)
+        };
+        // Three requests at once open three connections, which go back
+        // to the pool as their bodies end.
+        let (a, b, c) = tokio::join!(get("/"), get("/"), get("/"));
+        for resp in [a, b, c] {
+            let body = resp.unwrap().into_body().collect().await.unwrap();
+            assert_eq!(body.to_bytes(), "ok");
+        }
+        assert_eq!(client.pool().lock().len(), 3, "three connections pooled");
+
+        let died = tokio::time::timeout(Duration::from_secs(10), get("/die"))
+            .await
+            .expect("answered in time");
+        match died {
+            Err(UpstreamError::Http(e)) => assert!(e.is_incomplete_message(), "{e:?}"),
+            other => panic!("the upstream answered nothing: {other:?}"),
+        }
+        assert_eq!(
+            deaths.load(Ordering::SeqCst),
+            2,
+            "times the request that kills the upstream reached it"
+        );
     }
 
     /// A connection whose response was not read to its end is not reused.

@@ -393,3 +393,42 @@ async fn a_stream_an_h2c_upstream_going_away_did_not_process_is_sent_again() {
     assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(upstream.requests(), 4, "the covered POST was sent once");
 }
+
+/// A GET the upstream may have processed before its connection closed is
+/// sent again once, as over HTTP/1.1: with two h2c connections open and
+/// each closing under it in turn (an upstream that dies of the request),
+/// the second failure is the answer. It went out on every open connection
+/// and then on a new one.
+#[tokio::test]
+async fn a_get_lost_with_its_h2c_connection_is_sent_again_once() {
+    let pki = TestPki::new();
+    let upstream = RawUpstream::start(|n| match n {
+        0 => Answer::Refuse,
+        2 | 3 => Answer::GoAwayCovering,
+        _ => Answer::Ok,
+    })
+    .await;
+    let proxy = h2c_proxy(&pki, &upstream).await;
+    let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
+
+    // A refusal opens a second connection: two are open.
+    let resp = within("a refused GET", h2.send_request(get_h2("/")))
+        .await
+        .unwrap();
+    assert_eq!(body_text(resp).await, "ok");
+    assert_eq!(upstream.accepted(), 2);
+
+    let resp = within(
+        "a GET both connections close under",
+        h2.send_request(get_h2("/")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        upstream.requests(),
+        4,
+        "the GET was sent twice: once and once again"
+    );
+    assert_eq!(upstream.accepted(), 2, "no third connection for it");
+}
