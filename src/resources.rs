@@ -11,6 +11,7 @@
 //! sidecar that kept 1,024 would refuse clients past ~500 connections
 //! while its `max_connections` promises 4,096.
 
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -29,13 +30,17 @@ pub struct Raised {
     pub to: u64,
 }
 
+/// The soft open-file limit sheath was started with, once
+/// [`raise_open_files`] has raised it.
+static STARTED_WITH: OnceLock<u64> = OnceLock::new();
+
 /// Raise the soft open-file limit to the hard one. `Ok(None)` when there
 /// was nothing to raise (already equal, or unlimited).
 ///
 /// Never above the hard limit, which only root may raise: a limit the
 /// operator set on purpose (`LimitNOFILE=`, `--ulimit`) stays the bound.
-/// Commands sheath runs (the export hook) inherit the raised limit, as the
-/// commands a Go program runs did before Go 1.21.
+/// Commands sheath runs (the export hook) get the limit sheath was started
+/// with back: see [`started_with_open_files`].
 pub fn raise_open_files() -> std::io::Result<Option<Raised>> {
     let limit = getrlimit(Resource::Nofile);
     match (limit.current, limit.maximum) {
@@ -47,10 +52,22 @@ pub fn raise_open_files() -> std::io::Result<Option<Raised>> {
                     maximum: Some(to),
                 },
             )?;
+            let _ = STARTED_WITH.set(from);
             Ok(Some(Raised { from, to }))
         }
         _ => Ok(None),
     }
+}
+
+/// The soft open-file limit to start other programs with, if sheath
+/// raised its own: the one it was started with. Programs that close every
+/// descriptor up to the limit when they start (daemons, package managers,
+/// some `sudo` and Python versions) take seconds over a hard limit of a
+/// million or more, and ones built on `select()` fail past 1,024; Go
+/// restores the limit for the commands a program runs since 1.21 for
+/// these reasons, and systemd asks services to do the same.
+pub fn started_with_open_files() -> Option<u64> {
+    STARTED_WITH.get().copied()
 }
 
 /// The soft open-file limit in force; `None` when unlimited.

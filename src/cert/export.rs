@@ -149,9 +149,20 @@ const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// (JSON logs) and apart from the failure they explain.
 pub async fn run_hook(command: &str, env: &[(&str, &OsStr)], timeout: Duration) -> HookRun {
     let mut child = tokio::process::Command::new("sh");
+    match crate::resources::started_with_open_files() {
+        // The hook gets the open-file limit sheath was started with, not
+        // the one it raised for its connections. A shell sets it, so no
+        // code runs between fork and exec; `exec` leaves `sh -c command`
+        // to run as it would have.
+        Some(limit) => child.args([
+            "-c",
+            r#"ulimit -S -n "$0" 2>/dev/null; exec sh -c "$1""#,
+            &limit.to_string(),
+            command,
+        ]),
+        None => child.arg("-c").arg(command),
+    };
     child
-        .arg("-c")
-        .arg(command)
         .envs(env.iter().copied())
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())

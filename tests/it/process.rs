@@ -1080,6 +1080,45 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
     assert!(open >= 200.0, "{open} descriptors open with 100 clients");
 }
 
+/// The export hook runs with the soft open-file limit sheath was started
+/// with, not the one sheath raised for its connections: a program that
+/// closes every descriptor up to its limit as it starts takes seconds
+/// over a million, and one built on `select()` fails past 1,024.
+#[tokio::test]
+async fn the_hook_gets_the_open_file_limit_sheath_was_started_with() {
+    use rustix::process::{getrlimit, Resource};
+
+    if !common::require_tool("prlimit") {
+        return;
+    }
+    let hard = getrlimit(Resource::Nofile)
+        .maximum
+        .map_or(4096, |h| h.min(4096));
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("hook-limit");
+    let upstream = backend::tcp_echo().await;
+    let config = common::write_config(
+        dir.path(),
+        &format!(
+            "[[listener]]\nname = \"web\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nmode = \"tcp\"\nmax_connections = 16\n\n[listener.cert]\nsource = \"local_ca\"\n\n[listener.cert.export]\ndir = \"{{dir}}/export\"\non_renew = 'echo \"$(ulimit -S -n) $(ulimit -H -n)\" > {seen}.tmp && mv {seen}.tmp {seen}'\n",
+            seen = seen.display(),
+        ),
+    );
+    let mut cmd = sheath_with_open_files(128, hard);
+    cmd.args(["--log-format", "json", "run", "--config"])
+        .arg(&config);
+    let mut proxy = Process::spawn(cmd);
+    proxy.listening_addr().await;
+    let hard_text = hard.to_string();
+    assert_eq!(open_file_limits(proxy.pid), (hard_text.clone(), hard_text));
+    common::eventually("the hook to run", || seen.exists()).await;
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap().trim(),
+        format!("128 {hard}"),
+        "the hook's soft and hard open-file limits"
+    );
+}
+
 #[tokio::test]
 async fn an_open_file_limit_below_what_max_connections_needs_is_warned_about() {
     if !common::require_tool("prlimit") {
