@@ -34,6 +34,10 @@ pub struct Raised {
 /// [`raise_open_files`] has raised it.
 static STARTED_WITH: OnceLock<u64> = OnceLock::new();
 
+/// The soft open-file limit the first process was started with, for its
+/// successor after a binary upgrade, which starts with the raised one.
+pub const STARTED_WITH_ENV: &str = "SHEATH_UPGRADE_NOFILE";
+
 /// Raise the soft open-file limit to the hard one. `Ok(None)` when there
 /// was nothing to raise (already equal, or unlimited).
 ///
@@ -42,6 +46,12 @@ static STARTED_WITH: OnceLock<u64> = OnceLock::new();
 /// Commands sheath runs (the export hook) get the limit sheath was started
 /// with back: see [`started_with_open_files`].
 pub fn raise_open_files() -> std::io::Result<Option<Raised>> {
+    if let Some(first) = std::env::var(STARTED_WITH_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        let _ = STARTED_WITH.set(first);
+    }
     let limit = getrlimit(Resource::Nofile);
     match (limit.current, limit.maximum) {
         (Some(from), Some(to)) if from < to => {

@@ -102,6 +102,12 @@ pub fn spawn_successor(sockets: Vec<OwnedFd>) -> std::io::Result<tokio::process:
         .env_remove("LISTEN_PID")
         .env(PARENT_ENV, std::process::id().to_string())
         .stdin(std::process::Stdio::null());
+    // The successor inherits the raised open-file limit; the commands it
+    // runs get the one the first process was started with.
+    match crate::resources::started_with_open_files() {
+        Some(limit) => cmd.env(crate::resources::STARTED_WITH_ENV, limit.to_string()),
+        None => cmd.env_remove(crate::resources::STARTED_WITH_ENV),
+    };
     cmd.as_std_mut()
         .fd_mappings(mappings)
         .map_err(|e| std::io::Error::other(e.to_string()))?;

@@ -1117,6 +1117,21 @@ async fn the_hook_gets_the_open_file_limit_sheath_was_started_with() {
         format!("128 {hard}"),
         "the hook's soft and hard open-file limits"
     );
+
+    // A successor after a binary upgrade starts with the raised limit and
+    // exports its first certificate too: its hook gets the first one's.
+    std::fs::remove_file(&seen).unwrap();
+    let (successor, _guard) = upgrade(&mut proxy).await;
+    common::eventually("the successor's hook to run", || seen.exists()).await;
+    assert_eq!(
+        std::fs::read_to_string(&seen).unwrap().trim(),
+        format!("128 {hard}"),
+        "the successor's hook's soft and hard open-file limits"
+    );
+    assert_eq!(
+        open_file_limits(successor),
+        (hard.to_string(), hard.to_string())
+    );
 }
 
 #[tokio::test]
