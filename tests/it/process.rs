@@ -1024,6 +1024,15 @@ fn sheath_with_open_files(soft: u64, hard: u64) -> Command {
     isolated(cmd)
 }
 
+/// A hard open-file limit to start sheath with: this process's, within
+/// what it may hand down without privileges, and 4,096 at most.
+fn hard_open_file_limit() -> u64 {
+    use rustix::process::{getrlimit, Resource};
+    getrlimit(Resource::Nofile)
+        .maximum
+        .map_or(4096, |h| h.min(4096))
+}
+
 /// The soft and hard "Max open files" of process `pid`.
 fn open_file_limits(pid: u32) -> (String, String) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -1037,15 +1046,10 @@ fn open_file_limits(pid: u32) -> (String, String) {
 
 #[tokio::test]
 async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
-    use rustix::process::{getrlimit, Resource};
-
     if !common::require_tool("prlimit") {
         return;
     }
-    // Within what this process may hand down without privileges.
-    let hard = getrlimit(Resource::Nofile)
-        .maximum
-        .map_or(4096, |h| h.min(4096));
+    let hard = hard_open_file_limit();
     let state = tempfile::tempdir().unwrap();
     let upstream = backend::tcp_echo().await;
     // systemd's and recent container runtimes' soft limit is 1,024; a
@@ -1086,14 +1090,10 @@ async fn a_low_soft_open_file_limit_is_raised_to_the_hard_one() {
 /// over a million, and one built on `select()` fails past 1,024.
 #[tokio::test]
 async fn the_hook_gets_the_open_file_limit_sheath_was_started_with() {
-    use rustix::process::{getrlimit, Resource};
-
     if !common::require_tool("prlimit") {
         return;
     }
-    let hard = getrlimit(Resource::Nofile)
-        .maximum
-        .map_or(4096, |h| h.min(4096));
+    let hard = hard_open_file_limit();
     let dir = tempfile::tempdir().unwrap();
     let seen = dir.path().join("hook-limit");
     let upstream = backend::tcp_echo().await;
