@@ -507,7 +507,16 @@ impl Running {
         match old {
             Some(mut old) => {
                 let changed = old.config != config;
-                old.state.store(Arc::clone(&state));
+                let previous = old.state.swap(Arc::clone(&state));
+                if requests_move(&previous.config, &config) {
+                    tracing::info!(
+                        listener = %name,
+                        from = %previous.config.upstream,
+                        to = %config.upstream,
+                        "upstream changed; HTTP connections opened before finish their requests in flight and close"
+                    );
+                    previous.moved.cancel();
+                }
                 if !managers.is_empty() {
                     old.cert_task.cancel();
                     old.cert_task = self.stop_background.child_token();
@@ -916,7 +925,13 @@ fn prepare_listener(
         }
         _ => (l.mode == Mode::Http).then(|| UpstreamClient::new(l, &stats)),
     };
-    let state = build_state(l, certs, acme_tls, verifier, peer_verifier, http)?;
+    // Connections of every state since the upstream last changed are told
+    // together when it changes (see `ListenerState::moved`).
+    let moved = match &old_state {
+        Some(state) if !requests_move(&state.config, l) => state.moved.clone(),
+        _ => CancellationToken::new(),
+    };
+    let state = build_state(l, certs, acme_tls, verifier, peer_verifier, http, moved)?;
     let socket = match old {
         Some(_) => None,
         None => Some(proxy::bind(l.bind).map_err(|source| bind_error(l, running, source))?),
@@ -1365,6 +1380,7 @@ fn build_state(
     client_verifier: Option<Arc<ClientVerifier>>,
     peer_verifier: Option<Arc<PeerVerifier>>,
     http: Option<UpstreamClient<proxy::client_body::ClientBody>>,
+    moved: CancellationToken,
 ) -> Result<Arc<ListenerState>, StartError> {
     let configured: Vec<&[u8]> = listener.alpn.iter().map(|p| p.as_bytes()).collect();
     let alpn: &[&[u8]] = match listener.mode {
@@ -1409,5 +1425,16 @@ fn build_state(
         client_verifier,
         http,
         outbound,
+        moved,
     }))
+}
+
+/// Does a reload from `old` to `new` send the listener's requests
+/// elsewhere: to another upstream, in another protocol, or through
+/// another mode? Then the connections open under `old` are asked to close
+/// once their requests in flight are done (see `ListenerState::moved`).
+fn requests_move(old: &ListenerConfig, new: &ListenerConfig) -> bool {
+    old.upstream != new.upstream
+        || old.upstream_protocol != new.upstream_protocol
+        || old.mode != new.mode
 }

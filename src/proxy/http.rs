@@ -190,7 +190,8 @@ async fn serve_http(
 /// `benches/compare.py` (W7, 2000 connections) from 29.5 KiB to 14.2 KiB.
 ///
 /// Returns false when the connection should close instead: nothing came
-/// within `limit` or the maximum lifetime, or sheath began draining and
+/// within `limit` or the maximum lifetime, or the connection was told to
+/// close (a drain, a reload that moved the upstream) and
 /// nothing came within the first-request grace.
 async fn first_bytes(
     stream: &mut TlsStream<TcpStream>,
@@ -208,9 +209,9 @@ async fn first_bytes(
         _ = tokio::time::sleep(limit) => return false,
         _ = lifetime => return false,
         _ = conn.drain.abort.cancelled() => return false,
-        _ = conn.drain.graceful.cancelled() => {}
+        _ = conn.told_to_close() => {}
     }
-    // Draining: a request may be on its way (the client cannot know it was
+    // Draining (or moved by a reload): a request may be on its way (the client cannot know it was
     // never read), so give it the same short grace as `drive` does.
     tokio::select! {
         _ = tcp.readable() => true,
@@ -283,7 +284,7 @@ async fn drive<C: GracefulConnection>(
                 waiting_first = None;
                 conn_future.as_mut().graceful_shutdown();
             }
-            _ = conn.drain.graceful.cancelled(), if !draining => {
+            _ = conn.told_to_close(), if !draining => {
                 // HTTP/1: close after the response in flight; HTTP/2: GOAWAY,
                 // letting open streams finish.
                 draining = true;

@@ -73,6 +73,7 @@ impl BodyProgress {
 /// A listener holds its current state in an `ArcSwap`; each connection loads
 /// it once when accepted and keeps that snapshot for its whole life, so
 /// changed settings apply to new connections without disturbing old ones.
+/// Except where requests go: see [`ListenerState::moved`].
 #[derive(Debug)]
 pub struct ListenerState {
     pub config: Arc<ListenerConfig>,
@@ -88,6 +89,18 @@ pub struct ListenerState {
     pub http: Option<upstream::UpstreamClient<client_body::ClientBody>>,
     /// TLS client towards the remote peer, in outbound mode.
     pub outbound: Option<Arc<rustls::ClientConfig>>,
+    /// Cancelled when a reload sends the listener's requests elsewhere
+    /// (another `upstream`, `upstream_protocol` or `mode`); shared by the
+    /// states of the reloads in between, which kept the upstream. An HTTP
+    /// connection keeps its snapshot for its whole life, so a client that
+    /// holds its connection open (a gRPC channel, a browser's HTTP/2
+    /// connection, a keep-alive pool) would send every later request to the
+    /// upstream the reload replaced, for good: with that one stopped, each
+    /// got a `502` while the configured upstream was up. Such a connection
+    /// finishes its requests in flight and closes instead (HTTP/2:
+    /// GOAWAY), as nginx's old workers do on a reload, and the client
+    /// reconnects under the new settings.
+    pub moved: tokio_util::sync::CancellationToken,
 }
 
 /// One accepted, TLS-terminated client connection.
@@ -109,4 +122,16 @@ pub struct ConnInfo {
     /// When the handshake ended, from which `max_lifetime` counts for
     /// what outlives the connection's first phase (an upgraded tunnel).
     pub since: tokio::time::Instant,
+}
+
+impl ConnInfo {
+    /// Resolves when an HTTP connection is to finish its requests in flight
+    /// and close: sheath is draining, or a reload sent the listener's
+    /// requests elsewhere ([`ListenerState::moved`]).
+    pub async fn told_to_close(&self) {
+        tokio::select! {
+            _ = self.drain.graceful.cancelled() => {}
+            _ = self.listener.moved.cancelled() => {}
+        }
+    }
 }

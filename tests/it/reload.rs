@@ -966,3 +966,85 @@ async fn moving_a_listener_to_the_wildcard_on_its_port_says_how_to_do_it() {
         .unwrap();
     assert_eq!(proxy.addr("web").port(), port);
 }
+
+/// A reload that points a listener at another upstream must reach the
+/// clients that keep their connection open, as gRPC channels, browsers
+/// and keep-alive pools do. Each connection kept the settings it was
+/// accepted with for its whole life, so their later requests still went
+/// to the old upstream, for good: found with a grpcio client whose calls
+/// all failed with `502` once the old server stopped, while the upstream
+/// the reload named was up. Now a connection opened before such a reload
+/// finishes its requests in flight on the old upstream and closes
+/// (HTTP/2: GOAWAY), and the client's next connection reaches the new one.
+#[tokio::test]
+async fn a_reload_that_moves_the_upstream_closes_connections_opened_before() {
+    use crate::common::backend::{CountingBackend, Speaks};
+    use crate::common::eventually;
+
+    let pki = TestPki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let files = pki.write_server(dir.path(), "server");
+    let old = CountingBackend::speaking(Speaks::Both).await;
+    let new = CountingBackend::speaking(Speaks::Both).await;
+    let state = dir.path().join("state");
+    let config = |upstream: SocketAddr| {
+        format!(
+            "[global]\nstate_dir = \"{}\"\ndrain_timeout = \"5s\"\n\n[[listener]]\nname = \"api\"\nbind = \"127.0.0.1:0\"\nupstream = \"{upstream}\"\nupstream_protocol = \"auto\"\n{}\n",
+            state.display(),
+            pki::files_cert_toml(&files)
+        )
+    };
+    let text = config(old.addr);
+    let path = dir.path().join("sheath.toml");
+    let proxy = Proxy::start_in(&text, dir).await.unwrap();
+    let addr = proxy.addr("api");
+
+    let mut h2 = client::h2(addr, pki.roots()).await;
+    let mut h1 = client::h1(addr, pki.roots()).await;
+    for status in [
+        h2.send_request(get_h2("/")).await.unwrap().status(),
+        h1.send_request(get("/")).await.unwrap().status(),
+    ] {
+        assert_eq!(status, 200);
+    }
+    assert_eq!(old.requests(), 2);
+    // A response still arriving when the reload comes (a download, a
+    // gRPC server stream).
+    let dripping = h2
+        .send_request(get_h2("/drip?chunks=20&size=1024&ms=50"))
+        .await
+        .unwrap();
+
+    let moved = Config::from_toml(&path, &config(new.addr)).unwrap();
+    proxy.running().reload(moved).await.unwrap();
+
+    let body = within("the response in flight", dripping.into_body().collect())
+        .await
+        .expect("the response in flight ends whole")
+        .to_bytes();
+    assert_eq!(body.len(), 20 * 1024);
+    eventually("the connections opened before the reload close", || {
+        h2.is_closed() && h1.is_closed()
+    })
+    .await;
+    assert_eq!(old.requests(), 3, "nothing more went to the old upstream");
+
+    // Their clients' next connections reach the new upstream.
+    let mut h2 = client::h2(addr, pki.roots()).await;
+    let mut h1 = client::h1(addr, pki.roots()).await;
+    assert_eq!(h2.send_request(get_h2("/")).await.unwrap().status(), 200);
+    assert_eq!(h1.send_request(get("/")).await.unwrap().status(), 200);
+    assert_eq!(new.requests(), 2);
+    assert_eq!(old.requests(), 3);
+
+    // A reload that keeps the upstream leaves the connections open.
+    let same = Config::from_toml(
+        &path,
+        &config(new.addr).replace("drain_timeout = \"5s\"", "drain_timeout = \"6s\""),
+    )
+    .unwrap();
+    proxy.running().reload(same).await.unwrap();
+    assert_eq!(h2.send_request(get_h2("/")).await.unwrap().status(), 200);
+    assert_eq!(h1.send_request(get("/")).await.unwrap().status(), 200);
+    assert!(!h2.is_closed() && !h1.is_closed());
+}
