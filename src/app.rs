@@ -509,12 +509,16 @@ impl Running {
                 let changed = old.config != config;
                 let previous = old.state.swap(Arc::clone(&state));
                 if requests_move(&previous.config, &config) {
-                    tracing::info!(
-                        listener = %name,
-                        from = %previous.config.upstream,
-                        to = %config.upstream,
-                        "upstream changed; HTTP connections opened before finish their requests in flight and close"
-                    );
+                    // Only HTTP connections look at it; TCP-mode streams
+                    // and tunnels run on where they were connected.
+                    if previous.config.mode == Mode::Http {
+                        tracing::info!(
+                            listener = %name,
+                            from = %previous.config.upstream,
+                            to = %config.upstream,
+                            "upstream changed; HTTP connections opened before finish their requests in flight and close"
+                        );
+                    }
                     previous.moved.cancel();
                 }
                 if !managers.is_empty() {
