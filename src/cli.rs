@@ -3,6 +3,11 @@
 //!
 //! Every flag of the single-listener form has a `SHEATH_*` environment
 //! variable, so a Compose file or a pod spec needs no config file.
+//!
+//! The doc comments on the arguments are clap's `--help` text, printed as
+//! written: TOML's `[admin]` and `[[listener]]` and bare URLs are meant
+//! for the terminal, not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::bare_urls)]
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -312,7 +312,7 @@ const FALLBACK_DELAY: Duration = Duration::from_millis(300);
 /// name's addresses are tried as Happy Eyeballs does (RFC 8305), so that
 /// a dead address first in the list (a node behind DNS round robin, a
 /// gone pod, an IPv6 route that drops packets) costs a share of `timeout`
-/// rather than all of it; see [`connect_name`].
+/// rather than all of it; see `connect_name`.
 pub async fn connect(upstream: &Upstream, timeout: Duration) -> Result<TcpStream, UpstreamError> {
     let Ok(ip) = upstream.host.parse::<IpAddr>() else {
         return connect_name(upstream, timeout).await;
