@@ -261,6 +261,16 @@ async fn h2c_proxy(pki: &TestPki, upstream: &RawUpstream) -> crate::common::Prox
     http_proxy(pki, upstream.addr, "upstream_protocol = \"h2c\"").await
 }
 
+/// Send `req` on `h2` within the deadline and read the whole answer.
+async fn answer(
+    h2: &mut hyper::client::conn::http2::SendRequest<ClientBody>,
+    what: &str,
+    req: Request<ClientBody>,
+) -> (StatusCode, String) {
+    let resp = within(what, h2.send_request(req)).await.unwrap();
+    (resp.status(), body_text(resp).await)
+}
+
 fn post_h2(body: ClientBody) -> Request<ClientBody> {
     Request::post("https://localhost/").body(body).unwrap()
 }
@@ -282,11 +292,9 @@ async fn a_stream_the_h2c_upstream_refused_is_sent_again_on_another_connection()
     let proxy = h2c_proxy(&pki, &upstream).await;
     let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
 
-    let resp = within("a refused GET", h2.send_request(get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(body_text(resp).await, "ok");
+    let (status, text) = answer(&mut h2, "a refused GET", get_h2("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text, "ok");
     assert_eq!(upstream.requests(), 2, "the GET was sent twice");
     assert_eq!(
         upstream.accepted(),
@@ -297,14 +305,9 @@ async fn a_stream_the_h2c_upstream_refused_is_sent_again_on_another_connection()
     // Not only idempotent methods: the upstream did not act on it. The
     // refusing connection is the oldest, so it gets the POST; sent again,
     // the POST goes on the other one, already open.
-    let resp = within(
-        "a refused bodiless POST",
-        h2.send_request(post_h2(client::empty())),
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(body_text(resp).await, "ok");
+    let (status, text) = answer(&mut h2, "a refused bodiless POST", post_h2(client::empty())).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text, "ok");
     assert_eq!(upstream.requests(), 4, "the POST was sent twice");
     assert_eq!(upstream.accepted(), 2, "on the connections already open");
 }
@@ -319,22 +322,16 @@ async fn a_refused_h2c_request_is_sent_again_once_and_never_with_a_body() {
     let proxy = h2c_proxy(&pki, &upstream).await;
     let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
 
-    let resp = within("a GET refused twice", h2.send_request(get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    let text = body_text(resp).await;
+    let (status, text) = answer(&mut h2, "a GET refused twice", get_h2("/")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(text.contains("REFUSED_STREAM"), "{text}");
     assert_eq!(upstream.requests(), 2, "sent twice, not more");
 
     // Refused after its first DATA frame.
     let (req, upload) = streaming("https://localhost/");
     upload.send(Bytes::from_static(b"the first part")).unwrap();
-    let resp = within("a POST refused with its body", h2.send_request(req))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
-    let text = body_text(resp).await;
+    let (status, text) = answer(&mut h2, "a POST refused with its body", req).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert!(text.contains("REFUSED_STREAM"), "{text}");
     assert_eq!(upstream.requests(), 3, "the POST was sent once");
 }
@@ -358,14 +355,14 @@ async fn a_stream_an_h2c_upstream_going_away_did_not_process_is_sent_again() {
     let proxy = h2c_proxy(&pki, &upstream).await;
     let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
 
-    let resp = within(
+    let (status, text) = answer(
+        &mut h2,
         "a POST the GOAWAY left out",
-        h2.send_request(post_h2(client::empty())),
+        post_h2(client::empty()),
     )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    assert_eq!(body_text(resp).await, "ok");
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(text, "ok");
     assert_eq!(upstream.requests(), 2, "the POST was sent twice");
     assert_eq!(
         upstream.accepted(),
@@ -380,17 +377,17 @@ async fn a_stream_an_h2c_upstream_going_away_did_not_process_is_sent_again() {
     .await;
 
     // The new connection is the one used now.
-    let resp = within("a GET", h2.send_request(get_h2("/"))).await.unwrap();
-    assert_eq!(body_text(resp).await, "ok");
+    let (_, text) = answer(&mut h2, "a GET", get_h2("/")).await;
+    assert_eq!(text, "ok");
     assert_eq!(upstream.accepted(), 2);
 
-    let resp = within(
+    let (status, _) = answer(
+        &mut h2,
         "a POST the GOAWAY covers",
-        h2.send_request(post_h2(client::empty())),
+        post_h2(client::empty()),
     )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(upstream.requests(), 4, "the covered POST was sent once");
 }
 
@@ -412,19 +409,12 @@ async fn a_get_lost_with_its_h2c_connection_is_sent_again_once() {
     let mut h2 = client::h2(proxy.addr("web"), pki.roots()).await;
 
     // A refusal opens a second connection: two are open.
-    let resp = within("a refused GET", h2.send_request(get_h2("/")))
-        .await
-        .unwrap();
-    assert_eq!(body_text(resp).await, "ok");
+    let (_, text) = answer(&mut h2, "a refused GET", get_h2("/")).await;
+    assert_eq!(text, "ok");
     assert_eq!(upstream.accepted(), 2);
 
-    let resp = within(
-        "a GET both connections close under",
-        h2.send_request(get_h2("/")),
-    )
-    .await
-    .unwrap();
-    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let (status, _) = answer(&mut h2, "a GET both connections close under", get_h2("/")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(
         upstream.requests(),
         4,
