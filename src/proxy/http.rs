@@ -191,8 +191,8 @@ async fn serve_http(
 ///
 /// Returns false when the connection should close instead: nothing came
 /// within `limit` or the maximum lifetime, or the connection was told to
-/// close (a drain, a reload that moved the upstream) and
-/// nothing came within the first-request grace.
+/// close (a drain, a reload that moved the upstream) and nothing came
+/// within the first-request grace.
 async fn first_bytes(
     stream: &mut TlsStream<TcpStream>,
     conn: &ConnInfo,
@@ -211,8 +211,8 @@ async fn first_bytes(
         _ = conn.drain.abort.cancelled() => return false,
         _ = conn.told_to_close() => {}
     }
-    // Draining (or moved by a reload): a request may be on its way (the client cannot know it was
-    // never read), so give it the same short grace as `drive` does.
+    // Told to close: a request may be on its way (the client cannot know
+    // it was never read), so give it the same short grace as `drive` does.
     tokio::select! {
         _ = tcp.readable() => true,
         _ = tokio::time::sleep(FIRST_REQUEST_GRACE) => false,
